@@ -1,0 +1,38 @@
+import Autodiff
+import Foundation
+
+/// Data sets that need no file: the bundled digits and a seeded synthetic generator.
+public enum BundledData {
+    /// The 1,797 handwritten 8x8 digits (UCI "Optical Recognition of Handwritten Digits", CC BY 4.0),
+    /// features scaled to [0, 1].
+    public static func digits() throws -> Dataset {
+        guard let url = Bundle.module.url(forResource: "digits", withExtension: "csv") else {
+            throw DataError.fileNotFound("digits.csv in the DDPData resource bundle")
+        }
+        return try DataReader.csv(path: url.path).scaledToUnitRange()
+    }
+
+    /// A learnable synthetic classification set: Gaussian inputs labelled by a random linear teacher
+    /// (argmax of `x · T`), the same for the same seed.
+    public static func synthetic(samples: Int, features: Int, classes: Int, seed: UInt64) throws -> Dataset {
+        guard samples > 0, features > 0, classes > 1 else {
+            throw DataError.invalidOption("synthetic data needs samples > 0, features > 0 and classes > 1")
+        }
+        var generator = SeededGenerator(seed: seed)
+        let teacher = (0..<features * classes).map { _ in generator.nextNormal() }
+        var values = [Float](repeating: 0, count: samples * features)
+        var labels = [Int32](repeating: 0, count: samples)
+        for s in 0..<samples {
+            var scores = [Float](repeating: 0, count: classes)
+            for f in 0..<features {
+                let x = generator.nextNormal()
+                values[s * features + f] = x
+                for c in 0..<classes { scores[c] += x * teacher[f * classes + c] }
+            }
+            labels[s] = Int32(scores.indices.max { scores[$0] < scores[$1] }!)
+        }
+        return try Dataset(
+            name: "synthetic(\(samples)x\(features), \(classes) classes, seed \(seed))", featureShape: [features],
+            features: values, labels: labels, classCount: classes)
+    }
+}

@@ -1,0 +1,121 @@
+import Autodiff
+
+/// A labelled classification data set held in memory: `count` samples of `featureShape` floats each,
+/// row-major, with a class label per sample.
+public struct Dataset: Sendable {
+    /// Where the data came from (a path or a generator's name), for messages.
+    public let name: String
+    /// The shape of one sample, e.g. `[64]` or `[1, 8, 8]`.
+    public private(set) var featureShape: [Int]
+    /// All samples' features, one after another.
+    public private(set) var features: [Float]
+    /// Class labels in `0..<classCount`.
+    public let labels: [Int32]
+    /// The number of classes.
+    public let classCount: Int
+
+    /// Validates and wraps samples; throws when sizes disagree or a label is out of range.
+    public init(name: String, featureShape: [Int], features: [Float], labels: [Int32], classCount: Int? = nil) throws {
+        let perSample = featureShape.reduce(1, *)
+        guard perSample > 0 else { throw DataError.malformed(name, "empty feature shape \(featureShape)") }
+        guard features.count == perSample * labels.count else {
+            throw DataError.malformed(
+                name, "\(features.count) feature values do not make \(labels.count) samples of \(featureShape)")
+        }
+        guard !labels.isEmpty else { throw DataError.malformed(name, "no samples") }
+        if let bad = labels.firstIndex(where: { $0 < 0 }) {
+            throw DataError.malformed(name, "sample \(bad) has negative label \(labels[bad])")
+        }
+        let classes = classCount ?? Int(labels.max()!) + 1
+        if let bad = labels.firstIndex(where: { Int($0) >= classes }) {
+            throw DataError.malformed(name, "sample \(bad) has label \(labels[bad]), outside 0..<\(classes)")
+        }
+        if let bad = features.firstIndex(where: { !$0.isFinite }) {
+            throw DataError.malformed(name, "feature value \(bad % perSample) of sample \(bad / perSample) is not finite")
+        }
+        self.name = name
+        self.featureShape = featureShape
+        self.features = features
+        self.labels = labels
+        self.classCount = classes
+    }
+
+    /// The number of samples.
+    public var count: Int { labels.count }
+    /// Floats per sample.
+    public var featuresPerSample: Int { featureShape.reduce(1, *) }
+
+    /// The samples at `indices` as a `[n] + featureShape` tensor and their labels.
+    public func batch<C: Collection<Int>>(_ indices: C) -> (inputs: Tensor, labels: [Int32]) {
+        let width = featuresPerSample
+        var values = [Float](repeating: 0, count: indices.count * width)
+        var batchLabels: [Int32] = []
+        batchLabels.reserveCapacity(indices.count)
+        values.withUnsafeMutableBufferPointer { dst in
+            features.withUnsafeBufferPointer { src in
+                for (row, i) in indices.enumerated() {
+                    precondition(i >= 0 && i < count, "batch: sample \(i) outside 0..<\(count)")
+                    (dst.baseAddress! + row * width).update(from: src.baseAddress! + i * width, count: width)
+                    batchLabels.append(labels[i])
+                }
+            }
+        }
+        return (Tensor(shape: [indices.count] + featureShape, values: values), batchLabels)
+    }
+
+    /// The samples at `indices` as a new data set.
+    public func subset<C: Collection<Int>>(_ indices: C, name suffix: String) -> Dataset {
+        let (inputs, subsetLabels) = batch(indices)
+        return try! Dataset(
+            name: "\(name) (\(suffix))", featureShape: featureShape, features: inputs.scalars, labels: subsetLabels,
+            classCount: classCount)
+    }
+
+    /// A seeded random split into a training and a held-out part.
+    public func split(testFraction: Double, seed: UInt64) throws -> (train: Dataset, test: Dataset) {
+        guard testFraction > 0 && testFraction < 1 else {
+            throw DataError.invalidOption("test fraction \(testFraction) must be between 0 and 1")
+        }
+        var generator = SeededGenerator(seed: seed)
+        let order = Array(0..<count).shuffled(using: &generator)
+        let testCount = max(1, Int((Double(count) * testFraction).rounded()))
+        guard testCount < count else { throw DataError.invalidOption("\(count) samples are too few to split") }
+        return (subset(order[testCount...], name: "train"), subset(order[..<testCount], name: "test"))
+    }
+
+    /// Divides every feature by the largest absolute value, so features lie in [-1, 1] (pixel data in [0, 1]).
+    public func scaledToUnitRange() -> Dataset {
+        let top = features.reduce(0) { max($0, abs($1)) }
+        guard top > 0 else { return self }
+        var copy = self
+        copy.features = features.map { $0 / top }
+        return copy
+    }
+
+    /// The same samples viewed with another per-sample shape of the same size (e.g. `[64]` as `[1, 8, 8]`).
+    public func reshaped(featureShape newShape: [Int]) throws -> Dataset {
+        guard newShape.reduce(1, *) == featuresPerSample else {
+            throw DataError.invalidOption("cannot view samples of \(featureShape) as \(newShape)")
+        }
+        var copy = self
+        copy.featureShape = newShape
+        return copy
+    }
+}
+
+/// What can go wrong reading or preparing data; each case names the file or option at fault.
+public enum DataError: Error, Equatable, CustomStringConvertible {
+    case fileNotFound(String)
+    case malformed(String, String)
+    case unsupported(String, String)
+    case invalidOption(String)
+
+    public var description: String {
+        switch self {
+        case .fileNotFound(let path): "data file not found: \(path)"
+        case .malformed(let source, let why): "malformed data in \(source): \(why)"
+        case .unsupported(let source, let why): "unsupported data in \(source): \(why)"
+        case .invalidOption(let why): "invalid data option: \(why)"
+        }
+    }
+}

@@ -1,0 +1,42 @@
+import Autodiff
+
+/// Decides which samples each rank trains on at each step: a seeded permutation per epoch, cut into
+/// global batches, each global batch cut into contiguous per-rank shards. The sequence of global
+/// batches depends only on the seed, so any number of workers sees the same samples per step.
+public struct EpochSampler: Sendable {
+    public let sampleCount: Int
+    public let globalBatchSize: Int
+    public let seed: UInt64
+
+    public init(sampleCount: Int, globalBatchSize: Int, seed: UInt64) throws {
+        guard sampleCount > 0 else { throw DataError.invalidOption("no samples to sample from") }
+        guard globalBatchSize > 0 else { throw DataError.invalidOption("batch size \(globalBatchSize) must be positive") }
+        self.sampleCount = sampleCount
+        self.globalBatchSize = globalBatchSize
+        self.seed = seed
+    }
+
+    /// Steps per epoch; the last batch of an epoch may be smaller.
+    public var stepsPerEpoch: Int { (sampleCount + globalBatchSize - 1) / globalBatchSize }
+
+    /// The order of samples in `epoch`.
+    public func permutation(epoch: Int) -> [Int] {
+        var generator = SeededGenerator(seed: seed &+ 0x5DEE_CE66 &* UInt64(epoch + 1))
+        return Array(0..<sampleCount).shuffled(using: &generator)
+    }
+
+    /// The samples of global batch `step` (0-based within the epoch) given that epoch's permutation.
+    public func globalBatch(step: Int, of permutation: [Int]) -> ArraySlice<Int> {
+        let start = step * globalBatchSize
+        return permutation[start..<min(start + globalBatchSize, sampleCount)]
+    }
+
+    /// Rank `rank`'s contiguous share of a batch split over `worldSize` ranks; the first
+    /// `count % worldSize` ranks take one extra sample.
+    public static func shard(_ batch: ArraySlice<Int>, rank: Int, worldSize: Int) -> ArraySlice<Int> {
+        precondition(worldSize > 0 && rank >= 0 && rank < worldSize, "shard: rank \(rank) of \(worldSize)")
+        let base = batch.count / worldSize, extra = batch.count % worldSize
+        let start = batch.startIndex + rank * base + min(rank, extra)
+        return batch[start..<start + base + (rank < extra ? 1 : 0)]
+    }
+}
