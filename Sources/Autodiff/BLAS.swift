@@ -23,3 +23,16 @@ func sgemm(
         CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans,
         Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(n))
 }
+
+extension BLAS {
+    /// `c = op(a) · op(b)` written into `c` without allocating; for benchmarks and runtime code that
+    /// must not go through the tape.
+    public static func multiply(_ a: Tensor, transposeA: Bool = false, _ b: Tensor, transposeB: Bool = false, into c: Tensor) {
+        let m = transposeA ? a.shape[1] : a.shape[0], k = transposeA ? a.shape[0] : a.shape[1]
+        let n = transposeB ? b.shape[0] : b.shape[1]
+        precondition(c.shape == [m, n] && (transposeB ? b.shape[1] : b.shape[0]) == k,
+                     "BLAS.multiply: \(a.shape) · \(b.shape) into \(c.shape)")
+        sgemm(a.storage.pointer, transposeA: transposeA, b.storage.pointer, transposeB: transposeB,
+              c.storage.pointer, m: m, n: n, k: k)
+    }
+}

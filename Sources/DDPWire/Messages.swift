@@ -1,0 +1,236 @@
+/// The protocol version this build speaks (`Envelope.protocol_version` in proto/ddp.proto).
+public let wireProtocolVersion: UInt32 = 1
+
+/// The element type of a tensor frame.
+public enum DType: String, Sendable, CaseIterable, Codable {
+    case f32, f16, bf16
+
+    /// Bytes per element.
+    public var size: Int { self == .f32 ? 4 : 2 }
+}
+
+/// A tensor carried as a raw frame after the envelope.
+public struct WireTensor {
+    public var name: String
+    public var shape: [Int]
+    public var dtype: DType
+    public var payload: Payload
+
+    public init(name: String, shape: [Int], dtype: DType = .f32, payload: Payload) {
+        self.name = name
+        self.shape = shape
+        self.dtype = dtype
+        self.payload = payload
+    }
+
+    /// Elements in the tensor.
+    public var elementCount: Int { shape.reduce(1, *) }
+}
+
+/// One protocol message: envelope fields, the kind-specific body, and the tensors that follow.
+public struct WireMessage {
+    public var jobID: String
+    public var step: UInt64
+    /// The sender's or addressee's rank; -1 where none.
+    public var rank: Int32
+    public var body: Body
+    public var tensors: [WireTensor]
+
+    public init(jobID: String, step: UInt64 = 0, rank: Int32 = -1, body: Body, tensors: [WireTensor] = []) {
+        self.jobID = jobID
+        self.step = step
+        self.rank = rank
+        self.body = body
+        self.tensors = tensors
+    }
+
+    /// The message kinds; see proto/ddp.proto for each one's meaning.
+    public enum Body: Equatable, Sendable {
+        case join(Join)
+        case welcome(Welcome)
+        case gradientPush(GradientPush)
+        case parameterUpdate(ParameterUpdate)
+        case heartbeat(Heartbeat)
+        case leave(reason: String)
+        case statusRequest(detail: Bool)
+        case statusReply(StatusReply)
+        case stop(reason: String, graceful: Bool)
+        case error(ErrorReply)
+
+        /// The kind's name, for logs.
+        public var kind: String {
+            switch self {
+            case .join: "join"
+            case .welcome: "welcome"
+            case .gradientPush: "gradient_push"
+            case .parameterUpdate: "parameter_update"
+            case .heartbeat: "heartbeat"
+            case .leave: "leave"
+            case .statusRequest: "status_request"
+            case .statusReply: "status_reply"
+            case .stop: "stop"
+            case .error: "error"
+            }
+        }
+    }
+}
+
+public struct Join: Equatable, Sendable {
+    public var workerID: String
+    public var host: String
+    public var pid: UInt32
+    public var modelFingerprint: String
+    public var requestedRank: Int32
+    /// The protocol version the joining worker speaks (the envelope's).
+    public var protocolVersion: UInt32 = wireProtocolVersion
+
+    public init(workerID: String, host: String, pid: UInt32, modelFingerprint: String, requestedRank: Int32 = -1) {
+        self.workerID = workerID
+        self.host = host
+        self.pid = pid
+        self.modelFingerprint = modelFingerprint
+        self.requestedRank = requestedRank
+    }
+}
+
+public struct Welcome: Equatable, Sendable {
+    public var rank: Int32
+    public var worldSize: UInt32
+    public var jobSpecJSON: String
+    public var startStep: UInt64
+    public var epoch: UInt64
+    public var heartbeatIntervalMilliseconds: UInt64
+    public var heartbeatTimeoutMilliseconds: UInt64
+
+    public init(
+        rank: Int32, worldSize: UInt32, jobSpecJSON: String, startStep: UInt64, epoch: UInt64,
+        heartbeatIntervalMilliseconds: UInt64 = 1000, heartbeatTimeoutMilliseconds: UInt64 = 5000
+    ) {
+        self.rank = rank
+        self.worldSize = worldSize
+        self.jobSpecJSON = jobSpecJSON
+        self.startStep = startStep
+        self.epoch = epoch
+        self.heartbeatIntervalMilliseconds = heartbeatIntervalMilliseconds
+        self.heartbeatTimeoutMilliseconds = heartbeatTimeoutMilliseconds
+    }
+}
+
+public struct GradientPush: Equatable, Sendable {
+    public var sampleCount: UInt64
+    public var localLoss: Float
+    public var localCorrect: UInt32
+    public var computeSeconds: Double
+
+    public init(sampleCount: UInt64, localLoss: Float, localCorrect: UInt32 = 0, computeSeconds: Double = 0) {
+        self.sampleCount = sampleCount
+        self.localLoss = localLoss
+        self.localCorrect = localCorrect
+        self.computeSeconds = computeSeconds
+    }
+}
+
+public struct ParameterUpdate: Equatable, Sendable {
+    public var learningRate: Float
+    public var fullCopy: Bool
+    public var epoch: UInt64
+    public var worldSize: UInt32
+    public var shardIndex: Int32
+    public var trainLoss: Float
+
+    public init(learningRate: Float, fullCopy: Bool, epoch: UInt64, worldSize: UInt32, shardIndex: Int32, trainLoss: Float) {
+        self.learningRate = learningRate
+        self.fullCopy = fullCopy
+        self.epoch = epoch
+        self.worldSize = worldSize
+        self.shardIndex = shardIndex
+        self.trainLoss = trainLoss
+    }
+}
+
+public struct Heartbeat: Equatable, Sendable {
+    public var sentUnixMilliseconds: UInt64
+    public var state: String
+    public init(sentUnixMilliseconds: UInt64, state: String) {
+        self.sentUnixMilliseconds = sentUnixMilliseconds
+        self.state = state
+    }
+}
+
+public struct WorkerStatus: Equatable, Sendable, Codable {
+    public var rank: Int32
+    public var host: String
+    public var pid: UInt32
+    public var state: String
+    public var step: UInt64
+    public var lastSeenMillisecondsAgo: UInt64
+    public var lastStepSeconds: Double
+    public var lagging: Bool
+    public var restarts: UInt32
+
+    public init(
+        rank: Int32, host: String, pid: UInt32, state: String, step: UInt64, lastSeenMillisecondsAgo: UInt64,
+        lastStepSeconds: Double, lagging: Bool, restarts: UInt32 = 0
+    ) {
+        self.rank = rank
+        self.host = host
+        self.pid = pid
+        self.state = state
+        self.step = step
+        self.lastSeenMillisecondsAgo = lastSeenMillisecondsAgo
+        self.lastStepSeconds = lastStepSeconds
+        self.lagging = lagging
+        self.restarts = restarts
+    }
+}
+
+public struct StatusReply: Equatable, Sendable, Codable {
+    public var jobState: String
+    public var step: UInt64
+    public var totalSteps: UInt64
+    public var epoch: UInt64
+    public var totalEpochs: UInt64
+    public var elapsedSeconds: Double
+    public var trainLoss: Float
+    public var testLoss: Float
+    public var testAccuracy: Float
+    public var samplesPerSecond: Double
+    public var workers: [WorkerStatus]
+    public var rejectedMessages: UInt64
+    public var recentLosses: [Float]
+    public var message: String
+
+    public init(
+        jobState: String, step: UInt64 = 0, totalSteps: UInt64 = 0, epoch: UInt64 = 0, totalEpochs: UInt64 = 0,
+        elapsedSeconds: Double = 0, trainLoss: Float = 0, testLoss: Float = 0, testAccuracy: Float = 0,
+        samplesPerSecond: Double = 0, workers: [WorkerStatus] = [], rejectedMessages: UInt64 = 0,
+        recentLosses: [Float] = [], message: String = ""
+    ) {
+        self.jobState = jobState
+        self.step = step
+        self.totalSteps = totalSteps
+        self.epoch = epoch
+        self.totalEpochs = totalEpochs
+        self.elapsedSeconds = elapsedSeconds
+        self.trainLoss = trainLoss
+        self.testLoss = testLoss
+        self.testAccuracy = testAccuracy
+        self.samplesPerSecond = samplesPerSecond
+        self.workers = workers
+        self.rejectedMessages = rejectedMessages
+        self.recentLosses = recentLosses
+        self.message = message
+    }
+}
+
+public struct ErrorReply: Equatable, Sendable, Error {
+    public enum Code: Int32, Sendable {
+        case unspecified = 0, malformed, versionMismatch, wrongJob, modelMismatch, jobFull, unauthorized, notReady
+    }
+    public var code: Code
+    public var reason: String
+    public init(code: Code, reason: String) {
+        self.code = code
+        self.reason = reason
+    }
+}

@@ -1,0 +1,10 @@
+import ArgumentParser
+import DDPRuntime
+
+@main
+struct DDPCtl: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "ddpctl",
+        abstract: "Start, watch and stop SwiftDDP training jobs; measure the machine.",
+        subcommands: [Bench.self])
+}

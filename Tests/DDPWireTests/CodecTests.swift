@@ -1,0 +1,117 @@
+import Testing
+@testable import DDPWire
+
+/// What a receiver would get for these frames (as if they had crossed a socket).
+func received(_ frames: [OutgoingFrame]) -> [Payload] {
+    frames.map { frame in
+        switch frame {
+        case .bytes(let bytes): Payload(bytes: bytes)
+        case .payload(let payload): Payload(bytes: payload.bytes)
+        }
+    }
+}
+
+func roundTrip(_ message: WireMessage, expectedJobID: String? = nil) throws -> WireMessage {
+    try WireCodec.decode(received(WireCodec.encode(message)), expectedJobID: expectedJobID)
+}
+
+struct CodecTests {
+    static let bodies: [WireMessage.Body] = [
+        .join(Join(workerID: "h:1:x", host: "h", pid: 42, modelFingerprint: "abc", requestedRank: 3)),
+        .welcome(Welcome(rank: 1, worldSize: 2, jobSpecJSON: "{\"a\":1}", startStep: 7, epoch: 2,
+                         heartbeatIntervalMilliseconds: 900, heartbeatTimeoutMilliseconds: 4000)),
+        .gradientPush(GradientPush(sampleCount: 64, localLoss: 0.25, localCorrect: 60, computeSeconds: 0.001)),
+        .parameterUpdate(ParameterUpdate(learningRate: 0.1, fullCopy: true, epoch: 1, worldSize: 3, shardIndex: 2, trainLoss: 0.5)),
+        .heartbeat(Heartbeat(sentUnixMilliseconds: 123_456, state: "computing")),
+        .leave(reason: "done"),
+        .statusRequest(detail: true),
+        .statusReply(StatusReply(
+            jobState: "training", step: 5, totalSteps: 10, epoch: 1, totalEpochs: 2, elapsedSeconds: 1.5, trainLoss: 0.3,
+            testLoss: 0.4, testAccuracy: 0.9, samplesPerSecond: 1000,
+            workers: [WorkerStatus(rank: 0, host: "h", pid: 1, state: "training", step: 5, lastSeenMillisecondsAgo: 3,
+                                   lastStepSeconds: 0.01, lagging: true, restarts: 1)],
+            rejectedMessages: 2, recentLosses: [0.5, 0.4, 0.3], message: "ok")),
+        .stop(reason: "user", graceful: true),
+        .error(ErrorReply(code: .modelMismatch, reason: "fingerprint differs")),
+    ]
+
+    @Test(arguments: bodies)
+    func everyKindRoundTrips(body: WireMessage.Body) throws {
+        let tensors = [
+            WireTensor(name: "0.weight", shape: [2, 3], payload: Payload(floats: [1, 2, 3, 4, 5, 6])),
+            WireTensor(name: "0.bias", shape: [], payload: Payload(floats: [7])),
+        ]
+        let message = WireMessage(jobID: "job-1", step: 9, rank: 1, body: body, tensors: tensors)
+        let decoded = try roundTrip(message, expectedJobID: "job-1")
+        #expect(decoded.body == body)
+        #expect(decoded.jobID == "job-1" && decoded.step == 9 && decoded.rank == 1)
+        #expect(decoded.tensors.map(\.name) == ["0.weight", "0.bias"])
+        #expect(decoded.tensors.map(\.shape) == [[2, 3], []])
+        #expect(TensorEncoding.floats(decoded.tensors[0].payload) == [1, 2, 3, 4, 5, 6])
+    }
+
+    @Test func halfPrecisionEncodings() throws {
+        let values: [Float] = [0, 1, -2.5, 3.140625, 65504, 1e-3]
+        for dtype in [DType.f16, .bf16] {
+            let payload = Payload(byteCount: values.count * 2)
+            values.withUnsafeBufferPointer { TensorEncoding.write($0, as: dtype, into: payload) }
+            let message = WireMessage(jobID: "j", body: .leave(reason: ""),
+                                      tensors: [WireTensor(name: "t", shape: [6], dtype: dtype, payload: payload)])
+            let back = TensorEncoding.floats(try roundTrip(message).tensors[0].payload, dtype: dtype)
+            for (a, b) in zip(values, back) { #expect(abs(a - b) <= abs(a) * (dtype == .f16 ? 1e-3 : 8e-3)) }
+        }
+    }
+
+    @Test func wrongVersionIsRejectedWithAClearError() {
+        let frames = received(WireCodec.encode(WireMessage(jobID: "j", body: .leave(reason: "")), protocolVersion: 2))
+        #expect(throws: WireError.versionMismatch(got: 2)) { try WireCodec.decode(frames) }
+        #expect(WireError.versionMismatch(got: 2).description.contains("protocol version 2"))
+    }
+
+    @Test func wrongJobIsRejectedButAnonymousJoinIsAccepted() throws {
+        #expect(throws: WireError.wrongJob(expected: "mine", got: "other")) {
+            try roundTrip(WireMessage(jobID: "other", body: .leave(reason: "")), expectedJobID: "mine")
+        }
+        let join = WireMessage(jobID: "", body: .join(Join(workerID: "w", host: "h", pid: 1, modelFingerprint: "f")))
+        #expect(try roundTrip(join, expectedJobID: "mine").body.kind == "join")
+    }
+
+    @Test func framesThatDisagreeWithDescriptorsAreRejected() throws {
+        let message = WireMessage(jobID: "j", body: .leave(reason: ""),
+                                  tensors: [WireTensor(name: "w", shape: [2], payload: Payload(floats: [1, 2]))])
+        let frames = received(WireCodec.encode(message))
+        #expect(throws: WireError.frameCountMismatch(descriptors: 1, frames: 0)) { try WireCodec.decode([frames[0]]) }
+        #expect(throws: WireError.byteLengthMismatch(tensor: "w", expected: 8, got: 4)) {
+            try WireCodec.decode([frames[0], Payload(floats: [1])])
+        }
+        let lying = WireMessage(jobID: "j", body: .leave(reason: ""),
+                                tensors: [WireTensor(name: "w", shape: [3], payload: Payload(floats: [1, 2]))])
+        #expect(throws: WireError.self) { try roundTrip(lying) }
+        let duplicate = WireMessage(jobID: "j", body: .leave(reason: ""), tensors: [
+            WireTensor(name: "w", shape: [1], payload: Payload(floats: [1])),
+            WireTensor(name: "w", shape: [1], payload: Payload(floats: [1])),
+        ])
+        #expect(throws: WireError.badDescriptor(index: 1, reason: "duplicate name 'w'")) { try roundTrip(duplicate) }
+    }
+
+    @Test func nonFiniteValuesAreRejectedWhenAsked() throws {
+        let message = WireMessage(jobID: "j", body: .leave(reason: ""),
+                                  tensors: [WireTensor(name: "g", shape: [3], payload: Payload(floats: [1, .nan, 2]))])
+        var limits = DecodeLimits()
+        limits.requireFinite = true
+        #expect(throws: WireError.nonFinite(tensor: "g", element: 1)) {
+            try WireCodec.decode(received(WireCodec.encode(message)), limits: limits)
+        }
+        #expect(try WireCodec.decode(received(WireCodec.encode(message))).tensors.count == 1)
+    }
+
+    @Test func oversizedTensorsAreRejected() {
+        var limits = DecodeLimits()
+        limits.maximumTensorBytes = 16
+        let message = WireMessage(jobID: "j", body: .leave(reason: ""),
+                                  tensors: [WireTensor(name: "big", shape: [8], payload: Payload(floats: Array(repeating: 0, count: 8)))])
+        #expect(throws: WireError.tooLarge(what: "tensor 'big'", bytes: 32, limit: 16)) {
+            try WireCodec.decode(received(WireCodec.encode(message)), limits: limits)
+        }
+    }
+}
