@@ -1,10 +1,11 @@
 import ArgumentParser
+import Foundation
 import DDPRuntime
 
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks of a release build (swift build -c release).",
-        subcommands: [Step.self])
+        subcommands: [Step.self, Wire.self, WireEcho.self])
 
     struct Step: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -27,6 +28,37 @@ struct Bench: ParsableCommand {
             printResult(result, json: json)
         }
     }
+}
+
+extension Bench {
+    struct Wire: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Send a tensor to a second process and back over ZeroMQ; report one-way bandwidth.",
+            discussion: "Example: ddpctl bench wire --elements 10000000 --json")
+
+        @Option(help: "Floats per message.") var elements: Int = 10_000_000
+        @Option(help: "Timed round trips (the median is reported).") var repeats: Int = 20
+        @Option(help: "Endpoint to bind (tcp://127.0.0.1:0 or ipc://PATH).") var endpoint: String = "tcp://127.0.0.1:0"
+        @Flag(help: "Print one JSON line.") var json = false
+
+        func run() throws {
+            let result = try WireBenchmark(elements: elements, repeats: repeats, endpoint: endpoint)
+                .run(executable: currentExecutable(), echoArguments: ["bench", "wire-echo"])
+            printResult(result, json: json)
+        }
+    }
+
+    struct WireEcho: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "The echo side of 'bench wire' (started by it).", shouldDisplay: false)
+        @Argument(help: "The endpoint to connect to.") var endpoint: String
+        func run() throws { try WireBenchmark.echo(endpoint: endpoint) }
+    }
+}
+
+/// The path of the running executable (to start helper processes of the same build).
+func currentExecutable() -> String {
+    (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
 }
 
 /// Prints a benchmark result as one JSON line or as aligned `key: value` lines.

@@ -6,5 +6,5 @@ struct DDPCtl: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ddpctl",
         abstract: "Start, watch and stop SwiftDDP training jobs; measure the machine.",
-        subcommands: [Bench.self])
+        subcommands: [Start.self, Bench.self])
 }

@@ -1,0 +1,508 @@
+import Autodiff
+import DDPWire
+import Foundation
+import Logging
+
+/// The coordinator of a job: admits workers, runs synchronous steps (collect every live worker's
+/// gradient, average them by sample count in rank order, apply the optimizer to the master
+/// parameters, send the new parameters to every worker), evaluates after each epoch, answers control
+/// requests, and ends the job with a model and a summary.
+///
+/// One thread, one `zmq_poll` loop; every wait has a deadline whose expiry names who was waited for.
+public final class Coordinator {
+    /// The phases of a job.
+    enum Phase: String { case waiting, training, stopping, completed, stopped, failed }
+
+    /// A worker as the coordinator knows it.
+    struct Member {
+        let rank: Int32
+        var identity: [UInt8]
+        var workerID: String
+        var host: String
+        var pid: UInt32
+        var state: String  // joining, training, lost, left
+        var lastSeen: Double
+        var lastPushedStep: UInt64 = 0
+        var lastStepSeconds: Double = 0
+        var restarts: UInt32 = 0
+        var isLive: Bool { state == "training" }
+    }
+
+    /// A worker's contribution to the current step.
+    struct Contribution {
+        let sampleCount: UInt64
+        let loss: Float
+        let correct: UInt32
+        let gradients: [Payload]  // in parameter order; empty when the contribution was rejected
+    }
+
+    public let spec: JobSpec
+    let setup: TrainingSetup
+    let parameters: [NamedParameter]
+    let optimizer: any Optimizer
+    let schedule: LearningRateSchedule
+    let log: Logger
+    let directory: JobDirectory?
+
+    private let context = ZMQContext()
+    private let workerSocket: ZMQSocket
+    private let controlSocket: ZMQSocket
+    /// The endpoints actually bound (ports filled in).
+    public let workerEndpoint: String
+    public let controlEndpoint: String
+
+    private var phase = Phase.waiting
+    private var message = ""
+    private var members: [Int32: Member] = [:]
+    private var rankOfIdentity: [[UInt8]: Int32] = [:]
+    private var step = 0
+    private var contributions: [Int32: Contribution] = [:]
+    private var stepStarted = 0.0
+    private var recentStepSeconds: [Double] = []
+    private var recentLosses: [Float] = []
+    private var epochLoss = (sum: 0.0, correct: 0, samples: 0)
+    private var history: [EpochRecord] = []
+    private var rejected: UInt64 = 0
+    private var stopRequested = false
+    private var lostRanks: [Int32] = []
+    private let started = Coordinator.now()
+    private var trainingStarted = 0.0
+    private var samplesTrained = 0
+    private var parameterPayloads: [Payload]
+    private let gradients: [Tensor]
+    private let indexOfParameter: [String: Int]
+
+    /// Builds the job's model and binds both endpoints (`tcp://HOST:0` takes any free port).
+    public init(spec: JobSpec, workerEndpoint: String, controlEndpoint: String, directory: JobDirectory?, logger: Logger) throws {
+        var spec = spec
+        if spec.jobID.isEmpty { spec.jobID = JobSpec.newJobID() }
+        self.spec = spec
+        setup = try TrainingSetup(spec: spec)
+        parameters = setup.model.parameters
+        optimizer = try setup.makeOptimizer()
+        schedule = setup.schedule
+        log = logger
+        self.directory = directory
+        gradients = parameters.map { Tensor.zeros($0.tensor.shape) }
+        for (p, g) in zip(parameters, gradients) { p.tensor.grad = g }
+        parameterPayloads = parameters.map { Payload(byteCount: $0.tensor.count * 4) }
+        indexOfParameter = Dictionary(uniqueKeysWithValues: parameters.enumerated().map { ($1.name, $0) })
+
+        workerSocket = try ZMQSocket(context: context, kind: .router)
+        try workerSocket.setRouterMandatory(true)
+        try workerSocket.setSendTimeout(milliseconds: 2000)
+        try workerSocket.setHighWaterMarks(send: 0, receive: 0)
+        try workerSocket.setHeartbeat(intervalMilliseconds: spec.heartbeatIntervalMs, timeoutMilliseconds: spec.heartbeatTimeoutMs)
+        controlSocket = try ZMQSocket(context: context, kind: .router)
+        try controlSocket.setSendTimeout(milliseconds: 1000)
+        self.workerEndpoint = try workerSocket.bind(workerEndpoint)
+        self.controlEndpoint = try controlSocket.bind(controlEndpoint)
+        try directory?.write(Endpoints(workers: self.workerEndpoint, control: self.controlEndpoint, pid: getpid()),
+                             to: directory!.endpointsPath)
+        log.info("listening", metadata: ["workers": "\(self.workerEndpoint)", "control": "\(self.controlEndpoint)",
+                                          "job": "\(spec.jobID)", "parameters": "\(setup.model.parameterCount)"])
+    }
+
+    static func now() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }
+
+    /// Runs the job to its end and returns the summary (also written to the job directory).
+    public func run() throws -> JobSummary {
+        let joinDeadline = started + spec.joinTimeoutSeconds
+        while !isFinished {
+            let ready = try ZMQSocket.poll([workerSocket, controlSocket], timeoutMilliseconds: 50)
+            if ready.contains(0) { try drain(workerSocket, handleWorkerFrames) }
+            if ready.contains(1) { try drain(controlSocket, handleControlFrames) }
+            let now = Self.now()
+            switch phase {
+            case .waiting:
+                if liveCount + joiningCount >= spec.workers {
+                    startTraining()
+                } else if now > joinDeadline {
+                    fail("only \(liveCount + joiningCount) of \(spec.workers) workers joined within \(spec.joinTimeoutSeconds) s")
+                } else if stopRequested {
+                    phase = .stopped
+                    message = "stopped before training started"
+                }
+            case .training, .stopping:
+                checkLiveness(now: now)
+                if phase == .training || phase == .stopping { try completeStepIfReady() }
+            default:
+                break
+            }
+        }
+        return try finish()
+    }
+
+    private var isFinished: Bool { [.completed, .stopped, .failed].contains(phase) }
+    private var liveCount: Int { members.values.filter(\.isLive).count }
+    private var joiningCount: Int { members.values.filter { $0.state == "joining" }.count }
+    private var stepsPerEpoch: Int { setup.sampler.stepsPerEpoch }
+
+    private func drain(_ socket: ZMQSocket, _ handle: ([Payload]) throws -> Void) throws {
+        var budget = 256
+        while budget > 0, let frames = try socket.receive(timeoutMilliseconds: 0) {
+            try handle(frames)
+            budget -= 1
+        }
+    }
+
+    private func fail(_ reason: String) {
+        phase = .failed
+        message = reason
+        log.error("job failed: \(reason)")
+    }
+
+    // MARK: Worker messages
+
+    private func handleWorkerFrames(_ frames: [Payload]) throws {
+        guard frames.count >= 2 else { reject("a message without an envelope", from: nil); return }
+        let identity = frames[0].bytes
+        let rank = rankOfIdentity[identity]
+        if let rank { members[rank]?.lastSeen = Self.now() }
+        let message: WireMessage
+        do {
+            message = try WireCodec.decode(Array(frames.dropFirst()), expectedJobID: spec.jobID)
+        } catch {
+            reject("\(error)", from: rank)
+            try? reply(identity, .error(ErrorReply(code: error.replyCode, reason: "\(error)")))
+            return
+        }
+        switch message.body {
+        case .join(let join): try handleJoin(join, identity: identity)
+        case .gradientPush(let push): handlePush(push, message: message, rank: rank)
+        case .heartbeat:
+            if rank != nil { try? reply(identity, .heartbeat(Heartbeat(sentUnixMilliseconds: Self.unixMilliseconds(), state: phase.rawValue))) }
+        case .leave(let reason):
+            if let rank { markGone(rank, state: "left", reason: "left the job: \(reason)") }
+        default:
+            reject("unexpected \(message.body.kind) on the worker socket", from: rank)
+        }
+    }
+
+    private func reject(_ reason: String, from rank: Int32?) {
+        rejected += 1
+        log.warning("rejected message: \(reason)", metadata: rank.map { ["rank": "\($0)"] } ?? [:])
+    }
+
+    private func reply(_ identity: [UInt8], _ body: WireMessage.Body, step: UInt64 = 0, rank: Int32 = -1, tensors: [WireTensor] = []) throws {
+        try workerSocket.send([.bytes(identity)] + WireCodec.encode(
+            WireMessage(jobID: spec.jobID, step: step, rank: rank, body: body, tensors: tensors)))
+    }
+
+    private func handleJoin(_ join: Join, identity: [UInt8]) throws {
+        let fingerprint = setup.modelFingerprint
+        if !join.modelFingerprint.isEmpty && join.modelFingerprint != fingerprint {
+            let reason = "model fingerprint \(join.modelFingerprint) of worker \(join.workerID) on \(join.host) differs from the job's \(fingerprint)"
+            reject(reason, from: nil)
+            try? reply(identity, .error(ErrorReply(code: .modelMismatch, reason: reason)))
+            return
+        }
+        if let existing = rankOfIdentity[identity], members[existing]?.state != "lost" {
+            log.info("duplicate join ignored", metadata: ["rank": "\(existing)"])
+            return
+        }
+        guard !isFinished, phase != .stopping, let rank = freeRank(requested: join.requestedRank) else {
+            let reason = isFinished || phase == .stopping ? "the job is ending" : "all \(spec.workers) ranks are taken"
+            reject("join of \(join.workerID) refused: \(reason)", from: nil)
+            try? reply(identity, .error(ErrorReply(code: .jobFull, reason: reason)))
+            return
+        }
+        let restarts = members[rank].map { $0.restarts + 1 } ?? 0
+        if let old = members[rank] { rankOfIdentity[old.identity] = nil }
+        members[rank] = Member(rank: rank, identity: identity, workerID: join.workerID, host: join.host, pid: join.pid,
+                               state: "joining", lastSeen: Self.now(), restarts: restarts)
+        rankOfIdentity[identity] = rank
+        log.info("worker joined", metadata: ["rank": "\(rank)", "host": "\(join.host)", "pid": "\(join.pid)",
+                                              "restarts": "\(restarts)"])
+        let welcome = Welcome(
+            rank: rank, worldSize: UInt32(spec.workers), jobSpecJSON: spec.json(), startStep: UInt64(step),
+            epoch: UInt64(step / stepsPerEpoch), heartbeatIntervalMilliseconds: UInt64(spec.heartbeatIntervalMs),
+            heartbeatTimeoutMilliseconds: UInt64(spec.heartbeatTimeoutMs))
+        do {
+            try reply(identity, .welcome(welcome), step: UInt64(step), rank: rank, tensors: parameterTensors())
+        } catch {
+            markGone(rank, state: "lost", reason: "could not be welcomed: \(error)")
+        }
+    }
+
+    /// The requested rank if it is free (or held by a lost or departed worker), else the lowest free one.
+    private func freeRank(requested: Int32) -> Int32? {
+        func free(_ r: Int32) -> Bool { members[r].map { $0.state == "lost" || $0.state == "left" } ?? true }
+        if requested >= 0 && requested < spec.workers && free(requested) { return requested }
+        return (0..<Int32(spec.workers)).first(where: free)
+    }
+
+    private func handlePush(_ push: GradientPush, message: WireMessage, rank: Int32?) {
+        guard let rank, let member = members[rank], member.isLive else {
+            reject("gradient push from a worker that is not training", from: rank)
+            return
+        }
+        guard message.rank == rank else { reject("push names rank \(message.rank) but comes from rank \(rank)", from: rank); return }
+        guard message.step == UInt64(step) else {
+            reject("push for step \(message.step) while at step \(step)", from: rank)
+            return
+        }
+        guard contributions[rank] == nil else { reject("duplicate push for step \(step)", from: rank); return }
+        members[rank]?.lastPushedStep = message.step
+        members[rank]?.lastStepSeconds = push.computeSeconds
+        if let problem = validate(message.tensors) {
+            reject("gradient of rank \(rank) at step \(step) skipped: \(problem)", from: rank)
+            contributions[rank] = Contribution(sampleCount: 0, loss: 0, correct: 0, gradients: [])
+            return
+        }
+        var ordered = [Payload?](repeating: nil, count: parameters.count)
+        for tensor in message.tensors { ordered[indexOfParameter[tensor.name]!] = tensor.payload }
+        contributions[rank] = Contribution(sampleCount: push.sampleCount, loss: push.localLoss, correct: push.localCorrect,
+                                           gradients: ordered.map { $0! })
+    }
+
+    /// Why a gradient cannot be used, or nil: every parameter once, right shape, f32, finite values.
+    private func validate(_ tensors: [WireTensor]) -> String? {
+        guard tensors.count == parameters.count else { return "\(tensors.count) tensors for \(parameters.count) parameters" }
+        for tensor in tensors {
+            guard let index = indexOfParameter[tensor.name] else { return "unknown tensor '\(tensor.name)'" }
+            let expected = parameters[index].tensor.shape
+            guard tensor.shape == expected else { return "tensor '\(tensor.name)' has shape \(tensor.shape), expected \(expected)" }
+            guard tensor.dtype == .f32 else { return "tensor '\(tensor.name)' is \(tensor.dtype.rawValue), expected f32" }
+            if let bad = TensorEncoding.firstNonFinite(tensor.payload, dtype: tensor.dtype) {
+                return "tensor '\(tensor.name)' element \(bad) is NaN or infinite"
+            }
+        }
+        return nil
+    }
+
+    private func markGone(_ rank: Int32, state: String, reason: String) {
+        guard var member = members[rank], member.state != state else { return }
+        member.state = state
+        members[rank] = member
+        contributions[rank] = nil
+        if state == "lost" { lostRanks.append(rank) }
+        log.warning("worker \(state)", metadata: ["rank": "\(rank)", "host": "\(member.host)", "pid": "\(member.pid)", "reason": "\(reason)"])
+    }
+
+    // MARK: Control messages
+
+    private func handleControlFrames(_ frames: [Payload]) throws {
+        guard frames.count >= 2 else { return }
+        let identity = frames[0].bytes
+        func answer(_ body: WireMessage.Body) {
+            try? controlSocket.send([.bytes(identity)] + WireCodec.encode(WireMessage(jobID: spec.jobID, step: UInt64(step), body: body)))
+        }
+        let request: WireMessage
+        do {
+            request = try WireCodec.decode(Array(frames.dropFirst()), expectedJobID: spec.jobID)
+        } catch {
+            rejected += 1
+            answer(.error(ErrorReply(code: error.replyCode, reason: "\(error)")))
+            return
+        }
+        switch request.body {
+        case .statusRequest:
+            answer(.statusReply(status()))
+        case .stop(let reason, _):
+            log.info("stop requested: \(reason)")
+            stopRequested = true
+            if phase == .training { phase = .stopping }
+            answer(.statusReply(status()))
+        default:
+            answer(.error(ErrorReply(code: .malformed, reason: "unexpected \(request.body.kind) on the control socket")))
+        }
+    }
+
+    /// The job's state as a status reply.
+    func status() -> StatusReply {
+        let now = Self.now()
+        let median = recentStepSeconds.sorted().dropFirst(recentStepSeconds.count / 2).first ?? 0
+        let workers = members.values.sorted { $0.rank < $1.rank }.map { m in
+            WorkerStatus(rank: m.rank, host: m.host, pid: m.pid, state: m.state, step: m.lastPushedStep,
+                         lastSeenMillisecondsAgo: UInt64(max(0, now - m.lastSeen) * 1000), lastStepSeconds: m.lastStepSeconds,
+                         lagging: m.isLive && median > 0 && m.lastStepSeconds > 2 * median, restarts: m.restarts)
+        }
+        let last = history.last
+        let elapsed = trainingStarted > 0 ? now - trainingStarted : 0
+        return StatusReply(
+            jobState: phase.rawValue, step: UInt64(step), totalSteps: UInt64(setup.totalSteps),
+            epoch: UInt64(step / stepsPerEpoch), totalEpochs: UInt64(spec.epochs), elapsedSeconds: now - started,
+            trainLoss: recentLosses.last ?? 0, testLoss: last?.testLoss ?? 0, testAccuracy: last?.testAccuracy ?? 0,
+            samplesPerSecond: elapsed > 0 ? Double(samplesTrained) / elapsed : 0, workers: workers,
+            rejectedMessages: rejected, recentLosses: Array(recentLosses.suffix(64)), message: message)
+    }
+
+    // MARK: Steps
+
+    private func startTraining() {
+        phase = .training
+        trainingStarted = Self.now()
+        log.info("training started", metadata: ["workers": "\(liveCount + joiningCount)", "steps": "\(setup.totalSteps)",
+                                                 "steps_per_epoch": "\(stepsPerEpoch)"])
+        broadcastUpdate(trainLoss: 0)
+    }
+
+    /// The step deadline: at least the configured timeout, and ten times the median step.
+    private var stepTimeout: Double {
+        let median = recentStepSeconds.sorted().dropFirst(recentStepSeconds.count / 2).first ?? 0
+        return max(spec.stepTimeoutSeconds, 10 * median)
+    }
+
+    private func checkLiveness(now: Double) {
+        let heartbeatTimeout = Double(spec.heartbeatTimeoutMs) / 1000
+        for member in members.values where member.isLive && contributions[member.rank] == nil {
+            let silent = now - member.lastSeen
+            if now - stepStarted > stepTimeout {
+                markGone(member.rank, state: "lost", reason: "no gradient for step \(step) within \(String(format: "%.1f", stepTimeout)) s")
+            } else if silent > max(heartbeatTimeout, stepTimeout) {
+                markGone(member.rank, state: "lost", reason: "silent for \(String(format: "%.1f", silent)) s")
+            }
+        }
+        for member in members.values where member.state == "joining" && now - member.lastSeen > heartbeatTimeout * 2 {
+            markGone(member.rank, state: "lost", reason: "silent since joining")
+        }
+        if liveCount < spec.minWorkers && phase != .failed {
+            let lost = members.values.filter { $0.state == "lost" }.map { "rank \($0.rank) (\($0.host), pid \($0.pid))" }
+            fail("\(liveCount) live workers, below min_workers \(spec.minWorkers); lost: \(lost.joined(separator: ", "))")
+        }
+    }
+
+    private func completeStepIfReady() throws {
+        let live = members.values.filter(\.isLive)
+        guard !live.isEmpty, live.allSatisfy({ contributions[$0.rank] != nil }) else { return }
+        let used = contributions.filter { members[$0.key]?.isLive == true }.sorted { $0.key < $1.key }.map(\.value)
+        let samples = used.reduce(0) { $0 + Int($1.sampleCount) }
+        var loss: Float = 0, correct = 0
+        if samples > 0 {
+            average(used, samples: samples)
+            if spec.clipNorm > 0 { clipGradientNorm(parameters, maxNorm: spec.clipNorm) }
+            optimizer.learningRate = schedule.rate(base: spec.learningRate, at: step)
+            optimizer.step(parameters)
+            for c in used { loss += c.loss * Float(c.sampleCount) / Float(samples); correct += Int(c.correct) }
+        } else {
+            log.warning("step \(step) had no usable gradient; parameters unchanged")
+        }
+        let seconds = Self.now() - stepStarted
+        recentStepSeconds.append(seconds)
+        if recentStepSeconds.count > 50 { recentStepSeconds.removeFirst() }
+        recentLosses.append(loss)
+        if recentLosses.count > 256 { recentLosses.removeFirst() }
+        epochLoss.sum += Double(loss) * Double(samples)
+        epochLoss.correct += correct
+        epochLoss.samples += samples
+        samplesTrained += samples
+        contributions.removeAll(keepingCapacity: true)
+        step += 1
+        if step % stepsPerEpoch == 0 { endEpoch() }
+        if step >= setup.totalSteps {
+            phase = .completed
+            message = "trained \(spec.epochs) epochs"
+        } else if stopRequested {
+            phase = .stopped
+            message = "stopped by request after step \(step)"
+        } else {
+            broadcastUpdate(trainLoss: loss)
+        }
+    }
+
+    /// Writes the sample-weighted mean of the contributions into the parameters' gradients, summing
+    /// in rank order so that the result does not depend on arrival order.
+    private func average(_ used: [Contribution], samples: Int) {
+        for (index, gradient) in gradients.enumerated() {
+            gradient.withUnsafeMutableBufferPointer { acc in
+                var first = true
+                for c in used where c.sampleCount > 0 {
+                    let weight = Float(c.sampleCount) / Float(samples)
+                    TensorEncoding.withFloats(c.gradients[index], dtype: .f32) { g in
+                        if first {
+                            for i in 0..<acc.count { acc[i] = weight * g[i] }
+                        } else {
+                            for i in 0..<acc.count { acc[i] += weight * g[i] }
+                        }
+                    }
+                    first = false
+                }
+            }
+        }
+    }
+
+    private func endEpoch() {
+        let epoch = step / stepsPerEpoch
+        let (testLoss, testAccuracy) = setup.evaluate(on: setup.test)
+        let record = EpochRecord(
+            epoch: epoch, step: step, trainLoss: Float(epochLoss.sum / Double(max(epochLoss.samples, 1))),
+            trainAccuracy: Float(epochLoss.correct) / Float(max(epochLoss.samples, 1)), testLoss: testLoss,
+            testAccuracy: testAccuracy, elapsedSeconds: Self.now() - trainingStarted, workers: liveCount)
+        history.append(record)
+        epochLoss = (0, 0, 0)
+        log.info("epoch \(epoch)/\(spec.epochs)", metadata: [
+            "step": "\(step)", "train_loss": "\(record.trainLoss)", "test_loss": "\(testLoss)",
+            "test_accuracy": "\(testAccuracy)", "workers": "\(liveCount)",
+        ])
+        if let directory { try? directory.write(history, to: directory.historyPath) }
+    }
+
+    /// The current parameters as wire tensors; payloads still being sent are replaced, not overwritten.
+    private func parameterTensors() -> [WireTensor] {
+        parameters.enumerated().map { index, p in
+            if parameterPayloads[index].isInFlight { parameterPayloads[index] = Payload(byteCount: p.tensor.count * 4) }
+            p.tensor.withUnsafeBufferPointer { TensorEncoding.write($0, as: .f32, into: parameterPayloads[index]) }
+            return WireTensor(name: p.name, shape: p.tensor.shape, payload: parameterPayloads[index])
+        }
+    }
+
+    /// Sends the parameters for `step` to every live worker with its shard of the batch.
+    private func broadcastUpdate(trainLoss: Float) {
+        for rank in members.keys where members[rank]!.state == "joining" { members[rank]!.state = "training" }
+        let live = members.values.filter(\.isLive).sorted { $0.rank < $1.rank }
+        let tensors = parameterTensors()
+        stepStarted = Self.now()
+        for (shard, member) in live.enumerated() {
+            let update = ParameterUpdate(
+                learningRate: optimizer.learningRate, fullCopy: true, epoch: UInt64(step / stepsPerEpoch),
+                worldSize: UInt32(live.count), shardIndex: Int32(shard), trainLoss: trainLoss)
+            do {
+                try reply(member.identity, .parameterUpdate(update), step: UInt64(step), rank: member.rank, tensors: tensors)
+            } catch {
+                markGone(member.rank, state: "lost", reason: "unreachable: \(error)")
+            }
+        }
+    }
+
+    // MARK: End
+
+    private func finish() throws -> JobSummary {
+        for member in members.values where member.isLive || member.state == "joining" {
+            try? reply(member.identity, .stop(reason: message, graceful: false))
+        }
+        let last = history.last
+        let elapsed = trainingStarted > 0 ? Self.now() - trainingStarted : 0
+        var modelPath = ""
+        if let directory {
+            try SafeTensors.write(parameters.map { ($0.name, $0.tensor) },
+                                  metadata: ["job_id": spec.jobID, "step": "\(step)", "format": "pt"], to: directory.modelPath)
+            modelPath = directory.modelPath
+        }
+        let summary = JobSummary(
+            state: phase.rawValue, jobID: spec.jobID, workers: spec.workers, epochs: step / stepsPerEpoch, steps: step,
+            trainLoss: last?.trainLoss ?? recentLosses.last ?? 0, testLoss: last?.testLoss ?? 0,
+            testAccuracy: last?.testAccuracy ?? 0, wallSeconds: Self.now() - started,
+            samplesPerSecond: elapsed > 0 ? Double(samplesTrained) / elapsed : 0, modelPath: modelPath, message: message,
+            rejectedMessages: rejected, lostWorkers: lostRanks)
+        if let directory { try directory.write(summary, to: directory.summaryPath) }
+        log.info("job \(phase.rawValue)", metadata: ["steps": "\(step)", "test_accuracy": "\(summary.testAccuracy)",
+                                                      "message": "\(message)"])
+        // Give the stop messages a moment to leave before the sockets close.
+        workerSocket.close()
+        controlSocket.close()
+        return summary
+    }
+
+    static func unixMilliseconds() -> UInt64 { UInt64(Date().timeIntervalSince1970 * 1000) }
+}
+
+extension JobSpec {
+    /// A fresh job id: time and a random suffix, e.g. `job-20261127-063000-4f2a`.
+    public static func newJobID() -> String {
+        let formatter = DateFormatter()
+        formatter.dateFormat = "yyyyMMdd-HHmmss"
+        formatter.timeZone = TimeZone(identifier: "UTC")
+        return "job-\(formatter.string(from: Date()))-\(String(UInt16.random(in: 0...UInt16.max), radix: 16))"
+    }
+}

@@ -1,0 +1,99 @@
+import Foundation
+
+/// The files of one job in its directory: the resolved spec, endpoints, process ids, logs, the final
+/// model, the summary and the per-epoch history.
+public struct JobDirectory: Sendable {
+    public let path: String
+
+    public init(path: String) { self.path = path }
+
+    public var specPath: String { path + "/spec.json" }
+    public var endpointsPath: String { path + "/endpoints.json" }
+    public var summaryPath: String { path + "/summary.json" }
+    public var historyPath: String { path + "/history.json" }
+    public var modelPath: String { path + "/model.safetensors" }
+    public var processesPath: String { path + "/processes.json" }
+    public var logsPath: String { path + "/logs" }
+    public func logPath(_ process: String) -> String { "\(logsPath)/\(process).log" }
+
+    /// Creates the directory and its `logs` folder.
+    public func create() throws {
+        try FileManager.default.createDirectory(atPath: logsPath, withIntermediateDirectories: true)
+    }
+
+    /// The coordinator's bound endpoints, once it has written them.
+    public func endpoints() -> Endpoints? {
+        guard let data = FileManager.default.contents(atPath: endpointsPath) else { return nil }
+        return try? JSONDecoder().decode(Endpoints.self, from: data)
+    }
+
+    /// The summary, once the job has ended.
+    public func summary() -> JobSummary? {
+        guard let data = FileManager.default.contents(atPath: summaryPath) else { return nil }
+        return try? JSONDecoder().decode(JobSummary.self, from: data)
+    }
+
+    func write<T: Encodable>(_ value: T, to file: String) throws {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .prettyPrinted]
+        try AtomicFile.write(try encoder.encode(value), to: file)
+    }
+}
+
+/// Where a coordinator listens.
+public struct Endpoints: Codable, Sendable, Equatable {
+    public var workers: String
+    public var control: String
+    public var pid: Int32
+}
+
+/// One finished epoch.
+public struct EpochRecord: Codable, Sendable, Equatable {
+    public var epoch: Int
+    public var step: Int
+    public var trainLoss: Float
+    public var trainAccuracy: Float
+    public var testLoss: Float
+    public var testAccuracy: Float
+    public var elapsedSeconds: Double
+    public var workers: Int
+
+    enum CodingKeys: String, CodingKey {
+        case epoch, step, workers
+        case trainLoss = "train_loss", trainAccuracy = "train_accuracy", testLoss = "test_loss"
+        case testAccuracy = "test_accuracy", elapsedSeconds = "elapsed_seconds"
+    }
+}
+
+/// What a job ended with; `ddpctl start --json` prints it.
+public struct JobSummary: Codable, Sendable, Equatable {
+    /// `completed`, `stopped` or `failed`.
+    public var state: String
+    public var jobID: String
+    public var workers: Int
+    public var epochs: Int
+    public var steps: Int
+    public var trainLoss: Float
+    public var testLoss: Float
+    public var testAccuracy: Float
+    public var wallSeconds: Double
+    public var samplesPerSecond: Double
+    public var modelPath: String
+    public var message: String
+    public var rejectedMessages: UInt64
+    public var lostWorkers: [Int32]
+
+    enum CodingKeys: String, CodingKey {
+        case state, workers, epochs, steps, message
+        case jobID = "job_id", trainLoss = "train_loss", testLoss = "test_loss", testAccuracy = "test_accuracy"
+        case wallSeconds = "wall_seconds", samplesPerSecond = "samples_per_second", modelPath = "model_path"
+        case rejectedMessages = "rejected_messages", lostWorkers = "lost_workers"
+    }
+
+    /// One line of JSON with sorted keys.
+    public var jsonLine: String {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        return String(decoding: try! encoder.encode(self), as: UTF8.self)
+    }
+}

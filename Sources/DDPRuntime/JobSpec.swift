@@ -1,0 +1,209 @@
+import Foundation
+import Yams
+
+/// Everything that defines a training job. Read from flags and from a job file (`--config job.yaml` or
+/// `.json`) with the same snake_case keys; every value is checked before a process starts.
+public struct JobSpec: Codable, Equatable, Sendable {
+    public var jobID = ""
+    /// `digits` (bundled), `synthetic`, `csv`, `idx` (MNIST files) or `npy`.
+    public var dataset = "digits"
+    /// The CSV file, the IDX image file, or the features `.npy`.
+    public var dataPath = ""
+    /// The IDX label file or the labels `.npy`.
+    public var labelsPath = ""
+    public var syntheticSamples = 60000
+    public var syntheticFeatures = 784
+    public var syntheticClasses = 10
+    /// `mlp`, `cnn` (LeNet-style, for image data) or `logistic` (softmax regression).
+    public var model = "mlp"
+    /// Hidden layer sizes of the MLP (and the CNN's dense layer).
+    public var hidden = [128]
+    public var activation = "relu"
+    public var epochs = 30
+    /// Samples per step over all workers together.
+    public var batchSize = 128
+    /// `sgd`, `adam` or `adamw`.
+    public var optimizer = "sgd"
+    public var learningRate: Float = 0.1
+    public var momentum: Float = 0.9
+    public var nesterov = false
+    public var weightDecay: Float = 0
+    /// `constant`, `step`, or `cosine`; `warmup_steps` ramps up first.
+    public var schedule = "constant"
+    public var warmupSteps = 0
+    /// For `step`: multiply the rate by `gamma` every `step_every` steps.
+    public var stepEvery = 1000
+    public var gamma: Float = 0.1
+    public var minLearningRate: Float = 0
+    /// Clip the global gradient norm to this value (0: off).
+    public var clipNorm: Float = 0
+    public var seed: UInt64 = 0
+    /// The held-out share of the data, evaluated after every epoch.
+    public var testFraction = 0.2
+    /// Workers the job trains with.
+    public var workers = 2
+    /// The job fails when fewer workers than this remain.
+    public var minWorkers = 1
+    public var heartbeatIntervalMs = 1000
+    public var heartbeatTimeoutMs = 5000
+    /// How long the coordinator waits for the workers to join before the job fails.
+    public var joinTimeoutSeconds = 60.0
+    /// The least time the coordinator waits for a step's gradients (it adapts upwards to measured steps).
+    public var stepTimeoutSeconds = 10.0
+    /// Where the job writes its model, summary, checkpoints and logs.
+    public var output = ""
+
+    public init() {}
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case jobID = "job_id", dataset, dataPath = "data_path", labelsPath = "labels_path"
+        case syntheticSamples = "synthetic_samples", syntheticFeatures = "synthetic_features"
+        case syntheticClasses = "synthetic_classes", model, hidden, activation, epochs, batchSize = "batch_size"
+        case optimizer, learningRate = "learning_rate", momentum, nesterov, weightDecay = "weight_decay", schedule
+        case warmupSteps = "warmup_steps", stepEvery = "step_every", gamma, minLearningRate = "min_learning_rate"
+        case clipNorm = "clip_norm", seed, testFraction = "test_fraction", workers, minWorkers = "min_workers"
+        case heartbeatIntervalMs = "heartbeat_interval_ms", heartbeatTimeoutMs = "heartbeat_timeout_ms"
+        case joinTimeoutSeconds = "join_timeout_seconds", stepTimeoutSeconds = "step_timeout_seconds", output
+    }
+
+    /// Every key a job file may hold.
+    public static var keys: [String] { CodingKeys.allCases.map(\.rawValue) }
+
+    /// Decodes with defaults for missing keys; unknown keys are an error (a typo must not pass silently).
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: AnyKey.self)
+        for key in c.allKeys where CodingKeys(rawValue: key.stringValue) == nil {
+            let near = Self.keys.min { Self.distance($0, key.stringValue) < Self.distance($1, key.stringValue) }!
+            throw JobSpecError.invalid("unknown key '\(key.stringValue)'" + (Self.distance(near, key.stringValue) <= 3 ? " (did you mean '\(near)'?)" : ""))
+        }
+        let k = try decoder.container(keyedBy: CodingKeys.self)
+        func read<T: Decodable>(_ key: CodingKeys, _ value: inout T) throws {
+            do {
+                if let v = try k.decodeIfPresent(T.self, forKey: key) { value = v }
+            } catch {
+                throw JobSpecError.invalid("key '\(key.rawValue)' must be \(Self.describe(T.self))")
+            }
+        }
+        try read(.jobID, &jobID); try read(.dataset, &dataset); try read(.dataPath, &dataPath)
+        try read(.labelsPath, &labelsPath); try read(.syntheticSamples, &syntheticSamples)
+        try read(.syntheticFeatures, &syntheticFeatures); try read(.syntheticClasses, &syntheticClasses)
+        try read(.model, &model); try read(.hidden, &hidden); try read(.activation, &activation)
+        try read(.epochs, &epochs); try read(.batchSize, &batchSize); try read(.optimizer, &optimizer)
+        try read(.learningRate, &learningRate); try read(.momentum, &momentum); try read(.nesterov, &nesterov)
+        try read(.weightDecay, &weightDecay); try read(.schedule, &schedule); try read(.warmupSteps, &warmupSteps)
+        try read(.stepEvery, &stepEvery); try read(.gamma, &gamma); try read(.minLearningRate, &minLearningRate)
+        try read(.clipNorm, &clipNorm); try read(.seed, &seed); try read(.testFraction, &testFraction)
+        try read(.workers, &workers); try read(.minWorkers, &minWorkers)
+        try read(.heartbeatIntervalMs, &heartbeatIntervalMs); try read(.heartbeatTimeoutMs, &heartbeatTimeoutMs)
+        try read(.joinTimeoutSeconds, &joinTimeoutSeconds); try read(.stepTimeoutSeconds, &stepTimeoutSeconds)
+        try read(.output, &output)
+    }
+
+    private static func describe(_ type: Any.Type) -> String {
+        switch type {
+        case is Int.Type, is UInt64.Type: "an integer"
+        case is Float.Type, is Double.Type: "a number"
+        case is Bool.Type: "true or false"
+        case is [Int].Type: "a list of integers"
+        default: "text"
+        }
+    }
+
+    private static func distance(_ a: String, _ b: String) -> Int {
+        let a = Array(a), b = Array(b)
+        var row = Array(0...b.count)
+        for i in 1...max(a.count, 1) where !a.isEmpty {
+            var previous = row[0]
+            row[0] = i
+            for j in stride(from: 1, through: b.count, by: 1) {
+                let old = row[j]
+                row[j] = min(row[j] + 1, row[j - 1] + 1, previous + (a[i - 1] == b[j - 1] ? 0 : 1))
+                previous = old
+            }
+        }
+        return row[b.count]
+    }
+
+    /// Reads a job file: YAML (`.yaml`, `.yml`) or JSON; `overrides` (from flags) win over the file.
+    public static func load(path: String?, overrides: [String: Any] = [:]) throws -> JobSpec {
+        var fields: [String: Any] = [:]
+        if let path {
+            guard let data = FileManager.default.contents(atPath: path) else { throw JobSpecError.invalid("job file not found: \(path)") }
+            let text = String(decoding: data, as: UTF8.self)
+            do {
+                let parsed = path.hasSuffix(".json") ? try JSONSerialization.jsonObject(with: data) : try Yams.load(yaml: text) as Any
+                guard let dict = parsed as? [String: Any] else { throw JobSpecError.invalid("\(path): the top level must be a mapping of keys to values") }
+                fields = dict
+            } catch let error as JobSpecError { throw error } catch {
+                throw JobSpecError.invalid("\(path): cannot parse: \(error)")
+            }
+        }
+        fields.merge(overrides) { _, flag in flag }
+        do {
+            let data = try JSONSerialization.data(withJSONObject: fields)
+            let spec = try JSONDecoder().decode(JobSpec.self, from: data)
+            try spec.validate()
+            return spec
+        } catch let error as JobSpecError {
+            throw path.map { JobSpecError.invalid("\($0): \(error.reason)") } ?? error
+        }
+    }
+
+    /// Checks every value; the error names the key and what it must be.
+    public func validate() throws {
+        func check(_ ok: Bool, _ message: String) throws { if !ok { throw JobSpecError.invalid(message) } }
+        try check(["digits", "synthetic", "csv", "idx", "npy"].contains(dataset),
+                  "dataset '\(dataset)' is unknown (digits, synthetic, csv, idx, npy)")
+        try check(!["csv", "idx", "npy"].contains(dataset) || !dataPath.isEmpty, "dataset '\(dataset)' needs data_path")
+        try check(!["idx", "npy"].contains(dataset) || !labelsPath.isEmpty, "dataset '\(dataset)' needs labels_path")
+        try check(syntheticSamples > 0 && syntheticFeatures > 0 && syntheticClasses > 1,
+                  "synthetic_samples and synthetic_features must be positive and synthetic_classes at least 2")
+        try check(["mlp", "cnn", "logistic"].contains(model), "model '\(model)' is unknown (mlp, cnn, logistic)")
+        try check(hidden.allSatisfy { $0 > 0 }, "hidden sizes must be positive, got \(hidden)")
+        try check(["relu", "leaky_relu", "sigmoid", "tanh", "gelu"].contains(activation),
+                  "activation '\(activation)' is unknown (relu, leaky_relu, sigmoid, tanh, gelu)")
+        try check(epochs > 0, "epochs must be positive, got \(epochs)")
+        try check(batchSize > 0, "batch_size must be positive, got \(batchSize)")
+        try check(["sgd", "adam", "adamw"].contains(optimizer), "optimizer '\(optimizer)' is unknown (sgd, adam, adamw)")
+        try check(learningRate > 0 && learningRate.isFinite, "learning_rate must be positive, got \(learningRate)")
+        try check(momentum >= 0 && momentum < 1, "momentum must be in [0, 1), got \(momentum)")
+        try check(weightDecay >= 0, "weight_decay must be >= 0, got \(weightDecay)")
+        try check(["constant", "step", "cosine"].contains(schedule), "schedule '\(schedule)' is unknown (constant, step, cosine)")
+        try check(warmupSteps >= 0 && stepEvery > 0, "warmup_steps must be >= 0 and step_every positive")
+        try check(clipNorm >= 0, "clip_norm must be >= 0")
+        try check(testFraction > 0 && testFraction < 1, "test_fraction must be between 0 and 1, got \(testFraction)")
+        try check(workers >= 1 && workers <= 1024, "workers must be between 1 and 1024, got \(workers)")
+        try check(minWorkers >= 1 && minWorkers <= workers, "min_workers must be between 1 and workers (\(workers)), got \(minWorkers)")
+        try check(heartbeatIntervalMs > 0 && heartbeatTimeoutMs > heartbeatIntervalMs,
+                  "heartbeat_timeout_ms must exceed heartbeat_interval_ms > 0")
+        try check(joinTimeoutSeconds > 0 && stepTimeoutSeconds > 0, "join_timeout_seconds and step_timeout_seconds must be positive")
+    }
+
+    /// The spec as JSON text (the Welcome carries it; job directories keep it).
+    public func json() -> String {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .prettyPrinted]
+        return String(decoding: try! encoder.encode(self), as: UTF8.self)
+    }
+
+    /// Parses the JSON that `json()` wrote.
+    public static func fromJSON(_ text: String) throws -> JobSpec {
+        do { return try JSONDecoder().decode(JobSpec.self, from: Data(text.utf8)) } catch let error as JobSpecError { throw error } catch {
+            throw JobSpecError.invalid("job spec JSON: \(error)")
+        }
+    }
+}
+
+/// A job specification that cannot run, with the reason.
+public enum JobSpecError: Error, CustomStringConvertible, Equatable {
+    case invalid(String)
+    public var reason: String { switch self { case .invalid(let r): r } }
+    public var description: String { "invalid job: \(reason)" }
+}
+
+struct AnyKey: CodingKey {
+    var stringValue: String
+    var intValue: Int? { nil }
+    init(stringValue: String) { self.stringValue = stringValue }
+    init?(intValue: Int) { nil }
+}

@@ -1,0 +1,115 @@
+import DDPWire
+import Foundation
+import Logging
+
+/// A job run on this host: a coordinator and `workers` worker processes of the `ddpd` executable,
+/// with their logs and process ids in the job directory.
+public final class LocalJob {
+    public let spec: JobSpec
+    public let directory: JobDirectory
+    private let ddpd: String
+    private let transport: String
+    private let logLevel: String
+    private var coordinator: Process?
+    private var workers: [Process] = []
+    public private(set) var endpoints: Endpoints?
+
+    /// `transport` is `ipc` (sockets in the job directory) or `tcp` (loopback, ephemeral ports).
+    public init(spec: JobSpec, directory: JobDirectory, ddpd: String, transport: String = "ipc", logLevel: String = "info") throws {
+        guard FileManager.default.isExecutableFile(atPath: ddpd) else {
+            throw ControlError.noJob("ddpd not found at \(ddpd); build it with 'swift build' or pass --ddpd")
+        }
+        guard ["ipc", "tcp"].contains(transport) else { throw JobSpecError.invalid("transport '\(transport)' is unknown (ipc, tcp)") }
+        self.spec = spec
+        self.directory = directory
+        self.ddpd = ddpd
+        self.transport = transport
+        self.logLevel = logLevel
+    }
+
+    /// Writes the job directory, starts the coordinator, waits (at most 10 s) for its endpoints, then
+    /// starts the workers.
+    public func start() throws {
+        try directory.create()
+        try AtomicFile.write(spec.json(), to: directory.specPath)
+        let (workerEndpoint, controlEndpoint) = transport == "ipc"
+            ? ("ipc://\(directory.path)/workers.sock", "ipc://\(directory.path)/control.sock")
+            : ("tcp://127.0.0.1:0", "tcp://127.0.0.1:0")
+        if transport == "ipc", directory.path.utf8.count + 20 > 107 {
+            throw JobSpecError.invalid("job directory path too long for ipc:// sockets; use --transport tcp or a shorter --jobs-dir")
+        }
+        coordinator = try launch(["coordinator", "--config", directory.specPath, "--bind", workerEndpoint,
+                                  "--control", controlEndpoint, "--job-dir", directory.path], log: "coordinator")
+        let deadline = Coordinator.now() + 10
+        while endpoints == nil {
+            endpoints = directory.endpoints()
+            if endpoints != nil { break }
+            guard coordinator!.isRunning else {
+                throw ControlError.noJob("the coordinator exited with status \(coordinator!.terminationStatus) before listening: \(lastLines(of: "coordinator"))")
+            }
+            guard Coordinator.now() < deadline else { throw ControlError.noJob("the coordinator did not start listening within 10 s") }
+            usleep(5000)
+        }
+        for rank in 0..<spec.workers {
+            workers.append(try launch(["worker", "--connect", endpoints!.workers, "--config", directory.specPath,
+                                       "--rank", "\(rank)"], log: "worker-\(rank)"))
+        }
+        let pids = ["coordinator": coordinator!.processIdentifier] .merging(
+            workers.enumerated().map { ("worker-\($0.offset)", $0.element.processIdentifier) }) { a, _ in a }
+        try directory.write(pids, to: directory.processesPath)
+    }
+
+    private func launch(_ arguments: [String], log name: String) throws -> Process {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: ddpd)
+        process.arguments = arguments + ["--log-level", logLevel]
+        let path = directory.logPath(name)
+        _ = FileManager.default.createFile(atPath: path, contents: nil)
+        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
+        process.standardOutput = handle
+        process.standardError = handle
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        return process
+    }
+
+    /// The last lines of a process's log, for error messages.
+    public func lastLines(of process: String, count: Int = 3) -> String {
+        let text = (try? String(contentsOfFile: directory.logPath(process), encoding: .utf8)) ?? ""
+        return text.split(separator: "\n").suffix(count).joined(separator: " | ")
+    }
+
+    /// Polls the coordinator's status every `interval` seconds, passing each to `progress`, until the
+    /// coordinator exits; then collects the workers and returns the summary.
+    public func wait(interval: Double = 0.25, progress: (StatusReply) -> Void) throws -> JobSummary {
+        guard let coordinator, let endpoints else { throw ControlError.noJob("the job was not started") }
+        let client = try ControlClient(endpoint: endpoints.control, jobID: spec.jobID)
+        while coordinator.isRunning {
+            if let status = try? client.status(timeoutSeconds: 2) { progress(status) }
+            var waited = 0.0
+            while coordinator.isRunning && waited < interval { usleep(10_000); waited += 0.01 }
+        }
+        let deadline = Coordinator.now() + 5
+        for worker in workers {
+            while worker.isRunning && Coordinator.now() < deadline { usleep(10_000) }
+            if worker.isRunning { worker.terminate() }
+        }
+        if let summary = directory.summary() { return summary }
+        return JobSummary(
+            state: "failed", jobID: spec.jobID, workers: spec.workers, epochs: 0, steps: 0, trainLoss: 0, testLoss: 0,
+            testAccuracy: 0, wallSeconds: 0, samplesPerSecond: 0, modelPath: "",
+            message: "the coordinator exited with status \(coordinator.terminationStatus) without a summary: \(lastLines(of: "coordinator"))",
+            rejectedMessages: 0, lostWorkers: [])
+    }
+
+    /// Asks the coordinator to stop the job gracefully.
+    public func requestStop(reason: String) {
+        guard let endpoints, let client = try? ControlClient(endpoint: endpoints.control, jobID: spec.jobID) else { return }
+        _ = try? client.stop(reason: reason)
+    }
+
+    /// Kills every process of the job at once.
+    public func kill() {
+        for process in [coordinator].compactMap({ $0 }) + workers where process.isRunning { process.terminate() }
+    }
+}

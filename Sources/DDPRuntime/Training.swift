@@ -1,0 +1,156 @@
+import Autodiff
+import DDPData
+import Foundation
+
+/// The pieces of a job that coordinator and workers build alike from its spec: the data split, the
+/// model, the optimizer and the learning-rate schedule. The same spec gives the same objects everywhere.
+public struct TrainingSetup {
+    public let spec: JobSpec
+    public let train: Dataset
+    public let test: Dataset
+    public let model: Sequential
+    public let sampler: EpochSampler
+
+    public init(spec: JobSpec) throws {
+        self.spec = spec
+        let all = try Self.loadDataset(spec)
+        var (train, test) = try all.split(testFraction: spec.testFraction, seed: spec.seed)
+        if spec.model == "cnn" {
+            let shape = try Self.imageShape(of: train)
+            train = try train.reshaped(featureShape: shape)
+            test = try test.reshaped(featureShape: shape)
+        }
+        self.train = train
+        self.test = test
+        model = try Self.buildModel(spec, inputShape: train.featureShape, classes: all.classCount)
+        sampler = try EpochSampler(sampleCount: train.count, globalBatchSize: spec.batchSize, seed: spec.seed)
+    }
+
+    /// Steps in the whole job.
+    public var totalSteps: Int { sampler.stepsPerEpoch * spec.epochs }
+
+    static func loadDataset(_ spec: JobSpec) throws -> Dataset {
+        switch spec.dataset {
+        case "digits": return try BundledData.digits()
+        case "synthetic":
+            return try BundledData.synthetic(
+                samples: spec.syntheticSamples, features: spec.syntheticFeatures, classes: spec.syntheticClasses, seed: spec.seed)
+        case "csv": return try DataReader.csv(path: spec.dataPath).scaledToUnitRange()
+        case "idx": return try DataReader.idx(images: spec.dataPath, labels: spec.labelsPath).scaledToUnitRange()
+        case "npy": return try DataReader.npy(features: spec.dataPath, labels: spec.labelsPath)
+        default: throw JobSpecError.invalid("dataset '\(spec.dataset)' is unknown")
+        }
+    }
+
+    /// `[channels, height, width]` of image samples: kept if already 3-D, a square side if flat.
+    static func imageShape(of data: Dataset) throws -> [Int] {
+        if data.featureShape.count == 3 { return data.featureShape }
+        let side = Int(Double(data.featuresPerSample).squareRoot().rounded())
+        guard side * side == data.featuresPerSample, side >= 4 else {
+            throw JobSpecError.invalid("model 'cnn' needs image data; \(data.name) has samples of shape \(data.featureShape)")
+        }
+        return [1, side, side]
+    }
+
+    /// The model named by the spec for inputs of `inputShape` and `classes` outputs.
+    public static func buildModel(_ spec: JobSpec, inputShape: [Int], classes: Int) throws -> Sequential {
+        var generator = SeededGenerator(seed: spec.seed &+ 0x4D4F_4445_4C)
+        let activation = Activation.Kind(rawValue: spec.activation) ?? .relu
+        let inputs = inputShape.reduce(1, *)
+        switch spec.model {
+        case "logistic":
+            return Sequential([Flatten(), Linear(inputs: inputs, outputs: classes, generator: &generator)])
+        case "mlp":
+            var layers: [any Layer] = [Flatten()]
+            var width = inputs
+            for size in spec.hidden {
+                layers.append(Linear(inputs: width, outputs: size, generator: &generator))
+                layers.append(Activation(activation))
+                width = size
+            }
+            layers.append(Linear(inputs: width, outputs: classes, generator: &generator))
+            return Sequential(layers)
+        case "cnn":
+            guard inputShape.count == 3 else { throw JobSpecError.invalid("model 'cnn' needs [channels, height, width] inputs") }
+            var channels = inputShape[0], height = inputShape[1], width = inputShape[2]
+            var layers: [any Layer] = []
+            for filters in [8, 16] where height >= 2 && width >= 2 {
+                layers += [Conv2D(inputChannels: channels, outputChannels: filters, kernelSize: 3, padding: 1, generator: &generator),
+                           Activation(activation), MaxPool2D(size: 2)]
+                channels = filters
+                height /= 2
+                width /= 2
+            }
+            layers.append(Flatten())
+            let dense = spec.hidden.first ?? 64
+            layers += [Linear(inputs: channels * height * width, outputs: dense, generator: &generator), Activation(activation),
+                       Linear(inputs: dense, outputs: classes, generator: &generator)]
+            return Sequential(layers)
+        default:
+            throw JobSpecError.invalid("model '\(spec.model)' is unknown")
+        }
+    }
+
+    /// The optimizer named by the spec.
+    public func makeOptimizer() throws -> any Optimizer {
+        switch spec.optimizer {
+        case "adam": try Adam(learningRate: spec.learningRate, weightDecay: spec.weightDecay)
+        case "adamw": try Adam.adamW(learningRate: spec.learningRate, weightDecay: spec.weightDecay == 0 ? 0.01 : spec.weightDecay)
+        default: try SGD(learningRate: spec.learningRate, momentum: spec.momentum, nesterov: spec.nesterov, weightDecay: spec.weightDecay)
+        }
+    }
+
+    /// The learning-rate schedule named by the spec.
+    public var schedule: LearningRateSchedule {
+        let main: LearningRateSchedule = switch spec.schedule {
+        case "step": .step(every: spec.stepEvery, gamma: spec.gamma)
+        case "cosine": .cosine(totalSteps: max(totalSteps - spec.warmupSteps, 1), minimum: spec.minLearningRate)
+        default: .constant
+        }
+        return spec.warmupSteps > 0 ? .warmup(steps: spec.warmupSteps, then: main) : main
+    }
+
+    /// A hash of the model's parameter names, shapes and dtype: equal models, equal fingerprints.
+    public var modelFingerprint: String { Self.fingerprint(model.parameters) }
+
+    static func fingerprint(_ parameters: [NamedParameter]) -> String {
+        var hash: UInt64 = 0xCBF2_9CE4_8422_2325
+        for p in parameters {
+            for byte in "\(p.name):\(p.tensor.shape):f32;".utf8 {
+                hash = (hash ^ UInt64(byte)) &* 0x100_0000_01B3
+            }
+        }
+        return String(hash, radix: 16)
+    }
+
+    /// Loss and accuracy of the model on `data`, in evaluation mode.
+    public func evaluate(on data: Dataset) -> (loss: Float, accuracy: Float) {
+        model.setTraining(false)
+        defer { model.setTraining(true) }
+        var totalLoss: Double = 0, correct = 0
+        let chunk = 1024
+        GradMode.withoutGradients {
+            for start in stride(from: 0, to: data.count, by: chunk) {
+                let (x, labels) = data.batch(start..<min(start + chunk, data.count))
+                let logits = model(x)
+                totalLoss += Double(Loss.softmaxCrossEntropy(logits, labels: labels).item) * Double(labels.count)
+                correct += Self.correctCount(logits, labels)
+            }
+        }
+        return (Float(totalLoss / Double(data.count)), Float(correct) / Float(data.count))
+    }
+
+    /// How many rows of `logits` have their largest value at the label.
+    static func correctCount(_ logits: Tensor, _ labels: [Int32]) -> Int {
+        let classes = logits.shape[1]
+        return logits.withUnsafeBufferPointer { v in
+            var correct = 0
+            for (r, label) in labels.enumerated() {
+                var best = 0
+                for c in 1..<classes where v[r * classes + c] > v[r * classes + best] { best = c }
+                if best == Int(label) { correct += 1 }
+            }
+            return correct
+        }
+    }
+}

@@ -1,0 +1,190 @@
+import Autodiff
+import DDPData
+import DDPWire
+import Foundation
+import Logging
+
+/// A worker: joins a coordinator, then for every parameter update computes the gradient of its
+/// shard of that step's global batch with the autodiff core and pushes it, until told to stop.
+public final class Worker {
+    /// Why a worker ended.
+    public enum Outcome: Equatable, Sendable {
+        /// The coordinator ended the job (normally or not) and said why.
+        case stopped(reason: String)
+    }
+
+    private let endpoint: String
+    private var setup: TrainingSetup?
+    private let log: Logger
+    private let context = ZMQContext()
+    private let socket: ZMQSocket
+    private var jobID: String
+    private var rank: Int32 = -1
+    private var parameters: [NamedParameter] = []
+    private var gradientPayloads: [Payload] = []
+    private var permutation: (epoch: Int, order: [Int])?
+    private var heartbeatInterval = 1.0
+    private var coordinatorTimeout = 30.0
+    private let joinTimeout: Double
+    private let requestedRank: Int32
+    private let workerID: String
+
+    /// A worker for the coordinator at `endpoint`. With a `spec`, the worker builds its model first and
+    /// the coordinator checks its fingerprint; without, it takes the job's spec from the welcome.
+    public init(endpoint: String, spec: JobSpec?, requestedRank: Int32 = -1, joinTimeoutSeconds: Double = 60, logger: Logger) throws {
+        self.endpoint = endpoint
+        setup = try spec.map(TrainingSetup.init)
+        jobID = spec?.jobID ?? ""
+        log = logger
+        joinTimeout = joinTimeoutSeconds
+        self.requestedRank = requestedRank
+        workerID = "\(ProcessInfo.processInfo.hostName):\(getpid()):\(String(UInt32.random(in: 0...UInt32.max), radix: 16))"
+        socket = try ZMQSocket(context: context, kind: .dealer)
+        try socket.setSendTimeout(milliseconds: 5000)
+        try socket.setHighWaterMarks(send: 0, receive: 0)
+        try socket.connect(endpoint)
+    }
+
+    /// Joins and trains until the coordinator says stop; throws when refused or when the coordinator
+    /// goes silent past its deadline.
+    public func run() throws -> Outcome {
+        try join()
+        var lastHeard = Coordinator.now()
+        while true {
+            guard let frames = try socket.receive(timeoutMilliseconds: Int(heartbeatInterval * 1000)) else {
+                let silent = Coordinator.now() - lastHeard
+                if silent > coordinatorTimeout {
+                    throw WorkerError.coordinatorSilent(endpoint: endpoint, seconds: silent)
+                }
+                try send(.heartbeat(Heartbeat(sentUnixMilliseconds: Coordinator.unixMilliseconds(), state: "waiting")))
+                continue
+            }
+            lastHeard = Coordinator.now()
+            let message: WireMessage
+            do {
+                message = try WireCodec.decode(frames, expectedJobID: jobID)
+            } catch {
+                log.warning("dropped a malformed message from the coordinator: \(error)")
+                continue
+            }
+            switch message.body {
+            case .parameterUpdate(let update):
+                try load(message.tensors)
+                try computeAndPush(step: Int(message.step), shard: Int(update.shardIndex), worldSize: Int(update.worldSize))
+            case .stop(let reason, _):
+                log.info("stopped by the coordinator: \(reason)")
+                return .stopped(reason: reason)
+            case .error(let error):
+                throw WorkerError.refused(error.reason)
+            case .heartbeat, .welcome:
+                break
+            default:
+                log.warning("unexpected \(message.body.kind) from the coordinator")
+            }
+        }
+    }
+
+    private func send(_ body: WireMessage.Body, step: UInt64 = 0, tensors: [WireTensor] = []) throws {
+        try socket.send(WireCodec.encode(WireMessage(jobID: jobID, step: step, rank: rank, body: body, tensors: tensors)))
+    }
+
+    private func join() throws {
+        let join = Join(workerID: workerID, host: ProcessInfo.processInfo.hostName, pid: UInt32(getpid()),
+                        modelFingerprint: setup?.modelFingerprint ?? "", requestedRank: requestedRank)
+        try send(.join(join))
+        log.info("joining", metadata: ["coordinator": "\(endpoint)"])
+        let deadline = Coordinator.now() + joinTimeout
+        while Coordinator.now() < deadline {
+            guard let frames = try socket.receive(timeoutMilliseconds: 200) else { continue }
+            let message = try WireCodec.decode(frames)
+            switch message.body {
+            case .welcome(let welcome):
+                try accept(welcome, message: message)
+                return
+            case .error(let error):
+                throw WorkerError.refused(error.reason)
+            default:
+                continue
+            }
+        }
+        throw WorkerError.joinTimedOut(endpoint: endpoint, seconds: joinTimeout)
+    }
+
+    private func accept(_ welcome: Welcome, message: WireMessage) throws {
+        let spec = try JobSpec.fromJSON(welcome.jobSpecJSON)
+        if setup == nil { setup = try TrainingSetup(spec: spec) }
+        jobID = message.jobID
+        rank = welcome.rank
+        heartbeatInterval = Double(welcome.heartbeatIntervalMilliseconds) / 1000
+        coordinatorTimeout = max(30, 6 * Double(welcome.heartbeatTimeoutMilliseconds) / 1000)
+        parameters = setup!.model.parameters
+        gradientPayloads = parameters.map { Payload(byteCount: $0.tensor.count * 4) }
+        try load(message.tensors)
+        log.info("welcomed", metadata: ["rank": "\(rank)", "job": "\(jobID)", "step": "\(welcome.startStep)"])
+    }
+
+    /// Replaces the replica's parameters with the coordinator's.
+    private func load(_ tensors: [WireTensor]) throws {
+        guard tensors.count == parameters.count else {
+            throw WorkerError.modelMismatch("the coordinator sent \(tensors.count) tensors for \(parameters.count) parameters")
+        }
+        for (p, t) in zip(parameters, tensors) {
+            guard p.name == t.name, p.tensor.shape == t.shape else {
+                throw WorkerError.modelMismatch("got '\(t.name)' \(t.shape) where the model has '\(p.name)' \(p.tensor.shape)")
+            }
+            TensorEncoding.withFloats(t.payload, dtype: t.dtype) { src in
+                p.tensor.withUnsafeMutableBufferPointer { $0.baseAddress!.update(from: src.baseAddress!, count: src.count) }
+            }
+        }
+    }
+
+    private func computeAndPush(step: Int, shard: Int, worldSize: Int) throws {
+        let setup = setup!
+        let start = Coordinator.now()
+        let stepsPerEpoch = setup.sampler.stepsPerEpoch
+        let epoch = step / stepsPerEpoch
+        if permutation?.epoch != epoch { permutation = (epoch, setup.sampler.permutation(epoch: epoch)) }
+        let batch = setup.sampler.globalBatch(step: step % stepsPerEpoch, of: permutation!.order)
+        let mine = EpochSampler.shard(batch, rank: shard, worldSize: worldSize)
+        var loss: Float = 0, correct = 0
+        setup.model.zeroGrad()
+        if !mine.isEmpty {
+            let (x, labels) = setup.train.batch(mine)
+            let logits = setup.model(x)
+            let lossTensor = Loss.softmaxCrossEntropy(logits, labels: labels)
+            try lossTensor.backward()
+            loss = lossTensor.item
+            correct = TrainingSetup.correctCount(logits, labels)
+        }
+        let tensors = parameters.enumerated().map { index, p in
+            if gradientPayloads[index].isInFlight { gradientPayloads[index] = Payload(byteCount: p.tensor.count * 4) }
+            let payload = gradientPayloads[index]
+            if let grad = p.tensor.grad {
+                grad.withUnsafeBufferPointer { TensorEncoding.write($0, as: .f32, into: payload) }
+            } else {
+                payload.withUnsafeMutableBytes { _ = $0.initializeMemory(as: UInt8.self, repeating: 0) }
+            }
+            return WireTensor(name: p.name, shape: p.tensor.shape, payload: payload)
+        }
+        let push = GradientPush(sampleCount: UInt64(mine.count), localLoss: loss, localCorrect: UInt32(correct),
+                                computeSeconds: Coordinator.now() - start)
+        try send(.gradientPush(push), step: UInt64(step), tensors: tensors)
+    }
+}
+
+/// Why a worker could not take part.
+public enum WorkerError: Error, CustomStringConvertible, Equatable {
+    case refused(String)
+    case joinTimedOut(endpoint: String, seconds: Double)
+    case coordinatorSilent(endpoint: String, seconds: Double)
+    case modelMismatch(String)
+
+    public var description: String {
+        switch self {
+        case .refused(let reason): "the coordinator refused this worker: \(reason)"
+        case .joinTimedOut(let endpoint, let s): "no welcome from the coordinator at \(endpoint) within \(Int(s)) s"
+        case .coordinatorSilent(let endpoint, let s): "the coordinator at \(endpoint) has been silent for \(Int(s)) s"
+        case .modelMismatch(let why): "the coordinator's parameters do not fit this worker's model: \(why)"
+        }
+    }
+}

@@ -1,0 +1,42 @@
+import DDPRuntime
+import Foundation
+
+/// Live progress of a job: a redrawn bar on a terminal, one plain line per epoch otherwise.
+final class ProgressDisplay {
+    private let handle: FileHandle
+    private let isTerminal: Bool
+    private var lastEpoch: UInt64 = 0
+    private var barShown = false
+
+    init(toStandardError: Bool) {
+        handle = toStandardError ? .standardError : .standardOutput
+        isTerminal = isatty(toStandardError ? 2 : 1) == 1
+    }
+
+    private func write(_ text: String) { handle.write(Data(text.utf8)) }
+
+    /// A message on a line of its own.
+    func line(_ text: String) {
+        if barShown { write("\r\u{1B}[K"); barShown = false }
+        write(text + "\n")
+    }
+
+    func show(_ status: StatusReply) {
+        if status.epoch > lastEpoch {
+            lastEpoch = status.epoch
+            line(String(format: "epoch %3d/%d  step %5d/%d  loss %.4f  test loss %.4f  test acc %6.2f%%  %8.0f samples/s",
+                        Int(status.epoch), Int(status.totalEpochs), Int(status.step), Int(status.totalSteps), status.trainLoss,
+                        status.testLoss, status.testAccuracy * 100, status.samplesPerSecond))
+        }
+        guard isTerminal, status.totalSteps > 0 else { return }
+        let fraction = Double(status.step) / Double(status.totalSteps)
+        let width = 30, filled = Int(fraction * Double(width))
+        let bar = String(repeating: "█", count: filled) + String(repeating: "░", count: width - filled)
+        let live = status.workers.filter { $0.state == "training" }.count
+        write(String(format: "\r\u{1B}[K%@ %5.1f%%  step %d/%d  loss %.4f  %d workers  %@",
+                     bar, fraction * 100, Int(status.step), Int(status.totalSteps), status.trainLoss, live, status.jobState))
+        barShown = true
+    }
+
+    func finish() { if barShown { write("\r\u{1B}[K"); barShown = false } }
+}

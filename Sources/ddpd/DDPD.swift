@@ -1,0 +1,80 @@
+import ArgumentParser
+import DDPRuntime
+import Foundation
+import Logging
+
+@main
+struct DDPD: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "ddpd",
+        abstract: "The SwiftDDP daemon: a job's coordinator or one of its workers.",
+        discussion: """
+            ddpctl start runs these for a job on one host. On a cluster, run one coordinator and any number of
+            workers yourself (see deploy/):
+              ddpd coordinator --config job.yaml --bind tcp://0.0.0.0:5555 --control tcp://0.0.0.0:5556
+              ddpd worker --connect tcp://COORDINATOR:5555 --config job.yaml
+            """,
+        subcommands: [CoordinatorCommand.self, WorkerCommand.self])
+}
+
+struct LoggingOptions: ParsableArguments {
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
+    var logLevel: String = "info"
+
+    func bootstrap() throws {
+        guard let level = Logger.Level(flag: logLevel) else { throw ValidationError("--log-level: '\(logLevel)' is not a level") }
+        DDPLogging.bootstrap(level: level)
+    }
+}
+
+struct CoordinatorCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "coordinator",
+        abstract: "Run a job's coordinator: admit workers, average gradients, update parameters.",
+        discussion: "Exit status: 0 the job completed, 2 it was stopped by request, 1 it failed.")
+
+    @Option(help: "The job file (YAML or JSON); missing keys take their defaults.") var config: String?
+    @Option(help: "Endpoint for workers (tcp://HOST:PORT, port 0 for any; ipc://PATH).") var bind = "tcp://127.0.0.1:0"
+    @Option(help: "Endpoint for control clients (ddpctl status/stop).") var control = "tcp://127.0.0.1:0"
+    @Option(help: "The job directory for the model, summary and history.") var jobDir: String?
+    @OptionGroup var logging: LoggingOptions
+
+    func run() throws {
+        try logging.bootstrap()
+        var spec = try JobSpec.load(path: config)
+        if let jobDir { spec.output = jobDir }
+        let directory = spec.output.isEmpty ? nil : JobDirectory(path: spec.output)
+        try directory?.create()
+        let coordinator = try Coordinator(
+            spec: spec, workerEndpoint: bind, controlEndpoint: control, directory: directory,
+            logger: Logger(label: "coordinator"))
+        FileHandle.standardOutput.write(Data("workers=\(coordinator.workerEndpoint)\ncontrol=\(coordinator.controlEndpoint)\n".utf8))
+        let summary = try coordinator.run()
+        FileHandle.standardOutput.write(Data((summary.jsonLine + "\n").utf8))
+        switch summary.state {
+        case "completed": return
+        case "stopped": throw ExitCode(2)
+        default: throw ExitCode.failure
+        }
+    }
+}
+
+struct WorkerCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "worker",
+        abstract: "Run a worker: join the coordinator and compute gradients of its shard until told to stop.")
+
+    @Option(help: "The coordinator's worker endpoint.") var connect: String
+    @Option(help: "The job file; with it the coordinator checks that this worker builds the same model.") var config: String?
+    @Option(help: "The rank to ask for (a restarted worker asks for its old one); -1 for any.") var rank: Int32 = -1
+    @Option(help: "Seconds to wait for the coordinator's welcome.") var joinTimeout: Double = 60
+    @OptionGroup var logging: LoggingOptions
+
+    func run() throws {
+        try logging.bootstrap()
+        let spec = try config.map { try JobSpec.load(path: $0) }
+        let worker = try Worker(endpoint: connect, spec: spec, requestedRank: rank, joinTimeoutSeconds: joinTimeout,
+                                logger: Logger(label: "worker"))
+        _ = try worker.run()
+    }
+}
