@@ -50,6 +50,6 @@ let package = Package(
         .testTarget(name: "AutodiffTests", dependencies: ["Autodiff"]),
         .testTarget(name: "DDPDataTests", dependencies: ["DDPData", "Autodiff"]),
         .testTarget(name: "DDPWireTests", dependencies: ["DDPWire"]),
-        .testTarget(name: "DDPRuntimeTests", dependencies: ["DDPRuntime"]),
+        .testTarget(name: "DDPRuntimeTests", dependencies: ["DDPRuntime", "DDPWire", "Autodiff"]),
     ]
 )

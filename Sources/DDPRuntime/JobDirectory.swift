@@ -33,6 +33,12 @@ public struct JobDirectory: Sendable {
         return try? JSONDecoder().decode(JobSummary.self, from: data)
     }
 
+    /// The epochs finished so far.
+    public func history() -> [EpochRecord] {
+        guard let data = FileManager.default.contents(atPath: historyPath) else { return [] }
+        return (try? JSONDecoder().decode([EpochRecord].self, from: data)) ?? []
+    }
+
     func write<T: Encodable>(_ value: T, to file: String) throws {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys, .prettyPrinted]
@@ -93,7 +99,7 @@ public struct JobSummary: Codable, Sendable, Equatable {
     /// One line of JSON with sorted keys.
     public var jsonLine: String {
         let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys]
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         return String(decoding: try! encoder.encode(self), as: UTF8.self)
     }
 }

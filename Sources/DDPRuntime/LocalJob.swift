@@ -79,13 +79,20 @@ public final class LocalJob {
         return text.split(separator: "\n").suffix(count).joined(separator: " | ")
     }
 
-    /// Polls the coordinator's status every `interval` seconds, passing each to `progress`, until the
-    /// coordinator exits; then collects the workers and returns the summary.
-    public func wait(interval: Double = 0.25, progress: (StatusReply) -> Void) throws -> JobSummary {
+    /// Polls the coordinator's status every `interval` seconds, passing each, with the epochs finished
+    /// since the last call, to `progress` until the coordinator exits; then collects the workers and
+    /// returns the summary.
+    public func wait(interval: Double = 0.25, progress: (StatusReply, [EpochRecord]) -> Void) throws -> JobSummary {
         guard let coordinator, let endpoints else { throw ControlError.noJob("the job was not started") }
         let client = try ControlClient(endpoint: endpoints.control, jobID: spec.jobID)
+        var epochsShown = 0
+        func newEpochs() -> [EpochRecord] {
+            let history = directory.history()
+            defer { epochsShown = max(epochsShown, history.count) }
+            return Array(history.dropFirst(epochsShown))
+        }
         while coordinator.isRunning {
-            if let status = try? client.status(timeoutSeconds: 2) { progress(status) }
+            if let status = try? client.status(timeoutSeconds: 2) { progress(status, newEpochs()) }
             var waited = 0.0
             while coordinator.isRunning && waited < interval { usleep(10_000); waited += 0.01 }
         }
@@ -94,7 +101,15 @@ public final class LocalJob {
             while worker.isRunning && Coordinator.now() < deadline { usleep(10_000) }
             if worker.isRunning { worker.terminate() }
         }
-        if let summary = directory.summary() { return summary }
+        if let status = try? client.status(timeoutSeconds: 0.1) { progress(status, newEpochs()) }
+        if let summary = directory.summary() {
+            let remaining = newEpochs()
+            if !remaining.isEmpty, let last = remaining.last {
+                progress(StatusReply(jobState: summary.state, step: UInt64(last.step), totalSteps: UInt64(last.step),
+                                     epoch: UInt64(last.epoch), totalEpochs: UInt64(spec.epochs)), remaining)
+            }
+            return summary
+        }
         return JobSummary(
             state: "failed", jobID: spec.jobID, workers: spec.workers, epochs: 0, steps: 0, trainLoss: 0, testLoss: 0,
             testAccuracy: 0, wallSeconds: 0, samplesPerSecond: 0, modelPath: "",

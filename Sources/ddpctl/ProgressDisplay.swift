@@ -5,7 +5,6 @@ import Foundation
 final class ProgressDisplay {
     private let handle: FileHandle
     private let isTerminal: Bool
-    private var lastEpoch: UInt64 = 0
     private var barShown = false
 
     init(toStandardError: Bool) {
@@ -21,14 +20,13 @@ final class ProgressDisplay {
         write(text + "\n")
     }
 
-    func show(_ status: StatusReply) {
-        if status.epoch > lastEpoch {
-            lastEpoch = status.epoch
-            line(String(format: "epoch %3d/%d  step %5d/%d  loss %.4f  test loss %.4f  test acc %6.2f%%  %8.0f samples/s",
-                        Int(status.epoch), Int(status.totalEpochs), Int(status.step), Int(status.totalSteps), status.trainLoss,
-                        status.testLoss, status.testAccuracy * 100, status.samplesPerSecond))
+    func show(_ status: StatusReply, epochs: [EpochRecord]) {
+        for e in epochs {
+            line(String(format: "epoch %3d/%d  step %5d  train loss %.4f  train acc %6.2f%%  test loss %.4f  test acc %6.2f%%  %5.1f s",
+                        e.epoch, Int(status.totalEpochs), e.step, e.trainLoss, e.trainAccuracy * 100, e.testLoss,
+                        e.testAccuracy * 100, e.elapsedSeconds))
         }
-        guard isTerminal, status.totalSteps > 0 else { return }
+        guard isTerminal, status.totalSteps > 0, status.jobState == "training" else { return }
         let fraction = Double(status.step) / Double(status.totalSteps)
         let width = 30, filled = Int(fraction * Double(width))
         let bar = String(repeating: "█", count: filled) + String(repeating: "░", count: width - filled)

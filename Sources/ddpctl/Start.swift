@@ -88,7 +88,7 @@ struct Start: ParsableCommand {
             }
         }
         try localJob.start()
-        let summary = try localJob.wait { display.show($0) }
+        let summary = try localJob.wait { display.show($0, epochs: $1) }
         withExtendedLifetime(interrupts) {}
         display.finish()
         if json {

@@ -40,7 +40,7 @@ enum Measure {
 public struct JSONLine {
     /// Encodes a flat dictionary of numbers, strings and booleans (and arrays of them).
     public static func encode(_ fields: [String: Any]) -> String {
-        let data = try! JSONSerialization.data(withJSONObject: fields, options: [.sortedKeys, .fragmentsAllowed])
+        let data = try! JSONSerialization.data(withJSONObject: fields, options: [.sortedKeys, .fragmentsAllowed, .withoutEscapingSlashes])
         return String(decoding: data, as: UTF8.self)
     }
 }

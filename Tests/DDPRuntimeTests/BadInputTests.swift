@@ -1,0 +1,114 @@
+@testable import DDPWire
+import Foundation
+import Testing
+@testable import DDPRuntime
+
+/// Wrong jobs, files and peers get clear errors; a coordinator refuses a bad worker and keeps going.
+@Suite(.serialized)
+struct BadInputTests {
+    @Test func unknownKeysAndValuesAreNamed() throws {
+        #expect(throws: JobSpecError.invalid("unknown key 'epoch' (did you mean 'epochs'?)")) {
+            try JobSpec.load(path: nil, overrides: ["epoch": 3])
+        }
+        #expect(throws: JobSpecError.invalid("model 'transformer' is unknown (mlp, cnn, logistic)")) {
+            try JobSpec.load(path: nil, overrides: ["model": "transformer"])
+        }
+        #expect(throws: JobSpecError.invalid("optimizer 'rmsprop' is unknown (sgd, adam, adamw)")) {
+            try JobSpec.load(path: nil, overrides: ["optimizer": "rmsprop"])
+        }
+        #expect(throws: JobSpecError.invalid("key 'epochs' must be an integer")) {
+            try JobSpec.load(path: nil, overrides: ["epochs": "many"])
+        }
+    }
+
+    @Test func yamlAndJSONJobFiles() throws {
+        let dir = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try "epochs: 7\nhidden: [32, 16]\noptimizer: adam\nlearning_rate: 0.01\n".write(toFile: dir + "/job.yaml", atomically: true, encoding: .utf8)
+        let yaml = try JobSpec.load(path: dir + "/job.yaml", overrides: ["workers": 3])
+        #expect(yaml.epochs == 7 && yaml.hidden == [32, 16] && yaml.optimizer == "adam" && yaml.workers == 3)
+        try "{\"epochs\": 2, \"batch_size\": 64}".write(toFile: dir + "/job.json", atomically: true, encoding: .utf8)
+        #expect(try JobSpec.load(path: dir + "/job.json").batchSize == 64)
+        #expect(throws: JobSpecError.self) { try JobSpec.load(path: dir + "/missing.yaml") }
+        try "epochs: [".write(toFile: dir + "/broken.yaml", atomically: true, encoding: .utf8)
+        #expect(throws: JobSpecError.self) { try JobSpec.load(path: dir + "/broken.yaml") }
+    }
+
+    @Test func startRefusesBadJobsBeforeTraining() throws {
+        let jobs = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: jobs) }
+        let unknownModel = try runCommand(Binaries.ddpctl, ["start", "--jobs-dir", jobs, "--model", "resnet"])
+        #expect(unknownModel.status != 0 && unknownModel.stderr.contains("model 'resnet' is unknown"))
+        let missingFile = try runCommand(Binaries.ddpctl, ["start", "--jobs-dir", jobs, "--dataset", "csv", "--data-path", "/nonexistent.csv"])
+        #expect(missingFile.status != 0)
+        #expect((missingFile.stdout + missingFile.stderr).contains("data file not found: /nonexistent.csv"))
+        let malformed = jobs + "/bad.csv"
+        try "label,a,b\n1,2,3\n0,x,1\n".write(toFile: malformed, atomically: true, encoding: .utf8)
+        let bad = try runCommand(Binaries.ddpctl, ["start", "--jobs-dir", jobs, "--dataset", "csv", "--data-path", malformed])
+        #expect(bad.status != 0 && (bad.stdout + bad.stderr).contains("line 3, column 2: 'x' is not a number"))
+    }
+
+    /// A coordinator for one worker; returns its process, endpoints file and directory.
+    func coordinator(_ dir: String, extra: [String: Any] = [:]) throws -> (Process, Endpoints) {
+        var spec = try JobSpec.load(path: nil, overrides: ["workers": 1, "epochs": 2, "job_id": "the-job"].merging(extra) { $1 })
+        spec.output = dir
+        try spec.json().write(toFile: dir + "/spec.json", atomically: true, encoding: .utf8)
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: Binaries.ddpd)
+        process.arguments = ["coordinator", "--config", dir + "/spec.json", "--job-dir", dir]
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle(forWritingAtPath: "/dev/null")
+        try process.run()
+        let deadline = Date().addingTimeInterval(10)
+        while Date() < deadline {
+            if let e = JobDirectory(path: dir).endpoints() { return (process, e) }
+            usleep(10_000)
+        }
+        process.terminate()
+        throw ControlError.noJob("coordinator did not start")
+    }
+
+    @Test func coordinatorRefusesWrongWorkersAndKeepsGoing() throws {
+        let dir = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let (process, endpoints) = try coordinator(dir)
+        defer { if process.isRunning { process.terminate() } }
+
+        // A worker that builds another model (another hidden size): refused by fingerprint.
+        let other = dir + "/other.yaml"
+        try "hidden: [64]\njob_id: the-job\n".write(toFile: other, atomically: true, encoding: .utf8)
+        let impostor = try runCommand(Binaries.ddpd, ["worker", "--connect", endpoints.workers, "--config", other, "--join-timeout", "10"])
+        #expect(impostor.status != 0 && impostor.stderr.contains("model fingerprint"), "\(impostor.stderr)")
+
+        // A worker of another job.
+        try "job_id: another-job\n".write(toFile: other, atomically: true, encoding: .utf8)
+        let stranger = try runCommand(Binaries.ddpd, ["worker", "--connect", endpoints.workers, "--config", other, "--join-timeout", "10"])
+        #expect(stranger.status != 0 && stranger.stderr.contains("job 'another-job'"), "\(stranger.stderr)")
+
+        // A client speaking another protocol version.
+        let context = ZMQContext()
+        let socket = try ZMQSocket(context: context, kind: .dealer)
+        try socket.connect(endpoints.workers)
+        try socket.send(WireCodec.encode(WireMessage(jobID: "the-job", body: .join(Join(workerID: "v2", host: "h", pid: 1, modelFingerprint: ""))), protocolVersion: 2))
+        let reply = try #require(try socket.receive(timeoutMilliseconds: 5000))
+        guard case .error(let error) = try WireCodec.decode(reply).body else { Issue.record("expected an error reply"); return }
+        #expect(error.code == .versionMismatch && error.reason.contains("protocol version 2"))
+
+        // The job still runs to completion with a proper worker.
+        let good = try runCommand(Binaries.ddpd, ["worker", "--connect", endpoints.workers, "--config", dir + "/spec.json"])
+        #expect(good.status == 0, "\(good.stderr)")
+        process.waitUntilExit()
+        let summary = try #require(JobDirectory(path: dir).summary())
+        #expect(summary.state == "completed" && summary.rejectedMessages >= 3)
+    }
+
+    @Test func coordinatorFailsClearlyWhenWorkersNeverCome() throws {
+        let dir = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let (process, _) = try coordinator(dir, extra: ["join_timeout_seconds": 1.0])
+        process.waitUntilExit()
+        #expect(process.terminationStatus == 1)
+        let summary = try #require(JobDirectory(path: dir).summary())
+        #expect(summary.state == "failed" && summary.message.contains("only 0 of 1 workers joined within 1.0 s"))
+    }
+}

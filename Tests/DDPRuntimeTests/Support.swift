@@ -1,0 +1,70 @@
+import Foundation
+import Testing
+@testable import DDPRuntime
+
+/// The built executables of this package (beside the test bundle).
+enum Binaries {
+    static var directory: URL {
+        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        var url = URL(fileURLWithPath: exe).deletingLastPathComponent()
+        if url.lastPathComponent == "MacOS" { url = url.deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent() }
+        return url
+    }
+    static var ddpd: String { directory.appendingPathComponent("ddpd").path }
+    static var ddpctl: String { directory.appendingPathComponent("ddpctl").path }
+}
+
+/// A fresh temporary directory (short, so ipc:// socket paths fit).
+func temporaryDirectory() throws -> String {
+    let path = "/tmp/ddpt-\(UUID().uuidString.prefix(8))"
+    try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+    return path
+}
+
+/// The result of running a command to its end.
+struct CommandResult {
+    var status: Int32
+    var stdout: String
+    var stderr: String
+}
+
+/// Runs `executable` with `arguments`, killing it after `timeout` seconds.
+func runCommand(_ executable: String, _ arguments: [String], timeout: Double = 120) throws -> CommandResult {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: executable)
+    process.arguments = arguments
+    let out = Pipe(), err = Pipe()
+    process.standardOutput = out
+    process.standardError = err
+    process.standardInput = FileHandle.nullDevice
+    try process.run()
+    let outData = ReadAll(out.fileHandleForReading), errData = ReadAll(err.fileHandleForReading)
+    let deadline = Date().addingTimeInterval(timeout)
+    while process.isRunning && Date() < deadline { usleep(20_000) }
+    if process.isRunning { process.terminate() }
+    process.waitUntilExit()
+    return CommandResult(status: process.terminationStatus, stdout: outData.text(), stderr: errData.text())
+}
+
+/// Reads a pipe to its end on a background thread (so a chatty child never blocks on a full pipe).
+final class ReadAll: @unchecked Sendable {
+    private var data = Data()
+    private let done = DispatchSemaphore(value: 0)
+    init(_ handle: FileHandle) {
+        Thread.detachNewThread { [self] in
+            data = handle.readDataToEndOfFile()
+            done.signal()
+        }
+    }
+    func text() -> String {
+        done.wait()
+        return String(decoding: data, as: UTF8.self)
+    }
+}
+
+/// Runs `ddpctl start --json` with `arguments` and decodes the summary line.
+func startJob(_ arguments: [String], jobsDir: String) throws -> (JobSummary?, CommandResult) {
+    let result = try runCommand(Binaries.ddpctl, ["start", "--json", "--jobs-dir", jobsDir] + arguments)
+    let line = result.stdout.split(separator: "\n").last.map(String.init) ?? ""
+    return (try? JSONDecoder().decode(JobSummary.self, from: Data(line.utf8)), result)
+}

@@ -1,0 +1,105 @@
+import Autodiff
+import Foundation
+import Testing
+@testable import DDPRuntime
+
+/// Several worker processes over real sockets train exactly what one process trains.
+@Suite(.serialized)
+struct TrainingTests {
+    static let shortJob = ["--epochs", "3", "--batch-size", "100", "--seed", "11"]
+
+    func parameters(_ summary: JobSummary) throws -> [(name: String, tensor: Tensor)] {
+        try SafeTensors.read(path: summary.modelPath).tensors
+    }
+
+    /// The largest |a - b| / max|a| over every tensor.
+    func relativeDifference(_ a: [(name: String, tensor: Tensor)], _ b: [(name: String, tensor: Tensor)]) -> Float {
+        var worst: Float = 0
+        for (x, y) in zip(a, b) {
+            precondition(x.name == y.name)
+            let scale = max(x.tensor.scalars.map(abs).max() ?? 0, 1e-12)
+            for (u, v) in zip(x.tensor.scalars, y.tensor.scalars) { worst = max(worst, abs(u - v) / scale) }
+        }
+        return worst
+    }
+
+    @Test func twoAndThreeWorkersMatchOneWorker() throws {
+        let jobs = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: jobs) }
+        var runs: [Int: [(name: String, tensor: Tensor)]] = [:]
+        for workers in [1, 2, 3] {
+            let (summary, result) = try startJob(Self.shortJob + ["--workers", "\(workers)"], jobsDir: jobs)
+            let s = try #require(summary, "no summary: \(result.stderr)")
+            #expect(s.state == "completed" && s.steps == 3 * 15)
+            runs[workers] = try parameters(s)
+        }
+        #expect(relativeDifference(runs[1]!, runs[2]!) < 1e-5)
+        #expect(relativeDifference(runs[1]!, runs[3]!) < 1e-5)
+    }
+
+    @Test func oneWorkerIsExactlyInProcessTraining() throws {
+        let jobs = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: jobs) }
+        let (summary, result) = try startJob(Self.shortJob + ["--workers", "1"], jobsDir: jobs)
+        let distributed = try parameters(try #require(summary, "no summary: \(result.stderr)"))
+
+        var spec = try JobSpec.load(path: nil, overrides: ["epochs": 3, "batch_size": 100, "seed": 11])
+        spec.workers = 1
+        let setup = try TrainingSetup(spec: spec)
+        let optimizer = try setup.makeOptimizer()
+        for step in 0..<setup.totalSteps {
+            let epoch = step / setup.sampler.stepsPerEpoch
+            let (x, labels) = setup.train.batch(setup.sampler.globalBatch(
+                step: step % setup.sampler.stepsPerEpoch, of: setup.sampler.permutation(epoch: epoch)))
+            setup.model.zeroGrad()
+            try Loss.softmaxCrossEntropy(setup.model(x), labels: labels).backward()
+            optimizer.learningRate = setup.schedule.rate(base: spec.learningRate, at: step)
+            optimizer.step(setup.model.parameters)
+        }
+        for (p, d) in zip(setup.model.parameters, distributed) {
+            #expect(p.name == d.name)
+            #expect(p.tensor.scalars == d.tensor.scalars, "\(p.name) differs")
+        }
+    }
+
+    @Test func sameSeedSameWorkersIsBitwiseIdentical() throws {
+        let jobs = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: jobs) }
+        let first = try #require(try startJob(Self.shortJob + ["--workers", "2"], jobsDir: jobs).0)
+        let second = try #require(try startJob(Self.shortJob + ["--workers", "2"], jobsDir: jobs).0)
+        for (a, b) in zip(try parameters(first), try parameters(second)) { #expect(a.tensor.scalars == b.tensor.scalars) }
+        #expect(first.testAccuracy == second.testAccuracy)
+    }
+
+    @Test func defaultJobReachesNinetyFivePercent() throws {
+        let jobs = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: jobs) }
+        let (summary, result) = try startJob(["--workers", "2"], jobsDir: jobs)
+        let s = try #require(summary, "no summary: \(result.stderr)")
+        #expect(result.status == 0)
+        #expect(s.state == "completed" && s.workers == 2 && s.epochs == 30)
+        #expect(s.testAccuracy >= 0.95, "test accuracy \(s.testAccuracy)")
+        #expect(FileManager.default.fileExists(atPath: s.modelPath))
+        #expect(s.samplesPerSecond > 0 && s.wallSeconds > 0)
+        for key in ["state", "workers", "epochs", "steps", "train_loss", "test_loss", "test_accuracy", "wall_seconds",
+                    "samples_per_second", "model_path"] {
+            #expect(result.stdout.contains("\"\(key)\""), "summary lacks \(key)")
+        }
+        #expect(result.stderr.contains("epoch  30/30"))
+    }
+
+    @Test func otherModelsAndDataFormatsTrain() throws {
+        let jobs = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: jobs) }
+        let cnn = try #require(try startJob(["--model", "cnn", "--optimizer", "adam", "--lr", "0.01", "--epochs", "4",
+                                              "--workers", "2"], jobsDir: jobs).0)
+        #expect(cnn.state == "completed" && cnn.testAccuracy > 0.85, "cnn accuracy \(cnn.testAccuracy)")
+        let logistic = try #require(try startJob(["--model", "logistic", "--epochs", "5", "--workers", "2",
+                                                   "--schedule", "cosine", "--warmup-steps", "5"], jobsDir: jobs).0)
+        #expect(logistic.state == "completed" && logistic.testAccuracy > 0.85)
+        let synthetic = try #require(try startJob(["--dataset", "synthetic", "--synthetic-samples", "2000", "--synthetic-features", "20",
+                                                    "--synthetic-classes", "3", "--epochs", "3", "--workers", "2",
+                                                    "--transport", "tcp"], jobsDir: jobs).0)
+        #expect(synthetic.state == "completed" && synthetic.testAccuracy > 0.7)
+    }
+}
