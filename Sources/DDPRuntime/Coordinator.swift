@@ -68,12 +68,20 @@ public final class Coordinator {
     private let started = Coordinator.now()
     private var trainingStarted = 0.0
     private var samplesTrained = 0
+    private var metrics = Metrics()
+    private var stepLog: [String] = []
+    private var lastMetricsWrite = 0.0
     private var parameterPayloads: [Payload]
     private let gradients: [Tensor]
     private let indexOfParameter: [String: Int]
 
     /// Builds the job's model and binds both endpoints (`tcp://HOST:0` takes any free port).
-    public init(spec: JobSpec, workerEndpoint: String, controlEndpoint: String, directory: JobDirectory?, logger: Logger) throws {
+    /// With `resume`, the newest checkpoint in the job directory supplies parameters, optimizer state,
+    /// step and history.
+    public init(
+        spec: JobSpec, workerEndpoint: String, controlEndpoint: String, directory: JobDirectory?, resume: Bool = false,
+        logger: Logger
+    ) throws {
         var spec = spec
         if spec.jobID.isEmpty { spec.jobID = JobSpec.newJobID() }
         self.spec = spec
@@ -99,8 +107,26 @@ public final class Coordinator {
         self.controlEndpoint = try controlSocket.bind(controlEndpoint)
         try directory?.write(Endpoints(workers: self.workerEndpoint, control: self.controlEndpoint, pid: getpid()),
                              to: directory!.endpointsPath)
+        if resume, let directory, let checkpoint = try Checkpoint.latest(in: directory) {
+            try restore(checkpoint)
+            log.info("resumed from checkpoint", metadata: ["path": "\(checkpoint.path)", "step": "\(checkpoint.step)"])
+        }
         log.info("listening", metadata: ["workers": "\(self.workerEndpoint)", "control": "\(self.controlEndpoint)",
                                           "job": "\(spec.jobID)", "parameters": "\(setup.model.parameterCount)"])
+    }
+
+    private func restore(_ checkpoint: Checkpoint) throws {
+        for p in parameters {
+            guard let saved = checkpoint.parameters[p.name], saved.shape == p.tensor.shape else {
+                throw SafeTensorsError.invalid(checkpoint.path, "parameter '\(p.name)' is missing or has another shape")
+            }
+            p.tensor.assign(saved)
+        }
+        try optimizer.restoreState(checkpoint.optimizerState)
+        optimizer.stepCount = checkpoint.optimizerSteps
+        step = checkpoint.step
+        history = checkpoint.history()
+        metrics.steps = step
     }
 
     static func now() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }
@@ -159,6 +185,7 @@ public final class Coordinator {
         let identity = frames[0].bytes
         let rank = rankOfIdentity[identity]
         if let rank { members[rank]?.lastSeen = Self.now() }
+        metrics.bytesReceived += frames.reduce(0) { $0 + $1.byteCount }
         let message: WireMessage
         do {
             message = try WireCodec.decode(Array(frames.dropFirst()), expectedJobID: spec.jobID)
@@ -181,10 +208,12 @@ public final class Coordinator {
 
     private func reject(_ reason: String, from rank: Int32?) {
         rejected += 1
+        metrics.rejectedMessages = rejected
         log.warning("rejected message: \(reason)", metadata: rank.map { ["rank": "\($0)"] } ?? [:])
     }
 
     private func reply(_ identity: [UInt8], _ body: WireMessage.Body, step: UInt64 = 0, rank: Int32 = -1, tensors: [WireTensor] = []) throws {
+        metrics.bytesSent += tensors.reduce(0) { $0 + $1.payload.byteCount }
         try workerSocket.send([.bytes(identity)] + WireCodec.encode(
             WireMessage(jobID: spec.jobID, step: step, rank: rank, body: body, tensors: tensors)))
     }
@@ -276,7 +305,7 @@ public final class Coordinator {
         member.state = state
         members[rank] = member
         contributions[rank] = nil
-        if state == "lost" { lostRanks.append(rank) }
+        if state == "lost" { lostRanks.append(rank); metrics.workersLost += 1 }
         log.warning("worker \(state)", metadata: ["rank": "\(rank)", "host": "\(member.host)", "pid": "\(member.pid)", "reason": "\(reason)"])
     }
 
@@ -299,6 +328,11 @@ public final class Coordinator {
         switch request.body {
         case .statusRequest:
             answer(.statusReply(status()))
+        case .heartbeat(let beat):  // an echo, for round-trip and bandwidth checks (ddpctl doctor)
+            let echoed = request.tensors.filter { $0.payload.byteCount <= 64 << 20 }
+            try? controlSocket.send([.bytes(identity)] + WireCodec.encode(WireMessage(
+                jobID: spec.jobID, body: .heartbeat(Heartbeat(sentUnixMilliseconds: beat.sentUnixMilliseconds, state: phase.rawValue)),
+                tensors: echoed)))
         case .stop(let reason, _):
             log.info("stop requested: \(reason)")
             stopRequested = true
@@ -312,11 +346,13 @@ public final class Coordinator {
     /// The job's state as a status reply.
     func status() -> StatusReply {
         let now = Self.now()
-        let median = recentStepSeconds.sorted().dropFirst(recentStepSeconds.count / 2).first ?? 0
+        let computeTimes = members.values.filter(\.isLive).map(\.lastStepSeconds).sorted()
+        let median = computeTimes.isEmpty ? 0 : computeTimes[computeTimes.count / 2]
         let workers = members.values.sorted { $0.rank < $1.rank }.map { m in
+            // Lagging: clearly slower than the typical live worker in its last step.
             WorkerStatus(rank: m.rank, host: m.host, pid: m.pid, state: m.state, step: m.lastPushedStep,
                          lastSeenMillisecondsAgo: UInt64(max(0, now - m.lastSeen) * 1000), lastStepSeconds: m.lastStepSeconds,
-                         lagging: m.isLive && median > 0 && m.lastStepSeconds > 2 * median, restarts: m.restarts)
+                         lagging: m.isLive && m.lastStepSeconds > 2 * median && m.lastStepSeconds - median > 0.005, restarts: m.restarts)
         }
         let last = history.last
         let elapsed = trainingStarted > 0 ? now - trainingStarted : 0
@@ -387,9 +423,20 @@ public final class Coordinator {
         epochLoss.correct += correct
         epochLoss.samples += samples
         samplesTrained += samples
+        let workerSeconds = used.isEmpty ? "" : members.values.filter(\.isLive).sorted { $0.rank < $1.rank }
+            .map { "\"\($0.rank)\":\($0.lastStepSeconds)" }.joined(separator: ",")
+        stepLog.append("{\"step\":\(step),\"seconds\":\(seconds),\"loss\":\(loss),\"workers\":{\(workerSeconds)}}")
+        metrics.steps = step + 1
+        metrics.samples += samples
+        metrics.trainLoss = loss
+        metrics.workersAlive = liveCount
+        metrics.observeStep(seconds: seconds)
         contributions.removeAll(keepingCapacity: true)
         step += 1
         if step % stepsPerEpoch == 0 { endEpoch() }
+        let checkpointDue = spec.checkpointEvery > 0 ? step % spec.checkpointEvery == 0 : step % stepsPerEpoch == 0
+        if checkpointDue && step < setup.totalSteps && !stopRequested { writeCheckpoint() }
+        if Self.now() - lastMetricsWrite > 1 { writeMetrics() }
         if step >= setup.totalSteps {
             phase = .completed
             message = "trained \(spec.epochs) epochs"
@@ -435,7 +482,41 @@ public final class Coordinator {
             "step": "\(step)", "train_loss": "\(record.trainLoss)", "test_loss": "\(testLoss)",
             "test_accuracy": "\(testAccuracy)", "workers": "\(liveCount)",
         ])
+        metrics.testLoss = testLoss
+        metrics.testAccuracy = testAccuracy
         if let directory { try? directory.write(history, to: directory.historyPath) }
+        writeMetrics()
+    }
+
+    /// Writes a checkpoint; a failure is logged and the job goes on.
+    private func writeCheckpoint() {
+        guard let directory else { return }
+        do {
+            let path = try Checkpoint.save(
+                step: step, stepsPerEpoch: stepsPerEpoch, parameters: parameters, optimizer: optimizer, spec: spec,
+                history: history, in: directory, keep: spec.keepCheckpoints)
+            log.debug("checkpoint written", metadata: ["path": "\(path)", "step": "\(step)"])
+        } catch {
+            log.error("checkpoint at step \(step) failed: \(error)")
+        }
+    }
+
+    /// Writes the Prometheus metrics file and appends the buffered per-step records.
+    private func writeMetrics() {
+        lastMetricsWrite = Self.now()
+        guard let directory else { return }
+        metrics.workersAlive = liveCount
+        try? AtomicFile.write(metrics.text(jobID: spec.jobID), to: directory.metricsPath)
+        guard !stepLog.isEmpty else { return }
+        let text = stepLog.joined(separator: "\n") + "\n"
+        stepLog.removeAll(keepingCapacity: true)
+        if let handle = FileHandle(forWritingAtPath: directory.stepLogPath) {
+            handle.seekToEndOfFile()
+            handle.write(Data(text.utf8))
+            try? handle.close()
+        } else {
+            _ = FileManager.default.createFile(atPath: directory.stepLogPath, contents: Data(text.utf8))
+        }
     }
 
     /// The current parameters as wire tensors; payloads still being sent are replaced, not overwritten.
@@ -474,6 +555,8 @@ public final class Coordinator {
         let last = history.last
         let elapsed = trainingStarted > 0 ? Self.now() - trainingStarted : 0
         var modelPath = ""
+        if step > 0 && phase != .failed { writeCheckpoint() }
+        writeMetrics()
         if let directory {
             try SafeTensors.write(parameters.map { ($0.name, $0.tensor) },
                                   metadata: ["job_id": spec.jobID, "step": "\(step)", "format": "pt"], to: directory.modelPath)

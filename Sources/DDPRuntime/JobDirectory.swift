@@ -14,6 +14,9 @@ public struct JobDirectory: Sendable {
     public var modelPath: String { path + "/model.safetensors" }
     public var processesPath: String { path + "/processes.json" }
     public var logsPath: String { path + "/logs" }
+    public var checkpointsPath: String { path + "/checkpoints" }
+    public var metricsPath: String { path + "/metrics.prom" }
+    public var stepLogPath: String { path + "/steps.jsonl" }
     public func logPath(_ process: String) -> String { "\(logsPath)/\(process).log" }
 
     /// Creates the directory and its `logs` folder.

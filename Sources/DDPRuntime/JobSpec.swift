@@ -50,6 +50,10 @@ public struct JobSpec: Codable, Equatable, Sendable {
     public var joinTimeoutSeconds = 60.0
     /// The least time the coordinator waits for a step's gradients (it adapts upwards to measured steps).
     public var stepTimeoutSeconds = 10.0
+    /// Write a checkpoint every this many steps (0: at the end of every epoch), and at the end.
+    public var checkpointEvery = 0
+    /// How many checkpoints to keep.
+    public var keepCheckpoints = 3
     /// Where the job writes its model, summary, checkpoints and logs.
     public var output = ""
 
@@ -64,6 +68,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         case clipNorm = "clip_norm", seed, testFraction = "test_fraction", workers, minWorkers = "min_workers"
         case heartbeatIntervalMs = "heartbeat_interval_ms", heartbeatTimeoutMs = "heartbeat_timeout_ms"
         case joinTimeoutSeconds = "join_timeout_seconds", stepTimeoutSeconds = "step_timeout_seconds", output
+        case checkpointEvery = "checkpoint_every", keepCheckpoints = "keep_checkpoints"
     }
 
     /// Every key a job file may hold.
@@ -96,7 +101,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         try read(.workers, &workers); try read(.minWorkers, &minWorkers)
         try read(.heartbeatIntervalMs, &heartbeatIntervalMs); try read(.heartbeatTimeoutMs, &heartbeatTimeoutMs)
         try read(.joinTimeoutSeconds, &joinTimeoutSeconds); try read(.stepTimeoutSeconds, &stepTimeoutSeconds)
-        try read(.output, &output)
+        try read(.output, &output); try read(.checkpointEvery, &checkpointEvery); try read(.keepCheckpoints, &keepCheckpoints)
     }
 
     private static func describe(_ type: Any.Type) -> String {
@@ -176,6 +181,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         try check(minWorkers >= 1 && minWorkers <= workers, "min_workers must be between 1 and workers (\(workers)), got \(minWorkers)")
         try check(heartbeatIntervalMs > 0 && heartbeatTimeoutMs > heartbeatIntervalMs,
                   "heartbeat_timeout_ms must exceed heartbeat_interval_ms > 0")
+        try check(checkpointEvery >= 0 && keepCheckpoints >= 1, "checkpoint_every must be >= 0 and keep_checkpoints >= 1")
         try check(joinTimeoutSeconds > 0 && stepTimeoutSeconds > 0, "join_timeout_seconds and step_timeout_seconds must be positive")
     }
 

@@ -12,10 +12,17 @@ public final class LocalJob {
     private let logLevel: String
     private var coordinator: Process?
     private var workers: [Process] = []
+    private var restarts: [Int] = []
+    private let maxRestarts: Int
     public private(set) var endpoints: Endpoints?
 
     /// `transport` is `ipc` (sockets in the job directory) or `tcp` (loopback, ephemeral ports).
-    public init(spec: JobSpec, directory: JobDirectory, ddpd: String, transport: String = "ipc", logLevel: String = "info") throws {
+    /// A worker that exits with an error while the job runs is started again, up to `maxRestarts`
+    /// times per rank, and rejoins at the next step boundary.
+    public init(
+        spec: JobSpec, directory: JobDirectory, ddpd: String, transport: String = "ipc", logLevel: String = "info",
+        maxRestarts: Int = 3
+    ) throws {
         guard FileManager.default.isExecutableFile(atPath: ddpd) else {
             throw ControlError.noJob("ddpd not found at \(ddpd); build it with 'swift build' or pass --ddpd")
         }
@@ -25,6 +32,7 @@ public final class LocalJob {
         self.ddpd = ddpd
         self.transport = transport
         self.logLevel = logLevel
+        self.maxRestarts = maxRestarts
     }
 
     /// Writes the job directory, starts the coordinator, waits (at most 10 s) for its endpoints, then
@@ -50,13 +58,41 @@ public final class LocalJob {
             guard Coordinator.now() < deadline else { throw ControlError.noJob("the coordinator did not start listening within 10 s") }
             usleep(5000)
         }
-        for rank in 0..<spec.workers {
-            workers.append(try launch(["worker", "--connect", endpoints!.workers, "--config", directory.specPath,
-                                       "--rank", "\(rank)"], log: "worker-\(rank)"))
-        }
-        let pids = ["coordinator": coordinator!.processIdentifier] .merging(
-            workers.enumerated().map { ("worker-\($0.offset)", $0.element.processIdentifier) }) { a, _ in a }
+        for rank in 0..<spec.workers { workers.append(try launchWorker(rank)) }
+        restarts = Array(repeating: 0, count: spec.workers)
+        try recordProcesses()
+    }
+
+    private func launchWorker(_ rank: Int) throws -> Process {
+        try launch(["worker", "--connect", endpoints!.workers, "--config", directory.specPath, "--rank", "\(rank)"], log: "worker-\(rank)")
+    }
+
+    /// Writes the process ids (this supervisor's too) to the job directory.
+    private func recordProcesses() throws {
+        var pids = ["coordinator": coordinator!.processIdentifier, "supervisor": getpid()]
+        for (rank, worker) in workers.enumerated() { pids["worker-\(rank)"] = worker.processIdentifier }
         try directory.write(pids, to: directory.processesPath)
+    }
+
+    /// Starts again each worker that died with an error while the coordinator runs.
+    private func restartFailedWorkers() {
+        for (rank, worker) in workers.enumerated() where !worker.isRunning && worker.terminationStatus != 0 {
+            guard restarts[rank] < maxRestarts else { continue }
+            restarts[rank] += 1
+            let how = worker.terminationReason == .uncaughtSignal ? "signal \(worker.terminationStatus)" : "status \(worker.terminationStatus)"
+            appendLog("worker-\(rank)", "supervisor: worker \(rank) exited with \(how); restart \(restarts[rank]) of \(maxRestarts)")
+            if let replacement = try? launchWorker(rank) {
+                workers[rank] = replacement
+                try? recordProcesses()
+            }
+        }
+    }
+
+    private func appendLog(_ process: String, _ line: String) {
+        guard let handle = FileHandle(forWritingAtPath: directory.logPath(process)) else { return }
+        handle.seekToEndOfFile()
+        handle.write(Data((line + "\n").utf8))
+        try? handle.close()
     }
 
     private func launch(_ arguments: [String], log name: String) throws -> Process {
@@ -64,8 +100,9 @@ public final class LocalJob {
         process.executableURL = URL(fileURLWithPath: ddpd)
         process.arguments = arguments + ["--log-level", logLevel]
         let path = directory.logPath(name)
-        _ = FileManager.default.createFile(atPath: path, contents: nil)
+        if !FileManager.default.fileExists(atPath: path) { _ = FileManager.default.createFile(atPath: path, contents: nil) }
         let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
+        handle.seekToEndOfFile()
         process.standardOutput = handle
         process.standardError = handle
         process.standardInput = FileHandle.nullDevice
@@ -93,6 +130,7 @@ public final class LocalJob {
         }
         while coordinator.isRunning {
             if let status = try? client.status(timeoutSeconds: 2) { progress(status, newEpochs()) }
+            restartFailedWorkers()
             var waited = 0.0
             while coordinator.isRunning && waited < interval { usleep(10_000); waited += 0.01 }
         }
@@ -110,11 +148,15 @@ public final class LocalJob {
             }
             return summary
         }
-        return JobSummary(
-            state: "failed", jobID: spec.jobID, workers: spec.workers, epochs: 0, steps: 0, trainLoss: 0, testLoss: 0,
-            testAccuracy: 0, wallSeconds: 0, samplesPerSecond: 0, modelPath: "",
-            message: "the coordinator exited with status \(coordinator.terminationStatus) without a summary: \(lastLines(of: "coordinator"))",
+        let how = coordinator.terminationReason == .uncaughtSignal ? "signal \(coordinator.terminationStatus)" : "status \(coordinator.terminationStatus)"
+        let summary = JobSummary(
+            state: "failed", jobID: spec.jobID, workers: spec.workers, epochs: directory.history().last?.epoch ?? 0,
+            steps: directory.history().last?.step ?? 0, trainLoss: 0, testLoss: 0, testAccuracy: directory.history().last?.testAccuracy ?? 0,
+            wallSeconds: 0, samplesPerSecond: 0, modelPath: "",
+            message: "the coordinator (pid \(coordinator.processIdentifier)) exited with \(how) without a summary: \(lastLines(of: "coordinator", count: 1))",
             rejectedMessages: 0, lostWorkers: [])
+        try? directory.write(summary, to: directory.summaryPath)
+        return summary
     }
 
     /// Asks the coordinator to stop the job gracefully.

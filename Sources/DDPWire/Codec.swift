@@ -192,7 +192,7 @@ public enum WireCodec {
     }
 
     /// Decodes and validates `frames` (without a ROUTER's routing-id frame). `expectedJobID` nil
-    /// accepts any job; an empty job id in a Join or StatusRequest is always accepted.
+    /// accepts any job; an empty job id in a Join, StatusRequest, Stop or Heartbeat is always accepted.
     public static func decode(
         _ frames: [Payload], expectedJobID: String? = nil, limits: DecodeLimits = .standard
     ) throws(WireError) -> WireMessage {
@@ -213,7 +213,7 @@ public enum WireCodec {
         if let expectedJobID, jobID != expectedJobID {
             let anonymousAllowed: Bool
             switch body {
-            case .join, .statusRequest, .stop: anonymousAllowed = jobID.isEmpty
+            case .join, .statusRequest, .stop, .heartbeat: anonymousAllowed = jobID.isEmpty
             default: anonymousAllowed = false
             }
             if !anonymousAllowed { throw .wrongJob(expected: expectedJobID, got: jobID) }

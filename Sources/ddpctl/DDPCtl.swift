@@ -6,5 +6,6 @@ struct DDPCtl: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ddpctl",
         abstract: "Start, watch and stop SwiftDDP training jobs; measure the machine.",
-        subcommands: [Start.self, Bench.self])
+        subcommands: [Start.self, Status.self, Watch.self, Stop.self, Logs.self, List.self, Report.self,
+                      Metrics.self, Doctor.self, Bench.self, Supervise.self])
 }

@@ -56,27 +56,33 @@ struct Start: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Start a training job on this host: a coordinator and N worker processes.",
         discussion: """
-            Shows progress while the job runs and ends with a summary. Exit status 0 only when the job completed.
+            Shows progress while the job runs and ends with a summary; with --detach it returns at once and
+            'ddpctl status', 'watch', 'logs' and 'stop' find the job. Exit status: 0 the job completed (or, with
+            --detach, started); 1 it failed or was stopped; 64 the job is invalid.
             Examples:
               ddpctl start                                   # digits, MLP 64-128-10, 2 workers
               ddpctl start --workers 3 --epochs 50 --json
+              ddpctl start --detach --config job.yaml
               ddpctl start --dataset idx --data-path train-images-idx3-ubyte --labels-path train-labels-idx1-ubyte \\
                            --model cnn --optimizer adam --lr 0.001
             """)
 
     @OptionGroup var job: JobOptions
-    @Option(help: "Where job directories are made (default: $SWIFTDDP_HOME/jobs or ~/.swiftddp/jobs).") var jobsDir: String?
-    @Option(help: "ipc (Unix sockets in the job directory) or tcp (loopback).") var transport = "ipc"
-    @Option(help: "The ddpd executable (default: beside ddpctl).") var ddpd: String?
-    @Option(help: "Log level of the job's processes.") var logLevel = "info"
-    @Flag(help: "Print the summary as one JSON line (progress goes to standard error).") var json = false
+    @OptionGroup var launch: LaunchOptions
+    @Flag(help: "Start the job in the background and return, printing its id and directory.") var detach = false
+    @Flag(help: "Print the summary (or, with --detach, the job) as one JSON line; progress goes to standard error.")
+    var json = false
 
     func run() throws {
         var spec = try job.resolve()
         if spec.jobID.isEmpty { spec.jobID = JobSpec.newJobID() }
-        let directory = JobDirectory(path: Jobs.root(jobsDir) + "/" + spec.jobID)
+        let directory = JobDirectory(path: JobLookup.root(launch.jobsDir) + "/" + spec.jobID)
         spec.output = directory.path
-        let localJob = try LocalJob(spec: spec, directory: directory, ddpd: ddpd ?? sibling("ddpd"), transport: transport, logLevel: logLevel)
+        if detach {
+            try startDetached(spec, directory)
+            return
+        }
+        let localJob = try launch.localJob(spec, directory)
         let display = ProgressDisplay(toStandardError: json)
         display.line("job \(spec.jobID): \(spec.workers) workers, \(spec.dataset) \(spec.model), \(spec.epochs) epochs; directory \(directory.path)")
         let interrupts = InterruptHandler { count in
@@ -91,27 +97,74 @@ struct Start: ParsableCommand {
         let summary = try localJob.wait { display.show($0, epochs: $1) }
         withExtendedLifetime(interrupts) {}
         display.finish()
-        if json {
-            print(summary.jsonLine)
-        } else {
-            print(summary.humanReadable(directory: directory.path))
-        }
+        print(json ? summary.jsonLine : summary.humanReadable(directory: directory.path))
         if summary.state != "completed" { throw ExitCode.failure }
+    }
+
+    /// Writes the job directory and hands the job to a background supervisor; returns once the
+    /// coordinator listens.
+    private func startDetached(_ spec: JobSpec, _ directory: JobDirectory) throws {
+        try directory.create()
+        try spec.json().write(toFile: directory.specPath, atomically: true, encoding: .utf8)
+        var arguments = ["supervise", "--job-dir", directory.path, "--transport", launch.transport, "--log-level", launch.logLevel,
+                         "--max-restarts", "\(launch.maxRestarts)"]
+        if let ddpd = launch.ddpd { arguments += ["--ddpd", ddpd] }
+        let pid = try Detach.spawn(currentExecutable(), arguments, logPath: directory.logPath("supervisor"))
+        let deadline = Date().addingTimeInterval(15)
+        while directory.endpoints() == nil {
+            guard JobLookup.isAlive(pid) || directory.endpoints() != nil else {
+                let log = (try? String(contentsOfFile: directory.logPath("supervisor"), encoding: .utf8)) ?? ""
+                throw ValidationError("the job did not start: \(log.split(separator: "\n").suffix(3).joined(separator: " | "))")
+            }
+            guard Date() < deadline else { throw ValidationError("the job's coordinator did not start listening within 15 s") }
+            usleep(10_000)
+        }
+        if json {
+            print("{\"job_dir\":\"\(directory.path)\",\"job_id\":\"\(spec.jobID)\",\"supervisor_pid\":\(pid)}")
+        } else {
+            print("started job \(spec.jobID) in the background\ndirectory \(directory.path)")
+            print("follow it with: ddpctl watch --job \(spec.jobID)")
+        }
+    }
+}
+
+/// How a local job's processes are started.
+struct LaunchOptions: ParsableArguments {
+    @Option(help: "Where job directories are made (default: $SWIFTDDP_HOME/jobs or ~/.swiftddp/jobs).") var jobsDir: String?
+    @Option(help: "ipc (Unix sockets in the job directory) or tcp (loopback).") var transport = "ipc"
+    @Option(help: "The ddpd executable (default: beside ddpctl).") var ddpd: String?
+    @Option(help: "Log level of the job's processes: trace, debug, info, notice, warning, error.") var logLevel = "info"
+    @Option(help: "Restarts of a failed worker before its rank is given up.") var maxRestarts = 3
+
+    func localJob(_ spec: JobSpec, _ directory: JobDirectory) throws -> LocalJob {
+        try LocalJob(spec: spec, directory: directory, ddpd: ddpd ?? sibling("ddpd"), transport: transport, logLevel: logLevel,
+                     maxRestarts: maxRestarts)
+    }
+}
+
+/// The background side of `start --detach`: runs the job in its directory to the end.
+struct Supervise: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Supervise a detached job (started by 'start --detach').", shouldDisplay: false)
+    @Option(help: "The job directory with spec.json.") var jobDir: String
+    @OptionGroup var launch: LaunchOptions
+
+    func run() throws {
+        let directory = JobDirectory(path: jobDir)
+        let spec = try JobSpec.fromJSON(try String(contentsOfFile: directory.specPath, encoding: .utf8))
+        let localJob = try launch.localJob(spec, directory)
+        let interrupts = InterruptHandler { count in
+            if count == 1 { localJob.requestStop(reason: "the supervisor was asked to stop") } else { localJob.kill() }
+        }
+        try localJob.start()
+        let summary = try localJob.wait { _, _ in }
+        withExtendedLifetime(interrupts) {}
+        print(summary.jsonLine)
     }
 }
 
 /// The path of an executable beside this one.
 func sibling(_ name: String) -> String {
     URL(fileURLWithPath: currentExecutable()).deletingLastPathComponent().appendingPathComponent(name).path
-}
-
-/// Where job directories live.
-enum Jobs {
-    static func root(_ flag: String?) -> String {
-        if let flag { return flag }
-        if let home = ProcessInfo.processInfo.environment["SWIFTDDP_HOME"], !home.isEmpty { return home + "/jobs" }
-        return FileManager.default.homeDirectoryForCurrentUser.path + "/.swiftddp/jobs"
-    }
 }
 
 /// Calls `handler` with a running count on each SIGINT or SIGTERM while alive.

@@ -36,7 +36,8 @@ struct CoordinatorCommand: ParsableCommand {
     @Option(help: "The job file (YAML or JSON); missing keys take their defaults.") var config: String?
     @Option(help: "Endpoint for workers (tcp://HOST:PORT, port 0 for any; ipc://PATH).") var bind = "tcp://127.0.0.1:0"
     @Option(help: "Endpoint for control clients (ddpctl status/stop).") var control = "tcp://127.0.0.1:0"
-    @Option(help: "The job directory for the model, summary and history.") var jobDir: String?
+    @Option(help: "The job directory for the model, summary, history and checkpoints.") var jobDir: String?
+    @Flag(help: "Continue from the newest checkpoint in the job directory.") var resume = false
     @OptionGroup var logging: LoggingOptions
 
     func run() throws {
@@ -46,7 +47,7 @@ struct CoordinatorCommand: ParsableCommand {
         let directory = spec.output.isEmpty ? nil : JobDirectory(path: spec.output)
         try directory?.create()
         let coordinator = try Coordinator(
-            spec: spec, workerEndpoint: bind, controlEndpoint: control, directory: directory,
+            spec: spec, workerEndpoint: bind, controlEndpoint: control, directory: directory, resume: resume,
             logger: Logger(label: "coordinator"))
         FileHandle.standardOutput.write(Data("workers=\(coordinator.workerEndpoint)\ncontrol=\(coordinator.controlEndpoint)\n".utf8))
         let summary = try coordinator.run()

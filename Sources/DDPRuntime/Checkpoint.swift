@@ -1,0 +1,69 @@
+import Autodiff
+import Foundation
+
+/// A resumable snapshot of a job: parameters, optimizer state, step, epoch, sampler position and the job
+/// spec, in safetensors (parameters under their names, optimizer state under `optimizer/NAME`).
+public struct Checkpoint {
+    public let step: Int
+    public let epoch: Int
+    public let optimizerSteps: Int
+    public let parameters: [String: Tensor]
+    public let optimizerState: [String: Tensor]
+    public let specJSON: String
+    public let path: String
+
+    /// Writes a checkpoint of the current state into `directory/checkpoints` (atomically) and keeps the
+    /// newest `keep`; returns its path.
+    static func save(
+        step: Int, stepsPerEpoch: Int, parameters: [NamedParameter], optimizer: any Optimizer, spec: JobSpec,
+        history: [EpochRecord], in directory: JobDirectory, keep: Int
+    ) throws -> String {
+        try FileManager.default.createDirectory(atPath: directory.checkpointsPath, withIntermediateDirectories: true)
+        let path = directory.checkpointsPath + String(format: "/step-%08d.safetensors", step)
+        let historyJSON = String(decoding: try JSONEncoder().encode(history), as: UTF8.self)
+        let metadata = [
+            "format": "pt", "step": "\(step)", "epoch": "\(step / max(stepsPerEpoch, 1))",
+            "sampler_position": "\(step % max(stepsPerEpoch, 1))", "sampler_seed": "\(spec.seed)",
+            "optimizer_steps": "\(optimizer.stepCount)", "job_spec": spec.json(), "history": historyJSON,
+        ]
+        try SafeTensors.write(
+            parameters.map { ($0.name, $0.tensor) } + optimizer.state.map { ("optimizer/\($0.name)", $0.tensor) },
+            metadata: metadata, to: path)
+        let all = list(in: directory)
+        for old in all.dropLast(max(keep, 1)) { try? FileManager.default.removeItem(atPath: old) }
+        return path
+    }
+
+    /// Checkpoint files of a job, oldest first.
+    static func list(in directory: JobDirectory) -> [String] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: directory.checkpointsPath)) ?? []
+        return names.filter { $0.hasPrefix("step-") && $0.hasSuffix(".safetensors") }.sorted()
+            .map { directory.checkpointsPath + "/" + $0 }
+    }
+
+    /// The newest checkpoint of a job, if any.
+    public static func latest(in directory: JobDirectory) throws -> Checkpoint? {
+        guard let path = list(in: directory).last else { return nil }
+        return try load(path: path)
+    }
+
+    /// Reads a checkpoint file.
+    public static func load(path: String) throws -> Checkpoint {
+        let contents = try SafeTensors.read(path: path)
+        guard let step = contents.metadata["step"].flatMap(Int.init), let epoch = contents.metadata["epoch"].flatMap(Int.init),
+            let optimizerSteps = contents.metadata["optimizer_steps"].flatMap(Int.init), let spec = contents.metadata["job_spec"]
+        else { throw SafeTensorsError.invalid(path, "not a SwiftDDP checkpoint (metadata incomplete)") }
+        var parameters: [String: Tensor] = [:], state: [String: Tensor] = [:]
+        for (name, tensor) in contents.tensors {
+            if name.hasPrefix("optimizer/") { state[String(name.dropFirst("optimizer/".count))] = tensor } else { parameters[name] = tensor }
+        }
+        return Checkpoint(step: step, epoch: epoch, optimizerSteps: optimizerSteps, parameters: parameters,
+                          optimizerState: state, specJSON: spec, path: path)
+    }
+
+    /// The per-epoch history stored with the checkpoint.
+    func history() -> [EpochRecord] {
+        guard let contents = try? SafeTensors.read(path: path), let text = contents.metadata["history"] else { return [] }
+        return (try? JSONDecoder().decode([EpochRecord].self, from: Data(text.utf8))) ?? []
+    }
+}

@@ -1,0 +1,38 @@
+import Foundation
+
+/// Starting a process that outlives its parent and its terminal.
+public enum Detach {
+    /// Starts `executable` with `arguments` in a new session (no controlling terminal, immune to the
+    /// terminal's SIGINT and SIGHUP), with standard input from /dev/null and both outputs appended to
+    /// `logPath`. Returns its process id.
+    public static func spawn(_ executable: String, _ arguments: [String], logPath: String) throws -> Int32 {
+        var actions = posix_spawn_file_actions_t()
+        var attributes = posix_spawnattr_t()
+        posix_spawn_file_actions_init(&actions)
+        posix_spawnattr_init(&attributes)
+        defer {
+            posix_spawn_file_actions_destroy(&actions)
+            posix_spawnattr_destroy(&attributes)
+        }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, logPath, O_WRONLY | O_CREAT | O_APPEND, 0o644)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        // Inherit nothing else: a pipe held open by the detached process would keep its parent's reader waiting.
+        for fd in openDescriptors() where fd > 2 { posix_spawn_file_actions_addclose(&actions, fd) }
+        let setSession: Int16 = 0x80  // POSIX_SPAWN_SETSID (glibc)
+        posix_spawnattr_setflags(&attributes, setSession)
+        let argv = ([executable] + arguments).map { strdup($0) } + [nil]
+        let envp = ProcessInfo.processInfo.environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer { for p in argv + envp { free(p) } }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, executable, &actions, &attributes, argv, envp)
+        guard rc == 0 else { throw ControlError.noJob("cannot start \(executable): \(String(cString: strerror(rc)))") }
+        return pid
+    }
+
+    /// The file descriptors open in this process.
+    static func openDescriptors() -> [Int32] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
+        return names.compactMap { Int32($0) }.filter { fcntl($0, F_GETFD) != -1 }
+    }
+}

@@ -1,0 +1,174 @@
+import Foundation
+
+/// Finds job directories on this host and tells their state.
+public enum JobLookup {
+    /// Where job directories are made: `override`, else `$SWIFTDDP_HOME/jobs`, else `~/.swiftddp/jobs`.
+    public static func root(_ override: String?) -> String {
+        if let override { return override }
+        if let home = ProcessInfo.processInfo.environment["SWIFTDDP_HOME"], !home.isEmpty { return home + "/jobs" }
+        return FileManager.default.homeDirectoryForCurrentUser.path + "/.swiftddp/jobs"
+    }
+
+    /// Every job directory under `root`, oldest first (by the time its spec was written).
+    public static func all(root: String) -> [JobDirectory] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: root)) ?? []
+        return names.map { JobDirectory(path: root + "/" + $0) }
+            .filter { FileManager.default.fileExists(atPath: $0.specPath) }
+            .sorted { created($0) < created($1) }
+    }
+
+    static func created(_ job: JobDirectory) -> Date {
+        ((try? FileManager.default.attributesOfItem(atPath: job.specPath))?[.modificationDate] as? Date) ?? .distantPast
+    }
+
+    /// The job named by `job` (an id under `root`, or a directory path), or the newest job.
+    public static func find(_ job: String?, root: String) throws -> JobDirectory {
+        if let job {
+            for candidate in [job, root + "/" + job] where FileManager.default.fileExists(atPath: candidate + "/spec.json") {
+                return JobDirectory(path: candidate)
+            }
+            throw ControlError.noJob("no job '\(job)' (looked for \(job)/spec.json and \(root)/\(job)/spec.json)")
+        }
+        guard let latest = all(root: root).last else { throw ControlError.noJob("no job found in \(root)") }
+        return latest
+    }
+
+    /// Whether a process with this id exists on this host.
+    public static func isAlive(_ pid: Int32) -> Bool { pid > 0 && (kill(pid, 0) == 0 || errno == EPERM) }
+
+    /// The process ids a job recorded (`coordinator`, `worker-R`, `supervisor`).
+    public static func processes(of job: JobDirectory) -> [String: Int32] {
+        guard let data = FileManager.default.contents(atPath: job.processesPath) else { return [:] }
+        return (try? JSONDecoder().decode([String: Int32].self, from: data)) ?? [:]
+    }
+}
+
+/// `ddpctl status --json`: the stable description of a job's state.
+public struct JobStatus: Codable, Sendable {
+    /// One worker's row.
+    public struct Worker: Codable, Sendable {
+        public var rank: Int32
+        public var host: String
+        public var pid: UInt32
+        public var state: String
+        public var step: UInt64
+        public var lastHeartbeatMs: UInt64
+        public var lastStepSeconds: Double
+        public var lagging: Bool
+        public var restarts: UInt32
+
+        enum CodingKeys: String, CodingKey {
+            case rank, host, pid, state, step, lagging, restarts
+            case lastHeartbeatMs = "last_heartbeat_ms", lastStepSeconds = "last_step_seconds"
+        }
+    }
+
+    public var jobID: String
+    public var jobDir: String
+    /// `waiting`, `training`, `stopping`, `completed`, `stopped`, `failed`, or `dead` (no coordinator, no summary).
+    public var state: String
+    /// `coordinator` (asked live) or `directory` (read from the job's files).
+    public var source: String
+    public var step: UInt64
+    public var totalSteps: UInt64
+    public var epoch: UInt64
+    public var totalEpochs: UInt64
+    public var elapsedSeconds: Double
+    public var etaSeconds: Double?
+    public var trainLoss: Float
+    public var testLoss: Float
+    public var testAccuracy: Float
+    public var samplesPerSecond: Double
+    public var rejectedMessages: UInt64
+    public var recentLosses: [Float]
+    public var message: String
+    public var workers: [Worker]
+
+    enum CodingKeys: String, CodingKey {
+        case state, source, step, epoch, message, workers
+        case jobID = "job_id", jobDir = "job_dir", totalSteps = "total_steps", totalEpochs = "total_epochs"
+        case elapsedSeconds = "elapsed_seconds", etaSeconds = "eta_seconds", trainLoss = "train_loss", testLoss = "test_loss"
+        case testAccuracy = "test_accuracy", samplesPerSecond = "samples_per_second", rejectedMessages = "rejected_messages"
+        case recentLosses = "recent_losses"
+    }
+
+    /// From a live coordinator's reply.
+    public init(reply s: StatusReply, jobID: String, jobDir: String) {
+        self.jobID = jobID
+        self.jobDir = jobDir
+        state = s.jobState
+        source = "coordinator"
+        step = s.step
+        totalSteps = s.totalSteps
+        epoch = s.epoch
+        totalEpochs = s.totalEpochs
+        elapsedSeconds = s.elapsedSeconds
+        let rate = s.step > 0 ? s.elapsedSeconds / Double(s.step) : 0
+        etaSeconds = s.step > 0 && s.totalSteps >= s.step ? rate * Double(s.totalSteps - s.step) : nil
+        trainLoss = s.trainLoss
+        testLoss = s.testLoss
+        testAccuracy = s.testAccuracy
+        samplesPerSecond = s.samplesPerSecond
+        rejectedMessages = s.rejectedMessages
+        recentLosses = s.recentLosses
+        message = s.message
+        workers = s.workers.map {
+            Worker(rank: $0.rank, host: $0.host, pid: $0.pid, state: $0.state, step: $0.step, lastHeartbeatMs: $0.lastSeenMillisecondsAgo,
+                   lastStepSeconds: $0.lastStepSeconds, lagging: $0.lagging, restarts: $0.restarts)
+        }
+    }
+
+    /// From a job's directory (a finished or dead job).
+    public init(directory: JobDirectory, state fallback: String, message fallbackMessage: String) {
+        let spec = (try? JobSpec.fromJSON((try? String(contentsOfFile: directory.specPath, encoding: .utf8)) ?? "")) ?? JobSpec()
+        let summary = directory.summary()
+        let history = directory.history()
+        jobID = spec.jobID
+        jobDir = directory.path
+        state = summary?.state ?? fallback
+        source = "directory"
+        step = UInt64(summary?.steps ?? history.last?.step ?? 0)
+        totalSteps = 0
+        epoch = UInt64(summary?.epochs ?? history.last?.epoch ?? 0)
+        totalEpochs = UInt64(spec.epochs)
+        elapsedSeconds = summary?.wallSeconds ?? history.last?.elapsedSeconds ?? 0
+        etaSeconds = nil
+        trainLoss = summary?.trainLoss ?? history.last?.trainLoss ?? 0
+        testLoss = summary?.testLoss ?? history.last?.testLoss ?? 0
+        testAccuracy = summary?.testAccuracy ?? history.last?.testAccuracy ?? 0
+        samplesPerSecond = summary?.samplesPerSecond ?? 0
+        rejectedMessages = summary?.rejectedMessages ?? 0
+        recentLosses = history.map(\.trainLoss)
+        message = summary?.message ?? fallbackMessage
+        workers = []
+    }
+
+    /// Whether the job has ended.
+    public var isFinal: Bool { ["completed", "stopped", "failed", "dead"].contains(state) }
+
+    /// One JSON line, sorted keys.
+    public var jsonLine: String {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        return String(decoding: try! encoder.encode(self), as: UTF8.self)
+    }
+}
+
+extension JobDirectory {
+    /// The job's status: asked from its coordinator when it runs, read from the directory when it has
+    /// ended. A coordinator whose process is gone is reported at once, one that does not answer after
+    /// `timeoutSeconds`.
+    public func status(timeoutSeconds: Double = 2) throws -> JobStatus {
+        if summary() != nil { return JobStatus(directory: self, state: "completed", message: "") }
+        guard let endpoints = endpoints() else {
+            return JobStatus(directory: self, state: "dead", message: "the coordinator never started listening (see \(logPath("coordinator")))")
+        }
+        guard JobLookup.isAlive(endpoints.pid) else {
+            return JobStatus(directory: self, state: "dead",
+                             message: "the coordinator (pid \(endpoints.pid)) is not running and left no summary; see \(logPath("coordinator"))")
+        }
+        let spec = try JobSpec.fromJSON(try String(contentsOfFile: specPath, encoding: .utf8))
+        let reply = try ControlClient(endpoint: endpoints.control, jobID: spec.jobID).status(timeoutSeconds: timeoutSeconds)
+        return JobStatus(reply: reply, jobID: spec.jobID, jobDir: path)
+    }
+}

@@ -1,0 +1,130 @@
+import Foundation
+
+/// `ddpctl report`: one self-contained HTML page (inline SVG, no scripts, no network) with a job's loss
+/// and accuracy per epoch, each worker's step time over the run, and its summary.
+public enum JobReport {
+    struct Series {
+        let id: String
+        let label: String
+        let color: String
+        let points: [(x: Double, y: Double)]
+        /// Draw a marker per point (epoch series) or only the line (dense step series).
+        let markers: Bool
+    }
+
+    /// The page for the job in `directory`.
+    public static func html(for directory: JobDirectory) throws -> String {
+        let spec = try JobSpec.fromJSON(try String(contentsOfFile: directory.specPath, encoding: .utf8))
+        let history = directory.history()
+        let status = (try? directory.status(timeoutSeconds: 1)) ?? JobStatus(directory: directory, state: "dead", message: "")
+        let epochs = history.map { Double($0.epoch) }
+        let loss = chart(title: "Loss per epoch", xLabel: "epoch", series: [
+            Series(id: "train_loss", label: "train loss", color: "#1f77b4", points: Array(zip(epochs, history.map { Double($0.trainLoss) })).map { ($0, $1) }, markers: true),
+            Series(id: "test_loss", label: "test loss", color: "#d62728", points: Array(zip(epochs, history.map { Double($0.testLoss) })).map { ($0, $1) }, markers: true),
+        ])
+        let accuracy = chart(title: "Accuracy per epoch", xLabel: "epoch", series: [
+            Series(id: "train_accuracy", label: "train accuracy", color: "#1f77b4", points: Array(zip(epochs, history.map { Double($0.trainAccuracy) })).map { ($0, $1) }, markers: true),
+            Series(id: "test_accuracy", label: "test accuracy", color: "#d62728", points: Array(zip(epochs, history.map { Double($0.testAccuracy) })).map { ($0, $1) }, markers: true),
+        ])
+        let palette = ["#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
+        let perWorker = stepTimes(directory)
+        let stepChart = chart(title: "Compute time per step, by worker (ms)", xLabel: "step", series: perWorker.keys.sorted().enumerated().map { i, rank in
+            Series(id: "worker_\(rank)", label: "rank \(rank)", color: palette[i % palette.count],
+                   points: downsample(perWorker[rank]!, to: 600).map { ($0.x, $0.y * 1000) }, markers: false)
+        })
+        let rows: [(String, String)] = [
+            ("job", spec.jobID), ("state", status.state), ("dataset", spec.dataset), ("model", "\(spec.model) \(spec.hidden)"),
+            ("optimizer", "\(spec.optimizer), learning rate \(spec.learningRate)"), ("workers", "\(spec.workers)"),
+            ("epochs", "\(status.epoch) of \(spec.epochs)"), ("steps", "\(status.step)"),
+            ("test accuracy", String(format: "%.2f%%", status.testAccuracy * 100)), ("test loss", String(format: "%.4f", status.testLoss)),
+            ("wall time", String(format: "%.1f s", status.elapsedSeconds)), ("samples/s", String(format: "%.0f", status.samplesPerSecond)),
+            ("rejected messages", "\(status.rejectedMessages)"), ("note", status.message),
+        ]
+        let table = rows.map { "<tr><th>\(escape($0.0))</th><td>\(escape($0.1))</td></tr>" }.joined(separator: "\n")
+        return """
+            <!DOCTYPE html>
+            <html lang="en"><head><meta charset="utf-8"><title>SwiftDDP job \(escape(spec.jobID))</title>
+            <style>
+            body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1000px; }
+            table { border-collapse: collapse; margin-bottom: 2em; } th, td { text-align: left; padding: 4px 12px; border-bottom: 1px solid #ddd; }
+            svg { margin-bottom: 2em; background: #fff; } .axis { stroke: #444; } .grid { stroke: #eee; } text { font-size: 12px; fill: #333; }
+            </style></head><body>
+            <h1>SwiftDDP job \(escape(spec.jobID))</h1>
+            <table>\(table)</table>
+            \(loss)
+            \(accuracy)
+            \(stepChart)
+            </body></html>
+            """
+    }
+
+    /// Each worker's compute seconds per step, from the job's `steps.jsonl`.
+    static func stepTimes(_ directory: JobDirectory) -> [Int: [(x: Double, y: Double)]] {
+        let text = (try? String(contentsOfFile: directory.stepLogPath, encoding: .utf8)) ?? ""
+        var result: [Int: [(x: Double, y: Double)]] = [:]
+        for line in text.split(separator: "\n") {
+            guard let object = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
+                let step = object["step"] as? Double, let workers = object["workers"] as? [String: Double] else { continue }
+            for (rank, seconds) in workers { if let r = Int(rank) { result[r, default: []].append((step, seconds)) } }
+        }
+        return result
+    }
+
+    static func downsample(_ points: [(x: Double, y: Double)], to limit: Int) -> [(x: Double, y: Double)] {
+        guard points.count > limit else { return points }
+        let stride = Double(points.count) / Double(limit)
+        return (0..<limit).map { points[Int(Double($0) * stride)] }
+    }
+
+    static func escape(_ s: String) -> String {
+        s.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "<", with: "&lt;").replacingOccurrences(of: ">", with: "&gt;")
+            .replacingOccurrences(of: "\"", with: "&quot;")
+    }
+
+    /// A line chart as inline SVG: axes with ticks, one polyline per series, markers where asked, a legend.
+    static func chart(title: String, xLabel: String, series: [Series]) -> String {
+        let width = 900.0, height = 320.0, left = 60.0, right = 160.0, top = 30.0, bottom = 40.0
+        let all = series.flatMap(\.points)
+        guard !all.isEmpty else {
+            return "<svg width=\"\(Int(width))\" height=\"60\" role=\"img\"><text x=\"10\" y=\"35\">\(escape(title)): no data yet</text></svg>"
+        }
+        let xs = all.map(\.x), ys = all.map(\.y)
+        let xMin = xs.min()!, xMax = max(xs.max()!, xMin + 1)
+        var yMin = min(ys.min()!, 0), yMax = ys.max()!
+        if yMax <= yMin { yMax = yMin + 1 }
+        yMax += (yMax - yMin) * 0.05
+        yMin = ys.min()! >= 0 ? 0 : yMin
+        func px(_ x: Double) -> Double { left + (x - xMin) / (xMax - xMin) * (width - left - right) }
+        func py(_ y: Double) -> Double { height - bottom - (y - yMin) / (yMax - yMin) * (height - top - bottom) }
+        var svg = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"\(Int(width))\" height=\"\(Int(height))\" role=\"img\" aria-label=\"\(escape(title))\">"
+        svg += "<text x=\"\(left)\" y=\"18\" font-weight=\"bold\">\(escape(title))</text>"
+        for i in 0...4 {
+            let y = yMin + (yMax - yMin) * Double(i) / 4, x = xMin + (xMax - xMin) * Double(i) / 4
+            svg += String(format: "<line class=\"grid\" x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\"/>", left, py(y), width - right, py(y))
+            svg += String(format: "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">%@</text>", left - 6, py(y) + 4, label(y))
+            svg += String(format: "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%@</text>", px(x), height - bottom + 16, label(x))
+        }
+        svg += String(format: "<line class=\"axis\" x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\"/>", left, height - bottom, width - right, height - bottom)
+        svg += String(format: "<line class=\"axis\" x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\"/>", left, top, left, height - bottom)
+        svg += String(format: "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%@</text>", (left + width - right) / 2, height - 6, xLabel)
+        for (i, s) in series.enumerated() {
+            let path = s.points.map { String(format: "%.1f,%.1f", px($0.x), py($0.y)) }.joined(separator: " ")
+            svg += "<polyline data-series=\"\(s.id)\" fill=\"none\" stroke=\"\(s.color)\" stroke-width=\"2\" points=\"\(path)\"/>"
+            if s.markers {
+                for p in s.points {
+                    svg += String(format: "<circle data-series=\"%@\" cx=\"%.1f\" cy=\"%.1f\" r=\"3\" fill=\"%@\"><title>%@ %@: %@</title></circle>",
+                                  s.id, px(p.x), py(p.y), s.color, xLabel, label(p.x), label(p.y))
+                }
+            }
+            let ly = top + 18 * Double(i)
+            svg += String(format: "<rect x=\"%.1f\" y=\"%.1f\" width=\"12\" height=\"12\" fill=\"%@\"/>", width - right + 12, ly, s.color)
+            svg += String(format: "<text x=\"%.1f\" y=\"%.1f\">%@</text>", width - right + 30, ly + 10, escape(s.label))
+        }
+        return svg + "</svg>"
+    }
+
+    static func label(_ v: Double) -> String {
+        if v == v.rounded() && abs(v) < 1e6 { return String(Int(v)) }
+        return abs(v) >= 100 ? String(format: "%.0f", v) : abs(v) >= 1 ? String(format: "%.2f", v) : String(format: "%.3f", v)
+    }
+}
