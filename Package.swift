@@ -40,11 +40,11 @@ let package = Package(
         ),
         .executableTarget(
             name: "ddpd",
-            dependencies: ["DDPRuntime", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["DDPRuntime", "DDPWire", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
         .executableTarget(
             name: "ddpctl",
-            dependencies: ["DDPRuntime", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["DDPRuntime", "DDPWire", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
 
         .testTarget(name: "AutodiffTests", dependencies: ["Autodiff"]),

@@ -8,10 +8,12 @@ public final class ControlClient {
     public let endpoint: String
     private let jobID: String
 
-    public init(endpoint: String, jobID: String = "") throws {
+    /// `keys` are needed for a secure job's coordinator.
+    public init(endpoint: String, jobID: String = "", keys: JobKeys? = nil) throws {
         self.endpoint = endpoint
         self.jobID = jobID
         socket = try ZMQSocket(context: context, kind: .dealer)
+        try keys?.secureClient(socket)
         try socket.setLinger(milliseconds: 0)
         try socket.setSendTimeout(milliseconds: 1000)
         try socket.connect(endpoint)

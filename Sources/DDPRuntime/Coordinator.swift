@@ -25,6 +25,8 @@ public final class Coordinator {
         var lastPushedStep: UInt64 = 0
         var lastStepSeconds: Double = 0
         var restarts: UInt32 = 0
+        /// The connection its messages arrive on (for disconnect events); -1 before the first.
+        var connection: Int32 = -1
         var isLive: Bool { state == "training" }
     }
 
@@ -47,6 +49,8 @@ public final class Coordinator {
     private let context = ZMQContext()
     private let workerSocket: ZMQSocket
     private let controlSocket: ZMQSocket
+    private let monitor: ZMQMonitor
+    private let authenticator: Authenticator?
     /// The endpoints actually bound (ports filled in).
     public let workerEndpoint: String
     public let controlEndpoint: String
@@ -67,6 +71,7 @@ public final class Coordinator {
     private var lostRanks: [Int32] = []
     private let started = Coordinator.now()
     private var trainingStarted = 0.0
+    private var firstJoin = 0.0
     private var samplesTrained = 0
     private var metrics = Metrics()
     private var stepLog: [String] = []
@@ -80,6 +85,7 @@ public final class Coordinator {
     /// step and history.
     public init(
         spec: JobSpec, workerEndpoint: String, controlEndpoint: String, directory: JobDirectory?, resume: Bool = false,
+        allowPlainText: Bool = false,
         logger: Logger
     ) throws {
         var spec = spec
@@ -96,13 +102,24 @@ public final class Coordinator {
         parameterPayloads = parameters.map { Payload(byteCount: $0.tensor.count * 4) }
         indexOfParameter = Dictionary(uniqueKeysWithValues: parameters.enumerated().map { ($1.name, $0) })
 
+        let keys = try spec.keys()
+        if keys == nil && !allowPlainText {
+            for endpoint in [workerEndpoint, controlEndpoint] where !isLocalEndpoint(endpoint) {
+                throw SecurityError.insecureEndpoint(endpoint)
+            }
+        }
+        let context = self.context
+        authenticator = try keys.map { try Authenticator(context: context, authorized: $0.authorized) }
         workerSocket = try ZMQSocket(context: context, kind: .router)
+        try keys?.secureServer(workerSocket)
         try workerSocket.setRouterMandatory(true)
         try workerSocket.setSendTimeout(milliseconds: 2000)
         try workerSocket.setHighWaterMarks(send: 0, receive: 0)
         try workerSocket.setHeartbeat(intervalMilliseconds: spec.heartbeatIntervalMs, timeoutMilliseconds: spec.heartbeatTimeoutMs)
         controlSocket = try ZMQSocket(context: context, kind: .router)
+        try keys?.secureServer(controlSocket)
         try controlSocket.setSendTimeout(milliseconds: 1000)
+        monitor = try ZMQMonitor(context: context, monitoring: workerSocket)
         self.workerEndpoint = try workerSocket.bind(workerEndpoint)
         self.controlEndpoint = try controlSocket.bind(controlEndpoint)
         try directory?.write(Endpoints(workers: self.workerEndpoint, control: self.controlEndpoint, pid: getpid()),
@@ -112,7 +129,8 @@ public final class Coordinator {
             log.info("resumed from checkpoint", metadata: ["path": "\(checkpoint.path)", "step": "\(checkpoint.step)"])
         }
         log.info("listening", metadata: ["workers": "\(self.workerEndpoint)", "control": "\(self.controlEndpoint)",
-                                          "job": "\(spec.jobID)", "parameters": "\(setup.model.parameterCount)"])
+                                          "job": "\(spec.jobID)", "parameters": "\(setup.model.parameterCount)",
+                                          "security": "\(keys == nil ? "none (plain text)" : "CURVE")"])
     }
 
     private func restore(_ checkpoint: Checkpoint) throws {
@@ -135,13 +153,21 @@ public final class Coordinator {
     public func run() throws -> JobSummary {
         let joinDeadline = started + spec.joinTimeoutSeconds
         while !isFinished {
-            let ready = try ZMQSocket.poll([workerSocket, controlSocket], timeoutMilliseconds: 50)
+            let ready = try ZMQSocket.poll([workerSocket, controlSocket, monitor.socket] + (authenticator.map { [$0.socket] } ?? []),
+                                           timeoutMilliseconds: 50)
+            if ready.contains(3), let authenticator {
+                for address in try authenticator.handle() {
+                    reject("refused a client without an authorised key from \(address.isEmpty ? "an unknown address" : address)", from: nil)
+                }
+            }
             if ready.contains(0) { try drain(workerSocket, handleWorkerFrames) }
             if ready.contains(1) { try drain(controlSocket, handleControlFrames) }
+            if ready.contains(2) { try handleConnectionEvents() }
             let now = Self.now()
             switch phase {
             case .waiting:
-                if liveCount + joiningCount >= spec.workers {
+                if liveCount + joiningCount >= spec.workers
+                    || (liveCount + joiningCount >= spec.minWorkers && firstJoin > 0 && now - firstJoin > joinGrace) {
                     startTraining()
                 } else if now > joinDeadline {
                     fail("only \(liveCount + joiningCount) of \(spec.workers) workers joined within \(spec.joinTimeoutSeconds) s")
@@ -158,6 +184,9 @@ public final class Coordinator {
         }
         return try finish()
     }
+
+    /// How long after the first join the job waits for the rest before starting with `min_workers`.
+    private var joinGrace: Double { min(spec.joinTimeoutSeconds, 2 * Double(spec.heartbeatTimeoutMs) / 1000) }
 
     private var isFinished: Bool { [.completed, .stopped, .failed].contains(phase) }
     private var liveCount: Int { members.values.filter(\.isLive).count }
@@ -184,7 +213,10 @@ public final class Coordinator {
         guard frames.count >= 2 else { reject("a message without an envelope", from: nil); return }
         let identity = frames[0].bytes
         let rank = rankOfIdentity[identity]
-        if let rank { members[rank]?.lastSeen = Self.now() }
+        if let rank {
+            members[rank]?.lastSeen = Self.now()
+            members[rank]?.connection = workerSocket.lastConnection
+        }
         metrics.bytesReceived += frames.reduce(0) { $0 + $1.byteCount }
         let message: WireMessage
         do {
@@ -231,9 +263,14 @@ public final class Coordinator {
             return
         }
         guard !isFinished, phase != .stopping, let rank = freeRank(requested: join.requestedRank) else {
-            let reason = isFinished || phase == .stopping ? "the job is ending" : "all \(spec.workers) ranks are taken"
+            let ending = isFinished || phase == .stopping
+            // A restarted worker asking for its old rank may arrive before its predecessor is declared
+            // lost: it is told to retry, not refused.
+            let retry = !ending && join.requestedRank >= 0 && join.requestedRank < spec.workers
+            let reason = ending ? "the job is ending"
+                : retry ? "rank \(join.requestedRank) is still held by a live worker; retry" : "all \(spec.workers) ranks are taken"
             reject("join of \(join.workerID) refused: \(reason)", from: nil)
-            try? reply(identity, .error(ErrorReply(code: .jobFull, reason: reason)))
+            try? reply(identity, .error(ErrorReply(code: retry ? .notReady : .jobFull, reason: reason)))
             return
         }
         let restarts = members[rank].map { $0.restarts + 1 } ?? 0
@@ -241,6 +278,8 @@ public final class Coordinator {
         members[rank] = Member(rank: rank, identity: identity, workerID: join.workerID, host: join.host, pid: join.pid,
                                state: "joining", lastSeen: Self.now(), restarts: restarts)
         rankOfIdentity[identity] = rank
+        members[rank]?.connection = workerSocket.lastConnection
+        if firstJoin == 0 { firstJoin = Self.now() }
         log.info("worker joined", metadata: ["rank": "\(rank)", "host": "\(join.host)", "pid": "\(join.pid)",
                                               "restarts": "\(restarts)"])
         let welcome = Welcome(
@@ -257,7 +296,7 @@ public final class Coordinator {
     /// The requested rank if it is free (or held by a lost or departed worker), else the lowest free one.
     private func freeRank(requested: Int32) -> Int32? {
         func free(_ r: Int32) -> Bool { members[r].map { $0.state == "lost" || $0.state == "left" } ?? true }
-        if requested >= 0 && requested < spec.workers && free(requested) { return requested }
+        if requested >= 0 && requested < spec.workers { return free(requested) ? requested : nil }
         return (0..<Int32(spec.workers)).first(where: free)
     }
 
@@ -298,6 +337,17 @@ public final class Coordinator {
             }
         }
         return nil
+    }
+
+    /// A dropped connection of a worker declares it lost at once (a killed process closes its sockets).
+    private func handleConnectionEvents() throws {
+        while let event = try monitor.next() {
+            log.debug("connection event \(event)")
+            guard case .disconnected(let connection) = event else { continue }
+            for member in members.values where member.connection == connection && (member.isLive || member.state == "joining") {
+                markGone(member.rank, state: "lost", reason: "its connection dropped")
+            }
+        }
     }
 
     private func markGone(_ rank: Int32, state: String, reason: String) {

@@ -11,7 +11,7 @@ public enum Doctor {
     }
 
     /// Runs the local checks, and with `endpoint` (a coordinator's control endpoint) the remote ones.
-    public static func run(jobsRoot: String, endpoint: String?) -> [Check] {
+    public static func run(jobsRoot: String, endpoint: String?, keys: JobKeys? = nil) -> [Check] {
         var checks: [Check] = []
         func check(_ name: String, fix: String, _ body: () throws -> String) {
             do { checks.append(Check(name: name, passed: true, detail: try body(), fix: "")) } catch {
@@ -46,28 +46,29 @@ public enum Doctor {
         }
         var reachable = false
         check("coordinator", fix: "start it (ddpd coordinator ...) or check the endpoint, the network and firewall") {
-            let reply = try ControlClient(endpoint: endpoint).status(timeoutSeconds: 2)
+            let reply = try ControlClient(endpoint: endpoint, keys: keys).status(timeoutSeconds: 2)
             reachable = true
             return "answered at \(endpoint): job state \(reply.jobState), step \(reply.step)"
         }
         guard reachable else { return checks }
         check("protocol version", fix: "run the same SwiftDDP version on both sides") { "both speak protocol version \(wireProtocolVersion)" }
         check("round trip", fix: "check the network between this host and the coordinator") {
-            let times = try echo(endpoint, bytes: 0, times: 20)
+            let times = try echo(endpoint, keys: keys, bytes: 0, times: 20)
             return String(format: "median %.3f ms over 20 echoes", Measure.median(times) * 1000)
         }
         check("bandwidth", fix: "check the link speed and load between this host and the coordinator") {
             let bytes = 8 << 20
-            let times = try echo(endpoint, bytes: bytes, times: 5)
+            let times = try echo(endpoint, keys: keys, bytes: bytes, times: 5)
             return String(format: "%.2f GB/s each way (8 MiB echoes)", Double(bytes) / (Measure.median(times) / 2) / 1e9)
         }
         return checks
     }
 
     /// Times `times` heartbeat echoes carrying `bytes` through the coordinator's control socket.
-    static func echo(_ endpoint: String, bytes: Int, times: Int) throws -> [Double] {
+    static func echo(_ endpoint: String, keys: JobKeys?, bytes: Int, times: Int) throws -> [Double] {
         let context = ZMQContext()
         let socket = try ZMQSocket(context: context, kind: .dealer)
+        try keys?.secureClient(socket)
         try socket.setLinger(milliseconds: 0)
         try socket.connect(endpoint)
         let payload = Payload(byteCount: bytes)

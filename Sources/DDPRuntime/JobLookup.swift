@@ -168,7 +168,7 @@ extension JobDirectory {
                              message: "the coordinator (pid \(endpoints.pid)) is not running and left no summary; see \(logPath("coordinator"))")
         }
         let spec = try JobSpec.fromJSON(try String(contentsOfFile: specPath, encoding: .utf8))
-        let reply = try ControlClient(endpoint: endpoints.control, jobID: spec.jobID).status(timeoutSeconds: timeoutSeconds)
+        let reply = try ControlClient(endpoint: endpoints.control, jobID: spec.jobID, keys: try? spec.keys()).status(timeoutSeconds: timeoutSeconds)
         return JobStatus(reply: reply, jobID: spec.jobID, jobDir: path)
     }
 }

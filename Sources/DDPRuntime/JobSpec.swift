@@ -1,4 +1,5 @@
 import Foundation
+import DDPWire
 import Yams
 
 /// Everything that defines a training job. Read from flags and from a job file (`--config job.yaml` or
@@ -54,6 +55,9 @@ public struct JobSpec: Codable, Equatable, Sendable {
     public var checkpointEvery = 0
     /// How many checkpoints to keep.
     public var keepCheckpoints = 3
+    /// A folder of CURVE keys (`ddpctl keygen`): with it all traffic is encrypted and only authorised
+    /// workers can join.
+    public var keysDir = ""
     /// Where the job writes its model, summary, checkpoints and logs.
     public var output = ""
 
@@ -68,7 +72,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         case clipNorm = "clip_norm", seed, testFraction = "test_fraction", workers, minWorkers = "min_workers"
         case heartbeatIntervalMs = "heartbeat_interval_ms", heartbeatTimeoutMs = "heartbeat_timeout_ms"
         case joinTimeoutSeconds = "join_timeout_seconds", stepTimeoutSeconds = "step_timeout_seconds", output
-        case checkpointEvery = "checkpoint_every", keepCheckpoints = "keep_checkpoints"
+        case checkpointEvery = "checkpoint_every", keepCheckpoints = "keep_checkpoints", keysDir = "keys_dir"
     }
 
     /// Every key a job file may hold.
@@ -102,6 +106,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         try read(.heartbeatIntervalMs, &heartbeatIntervalMs); try read(.heartbeatTimeoutMs, &heartbeatTimeoutMs)
         try read(.joinTimeoutSeconds, &joinTimeoutSeconds); try read(.stepTimeoutSeconds, &stepTimeoutSeconds)
         try read(.output, &output); try read(.checkpointEvery, &checkpointEvery); try read(.keepCheckpoints, &keepCheckpoints)
+        try read(.keysDir, &keysDir)
     }
 
     private static func describe(_ type: Any.Type) -> String {
@@ -183,6 +188,11 @@ public struct JobSpec: Codable, Equatable, Sendable {
                   "heartbeat_timeout_ms must exceed heartbeat_interval_ms > 0")
         try check(checkpointEvery >= 0 && keepCheckpoints >= 1, "checkpoint_every must be >= 0 and keep_checkpoints >= 1")
         try check(joinTimeoutSeconds > 0 && stepTimeoutSeconds > 0, "join_timeout_seconds and step_timeout_seconds must be positive")
+    }
+
+    /// The job's keys, when it has a keys folder. `clientKey` picks another client key file.
+    public func keys(clientKey: String? = nil) throws -> JobKeys? {
+        keysDir.isEmpty ? nil : try JobKeys.load(from: keysDir, clientKey: clientKey)
     }
 
     /// The spec as JSON text (the Welcome carries it; job directories keep it).

@@ -13,6 +13,7 @@ public final class LocalJob {
     private var coordinator: Process?
     private var workers: [Process] = []
     private var restarts: [Int] = []
+    private var coordinatorRestarts = 0
     private let maxRestarts: Int
     public private(set) var endpoints: Endpoints?
 
@@ -46,8 +47,7 @@ public final class LocalJob {
         if transport == "ipc", directory.path.utf8.count + 20 > 107 {
             throw JobSpecError.invalid("job directory path too long for ipc:// sockets; use --transport tcp or a shorter --jobs-dir")
         }
-        coordinator = try launch(["coordinator", "--config", directory.specPath, "--bind", workerEndpoint,
-                                  "--control", controlEndpoint, "--job-dir", directory.path], log: "coordinator")
+        coordinator = try launchCoordinator(workers: workerEndpoint, control: controlEndpoint, resume: false)
         let deadline = Coordinator.now() + 10
         while endpoints == nil {
             endpoints = directory.endpoints()
@@ -61,6 +61,27 @@ public final class LocalJob {
         for rank in 0..<spec.workers { workers.append(try launchWorker(rank)) }
         restarts = Array(repeating: 0, count: spec.workers)
         try recordProcesses()
+    }
+
+    private func launchCoordinator(workers: String, control: String, resume: Bool) throws -> Process {
+        try launch(["coordinator", "--config", directory.specPath, "--bind", workers, "--control", control,
+                    "--job-dir", directory.path] + (resume ? ["--resume"] : []), log: "coordinator")
+    }
+
+    /// Starts a coordinator that died without a summary again, from its newest checkpoint, on the same
+    /// endpoints (the workers reconnect by themselves). Returns false when none is left to try.
+    private func restartCoordinator() -> Bool {
+        guard let old = coordinator, let endpoints, directory.summary() == nil, coordinatorRestarts < maxRestarts else { return false }
+        coordinatorRestarts += 1
+        let how = old.terminationReason == .uncaughtSignal ? "signal \(old.terminationStatus)" : "status \(old.terminationStatus)"
+        appendLog("coordinator", "supervisor: the coordinator exited with \(how); restart \(coordinatorRestarts) of \(maxRestarts) from the newest checkpoint")
+        try? FileManager.default.removeItem(atPath: directory.endpointsPath)
+        guard let replacement = try? launchCoordinator(workers: endpoints.workers, control: endpoints.control, resume: true) else { return false }
+        coordinator = replacement
+        let deadline = Coordinator.now() + 10
+        while directory.endpoints() == nil && replacement.isRunning && Coordinator.now() < deadline { usleep(5000) }
+        try? recordProcesses()
+        return replacement.isRunning
     }
 
     private func launchWorker(_ rank: Int) throws -> Process {
@@ -120,20 +141,21 @@ public final class LocalJob {
     /// since the last call, to `progress` until the coordinator exits; then collects the workers and
     /// returns the summary.
     public func wait(interval: Double = 0.25, progress: (StatusReply, [EpochRecord]) -> Void) throws -> JobSummary {
-        guard let coordinator, let endpoints else { throw ControlError.noJob("the job was not started") }
-        let client = try ControlClient(endpoint: endpoints.control, jobID: spec.jobID)
+        guard coordinator != nil, let endpoints else { throw ControlError.noJob("the job was not started") }
+        let client = try ControlClient(endpoint: endpoints.control, jobID: spec.jobID, keys: try? spec.keys())
         var epochsShown = 0
         func newEpochs() -> [EpochRecord] {
             let history = directory.history()
             defer { epochsShown = max(epochsShown, history.count) }
             return Array(history.dropFirst(epochsShown))
         }
-        while coordinator.isRunning {
+        while coordinator!.isRunning || restartCoordinator() {
             if let status = try? client.status(timeoutSeconds: 2) { progress(status, newEpochs()) }
             restartFailedWorkers()
             var waited = 0.0
-            while coordinator.isRunning && waited < interval { usleep(10_000); waited += 0.01 }
+            while coordinator!.isRunning && waited < interval { usleep(10_000); waited += 0.01 }
         }
+        let coordinator = coordinator!
         let deadline = Coordinator.now() + 5
         for worker in workers {
             while worker.isRunning && Coordinator.now() < deadline { usleep(10_000) }
@@ -161,7 +183,7 @@ public final class LocalJob {
 
     /// Asks the coordinator to stop the job gracefully.
     public func requestStop(reason: String) {
-        guard let endpoints, let client = try? ControlClient(endpoint: endpoints.control, jobID: spec.jobID) else { return }
+        guard let endpoints, let client = try? ControlClient(endpoint: endpoints.control, jobID: spec.jobID, keys: try? spec.keys()) else { return }
         _ = try? client.stop(reason: reason)
     }
 

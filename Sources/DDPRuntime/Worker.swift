@@ -18,12 +18,14 @@ public final class Worker {
     private let log: Logger
     private let context = ZMQContext()
     private let socket: ZMQSocket
+    private let monitor: ZMQMonitor
     private var jobID: String
     private var rank: Int32 = -1
     private var parameters: [NamedParameter] = []
     private var gradientPayloads: [Payload] = []
     private var permutation: (epoch: Int, order: [Int])?
     private var heartbeatInterval = 1.0
+    private var heartbeatTimeout = 5.0
     private var coordinatorTimeout = 30.0
     private let joinTimeout: Double
     private let requestedRank: Int32
@@ -31,7 +33,11 @@ public final class Worker {
 
     /// A worker for the coordinator at `endpoint`. With a `spec`, the worker builds its model first and
     /// the coordinator checks its fingerprint; without, it takes the job's spec from the welcome.
-    public init(endpoint: String, spec: JobSpec?, requestedRank: Int32 = -1, joinTimeoutSeconds: Double = 60, logger: Logger) throws {
+    /// `keys` (server public key and a client pair) are needed for a secure job.
+    public init(
+        endpoint: String, spec: JobSpec?, keys: JobKeys? = nil, requestedRank: Int32 = -1, joinTimeoutSeconds: Double = 60,
+        logger: Logger
+    ) throws {
         self.endpoint = endpoint
         setup = try spec.map(TrainingSetup.init)
         jobID = spec?.jobID ?? ""
@@ -40,6 +46,8 @@ public final class Worker {
         self.requestedRank = requestedRank
         workerID = "\(ProcessInfo.processInfo.hostName):\(getpid()):\(String(UInt32.random(in: 0...UInt32.max), radix: 16))"
         socket = try ZMQSocket(context: context, kind: .dealer)
+        monitor = try ZMQMonitor(context: context, monitoring: socket)
+        try (keys ?? spec?.keys())?.secureClient(socket)
         try socket.setSendTimeout(milliseconds: 5000)
         try socket.setHighWaterMarks(send: 0, receive: 0)
         try socket.connect(endpoint)
@@ -49,7 +57,7 @@ public final class Worker {
     /// goes silent past its deadline.
     public func run() throws -> Outcome {
         try join()
-        var lastHeard = Coordinator.now()
+        var lastHeard = Coordinator.now(), lastJoin = 0.0
         while true {
             guard let frames = try socket.receive(timeoutMilliseconds: Int(heartbeatInterval * 1000)) else {
                 let silent = Coordinator.now() - lastHeard
@@ -57,6 +65,13 @@ public final class Worker {
                     throw WorkerError.coordinatorSilent(endpoint: endpoint, seconds: silent)
                 }
                 try send(.heartbeat(Heartbeat(sentUnixMilliseconds: Coordinator.unixMilliseconds(), state: "waiting")))
+                // A coordinator silent past the heartbeat timeout may have restarted, or dropped this
+                // worker: ask to join again, for the same rank.
+                if silent > heartbeatTimeout && Coordinator.now() - lastJoin > heartbeatTimeout {
+                    log.warning("the coordinator has been silent for \(Int(silent)) s; joining again", metadata: ["rank": "\(rank)"])
+                    try send(.join(joinRequest(rank: rank)))
+                    lastJoin = Coordinator.now()
+                }
                 continue
             }
             lastHeard = Coordinator.now()
@@ -76,7 +91,9 @@ public final class Worker {
                 return .stopped(reason: reason)
             case .error(let error):
                 throw WorkerError.refused(error.reason)
-            case .heartbeat, .welcome:
+            case .welcome(let welcome):
+                try accept(welcome, message: message)
+            case .heartbeat:
                 break
             default:
                 log.warning("unexpected \(message.body.kind) from the coordinator")
@@ -88,19 +105,29 @@ public final class Worker {
         try socket.send(WireCodec.encode(WireMessage(jobID: jobID, step: step, rank: rank, body: body, tensors: tensors)))
     }
 
+    private func joinRequest(rank: Int32) -> Join {
+        Join(workerID: workerID, host: ProcessInfo.processInfo.hostName, pid: UInt32(getpid()),
+             modelFingerprint: setup?.modelFingerprint ?? "", requestedRank: rank)
+    }
+
     private func join() throws {
-        let join = Join(workerID: workerID, host: ProcessInfo.processInfo.hostName, pid: UInt32(getpid()),
-                        modelFingerprint: setup?.modelFingerprint ?? "", requestedRank: requestedRank)
-        try send(.join(join))
+        try send(.join(joinRequest(rank: requestedRank)))
         log.info("joining", metadata: ["coordinator": "\(endpoint)"])
         let deadline = Coordinator.now() + joinTimeout
         while Coordinator.now() < deadline {
+            while let event = try monitor.next() {
+                if case .authenticationFailed = event { throw WorkerError.refused("the coordinator did not accept this worker's CURVE key") }
+            }
             guard let frames = try socket.receive(timeoutMilliseconds: 200) else { continue }
             let message = try WireCodec.decode(frames)
             switch message.body {
             case .welcome(let welcome):
                 try accept(welcome, message: message)
                 return
+            case .error(let error) where error.code == .notReady:
+                log.info("the coordinator asks to retry: \(error.reason)")
+                usleep(250_000)
+                try send(.join(joinRequest(rank: requestedRank)))
             case .error(let error):
                 throw WorkerError.refused(error.reason)
             default:
@@ -116,6 +143,7 @@ public final class Worker {
         jobID = message.jobID
         rank = welcome.rank
         heartbeatInterval = Double(welcome.heartbeatIntervalMilliseconds) / 1000
+        heartbeatTimeout = Double(welcome.heartbeatTimeoutMilliseconds) / 1000
         coordinatorTimeout = max(30, 6 * Double(welcome.heartbeatTimeoutMilliseconds) / 1000)
         parameters = setup!.model.parameters
         gradientPayloads = parameters.map { Payload(byteCount: $0.tensor.count * 4) }

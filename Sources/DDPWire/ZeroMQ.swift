@@ -173,6 +173,9 @@ public final class ZMQSocket {
     private var handle: UnsafeMutableRawPointer?
     private let context: ZMQContext  // kept alive while the socket is open
     public let kind: Kind
+    /// The connection (its file descriptor) the last received message came in on; a `ZMQMonitor`
+    /// reports disconnections by the same number.
+    public private(set) var lastConnection: Int32 = -1
 
     /// A new socket with `linger` (how long unsent messages are kept on close) set to one second.
     public init(context: ZMQContext, kind: Kind) throws {
@@ -190,6 +193,8 @@ public final class ZMQSocket {
         if let handle { zmq_close(handle) }
         handle = nil
     }
+
+    fileprivate var openHandle: UnsafeMutableRawPointer { get throws { try open } }
 
     private var open: UnsafeMutableRawPointer {
         get throws {
@@ -319,6 +324,9 @@ public final class ZMQSocket {
                 throw error
             }
             let more = zmq_msg_more(message) != 0
+            // A ROUTER's routing-id frame is made locally; the frames after it carry the connection.
+            let connection = zmq_msg_get(message, ZMQ_SRCFD)
+            if frames.isEmpty || connection >= 0 { lastConnection = connection }
             frames.append(Payload(receiving: message))
             if !more { return frames }
         }
@@ -332,6 +340,46 @@ public final class ZMQSocket {
         repeat { rc = zmq_poll(&items, Int32(items.count), timeoutMilliseconds) } while rc < 0 && zmq_errno() == EINTR
         guard rc >= 0 else { throw ZMQError.last("poll") }
         return items.indices.filter { items[$0].revents & Int16(ZMQ_POLLIN) != 0 }
+    }
+}
+
+/// Connection events of a socket, read from ZeroMQ's socket monitor.
+public final class ZMQMonitor {
+    /// An event and the connection (file descriptor) it concerns.
+    public enum Event: Equatable, Sendable {
+        case accepted(connection: Int32)
+        case disconnected(connection: Int32)
+        case authenticationFailed(connection: Int32)
+        case other(code: UInt16)
+    }
+
+    /// The socket to poll for events (with `ZMQSocket.poll`).
+    public let socket: ZMQSocket
+
+    /// Starts monitoring `target` for accepted and dropped connections and failed authentication.
+    public init(context: ZMQContext, monitoring target: ZMQSocket) throws {
+        let address = "inproc://monitor-\(UInt64.random(in: 0...UInt64.max))"
+        let events = ZMQ_EVENT_ACCEPTED | ZMQ_EVENT_DISCONNECTED | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH
+        guard zmq_socket_monitor(try target.openHandle, address, events) == 0 else { throw ZMQError.last("zmq_socket_monitor") }
+        socket = try ZMQSocket(context: context, kind: .pair)
+        try socket.connect(address)
+    }
+
+    /// The next event, waiting at most `timeoutMilliseconds`.
+    public func next(timeoutMilliseconds: Int = 0) throws -> Event? {
+        guard let frames = try socket.receive(timeoutMilliseconds: timeoutMilliseconds), frames.count >= 1, frames[0].byteCount >= 6 else {
+            return nil
+        }
+        let (code, value) = frames[0].withUnsafeBytes { raw in
+            (raw.loadUnaligned(as: UInt16.self), raw.loadUnaligned(fromByteOffset: 2, as: UInt32.self))
+        }
+        let connection = Int32(bitPattern: value)
+        switch Int32(code) {
+        case ZMQ_EVENT_ACCEPTED: return .accepted(connection: connection)
+        case ZMQ_EVENT_DISCONNECTED: return .disconnected(connection: connection)
+        case ZMQ_EVENT_HANDSHAKE_FAILED_AUTH: return .authenticationFailed(connection: connection)
+        default: return .other(code: code)
+        }
     }
 }
 

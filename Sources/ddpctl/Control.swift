@@ -1,5 +1,6 @@
 import ArgumentParser
 import DDPRuntime
+import DDPWire
 import Foundation
 
 /// Which job a command is about.
@@ -33,13 +34,15 @@ struct Status: ParsableCommand {
             """)
     @OptionGroup var selection: JobSelection
     @Option(help: "A coordinator's control endpoint, instead of a job on this host.") var endpoint: String?
+    @Option(help: "With --endpoint: the key folder of a secure job (server.pub and client.key).") var keys: String?
     @Flag(help: "Print one JSON line.") var json = false
 
     func run() throws {
         let status: JobStatus
         do {
             if let endpoint {
-                status = JobStatus(reply: try ControlClient(endpoint: endpoint).status(), jobID: "", jobDir: "")
+                let jobKeys = try keys.map { try JobKeys.load(from: $0) }
+                status = JobStatus(reply: try ControlClient(endpoint: endpoint, keys: jobKeys).status(), jobID: "", jobDir: "")
             } else {
                 status = try selection.directory().status()
             }
@@ -140,7 +143,7 @@ struct Stop: ParsableCommand {
         var graceful = false
         if let endpoints = directory.endpoints(), JobLookup.isAlive(endpoints.pid) {
             let spec = try JobSpec.fromJSON(try String(contentsOfFile: directory.specPath, encoding: .utf8))
-            if let reply = try? ControlClient(endpoint: endpoints.control, jobID: spec.jobID).stop(reason: "ddpctl stop") {
+            if let reply = try? ControlClient(endpoint: endpoints.control, jobID: spec.jobID, keys: try spec.keys()).stop(reason: "ddpctl stop") {
                 print("asked the coordinator to stop at step \(reply.step)")
                 let deadline = Date().addingTimeInterval(timeout)
                 while JobLookup.isAlive(endpoints.pid) && Date() < deadline { usleep(50_000) }
@@ -238,12 +241,36 @@ struct Doctor: ParsableCommand {
         discussion: "Example: ddpctl doctor --endpoint tcp://10.0.0.5:5556   (the coordinator's control endpoint)")
     @Option(help: "A coordinator's control endpoint to check reachability, version, round trip and bandwidth.") var endpoint: String?
     @Option(help: "Where job directories are made.") var jobsDir: String?
+    @Option(help: "The key folder of a secure job (server.pub and client.key).") var keys: String?
 
     func run() throws {
-        let checks = DDPRuntime.Doctor.run(jobsRoot: JobLookup.root(jobsDir), endpoint: endpoint)
+        let jobKeys: JobKeys?
+        do { jobKeys = try keys.map { try JobKeys.load(from: $0) } } catch { throw CleanExit.message(error) }
+        let checks = DDPRuntime.Doctor.run(jobsRoot: JobLookup.root(jobsDir), endpoint: endpoint, keys: jobKeys)
         for c in checks {
             print(c.passed ? "ok    \(c.name): \(c.detail)" : "FAIL  \(c.name): \(c.detail)\n      fix: \(c.fix)")
         }
         if checks.contains(where: { !$0.passed }) { throw ExitCode.failure }
+    }
+}
+
+struct Keygen: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Write CURVE keys for a secure job: a server pair, client pairs and the authorised list.",
+        discussion: """
+            The folder gets server.key (the coordinator's secret: keep it on the coordinator host), server.pub,
+            client.key (and client-N.key with --clients N) and authorized_keys. Give the job the folder with
+            keys_dir (or --keys-dir); workers need server.pub and a client key, the coordinator server.key and
+            authorized_keys. Example: ddpctl keygen --out keys --clients 4
+            """)
+    @Option(help: "The folder to write.") var out: String
+    @Option(help: "Client key pairs to make (all authorised).") var clients = 1
+
+    func run() throws {
+        guard !FileManager.default.fileExists(atPath: out + "/server.key") else {
+            throw ValidationError("\(out) already holds keys; choose another folder")
+        }
+        try JobKeys.generate(into: out, clients: clients)
+        print("wrote keys to \(out): server.key, server.pub, \(clients) client key(s), authorized_keys")
     }
 }

@@ -7,5 +7,5 @@ struct DDPCtl: ParsableCommand {
         commandName: "ddpctl",
         abstract: "Start, watch and stop SwiftDDP training jobs; measure the machine.",
         subcommands: [Start.self, Status.self, Watch.self, Stop.self, Logs.self, List.self, Report.self,
-                      Metrics.self, Doctor.self, Bench.self, Supervise.self])
+                      Metrics.self, Doctor.self, Keygen.self, Bench.self, Supervise.self])
 }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import DDPRuntime
+import DDPWire
 import Foundation
 import Logging
 
@@ -38,6 +39,7 @@ struct CoordinatorCommand: ParsableCommand {
     @Option(help: "Endpoint for control clients (ddpctl status/stop).") var control = "tcp://127.0.0.1:0"
     @Option(help: "The job directory for the model, summary, history and checkpoints.") var jobDir: String?
     @Flag(help: "Continue from the newest checkpoint in the job directory.") var resume = false
+    @Flag(help: "Allow plain-text traffic on endpoints other hosts can reach (without keys_dir).") var insecure = false
     @OptionGroup var logging: LoggingOptions
 
     func run() throws {
@@ -48,7 +50,7 @@ struct CoordinatorCommand: ParsableCommand {
         try directory?.create()
         let coordinator = try Coordinator(
             spec: spec, workerEndpoint: bind, controlEndpoint: control, directory: directory, resume: resume,
-            logger: Logger(label: "coordinator"))
+            allowPlainText: insecure, logger: Logger(label: "coordinator"))
         FileHandle.standardOutput.write(Data("workers=\(coordinator.workerEndpoint)\ncontrol=\(coordinator.controlEndpoint)\n".utf8))
         let summary = try coordinator.run()
         FileHandle.standardOutput.write(Data((summary.jsonLine + "\n").utf8))
@@ -69,12 +71,16 @@ struct WorkerCommand: ParsableCommand {
     @Option(help: "The job file; with it the coordinator checks that this worker builds the same model.") var config: String?
     @Option(help: "The rank to ask for (a restarted worker asks for its old one); -1 for any.") var rank: Int32 = -1
     @Option(help: "Seconds to wait for the coordinator's welcome.") var joinTimeout: Double = 60
+    @Option(help: "The key folder of a secure job (server.pub and client.key), if not in the job file.") var keys: String?
+    @Option(help: "Another client key file in the key folder (e.g. client-2.key).") var clientKey: String?
     @OptionGroup var logging: LoggingOptions
 
     func run() throws {
         try logging.bootstrap()
         let spec = try config.map { try JobSpec.load(path: $0) }
-        let worker = try Worker(endpoint: connect, spec: spec, requestedRank: rank, joinTimeoutSeconds: joinTimeout,
+        let folder = keys ?? spec.flatMap { $0.keysDir.isEmpty ? nil : $0.keysDir }
+        let jobKeys = try folder.map { try JobKeys.load(from: $0, clientKey: clientKey.map { "\($0.hasPrefix("/") ? "" : folder! + "/")\($0)" }) }
+        let worker = try Worker(endpoint: connect, spec: spec, keys: jobKeys, requestedRank: rank, joinTimeoutSeconds: joinTimeout,
                                 logger: Logger(label: "worker"))
         _ = try worker.run()
     }

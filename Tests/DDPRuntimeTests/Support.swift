@@ -68,3 +68,31 @@ func startJob(_ arguments: [String], jobsDir: String) throws -> (JobSummary?, Co
     let line = result.stdout.split(separator: "\n").last.map(String.init) ?? ""
     return (try? JSONDecoder().decode(JobSummary.self, from: Data(line.utf8)), result)
 }
+
+/// Starts `ddpctl start --detach` and returns the job's directory.
+func startDetachedJob(_ arguments: [String], jobsDir: String) throws -> JobDirectory {
+    let started = try runCommand(Binaries.ddpctl, ["start", "--detach", "--json", "--jobs-dir", jobsDir] + arguments, timeout: 30)
+    guard started.status == 0,
+        let object = try? JSONSerialization.jsonObject(with: Data(started.stdout.utf8)) as? [String: Any],
+        let path = object["job_dir"] as? String
+    else { throw ControlError.noJob("start --detach failed: \(started.stderr)") }
+    return JobDirectory(path: path)
+}
+
+/// Waits (at most `timeout` seconds) until `condition` holds, polling every 50 ms.
+func waitUntil(timeout: Double, _ condition: () -> Bool) -> Bool {
+    let deadline = Date().addingTimeInterval(timeout)
+    while Date() < deadline {
+        if condition() { return true }
+        usleep(50_000)
+    }
+    return condition()
+}
+
+/// The current step of a running job, from its coordinator (0 when it does not answer).
+func currentStep(_ job: JobDirectory) -> Int { Int((try? job.status(timeoutSeconds: 1))?.step ?? 0) }
+
+/// Parameters of a finished job's final model, in file order.
+func finalParameters(_ job: JobDirectory) throws -> [(name: String, values: [Float])] {
+    try SafeTensors.read(path: job.modelPath).tensors.map { ($0.name, $0.tensor.scalars) }
+}

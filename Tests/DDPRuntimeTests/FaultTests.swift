@@ -1,0 +1,300 @@
+@testable import DDPWire
+import Foundation
+import Testing
+@testable import DDPRuntime
+
+/// Killed workers and coordinators, hostile peers and secure jobs.
+@Suite(.serialized)
+struct FaultTests {
+    @Test func killedWorkerIsNamedRestartedAndTheJobCompletes() throws {
+        let jobs = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: jobs) }
+        let arguments = ["--workers", "3", "--epochs", "30", "--seed", "5"]
+        let clean = try #require(try startJob(arguments, jobsDir: jobs).0)
+
+        let job = try startDetachedJob(arguments, jobsDir: jobs)
+        let killAt = Int.random(in: 40...150)
+        #expect(waitUntil(timeout: 60) { currentStep(job) >= killAt })
+        let victim = try #require(JobLookup.processes(of: job)["worker-1"])
+        kill(victim, SIGKILL)
+        #expect(waitUntil(timeout: 120) { job.summary() != nil })
+        let summary = try #require(job.summary())
+        #expect(summary.state == "completed" && summary.steps == clean.steps)
+        #expect(summary.lostWorkers.contains(1))
+        #expect(abs(summary.testAccuracy - clean.testAccuracy) <= 0.01, "\(summary.testAccuracy) vs clean \(clean.testAccuracy)")
+        let log = try String(contentsOfFile: job.logPath("coordinator"), encoding: .utf8)
+        #expect(log.contains("worker lost") && log.contains("pid=\(victim) rank=1"))
+        #expect(log.contains("rank=1 restarts=1"), "the restarted worker did not rejoin")
+        let status = try job.status()
+        #expect(status.source == "directory" && status.state == "completed")
+    }
+
+    @Test func killedCoordinatorResumesToTheSameParameters() throws {
+        let jobs = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: jobs) }
+        let arguments = ["--workers", "2", "--epochs", "25", "--seed", "9", "--checkpoint-every", "20"]
+        let cleanSummary = try #require(try startJob(arguments, jobsDir: jobs).0)
+        let clean = try finalParameters(JobDirectory(path: (cleanSummary.modelPath as NSString).deletingLastPathComponent))
+
+        let job = try startDetachedJob(arguments, jobsDir: jobs)
+        #expect(waitUntil(timeout: 60) { currentStep(job) >= 70 })
+        let coordinator = try #require(job.endpoints()).pid
+        kill(coordinator, SIGKILL)
+        #expect(waitUntil(timeout: 120) { job.summary() != nil })
+        let summary = try #require(job.summary())
+        #expect(summary.state == "completed" && summary.steps == cleanSummary.steps)
+        let log = try String(contentsOfFile: job.logPath("coordinator"), encoding: .utf8)
+        #expect(log.contains("resumed from checkpoint"))
+        let resumed = try finalParameters(job)
+        #expect(resumed.map(\.name) == clean.map(\.name))
+        for (a, b) in zip(resumed, clean) { #expect(a.values == b.values, "\(a.name) differs from the uninterrupted run") }
+    }
+
+    @Test func hostileMessagesChangeNothing() throws {
+        let jobs = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: jobs) }
+        let arguments = ["--workers", "2", "--epochs", "20", "--seed", "3"]
+        let clean = try #require(try startJob(arguments, jobsDir: jobs).0)
+        let job = try startDetachedJob(arguments, jobsDir: jobs)
+        #expect(waitUntil(timeout: 60) { currentStep(job) >= 5 })
+        let spec = try JobSpec.fromJSON(try String(contentsOfFile: job.specPath, encoding: .utf8))
+        let endpoint = try #require(job.endpoints()).workers
+
+        let context = ZMQContext()
+        let hostile = try ZMQSocket(context: context, kind: .dealer)
+        try hostile.connect(endpoint)
+        func send(_ message: WireMessage, version: UInt32 = wireProtocolVersion) throws {
+            try hostile.send(WireCodec.encode(message, protocolVersion: version))
+        }
+        let nan = WireTensor(name: "1.weight", shape: [128, 64], payload: Payload(floats: Array(repeating: .nan, count: 128 * 64)))
+        var rng = SystemRandomNumberGenerator()
+        for round in 0..<20 {
+            try hostile.send([.bytes((0..<Int.random(in: 1...64, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) })])
+            try send(WireMessage(jobID: spec.jobID, step: UInt64(round), rank: 0, body: .gradientPush(GradientPush(sampleCount: 64, localLoss: 1)), tensors: [nan]))
+            try send(WireMessage(jobID: "another-job", step: UInt64(round), rank: 1, body: .gradientPush(GradientPush(sampleCount: 64, localLoss: 1))))
+            try send(WireMessage(jobID: spec.jobID, body: .join(Join(workerID: "intruder", host: "x", pid: 1, modelFingerprint: "bad"))))
+            try send(WireMessage(jobID: spec.jobID, body: .join(Join(workerID: "squatter", host: "x", pid: 1, modelFingerprint: ""))))
+            try send(WireMessage(jobID: spec.jobID, body: .leave(reason: "not a member")), version: 7)
+            try hostile.send([.bytes([0x0a, 0x05]), .bytes([1, 2, 3])])  // truncated envelope plus a stray frame
+            try send(WireMessage(jobID: spec.jobID, step: 1_000_000, rank: 1, body: .gradientPush(GradientPush(sampleCount: 1, localLoss: 0))))
+            try send(WireMessage(jobID: spec.jobID, body: .statusReply(StatusReply(jobState: "fake"))))
+        }
+        #expect(waitUntil(timeout: 120) { job.summary() != nil })
+        let summary = try #require(job.summary())
+        #expect(summary.state == "completed" && summary.rejectedMessages >= 20 * 8)
+        let cleanParameters = try finalParameters(JobDirectory(path: (clean.modelPath as NSString).deletingLastPathComponent))
+        for (a, b) in zip(try finalParameters(job), cleanParameters) { #expect(a.values == b.values, "\(a.name) changed") }
+    }
+
+    @Test func badGradientsFromAMemberAreSkippedAndNamed() throws {
+        let dir = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var spec = try JobSpec.load(path: nil, overrides: ["workers": 2, "min_workers": 1, "epochs": 3, "job_id": "nan-job"])
+        spec.output = dir
+        try spec.json().write(toFile: dir + "/spec.json", atomically: true, encoding: .utf8)
+        let coordinator = Process()
+        coordinator.executableURL = URL(fileURLWithPath: Binaries.ddpd)
+        coordinator.arguments = ["coordinator", "--config", dir + "/spec.json", "--job-dir", dir]
+        coordinator.standardOutput = FileHandle.nullDevice
+        let logPath = dir + "/coordinator.log"
+        _ = FileManager.default.createFile(atPath: logPath, contents: nil)
+        coordinator.standardError = FileHandle(forWritingAtPath: logPath)
+        try coordinator.run()
+        defer { if coordinator.isRunning { coordinator.terminate() } }
+        let job = JobDirectory(path: dir)
+        #expect(waitUntil(timeout: 10) { job.endpoints() != nil })
+        let endpoint = try #require(job.endpoints()).workers
+
+        // A member that sends NaN, then a wrong shape, then the same step twice, then leaves.
+        let context = ZMQContext()
+        let fake = try ZMQSocket(context: context, kind: .dealer)
+        try fake.connect(endpoint)
+        try fake.send(WireCodec.encode(WireMessage(jobID: "nan-job", body: .join(Join(workerID: "fake", host: "test", pid: 2, modelFingerprint: "")))))
+        let real = Process()
+        real.executableURL = URL(fileURLWithPath: Binaries.ddpd)
+        real.arguments = ["worker", "--connect", endpoint, "--config", dir + "/spec.json"]
+        real.standardError = FileHandle.nullDevice
+        try real.run()
+        var rank: Int32 = -1, pushes = 0
+        let setup = try TrainingSetup(spec: spec)
+        while pushes < 3, let frames = try fake.receive(timeoutMilliseconds: 10_000) {
+            let message = try WireCodec.decode(frames)
+            if case .welcome(let w) = message.body { rank = w.rank }
+            guard case .parameterUpdate = message.body else { continue }
+            let shapes = setup.model.parameters
+            let tensors: [WireTensor] = shapes.map { p in
+                let values: [Float] = pushes == 0 ? Array(repeating: .nan, count: p.tensor.count) : Array(repeating: 0, count: p.tensor.count)
+                let shape = pushes == 1 && p.name == "1.bias" ? [p.tensor.count, 1] : p.tensor.shape
+                return WireTensor(name: p.name, shape: shape, payload: Payload(floats: values))
+            }
+            let push = WireMessage(jobID: "nan-job", step: message.step, rank: rank, body: .gradientPush(GradientPush(sampleCount: 64, localLoss: 1)), tensors: tensors)
+            try fake.send(WireCodec.encode(push))
+            if pushes == 2 { try fake.send(WireCodec.encode(push)) }  // a duplicate
+            pushes += 1
+        }
+        try fake.send(WireCodec.encode(WireMessage(jobID: "nan-job", rank: rank, body: .leave(reason: "done lying"))))
+        coordinator.waitUntilExit()
+        real.waitUntilExit()
+        let summary = try #require(job.summary())
+        #expect(summary.state == "completed")
+        #expect(summary.rejectedMessages >= 3)
+        let log = try String(contentsOfFile: logPath, encoding: .utf8)
+        #expect(log.contains("skipped: tensor '1.weight' element 0 is NaN or infinite"))
+        #expect(log.contains("has shape [128, 1], expected [128]"))
+        #expect(log.contains("duplicate push"))
+        #expect(log.contains("worker left"))
+    }
+
+    @Test func unauthorisedClientsCannotJoinASecureJob() throws {
+        let dir = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try JobKeys.generate(into: dir + "/keys")
+        try JobKeys.generate(into: dir + "/stranger")
+        var spec = try JobSpec.load(path: nil, overrides: ["workers": 1, "epochs": 2, "job_id": "secure", "keys_dir": dir + "/keys"])
+        spec.output = dir
+        try spec.json().write(toFile: dir + "/spec.json", atomically: true, encoding: .utf8)
+        let coordinator = Process()
+        coordinator.executableURL = URL(fileURLWithPath: Binaries.ddpd)
+        coordinator.arguments = ["coordinator", "--config", dir + "/spec.json", "--job-dir", dir]
+        coordinator.standardOutput = FileHandle.nullDevice
+        try coordinator.run()
+        defer { if coordinator.isRunning { coordinator.terminate() } }
+        let job = JobDirectory(path: dir)
+        #expect(waitUntil(timeout: 10) { job.endpoints() != nil })
+        let endpoint = try #require(job.endpoints()).workers
+
+        // The stranger knows the server's public key but holds an unauthorised client key.
+        try FileManager.default.removeItem(atPath: dir + "/stranger/server.pub")
+        try FileManager.default.copyItem(atPath: dir + "/keys/server.pub", toPath: dir + "/stranger/server.pub")
+        try FileManager.default.removeItem(atPath: dir + "/stranger/server.key")
+        let stranger = try runCommand(Binaries.ddpd, ["worker", "--connect", endpoint, "--keys", dir + "/stranger", "--join-timeout", "5"])
+        #expect(stranger.status != 0 && stranger.stderr.contains("did not accept this worker's CURVE key"), "\(stranger.stderr)")
+        // A client without CURVE gets nothing back.
+        let context = ZMQContext()
+        let plain = try ZMQSocket(context: context, kind: .dealer)
+        try plain.setLinger(milliseconds: 0)
+        try plain.connect(endpoint)
+        try plain.send(WireCodec.encode(WireMessage(jobID: "secure", body: .join(Join(workerID: "plain", host: "x", pid: 1, modelFingerprint: "")))))
+        #expect(try plain.receive(timeoutMilliseconds: 1000) == nil)
+
+        let good = try runCommand(Binaries.ddpd, ["worker", "--connect", endpoint, "--config", dir + "/spec.json"])
+        #expect(good.status == 0, "\(good.stderr)")
+        coordinator.waitUntilExit()
+        let summary = try #require(job.summary())
+        #expect(summary.state == "completed" && summary.rejectedMessages >= 1)
+    }
+
+    @Test func secureTrafficIsNotPlainText() throws {
+        let dir = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try JobKeys.generate(into: dir + "/keys")
+        func captured(secure: Bool) throws -> Data {
+            let jobDir = dir + "/job-\(secure)"
+            try FileManager.default.createDirectory(atPath: jobDir, withIntermediateDirectories: true)
+            var overrides: [String: Any] = ["workers": 1, "epochs": 1, "job_id": "visible-job-name"]
+            if secure { overrides["keys_dir"] = dir + "/keys" }
+            var spec = try JobSpec.load(path: nil, overrides: overrides)
+            spec.output = jobDir
+            try spec.json().write(toFile: jobDir + "/spec.json", atomically: true, encoding: .utf8)
+            let coordinator = Process()
+            coordinator.executableURL = URL(fileURLWithPath: Binaries.ddpd)
+            coordinator.arguments = ["coordinator", "--config", jobDir + "/spec.json", "--job-dir", jobDir]
+            coordinator.standardOutput = FileHandle.nullDevice
+            try coordinator.run()
+            defer { if coordinator.isRunning { coordinator.terminate() } }
+            let job = JobDirectory(path: jobDir)
+            #expect(waitUntil(timeout: 10) { job.endpoints() != nil })
+            let target = try #require(job.endpoints()).workers
+            let relay = try TCPRelay(to: UInt16(target.split(separator: ":").last!)!)
+            let worker = try runCommand(Binaries.ddpd, ["worker", "--connect", "tcp://127.0.0.1:\(relay.port)", "--config", jobDir + "/spec.json"])
+            #expect(worker.status == 0, "\(worker.stderr)")
+            coordinator.waitUntilExit()
+            return relay.stop()
+        }
+        let plain = try captured(secure: false), secret = try captured(secure: true)
+        let marker = Data("visible-job-name".utf8)
+        #expect(plain.range(of: marker) != nil, "the check itself must see plain text")
+        #expect(secret.count > 10_000 && secret.range(of: marker) == nil)
+        #expect(secret.range(of: Data("learning_rate".utf8)) == nil)
+    }
+
+    @Test func sixteenWorkersFiveHundredStepsWithOneKilled() throws {
+        let jobs = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: jobs) }
+        let job = try startDetachedJob(["--workers", "16", "--epochs", "42", "--hidden", "32"], jobsDir: jobs)
+        #expect(waitUntil(timeout: 120) { currentStep(job) >= 150 })
+        kill(try #require(JobLookup.processes(of: job)["worker-7"]), SIGKILL)
+        #expect(waitUntil(timeout: 600) { job.summary() != nil }, "the job hung")
+        let summary = try #require(job.summary())
+        #expect(summary.state == "completed" && summary.steps == 504 && summary.epochs == 42)
+        #expect(summary.lostWorkers == [7])
+        #expect(summary.testAccuracy > 0.9)
+        let log = try String(contentsOfFile: job.logPath("coordinator"), encoding: .utf8)
+        #expect(log.contains("rank=7 restarts=1"))
+    }
+}
+
+/// A TCP relay on loopback that records every byte it forwards in both directions.
+final class TCPRelay: @unchecked Sendable {
+    let port: UInt16
+    private let listener: Int32
+    private var recorded = Data()
+    private let lock = NSLock()
+    private var running = true
+
+    init(to targetPort: UInt16) throws {
+        let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        self.listener = listener
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        address.sin_port = 0
+        var size = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, size) } }
+        listen(listener, 8)
+        _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(listener, $0, &size) } }
+        port = UInt16(bigEndian: address.sin_port)
+        Thread.detachNewThread { [self] in
+            while running {
+                let client = accept(listener, nil, nil)
+                guard client >= 0 else { return }
+                let upstream = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+                var target = sockaddr_in()
+                target.sin_family = sa_family_t(AF_INET)
+                target.sin_addr.s_addr = inet_addr("127.0.0.1")
+                target.sin_port = targetPort.bigEndian
+                _ = withUnsafePointer(to: &target) {
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(upstream, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+                }
+                pump(from: client, to: upstream)
+                pump(from: upstream, to: client)
+            }
+        }
+    }
+
+    private func pump(from source: Int32, to destination: Int32) {
+        Thread.detachNewThread { [self] in
+            var buffer = [UInt8](repeating: 0, count: 65536)
+            while true {
+                let n = read(source, &buffer, buffer.count)
+                if n <= 0 { shutdown(destination, Int32(SHUT_WR)); return }
+                lock.lock(); recorded.append(contentsOf: buffer[0..<n]); lock.unlock()
+                var sent = 0
+                while sent < n {
+                    let m = buffer[sent..<n].withUnsafeBytes { write(destination, $0.baseAddress, n - sent) }
+                    if m <= 0 { return }
+                    sent += m
+                }
+            }
+        }
+    }
+
+    /// Stops accepting and returns everything recorded.
+    func stop() -> Data {
+        running = false
+        shutdown(listener, Int32(SHUT_RDWR))
+        close(listener)
+        lock.lock(); defer { lock.unlock() }
+        return recorded
+    }
+}
