@@ -70,6 +70,14 @@ public enum JobReport {
         return result
     }
 
+    /// The coordinator's wall time of every step, from the job's `steps.jsonl`.
+    static func stepSeconds(_ directory: JobDirectory) -> [Double] {
+        let text = (try? String(contentsOfFile: directory.stepLogPath, encoding: .utf8)) ?? ""
+        return text.split(separator: "\n").compactMap { line in
+            (try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any])?["seconds"] as? Double
+        }
+    }
+
     static func downsample(_ points: [(x: Double, y: Double)], to limit: Int) -> [(x: Double, y: Double)] {
         guard points.count > limit else { return points }
         let stride = Double(points.count) / Double(limit)

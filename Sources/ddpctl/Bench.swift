@@ -5,7 +5,7 @@ import DDPRuntime
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks of a release build (swift build -c release).",
-        subcommands: [Step.self, Wire.self, WireEcho.self])
+        subcommands: [Step.self, Train.self, Wire.self, WireEcho.self])
 
     struct Step: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -53,6 +53,27 @@ extension Bench {
             abstract: "The echo side of 'bench wire' (started by it).", shouldDisplay: false)
         @Argument(help: "The endpoint to connect to.") var endpoint: String
         func run() throws { try WireBenchmark.echo(endpoint: endpoint) }
+    }
+}
+
+extension Bench {
+    struct Train: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Time training steps of a real local job: digits 64-128-10 or MNIST-sized 784-512-512-10, batch 128.",
+            discussion: "Example: ddpctl bench train --workload mnist --workers 2 --epochs 1 --json")
+        @Option(help: "digits or mnist (synthetic 60000x784).") var workload = "digits"
+        @Option(help: "Worker processes.") var workers = 2
+        @Option(help: "Epochs (default: 20 for digits, 1 for mnist).") var epochs: Int?
+        @Option(help: "The ddpd executable (default: beside ddpctl).") var ddpd: String?
+        @Flag(help: "Print one JSON line.") var json = false
+
+        func run() throws {
+            let result = try TrainBenchmark(
+                workload: workload, workers: workers, epochs: epochs ?? (workload == "mnist" ? 1 : 20),
+                ddpd: ddpd ?? sibling("ddpd"), jobsRoot: NSTemporaryDirectory()
+            ).run()
+            printResult(result, json: json)
+        }
     }
 }
 

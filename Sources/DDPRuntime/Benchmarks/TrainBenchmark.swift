@@ -1,0 +1,54 @@
+import Foundation
+
+/// `ddpctl bench train`: a real local job (coordinator and worker processes over ipc://) on the digits
+/// (64-128-10) or an MNIST-sized synthetic set (784-512-512-10), global batch 128; reports the median
+/// time per step and the time from launch to the first finished step.
+public struct TrainBenchmark {
+    public var workload: String
+    public var workers: Int
+    public var epochs: Int
+    public var ddpd: String
+    public var jobsRoot: String
+
+    public init(workload: String, workers: Int, epochs: Int, ddpd: String, jobsRoot: String) {
+        self.workload = workload
+        self.workers = workers
+        self.epochs = epochs
+        self.ddpd = ddpd
+        self.jobsRoot = jobsRoot
+    }
+
+    public func run() throws -> [String: Any] {
+        var overrides: [String: Any] = ["workers": workers, "epochs": epochs, "batch_size": 128, "learning_rate": 0.1, "momentum": 0.9]
+        switch workload {
+        case "digits": overrides["hidden"] = [128]
+        case "mnist":
+            overrides.merge(["dataset": "synthetic", "synthetic_samples": 70000, "synthetic_features": 784, "synthetic_classes": 10,
+                             "hidden": [512, 512], "test_fraction": 1.0 / 7]) { $1 }
+        default: throw JobSpecError.invalid("bench train: workload '\(workload)' is unknown (digits, mnist)")
+        }
+        var spec = try JobSpec.load(path: nil, overrides: overrides)
+        spec.jobID = "bench-\(workload)-" + JobSpec.newJobID()
+        let directory = JobDirectory(path: jobsRoot + "/" + spec.jobID)
+        spec.output = directory.path
+        defer { try? FileManager.default.removeItem(atPath: directory.path) }
+        let job = try LocalJob(spec: spec, directory: directory, ddpd: ddpd, logLevel: "warning")
+        let launched = Coordinator.now()
+        try job.start()
+        var firstStep: Double?
+        let client = try ControlClient(endpoint: job.endpoints!.control, jobID: spec.jobID)
+        while firstStep == nil, Coordinator.now() - launched < 60 {
+            if let s = try? client.status(timeoutSeconds: 1), s.step >= 1 { firstStep = Coordinator.now() - launched; break }
+            usleep(2000)
+        }
+        let summary = try job.wait(interval: 0.5) { _, _ in }
+        guard summary.state == "completed" else { throw ControlError.noJob("bench train: the job \(summary.state): \(summary.message)") }
+        let stepSeconds = JobReport.stepSeconds(directory)
+        let median = Measure.median(Array(stepSeconds.dropFirst(min(20, stepSeconds.count / 10))))
+        return [
+            "benchmark": "train", "workload": workload, "workers": workers, "epochs": epochs, "steps": summary.steps,
+            "ms_per_step": median * 1e3, "samples_per_second": 128 / median, "first_step_seconds": firstStep ?? -1,
+            "test_accuracy": summary.testAccuracy, "train_loss": summary.trainLoss,
+        ]
+    }
+}
