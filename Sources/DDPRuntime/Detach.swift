@@ -5,7 +5,9 @@ public enum Detach {
     /// Starts `executable` with `arguments` in a new session (no controlling terminal, immune to the
     /// terminal's SIGINT and SIGHUP), with standard input from /dev/null and both outputs appended to
     /// `logPath`. Returns its process id.
-    public static func spawn(_ executable: String, _ arguments: [String], logPath: String) throws -> Int32 {
+    public static func spawn(
+        _ executable: String, _ arguments: [String], logPath: String, environment: [String: String] = ProcessInfo.processInfo.environment
+    ) throws -> Int32 {
         var actions = posix_spawn_file_actions_t()
         var attributes = posix_spawnattr_t()
         posix_spawn_file_actions_init(&actions)
@@ -22,7 +24,7 @@ public enum Detach {
         let setSession: Int16 = 0x80  // POSIX_SPAWN_SETSID (glibc)
         posix_spawnattr_setflags(&attributes, setSession)
         let argv = ([executable] + arguments).map { strdup($0) } + [nil]
-        let envp = ProcessInfo.processInfo.environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        let envp = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
         defer { for p in argv + envp { free(p) } }
         var pid: pid_t = 0
         let rc = posix_spawn(&pid, executable, &actions, &attributes, argv, envp)

@@ -33,8 +33,14 @@ public enum JobLookup {
         return latest
     }
 
-    /// Whether a process with this id exists on this host.
-    public static func isAlive(_ pid: Int32) -> Bool { pid > 0 && (kill(pid, 0) == 0 || errno == EPERM) }
+    /// Whether a process with this id runs on this host (a zombie, dead but not yet reaped, does not).
+    public static func isAlive(_ pid: Int32) -> Bool {
+        guard pid > 0, kill(pid, 0) == 0 || errno == EPERM else { return false }
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+            let close = stat.lastIndex(of: ")")
+        else { return true }
+        return stat[stat.index(after: close)...].trimmingCharacters(in: .whitespaces).first != "Z"
+    }
 
     /// The process ids a job recorded (`coordinator`, `worker-R`, `supervisor`).
     public static func processes(of job: JobDirectory) -> [String: Int32] {

@@ -159,6 +159,21 @@ public struct JobSpec: Codable, Equatable, Sendable {
         }
     }
 
+    /// Parses `KEY=VALUE` overrides (from `--set`): the value is read as JSON (numbers, true/false, lists)
+    /// and taken as text when it is not valid JSON.
+    public static func overrides(_ assignments: [String]) throws -> [String: Any] {
+        var result: [String: Any] = [:]
+        for assignment in assignments {
+            guard let equals = assignment.firstIndex(of: "="), equals != assignment.startIndex else {
+                throw JobSpecError.invalid("--set '\(assignment)' is not KEY=VALUE")
+            }
+            let key = String(assignment[..<equals]).replacingOccurrences(of: "-", with: "_")
+            let text = String(assignment[assignment.index(after: equals)...])
+            result[key] = (try? JSONSerialization.jsonObject(with: Data(text.utf8), options: [.fragmentsAllowed])) ?? text
+        }
+        return result
+    }
+
     /// Checks every value; the error names the key and what it must be.
     public func validate() throws {
         func check(_ ok: Bool, _ message: String) throws { if !ok { throw JobSpecError.invalid(message) } }

@@ -35,6 +35,7 @@ struct CoordinatorCommand: ParsableCommand {
         discussion: "Exit status: 0 the job completed, 2 it was stopped by request, 1 it failed.")
 
     @Option(help: "The job file (YAML or JSON); missing keys take their defaults.") var config: String?
+    @Option(name: .customLong("set"), help: "Override a job key: --set workers=4 (repeatable).") var assignments: [String] = []
     @Option(help: "Endpoint for workers (tcp://HOST:PORT, port 0 for any; ipc://PATH).") var bind = "tcp://127.0.0.1:0"
     @Option(help: "Endpoint for control clients (ddpctl status/stop).") var control = "tcp://127.0.0.1:0"
     @Option(help: "The job directory for the model, summary, history and checkpoints.") var jobDir: String?
@@ -44,7 +45,7 @@ struct CoordinatorCommand: ParsableCommand {
 
     func run() throws {
         try logging.bootstrap()
-        var spec = try JobSpec.load(path: config)
+        var spec = try JobSpec.load(path: config, overrides: try JobSpec.overrides(assignments))
         if let jobDir { spec.output = jobDir }
         let directory = spec.output.isEmpty ? nil : JobDirectory(path: spec.output)
         try directory?.create()
@@ -69,6 +70,7 @@ struct WorkerCommand: ParsableCommand {
 
     @Option(help: "The coordinator's worker endpoint.") var connect: String
     @Option(help: "The job file; with it the coordinator checks that this worker builds the same model.") var config: String?
+    @Option(name: .customLong("set"), help: "Override a job key: --set workers=4 (repeatable).") var assignments: [String] = []
     @Option(help: "The rank to ask for (a restarted worker asks for its old one); -1 for any.") var rank: Int32 = -1
     @Option(help: "Seconds to wait for the coordinator's welcome.") var joinTimeout: Double = 60
     @Option(help: "The key folder of a secure job (server.pub and client.key), if not in the job file.") var keys: String?
@@ -77,7 +79,7 @@ struct WorkerCommand: ParsableCommand {
 
     func run() throws {
         try logging.bootstrap()
-        let spec = try config.map { try JobSpec.load(path: $0) }
+        let spec = try config.map { try JobSpec.load(path: $0, overrides: try JobSpec.overrides(assignments)) }
         let folder = keys ?? spec.flatMap { $0.keysDir.isEmpty ? nil : $0.keysDir }
         let jobKeys = try folder.map { try JobKeys.load(from: $0, clientKey: clientKey.map { "\($0.hasPrefix("/") ? "" : folder! + "/")\($0)" }) }
         let worker = try Worker(endpoint: connect, spec: spec, keys: jobKeys, requestedRank: rank, joinTimeoutSeconds: joinTimeout,
