@@ -36,6 +36,7 @@ public final class Coordinator {
         let loss: Float
         let correct: UInt32
         let gradients: [Payload]  // in parameter order; empty when the contribution was rejected
+        var dtype: DType = .f32
     }
 
     public let spec: JobSpec
@@ -77,6 +78,11 @@ public final class Coordinator {
     private var stepLog: [String] = []
     private var lastMetricsWrite = 0.0
     private var parameterPayloads: [Payload]
+    /// How tensors travel, and with a half-precision type the parameters every worker holds (the sum of
+    /// the rounded changes sent so far), from which the next change is measured.
+    private let wireType: DType
+    private let replica: [Tensor]?
+    private var deltaPayloads: [Payload] = []
     private let gradients: [Tensor]
     private let indexOfParameter: [String: Int]
 
@@ -100,6 +106,10 @@ public final class Coordinator {
         gradients = parameters.map { Tensor.zeros($0.tensor.shape) }
         for (p, g) in zip(parameters, gradients) { p.tensor.grad = g }
         parameterPayloads = parameters.map { Payload(byteCount: $0.tensor.count * 4) }
+        let wireType = DType(rawValue: spec.wireDtype) ?? .f32
+        self.wireType = wireType
+        replica = wireType == .f32 ? nil : parameters.map { $0.tensor.detached() }
+        deltaPayloads = wireType == .f32 ? [] : parameters.map { Payload(byteCount: $0.tensor.count * wireType.size) }
         indexOfParameter = Dictionary(uniqueKeysWithValues: parameters.enumerated().map { ($1.name, $0) })
 
         let keys = try spec.keys()
@@ -126,6 +136,7 @@ public final class Coordinator {
                              to: directory!.endpointsPath)
         if resume, let directory, let checkpoint = try Checkpoint.latest(in: directory) {
             try restore(checkpoint)
+            for (r, p) in zip(replica ?? [], parameters) { r.assign(p.tensor) }
             log.info("resumed from checkpoint", metadata: ["path": "\(checkpoint.path)", "step": "\(checkpoint.step)"])
         }
         log.info("listening", metadata: ["workers": "\(self.workerEndpoint)", "control": "\(self.controlEndpoint)",
@@ -321,7 +332,7 @@ public final class Coordinator {
         var ordered = [Payload?](repeating: nil, count: parameters.count)
         for tensor in message.tensors { ordered[indexOfParameter[tensor.name]!] = tensor.payload }
         contributions[rank] = Contribution(sampleCount: push.sampleCount, loss: push.localLoss, correct: push.localCorrect,
-                                           gradients: ordered.map { $0! })
+                                           gradients: ordered.map { $0! }, dtype: wireType)
     }
 
     /// Why a gradient cannot be used, or nil: every parameter once, right shape, f32, finite values.
@@ -331,7 +342,9 @@ public final class Coordinator {
             guard let index = indexOfParameter[tensor.name] else { return "unknown tensor '\(tensor.name)'" }
             let expected = parameters[index].tensor.shape
             guard tensor.shape == expected else { return "tensor '\(tensor.name)' has shape \(tensor.shape), expected \(expected)" }
-            guard tensor.dtype == .f32 else { return "tensor '\(tensor.name)' is \(tensor.dtype.rawValue), expected f32" }
+            guard tensor.dtype == wireType else {
+                return "tensor '\(tensor.name)' is \(tensor.dtype.rawValue), the job's wire type is \(wireType.rawValue)"
+            }
             if let bad = TensorEncoding.firstNonFinite(tensor.payload, dtype: tensor.dtype) {
                 return "tensor '\(tensor.name)' element \(bad) is NaN or infinite"
             }
@@ -506,7 +519,7 @@ public final class Coordinator {
                 var first = true
                 for c in used where c.sampleCount > 0 {
                     let weight = Float(c.sampleCount) / Float(samples)
-                    TensorEncoding.withFloats(c.gradients[index], dtype: .f32) { g in
+                    TensorEncoding.withFloats(c.gradients[index], dtype: c.dtype) { g in
                         if first {
                             for i in 0..<acc.count { acc[i] = weight * g[i] }
                         } else {
@@ -569,12 +582,34 @@ public final class Coordinator {
         }
     }
 
-    /// The current parameters as wire tensors; payloads still being sent are replaced, not overwritten.
+    /// The parameters the workers should hold (the replica with a half-precision wire) as f32 wire
+    /// tensors; payloads still being sent are replaced, not overwritten.
     private func parameterTensors() -> [WireTensor] {
         parameters.enumerated().map { index, p in
             if parameterPayloads[index].isInFlight { parameterPayloads[index] = Payload(byteCount: p.tensor.count * 4) }
-            p.tensor.withUnsafeBufferPointer { TensorEncoding.write($0, as: .f32, into: parameterPayloads[index]) }
+            (replica?[index] ?? p.tensor).withUnsafeBufferPointer { TensorEncoding.write($0, as: .f32, into: parameterPayloads[index]) }
             return WireTensor(name: p.name, shape: p.tensor.shape, payload: parameterPayloads[index])
+        }
+    }
+
+    /// With a half-precision wire: the change from the replica to the master parameters, rounded to the
+    /// wire type, and the replica moved by exactly that rounded change (as every worker moves its copy).
+    private func deltaTensors(_ replica: [Tensor]) -> [WireTensor] {
+        parameters.enumerated().map { index, p in
+            let count = p.tensor.count
+            if deltaPayloads[index].isInFlight { deltaPayloads[index] = Payload(byteCount: count * wireType.size) }
+            let payload = deltaPayloads[index]
+            let delta = [Float](unsafeUninitializedCapacity: count) { buffer, initialized in
+                p.tensor.withUnsafeBufferPointer { master in
+                    replica[index].withUnsafeBufferPointer { held in for i in 0..<count { buffer[i] = master[i] - held[i] } }
+                }
+                initialized = count
+            }
+            delta.withUnsafeBufferPointer { TensorEncoding.write($0, as: wireType, into: payload) }
+            TensorEncoding.withFloats(payload, dtype: wireType) { rounded in
+                replica[index].withUnsafeMutableBufferPointer { held in for i in 0..<count { held[i] += rounded[i] } }
+            }
+            return WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: payload)
         }
     }
 
@@ -582,11 +617,11 @@ public final class Coordinator {
     private func broadcastUpdate(trainLoss: Float) {
         for rank in members.keys where members[rank]!.state == "joining" { members[rank]!.state = "training" }
         let live = members.values.filter(\.isLive).sorted { $0.rank < $1.rank }
-        let tensors = parameterTensors()
+        let tensors = replica.map(deltaTensors) ?? parameterTensors()
         stepStarted = Self.now()
         for (shard, member) in live.enumerated() {
             let update = ParameterUpdate(
-                learningRate: optimizer.learningRate, fullCopy: true, epoch: UInt64(step / stepsPerEpoch),
+                learningRate: optimizer.learningRate, fullCopy: replica == nil, epoch: UInt64(step / stepsPerEpoch),
                 worldSize: UInt32(live.count), shardIndex: Int32(shard), trainLoss: trainLoss)
             do {
                 try reply(member.identity, .parameterUpdate(update), step: UInt64(step), rank: member.rank, tensors: tensors)

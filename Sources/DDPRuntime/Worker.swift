@@ -24,6 +24,7 @@ public final class Worker {
     private var parameters: [NamedParameter] = []
     private var gradientPayloads: [Payload] = []
     private var permutation: (epoch: Int, order: [Int])?
+    private var wireType = DType.f32
     private var heartbeatInterval = 1.0
     private var heartbeatTimeout = 5.0
     private var coordinatorTimeout = 30.0
@@ -84,7 +85,7 @@ public final class Worker {
             }
             switch message.body {
             case .parameterUpdate(let update):
-                try load(message.tensors)
+                try load(message.tensors, adding: !update.fullCopy)
                 try computeAndPush(step: Int(message.step), shard: Int(update.shardIndex), worldSize: Int(update.worldSize))
             case .stop(let reason, _):
                 log.info("stopped by the coordinator: \(reason)")
@@ -146,13 +147,14 @@ public final class Worker {
         heartbeatTimeout = Double(welcome.heartbeatTimeoutMilliseconds) / 1000
         coordinatorTimeout = max(30, 6 * Double(welcome.heartbeatTimeoutMilliseconds) / 1000)
         parameters = setup!.model.parameters
-        gradientPayloads = parameters.map { Payload(byteCount: $0.tensor.count * 4) }
+        wireType = DType(rawValue: spec.wireDtype) ?? .f32
+        gradientPayloads = parameters.map { Payload(byteCount: $0.tensor.count * wireType.size) }
         try load(message.tensors)
         log.info("welcomed", metadata: ["rank": "\(rank)", "job": "\(jobID)", "step": "\(welcome.startStep)"])
     }
 
-    /// Replaces the replica's parameters with the coordinator's.
-    private func load(_ tensors: [WireTensor]) throws {
+    /// Replaces the replica's parameters with the coordinator's, or adds the changes it sent.
+    private func load(_ tensors: [WireTensor], adding: Bool = false) throws {
         guard tensors.count == parameters.count else {
             throw WorkerError.modelMismatch("the coordinator sent \(tensors.count) tensors for \(parameters.count) parameters")
         }
@@ -161,7 +163,9 @@ public final class Worker {
                 throw WorkerError.modelMismatch("got '\(t.name)' \(t.shape) where the model has '\(p.name)' \(p.tensor.shape)")
             }
             TensorEncoding.withFloats(t.payload, dtype: t.dtype) { src in
-                p.tensor.withUnsafeMutableBufferPointer { $0.baseAddress!.update(from: src.baseAddress!, count: src.count) }
+                p.tensor.withUnsafeMutableBufferPointer { dst in
+                    if adding { for i in 0..<dst.count { dst[i] += src[i] } } else { dst.baseAddress!.update(from: src.baseAddress!, count: src.count) }
+                }
             }
         }
     }
@@ -185,14 +189,14 @@ public final class Worker {
             correct = TrainingSetup.correctCount(logits, labels)
         }
         let tensors = parameters.enumerated().map { index, p in
-            if gradientPayloads[index].isInFlight { gradientPayloads[index] = Payload(byteCount: p.tensor.count * 4) }
+            if gradientPayloads[index].isInFlight { gradientPayloads[index] = Payload(byteCount: p.tensor.count * wireType.size) }
             let payload = gradientPayloads[index]
             if let grad = p.tensor.grad {
-                grad.withUnsafeBufferPointer { TensorEncoding.write($0, as: .f32, into: payload) }
+                grad.withUnsafeBufferPointer { TensorEncoding.write($0, as: wireType, into: payload) }
             } else {
                 payload.withUnsafeMutableBytes { _ = $0.initializeMemory(as: UInt8.self, repeating: 0) }
             }
-            return WireTensor(name: p.name, shape: p.tensor.shape, payload: payload)
+            return WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: payload)
         }
         let push = GradientPush(sampleCount: UInt64(mine.count), localLoss: loss, localCorrect: UInt32(correct),
                                 computeSeconds: Coordinator.now() - start)

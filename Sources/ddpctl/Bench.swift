@@ -1,11 +1,12 @@
 import ArgumentParser
 import Foundation
 import DDPRuntime
+import DDPWire
 
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks of a release build (swift build -c release).",
-        subcommands: [Step.self, Train.self, Wire.self, WireEcho.self])
+        subcommands: [Step.self, Train.self, Wire.self, Exchange.self, WireEcho.self, ExchangeWorker.self])
 
     struct Step: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -74,6 +75,34 @@ extension Bench {
             ).run()
             printResult(result, json: json)
         }
+    }
+}
+
+extension Bench {
+    struct Exchange: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Time one gradient round: W worker processes push N floats, the coordinator averages and sends back.",
+            discussion: "Example: ddpctl bench exchange --elements 10000000 --workers 2 --dtype bf16 --json")
+        @Option(help: "Floats per tensor.") var elements: Int = 10_000_000
+        @Option(help: "Worker processes.") var workers: Int = 2
+        @Option(help: "Wire type: f32, bf16 or f16.") var dtype: String = "f32"
+        @Option(help: "Timed rounds (the median is reported).") var rounds: Int = 20
+        @Flag(help: "Print one JSON line.") var json = false
+
+        func run() throws {
+            guard let type = DType(rawValue: dtype) else { throw ValidationError("--dtype: '\(dtype)' is not f32, bf16 or f16") }
+            let result = try ExchangeBenchmark(elements: elements, workers: workers, dtype: type, rounds: rounds)
+                .run(executable: currentExecutable(), workerArguments: ["bench", "exchange-worker"])
+            printResult(result, json: json)
+        }
+    }
+
+    struct ExchangeWorker: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "A worker of 'bench exchange' (started by it).", shouldDisplay: false)
+        @Argument var endpoint: String
+        @Option var elements: Int
+        @Option var dtype: String
+        func run() throws { try ExchangeBenchmark.worker(endpoint: endpoint, elements: elements, dtype: DType(rawValue: dtype) ?? .f32) }
     }
 }
 

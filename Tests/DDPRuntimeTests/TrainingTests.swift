@@ -103,3 +103,19 @@ struct TrainingTests {
         #expect(synthetic.state == "completed" && synthetic.testAccuracy > 0.7)
     }
 }
+
+/// Half-precision wire types keep the coordinator's f32 master parameters and train as well.
+@Suite(.serialized)
+struct CompressedWireTests {
+    @Test(arguments: ["bf16", "f16"])
+    func halfPrecisionWireTrainsLikeF32(dtype: String) throws {
+        let jobs = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: jobs) }
+        let f32 = try #require(try startJob(["--epochs", "10", "--seed", "4"], jobsDir: jobs).0)
+        let (summary, result) = try startJob(["--epochs", "10", "--seed", "4", "--wire-dtype", dtype], jobsDir: jobs)
+        let half = try #require(summary, "\(result.stderr)")
+        #expect(half.state == "completed" && half.rejectedMessages == 0)
+        #expect(abs(half.testAccuracy - f32.testAccuracy) <= 0.02, "\(dtype) \(half.testAccuracy) vs f32 \(f32.testAccuracy)")
+        #expect(abs(half.trainLoss - f32.trainLoss) <= 0.05)
+    }
+}
