@@ -48,24 +48,10 @@ struct BadInputTests {
         #expect(bad.status != 0 && (bad.stdout + bad.stderr).contains("line 3, column 2: 'x' is not a number"))
     }
 
-    /// A coordinator for one worker; returns its process, endpoints file and directory.
+    /// A coordinator for one worker of job "the-job".
     func coordinator(_ dir: String, extra: [String: Any] = [:]) throws -> (Process, Endpoints) {
-        var spec = try JobSpec.load(path: nil, overrides: ["workers": 1, "epochs": 2, "job_id": "the-job"].merging(extra) { $1 })
-        spec.output = dir
-        try spec.json().write(toFile: dir + "/spec.json", atomically: true, encoding: .utf8)
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: Binaries.ddpd)
-        process.arguments = ["coordinator", "--config", dir + "/spec.json", "--job-dir", dir]
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle(forWritingAtPath: "/dev/null")
-        try process.run()
-        let deadline = Date().addingTimeInterval(10)
-        while Date() < deadline {
-            if let e = JobDirectory(path: dir).endpoints() { return (process, e) }
-            usleep(10_000)
-        }
-        process.terminate()
-        throw ControlError.noJob("coordinator did not start")
+        let (process, _, endpoints) = try launchCoordinator(["workers": 1, "epochs": 2, "job_id": "the-job"].merging(extra) { $1 }, in: dir)
+        return (process, endpoints)
     }
 
     @Test func coordinatorRefusesWrongWorkersAndKeepsGoing() throws {

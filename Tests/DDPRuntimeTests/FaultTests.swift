@@ -89,21 +89,12 @@ struct FaultTests {
     @Test func badGradientsFromAMemberAreSkippedAndNamed() throws {
         let dir = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        var spec = try JobSpec.load(path: nil, overrides: ["workers": 2, "min_workers": 1, "epochs": 3, "job_id": "nan-job"])
-        spec.output = dir
-        try spec.json().write(toFile: dir + "/spec.json", atomically: true, encoding: .utf8)
-        let coordinator = Process()
-        coordinator.executableURL = URL(fileURLWithPath: Binaries.ddpd)
-        coordinator.arguments = ["coordinator", "--config", dir + "/spec.json", "--job-dir", dir]
-        coordinator.standardOutput = FileHandle.nullDevice
-        let logPath = dir + "/coordinator.log"
-        _ = FileManager.default.createFile(atPath: logPath, contents: nil)
-        coordinator.standardError = FileHandle(forWritingAtPath: logPath)
-        try coordinator.run()
+        let overrides: [String: Any] = ["workers": 2, "min_workers": 1, "epochs": 3, "job_id": "nan-job"]
+        let spec = try JobSpec.load(path: nil, overrides: overrides)
+        let (coordinator, job, endpoints) = try launchCoordinator(overrides, in: dir)
         defer { if coordinator.isRunning { coordinator.terminate() } }
-        let job = JobDirectory(path: dir)
-        #expect(waitUntil(timeout: 10) { job.endpoints() != nil })
-        let endpoint = try #require(job.endpoints()).workers
+        let logPath = dir + "/coordinator.log"
+        let endpoint = endpoints.workers
 
         // A member that sends NaN, then a wrong shape, then the same step twice, then leaves.
         let context = ZMQContext()
@@ -150,18 +141,10 @@ struct FaultTests {
         defer { try? FileManager.default.removeItem(atPath: dir) }
         try JobKeys.generate(into: dir + "/keys")
         try JobKeys.generate(into: dir + "/stranger")
-        var spec = try JobSpec.load(path: nil, overrides: ["workers": 1, "epochs": 2, "job_id": "secure", "keys_dir": dir + "/keys"])
-        spec.output = dir
-        try spec.json().write(toFile: dir + "/spec.json", atomically: true, encoding: .utf8)
-        let coordinator = Process()
-        coordinator.executableURL = URL(fileURLWithPath: Binaries.ddpd)
-        coordinator.arguments = ["coordinator", "--config", dir + "/spec.json", "--job-dir", dir]
-        coordinator.standardOutput = FileHandle.nullDevice
-        try coordinator.run()
+        let (coordinator, job, endpoints) = try launchCoordinator(
+            ["workers": 1, "epochs": 2, "job_id": "secure", "keys_dir": dir + "/keys"], in: dir)
         defer { if coordinator.isRunning { coordinator.terminate() } }
-        let job = JobDirectory(path: dir)
-        #expect(waitUntil(timeout: 10) { job.endpoints() != nil })
-        let endpoint = try #require(job.endpoints()).workers
+        let endpoint = endpoints.workers
 
         // The stranger knows the server's public key but holds an unauthorised client key.
         try FileManager.default.removeItem(atPath: dir + "/stranger/server.pub")
@@ -190,21 +173,11 @@ struct FaultTests {
         try JobKeys.generate(into: dir + "/keys")
         func captured(secure: Bool) throws -> Data {
             let jobDir = dir + "/job-\(secure)"
-            try FileManager.default.createDirectory(atPath: jobDir, withIntermediateDirectories: true)
             var overrides: [String: Any] = ["workers": 1, "epochs": 1, "job_id": "visible-job-name"]
             if secure { overrides["keys_dir"] = dir + "/keys" }
-            var spec = try JobSpec.load(path: nil, overrides: overrides)
-            spec.output = jobDir
-            try spec.json().write(toFile: jobDir + "/spec.json", atomically: true, encoding: .utf8)
-            let coordinator = Process()
-            coordinator.executableURL = URL(fileURLWithPath: Binaries.ddpd)
-            coordinator.arguments = ["coordinator", "--config", jobDir + "/spec.json", "--job-dir", jobDir]
-            coordinator.standardOutput = FileHandle.nullDevice
-            try coordinator.run()
+            let (coordinator, _, endpoints) = try launchCoordinator(overrides, in: jobDir)
             defer { if coordinator.isRunning { coordinator.terminate() } }
-            let job = JobDirectory(path: jobDir)
-            #expect(waitUntil(timeout: 10) { job.endpoints() != nil })
-            let target = try #require(job.endpoints()).workers
+            let target = endpoints.workers
             let relay = try TCPRelay(to: UInt16(target.split(separator: ":").last!)!)
             let worker = try runCommand(Binaries.ddpd, ["worker", "--connect", "tcp://127.0.0.1:\(relay.port)", "--config", jobDir + "/spec.json"])
             #expect(worker.status == 0, "\(worker.stderr)")

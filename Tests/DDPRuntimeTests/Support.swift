@@ -96,3 +96,25 @@ func currentStep(_ job: JobDirectory) -> Int { Int((try? job.status(timeoutSecon
 func finalParameters(_ job: JobDirectory) throws -> [(name: String, values: [Float])] {
     try SafeTensors.read(path: job.modelPath).tensors.map { ($0.name, $0.tensor.scalars) }
 }
+
+/// A coordinator process for a job with `overrides`, in `dir` (spec at dir/spec.json, standard error in
+/// dir/coordinator.log); returns once it listens.
+func launchCoordinator(_ overrides: [String: Any], in dir: String) throws -> (process: Process, job: JobDirectory, endpoints: Endpoints) {
+    var spec = try JobSpec.load(path: nil, overrides: overrides)
+    spec.output = dir
+    try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+    try spec.json().write(toFile: dir + "/spec.json", atomically: true, encoding: .utf8)
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: Binaries.ddpd)
+    process.arguments = ["coordinator", "--config", dir + "/spec.json", "--job-dir", dir]
+    process.standardOutput = FileHandle.nullDevice
+    _ = FileManager.default.createFile(atPath: dir + "/coordinator.log", contents: nil)
+    process.standardError = FileHandle(forWritingAtPath: dir + "/coordinator.log")
+    try process.run()
+    let job = JobDirectory(path: dir)
+    guard waitUntil(timeout: 10, { job.endpoints() != nil }), let endpoints = job.endpoints() else {
+        process.terminate()
+        throw ControlError.noJob("the coordinator did not start listening within 10 s")
+    }
+    return (process, job, endpoints)
+}
