@@ -74,10 +74,16 @@ public final class SGD: OptimizerState, Optimizer {
             }
             let firstStep = slots["\(p.name).momentum"] == nil
             let v = slot("momentum", for: p)
-            for i in 0..<n {
-                let d = g[i] + wd * w[i]
-                v[i] = firstStep ? d : mu * v[i] + d
-                w[i] -= lr * (nesterov ? d + mu * v[i] : v[i])
+            // The cases are separate loops so that each vectorises.
+            switch (firstStep, nesterov) {
+            case (true, false):
+                for i in 0..<n { v[i] = g[i] + wd * w[i]; w[i] -= lr * v[i] }
+            case (false, false):
+                for i in 0..<n { v[i] = mu * v[i] + g[i] + wd * w[i]; w[i] -= lr * v[i] }
+            case (true, true):
+                for i in 0..<n { let d = g[i] + wd * w[i]; v[i] = d; w[i] -= lr * (d + mu * d) }
+            case (false, true):
+                for i in 0..<n { let d = g[i] + wd * w[i]; v[i] = mu * v[i] + d; w[i] -= lr * (d + mu * v[i]) }
             }
         }
     }

@@ -32,6 +32,7 @@ public final class Coordinator {
 
     /// A worker's contribution to the current step.
     struct Contribution {
+        let rank: Int32
         let sampleCount: UInt64
         let loss: Float
         let correct: UInt32
@@ -125,6 +126,7 @@ public final class Coordinator {
         try workerSocket.setRouterMandatory(true)
         try workerSocket.setSendTimeout(milliseconds: 2000)
         try workerSocket.setHighWaterMarks(send: 0, receive: 0)
+        try workerSocket.setKernelBuffers(bytes: 4 << 20)
         try workerSocket.setHeartbeat(intervalMilliseconds: spec.heartbeatIntervalMs, timeoutMilliseconds: spec.heartbeatTimeoutMs)
         controlSocket = try ZMQSocket(context: context, kind: .router)
         try keys?.secureServer(controlSocket)
@@ -326,16 +328,17 @@ public final class Coordinator {
         members[rank]?.lastStepSeconds = push.computeSeconds
         if let problem = validate(message.tensors) {
             reject("gradient of rank \(rank) at step \(step) skipped: \(problem)", from: rank)
-            contributions[rank] = Contribution(sampleCount: 0, loss: 0, correct: 0, gradients: [])
+            contributions[rank] = Contribution(rank: rank, sampleCount: 0, loss: 0, correct: 0, gradients: [])
             return
         }
         var ordered = [Payload?](repeating: nil, count: parameters.count)
         for tensor in message.tensors { ordered[indexOfParameter[tensor.name]!] = tensor.payload }
-        contributions[rank] = Contribution(sampleCount: push.sampleCount, loss: push.localLoss, correct: push.localCorrect,
+        contributions[rank] = Contribution(rank: rank, sampleCount: push.sampleCount, loss: push.localLoss, correct: push.localCorrect,
                                            gradients: ordered.map { $0! }, dtype: wireType)
     }
 
-    /// Why a gradient cannot be used, or nil: every parameter once, right shape, f32, finite values.
+    /// Why a gradient cannot be used, or nil: every parameter once, right shape, the job's wire type.
+    /// (Finite values are checked on the average, and only a non-finite average is traced to its senders.)
     private func validate(_ tensors: [WireTensor]) -> String? {
         guard tensors.count == parameters.count else { return "\(tensors.count) tensors for \(parameters.count) parameters" }
         for tensor in tensors {
@@ -344,9 +347,6 @@ public final class Coordinator {
             guard tensor.shape == expected else { return "tensor '\(tensor.name)' has shape \(tensor.shape), expected \(expected)" }
             guard tensor.dtype == wireType else {
                 return "tensor '\(tensor.name)' is \(tensor.dtype.rawValue), the job's wire type is \(wireType.rawValue)"
-            }
-            if let bad = TensorEncoding.firstNonFinite(tensor.payload, dtype: tensor.dtype) {
-                return "tensor '\(tensor.name)' element \(bad) is NaN or infinite"
             }
         }
         return nil
@@ -465,11 +465,18 @@ public final class Coordinator {
     private func completeStepIfReady() throws {
         let live = members.values.filter(\.isLive)
         guard !live.isEmpty, live.allSatisfy({ contributions[$0.rank] != nil }) else { return }
-        let used = contributions.filter { members[$0.key]?.isLive == true }.sorted { $0.key < $1.key }.map(\.value)
-        let samples = used.reduce(0) { $0 + Int($1.sampleCount) }
+        var used = contributions.filter { members[$0.key]?.isLive == true }.sorted { $0.key < $1.key }.map(\.value)
+        var samples = used.reduce(0) { $0 + Int($1.sampleCount) }
         var loss: Float = 0, correct = 0
         if samples > 0 {
             average(used, samples: samples)
+            if !gradientsAreFinite() {
+                used = withoutNonFinite(used)
+                samples = used.reduce(0) { $0 + Int($1.sampleCount) }
+                if samples > 0 { average(used, samples: samples) }
+            }
+        }
+        if samples > 0 {
             if spec.clipNorm > 0 { clipGradientNorm(parameters, maxNorm: spec.clipNorm) }
             optimizer.learningRate = schedule.rate(base: spec.learningRate, at: step)
             optimizer.step(parameters)
@@ -511,22 +518,41 @@ public final class Coordinator {
         }
     }
 
+    /// Whether every averaged gradient is finite: a sum of `x * 0` is 0 unless some `x` is NaN or infinite.
+    private func gradientsAreFinite() -> Bool {
+        gradients.allSatisfy { g in
+            g.withUnsafeBufferPointer { v in
+                var probe: Float = 0
+                for i in 0..<v.count { probe += v[i] * 0 }
+                return probe == 0
+            }
+        }
+    }
+
+    /// The contributions without those holding NaN or infinity, each one skipped named in the log.
+    private func withoutNonFinite(_ used: [Contribution]) -> [Contribution] {
+        used.filter { c in
+            for (index, payload) in c.gradients.enumerated() {
+                if let bad = TensorEncoding.firstNonFinite(payload, dtype: c.dtype) {
+                    reject("gradient of rank \(c.rank) at step \(step) skipped: tensor '\(parameters[index].name)' element \(bad) is NaN or infinite",
+                           from: c.rank)
+                    return false
+                }
+            }
+            return true
+        }
+    }
+
     /// Writes the sample-weighted mean of the contributions into the parameters' gradients, summing
     /// in rank order so that the result does not depend on arrival order.
     private func average(_ used: [Contribution], samples: Int) {
         for (index, gradient) in gradients.enumerated() {
             gradient.withUnsafeMutableBufferPointer { acc in
-                var first = true
+                acc.update(repeating: 0)
                 for c in used where c.sampleCount > 0 {
-                    let weight = Float(c.sampleCount) / Float(samples)
                     TensorEncoding.withFloats(c.gradients[index], dtype: c.dtype) { g in
-                        if first {
-                            for i in 0..<acc.count { acc[i] = weight * g[i] }
-                        } else {
-                            for i in 0..<acc.count { acc[i] += weight * g[i] }
-                        }
+                        BLAS.axpy(Float(c.sampleCount) / Float(samples), g, acc)
                     }
-                    first = false
                 }
             }
         }

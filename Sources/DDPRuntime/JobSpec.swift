@@ -61,6 +61,8 @@ public struct JobSpec: Codable, Equatable, Sendable {
     /// How gradients and parameter updates travel: `f32`, or `bf16`/`f16` (half the bytes; the coordinator
     /// keeps f32 master parameters and sends changes, so every worker holds the same replica).
     public var wireDtype = "f32"
+    /// BLAS threads per worker process (1 suits one worker per core).
+    public var blasThreads = 1
     /// Where the job writes its model, summary, checkpoints and logs.
     public var output = ""
 
@@ -75,7 +77,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         case clipNorm = "clip_norm", seed, testFraction = "test_fraction", workers, minWorkers = "min_workers"
         case heartbeatIntervalMs = "heartbeat_interval_ms", heartbeatTimeoutMs = "heartbeat_timeout_ms"
         case joinTimeoutSeconds = "join_timeout_seconds", stepTimeoutSeconds = "step_timeout_seconds", output
-        case checkpointEvery = "checkpoint_every", keepCheckpoints = "keep_checkpoints", keysDir = "keys_dir", wireDtype = "wire_dtype"
+        case checkpointEvery = "checkpoint_every", keepCheckpoints = "keep_checkpoints", keysDir = "keys_dir", wireDtype = "wire_dtype", blasThreads = "blas_threads"
     }
 
     /// Every key a job file may hold.
@@ -109,7 +111,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         try read(.heartbeatIntervalMs, &heartbeatIntervalMs); try read(.heartbeatTimeoutMs, &heartbeatTimeoutMs)
         try read(.joinTimeoutSeconds, &joinTimeoutSeconds); try read(.stepTimeoutSeconds, &stepTimeoutSeconds)
         try read(.output, &output); try read(.checkpointEvery, &checkpointEvery); try read(.keepCheckpoints, &keepCheckpoints)
-        try read(.keysDir, &keysDir); try read(.wireDtype, &wireDtype)
+        try read(.keysDir, &keysDir); try read(.wireDtype, &wireDtype); try read(.blasThreads, &blasThreads)
     }
 
     private static func describe(_ type: Any.Type) -> String {
@@ -204,6 +206,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         try check(minWorkers >= 1 && minWorkers <= workers, "min_workers must be between 1 and workers (\(workers)), got \(minWorkers)")
         try check(heartbeatIntervalMs > 0 && heartbeatTimeoutMs > heartbeatIntervalMs,
                   "heartbeat_timeout_ms must exceed heartbeat_interval_ms > 0")
+        try check(blasThreads >= 1 && blasThreads <= 256, "blas_threads must be between 1 and 256, got \(blasThreads)")
         try check(DType(rawValue: wireDtype) != nil, "wire_dtype '\(wireDtype)' is unknown (f32, bf16, f16)")
         try check(checkpointEvery >= 0 && keepCheckpoints >= 1, "checkpoint_every must be >= 0 and keep_checkpoints >= 1")
         try check(joinTimeoutSeconds > 0 && stepTimeoutSeconds > 0, "join_timeout_seconds and step_timeout_seconds must be positive")

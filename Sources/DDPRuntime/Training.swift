@@ -13,6 +13,7 @@ public struct TrainingSetup {
 
     public init(spec: JobSpec) throws {
         self.spec = spec
+        BLAS.threads = spec.blasThreads
         let all = try Self.loadDataset(spec)
         var (train, test) = try all.split(testFraction: spec.testFraction, seed: spec.seed)
         if spec.model == "cnn" {

@@ -51,6 +51,7 @@ public final class Worker {
         try (keys ?? spec?.keys())?.secureClient(socket)
         try socket.setSendTimeout(milliseconds: 5000)
         try socket.setHighWaterMarks(send: 0, receive: 0)
+        try socket.setKernelBuffers(bytes: 4 << 20)
         try socket.connect(endpoint)
     }
 

@@ -244,6 +244,11 @@ public final class ZMQSocket {
         try setOption(ZMQ_SNDHWM, Int32(send), "sndhwm")
         try setOption(ZMQ_RCVHWM, Int32(receive), "rcvhwm")
     }
+    /// Kernel socket buffer sizes in bytes (larger buffers mean fewer wake-ups for megabyte messages).
+    public func setKernelBuffers(bytes: Int) throws {
+        try setOption(ZMQ_SNDBUF, Int32(bytes), "sndbuf")
+        try setOption(ZMQ_RCVBUF, Int32(bytes), "rcvbuf")
+    }
     /// The largest inbound message accepted; a peer sending more is disconnected.
     public func setMaximumMessageSize(bytes: Int64) throws {
         var v = bytes

@@ -50,9 +50,11 @@ struct JobOptions: ParsableArguments {
         return o
     }
 
+    /// The job from the file and flags; an invalid one is reported in one line with exit status 64.
     func resolve() throws -> JobSpec {
         do { return try JobSpec.load(path: config, overrides: overrides) } catch let error as JobSpecError {
-            throw ValidationError(error.description)
+            FileHandle.standardError.write(Data("Error: \(error)\n".utf8))
+            throw ExitCode(64)
         }
     }
 }
