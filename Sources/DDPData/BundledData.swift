@@ -12,6 +12,26 @@ public enum BundledData {
         return try DataReader.csv(path: url.path).scaledToUnitRange()
     }
 
+    /// A synthetic regression set: Gaussian inputs, targets `x · w + 0.5 + 0.1 · noise` for a seeded `w`.
+    public static func syntheticRegression(samples: Int, features: Int, seed: UInt64) throws -> Dataset {
+        guard samples > 0, features > 0 else { throw DataError.invalidOption("synthetic data needs samples > 0 and features > 0") }
+        var generator = SeededGenerator(seed: seed)
+        let weights = (0..<features).map { _ in generator.nextNormal() }
+        var values = [Float](repeating: 0, count: samples * features)
+        var targets = [Float](repeating: 0, count: samples)
+        for s in 0..<samples {
+            var y: Float = 0.5
+            for f in 0..<features {
+                let x = generator.nextNormal()
+                values[s * features + f] = x
+                y += x * weights[f]
+            }
+            targets[s] = y + 0.1 * generator.nextNormal()
+        }
+        return try Dataset(name: "synthetic regression(\(samples)x\(features), seed \(seed))", featureShape: [features],
+                           features: values, targets: targets)
+    }
+
     /// A learnable synthetic classification set: Gaussian inputs labelled by a random linear teacher
     /// (argmax of `x · T`), the same for the same seed.
     public static func synthetic(samples: Int, features: Int, classes: Int, seed: UInt64) throws -> Dataset {

@@ -11,8 +11,10 @@ public struct Dataset: Sendable {
     public private(set) var features: [Float]
     /// Class labels in `0..<classCount`.
     public let labels: [Int32]
-    /// The number of classes.
+    /// The number of classes (1 for a regression set).
     public let classCount: Int
+    /// For a regression set: one real-valued target per sample (`labels` are then all 0).
+    public private(set) var targets: [Float]?
 
     /// Validates and wraps samples; throws when sizes disagree or a label is out of range.
     public init(name: String, featureShape: [Int], features: [Float], labels: [Int32], classCount: Int? = nil) throws {
@@ -38,6 +40,25 @@ public struct Dataset: Sendable {
         self.features = features
         self.labels = labels
         self.classCount = classes
+    }
+
+    /// A regression set: real-valued `targets`, one per sample.
+    public init(name: String, featureShape: [Int], features: [Float], targets: [Float]) throws {
+        if let bad = targets.firstIndex(where: { !$0.isFinite }) {
+            throw DataError.malformed(name, "target of sample \(bad) is not finite")
+        }
+        try self.init(name: name, featureShape: featureShape, features: features,
+                      labels: [Int32](repeating: 0, count: targets.count), classCount: 1)
+        self.targets = targets
+    }
+
+    /// Whether the samples have real-valued targets instead of classes.
+    public var isRegression: Bool { targets != nil }
+
+    /// The regression targets at `indices` as an `[n, 1]` tensor.
+    public func targetTensor<C: Collection<Int>>(_ indices: C) -> Tensor {
+        guard let targets else { preconditionFailure("targetTensor: \(name) is a classification set") }
+        return Tensor(shape: [indices.count, 1], values: indices.map { targets[$0] })
     }
 
     /// The number of samples.
@@ -66,9 +87,11 @@ public struct Dataset: Sendable {
     /// The samples at `indices` as a new data set.
     public func subset<C: Collection<Int>>(_ indices: C, name suffix: String) -> Dataset {
         let (inputs, subsetLabels) = batch(indices)
-        return try! Dataset(
+        var subset = try! Dataset(
             name: "\(name) (\(suffix))", featureShape: featureShape, features: inputs.scalars, labels: subsetLabels,
             classCount: classCount)
+        subset.targets = targets.map { t in indices.map { t[$0] } }
+        return subset
     }
 
     /// A seeded random split into a training and a held-out part.

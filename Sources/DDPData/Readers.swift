@@ -9,18 +9,19 @@ public enum DataReader {
         }
     }
 
-    /// A CSV file whose first column is the integer class label and the rest are features. A first line
-    /// that is not numeric is taken as a header.
-    public static func csv(path: String) throws -> Dataset {
+    /// A CSV file whose first column is the integer class label (or, with `regression`, a real-valued
+    /// target) and the rest are features. A first line that is not numeric is taken as a header.
+    public static func csv(path: String, regression: Bool = false) throws -> Dataset {
         let data = try read(path)
         guard let text = String(data: data, encoding: .utf8) else { throw DataError.malformed(path, "not UTF-8 text") }
-        return try csv(text: text, name: path)
+        return try csv(text: text, name: path, regression: regression)
     }
 
     /// Parses CSV text as `csv(path:)` does; `name` appears in errors.
-    public static func csv(text: String, name: String) throws -> Dataset {
+    public static func csv(text: String, name: String, regression: Bool = false) throws -> Dataset {
         var features: [Float] = []
         var labels: [Int32] = []
+        var targets: [Float] = []
         var width: Int?
         for (number, rawLine) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
             let line = rawLine.trimmingCharacters(in: .whitespacesAndNewlines)
@@ -35,9 +36,16 @@ public enum DataReader {
             }
             width = fields.count - 1
             let labelText = fields[0].trimmingCharacters(in: .whitespaces)
+            if regression {
+                guard let target = Float(labelText), target.isFinite else {
+                    throw DataError.malformed(name, "line \(number + 1): target '\(labelText)' is not a finite number")
+                }
+                targets.append(target)
+            } else {
             guard let label = Int32(labelText) ?? Float(labelText).flatMap({ $0 == $0.rounded() ? Int32(exactly: $0) : nil })
             else { throw DataError.malformed(name, "line \(number + 1): label '\(labelText)' is not an integer") }
             labels.append(label)
+            }
             for (column, field) in fields.dropFirst().enumerated() {
                 guard let value = Float(field.trimmingCharacters(in: .whitespaces)) else {
                     throw DataError.malformed(name, "line \(number + 1), column \(column + 2): '\(field)' is not a number")
@@ -46,6 +54,7 @@ public enum DataReader {
             }
         }
         guard let width else { throw DataError.malformed(name, "no data rows") }
+        if regression { return try Dataset(name: name, featureShape: [width], features: features, targets: targets) }
         return try Dataset(name: name, featureShape: [width], features: features, labels: labels)
     }
 
@@ -83,7 +92,8 @@ public enum DataReader {
     }
 
     /// NumPy `.npy` arrays: features `[n, ...]` (float32/float64/integer) and labels `[n]` (integer).
-    public static func npy(features featurePath: String, labels labelPath: String) throws -> Dataset {
+    /// With `regression`, the labels file holds real-valued targets.
+    public static func npy(features featurePath: String, labels labelPath: String, regression: Bool = false) throws -> Dataset {
         let features = try NumpyArray(path: featurePath)
         let labels = try NumpyArray(path: labelPath)
         guard features.shape.count >= 2 else {
@@ -91,6 +101,11 @@ public enum DataReader {
         }
         guard labels.shape.count == 1, labels.shape[0] == features.shape[0] else {
             throw DataError.malformed(labelPath, "labels of shape \(labels.shape) do not fit features \(features.shape)")
+        }
+        if regression {
+            return try Dataset(
+                name: featurePath, featureShape: Array(features.shape.dropFirst()), features: features.values.map { Float($0) },
+                targets: labels.values.map { Float($0) })
         }
         var classes: [Int32] = []
         for (i, value) in labels.values.enumerated() {

@@ -678,7 +678,7 @@ public final class Coordinator {
             trainLoss: last?.trainLoss ?? recentLosses.last ?? 0, testLoss: last?.testLoss ?? 0,
             testAccuracy: last?.testAccuracy ?? 0, wallSeconds: Self.now() - started,
             samplesPerSecond: elapsed > 0 ? Double(samplesTrained) / elapsed : 0, modelPath: modelPath, message: message,
-            rejectedMessages: rejected, lostWorkers: lostRanks)
+            rejectedMessages: rejected, lostWorkers: lostRanks, task: spec.task)
         if let directory { try directory.write(summary, to: directory.summaryPath) }
         log.info("job \(phase.rawValue)", metadata: ["steps": "\(step)", "test_accuracy": "\(summary.testAccuracy)",
                                                       "message": "\(message)"])

@@ -91,9 +91,11 @@ public struct JobSummary: Codable, Sendable, Equatable {
     public var message: String
     public var rejectedMessages: UInt64
     public var lostWorkers: [Int32]
+    /// `classification`, or `regression` (then `test_accuracy` is R²).
+    public var task: String? = "classification"
 
     enum CodingKeys: String, CodingKey {
-        case state, workers, epochs, steps, message
+        case state, workers, epochs, steps, message, task
         case jobID = "job_id", trainLoss = "train_loss", testLoss = "test_loss", testAccuracy = "test_accuracy"
         case wallSeconds = "wall_seconds", samplesPerSecond = "samples_per_second", modelPath = "model_path"
         case rejectedMessages = "rejected_messages", lostWorkers = "lost_workers"

@@ -15,7 +15,10 @@ public struct JobSpec: Codable, Equatable, Sendable {
     public var syntheticSamples = 60000
     public var syntheticFeatures = 784
     public var syntheticClasses = 10
-    /// `mlp`, `cnn` (LeNet-style, for image data) or `logistic` (softmax regression).
+    /// `classification` (integer labels, softmax cross-entropy) or `regression` (a real-valued target,
+    /// mean squared error; `test_accuracy` then reports R²).
+    public var task = "classification"
+    /// `mlp`, `cnn` (LeNet-style, for image data), `logistic` (softmax regression) or `linear` (linear regression).
     public var model = "mlp"
     /// Hidden layer sizes of the MLP (and the CNN's dense layer).
     public var hidden = [128]
@@ -71,7 +74,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
     enum CodingKeys: String, CodingKey, CaseIterable {
         case jobID = "job_id", dataset, dataPath = "data_path", labelsPath = "labels_path"
         case syntheticSamples = "synthetic_samples", syntheticFeatures = "synthetic_features"
-        case syntheticClasses = "synthetic_classes", model, hidden, activation, epochs, batchSize = "batch_size"
+        case syntheticClasses = "synthetic_classes", task, model, hidden, activation, epochs, batchSize = "batch_size"
         case optimizer, learningRate = "learning_rate", momentum, nesterov, weightDecay = "weight_decay", schedule
         case warmupSteps = "warmup_steps", stepEvery = "step_every", gamma, minLearningRate = "min_learning_rate"
         case clipNorm = "clip_norm", seed, testFraction = "test_fraction", workers, minWorkers = "min_workers"
@@ -101,7 +104,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         try read(.jobID, &jobID); try read(.dataset, &dataset); try read(.dataPath, &dataPath)
         try read(.labelsPath, &labelsPath); try read(.syntheticSamples, &syntheticSamples)
         try read(.syntheticFeatures, &syntheticFeatures); try read(.syntheticClasses, &syntheticClasses)
-        try read(.model, &model); try read(.hidden, &hidden); try read(.activation, &activation)
+        try read(.task, &task); try read(.model, &model); try read(.hidden, &hidden); try read(.activation, &activation)
         try read(.epochs, &epochs); try read(.batchSize, &batchSize); try read(.optimizer, &optimizer)
         try read(.learningRate, &learningRate); try read(.momentum, &momentum); try read(.nesterov, &nesterov)
         try read(.weightDecay, &weightDecay); try read(.schedule, &schedule); try read(.warmupSteps, &warmupSteps)
@@ -188,7 +191,11 @@ public struct JobSpec: Codable, Equatable, Sendable {
         try check(!["idx", "npy"].contains(dataset) || !labelsPath.isEmpty, "dataset '\(dataset)' needs labels_path")
         try check(syntheticSamples > 0 && syntheticFeatures > 0 && syntheticClasses > 1,
                   "synthetic_samples and synthetic_features must be positive and synthetic_classes at least 2")
-        try check(["mlp", "cnn", "logistic"].contains(model), "model '\(model)' is unknown (mlp, cnn, logistic)")
+        try check(["mlp", "cnn", "logistic", "linear"].contains(model), "model '\(model)' is unknown (mlp, cnn, logistic, linear)")
+        try check(["classification", "regression"].contains(task), "task '\(task)' is unknown (classification, regression)")
+        try check(task == "regression" ? ["mlp", "linear"].contains(model) : model != "linear",
+                  task == "regression" ? "task 'regression' needs model 'linear' or 'mlp', not '\(model)'"
+                      : "model 'linear' is linear regression: set task to 'regression'")
         try check(hidden.allSatisfy { $0 > 0 }, "hidden sizes must be positive, got \(hidden)")
         try check(["relu", "leaky_relu", "sigmoid", "tanh", "gelu"].contains(activation),
                   "activation '\(activation)' is unknown (relu, leaky_relu, sigmoid, tanh, gelu)")

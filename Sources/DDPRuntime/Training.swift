@@ -23,7 +23,7 @@ public struct TrainingSetup {
         }
         self.train = train
         self.test = test
-        model = try Self.buildModel(spec, inputShape: train.featureShape, classes: all.classCount)
+        model = try Self.buildModel(spec, inputShape: train.featureShape, classes: all.isRegression ? 1 : all.classCount)
         sampler = try EpochSampler(sampleCount: train.count, globalBatchSize: spec.batchSize, seed: spec.seed)
     }
 
@@ -31,14 +31,21 @@ public struct TrainingSetup {
     public var totalSteps: Int { sampler.stepsPerEpoch * spec.epochs }
 
     static func loadDataset(_ spec: JobSpec) throws -> Dataset {
+        let regression = spec.task == "regression"
         switch spec.dataset {
-        case "digits": return try BundledData.digits()
+        case "digits":
+            guard !regression else { throw JobSpecError.invalid("dataset 'digits' has classes, not regression targets") }
+            return try BundledData.digits()
+        case "synthetic" where regression:
+            return try BundledData.syntheticRegression(samples: spec.syntheticSamples, features: spec.syntheticFeatures, seed: spec.seed)
         case "synthetic":
             return try BundledData.synthetic(
                 samples: spec.syntheticSamples, features: spec.syntheticFeatures, classes: spec.syntheticClasses, seed: spec.seed)
-        case "csv": return try DataReader.csv(path: spec.dataPath).scaledToUnitRange()
-        case "idx": return try DataReader.idx(images: spec.dataPath, labels: spec.labelsPath).scaledToUnitRange()
-        case "npy": return try DataReader.npy(features: spec.dataPath, labels: spec.labelsPath)
+        case "csv": return try DataReader.csv(path: spec.dataPath, regression: regression).scaledToUnitRange()
+        case "idx":
+            guard !regression else { throw JobSpecError.invalid("dataset 'idx' has classes, not regression targets") }
+            return try DataReader.idx(images: spec.dataPath, labels: spec.labelsPath).scaledToUnitRange()
+        case "npy": return try DataReader.npy(features: spec.dataPath, labels: spec.labelsPath, regression: regression)
         default: throw JobSpecError.invalid("dataset '\(spec.dataset)' is unknown")
         }
     }
@@ -59,7 +66,7 @@ public struct TrainingSetup {
         let activation = Activation.Kind(rawValue: spec.activation) ?? .relu
         let inputs = inputShape.reduce(1, *)
         switch spec.model {
-        case "logistic":
+        case "logistic", "linear":
             return Sequential([Flatten(), Linear(inputs: inputs, outputs: classes, generator: &generator)])
         case "mlp":
             var layers: [any Layer] = [Flatten()]
@@ -124,8 +131,20 @@ public struct TrainingSetup {
         return String(hash, radix: 16)
     }
 
-    /// Loss and accuracy of the model on `data`, in evaluation mode.
+    /// The loss of a batch (cross-entropy, or mean squared error for regression) and how many samples it
+    /// classified correctly (0 for regression).
+    public func loss(_ indices: some Collection<Int>, in data: Dataset) -> (loss: Tensor, correct: Int) {
+        let (x, labels) = data.batch(indices)
+        let output = model(x)
+        if data.isRegression { return (Loss.meanSquaredError(output, data.targetTensor(indices)), 0) }
+        let loss = Loss.softmaxCrossEntropy(output, labels: labels)
+        return (loss, GradMode.withoutGradients { Self.correctCount(output, labels) })
+    }
+
+    /// Loss and accuracy of the model on `data`, in evaluation mode; for regression the mean squared
+    /// error and R² (1 - residual / total sum of squares).
     public func evaluate(on data: Dataset) -> (loss: Float, accuracy: Float) {
+        if let targets = data.targets { return evaluateRegression(on: data, targets: targets) }
         model.setTraining(false)
         defer { model.setTraining(true) }
         var totalLoss: Double = 0, correct = 0
@@ -139,6 +158,19 @@ public struct TrainingSetup {
             }
         }
         return (Float(totalLoss / Double(data.count)), Float(correct) / Float(data.count))
+    }
+
+    private func evaluateRegression(on data: Dataset, targets: [Float]) -> (loss: Float, accuracy: Float) {
+        model.setTraining(false)
+        defer { model.setTraining(true) }
+        let predictions = GradMode.withoutGradients { model(data.batch(0..<data.count).inputs) }.scalars
+        let mean = targets.reduce(0, +) / Float(targets.count)
+        var residual: Double = 0, total: Double = 0
+        for (p, y) in zip(predictions, targets) {
+            residual += Double((p - y) * (p - y))
+            total += Double((y - mean) * (y - mean))
+        }
+        return (Float(residual / Double(targets.count)), total > 0 ? Float(1 - residual / total) : 0)
     }
 
     /// How many rows of `logits` have their largest value at the label.

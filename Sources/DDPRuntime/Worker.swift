@@ -182,12 +182,10 @@ public final class Worker {
         var loss: Float = 0, correct = 0
         setup.model.zeroGrad()
         if !mine.isEmpty {
-            let (x, labels) = setup.train.batch(mine)
-            let logits = setup.model(x)
-            let lossTensor = Loss.softmaxCrossEntropy(logits, labels: labels)
+            let (lossTensor, rightOnes) = setup.loss(mine, in: setup.train)
             try lossTensor.backward()
             loss = lossTensor.item
-            correct = TrainingSetup.correctCount(logits, labels)
+            correct = rightOnes
         }
         let tensors = parameters.enumerated().map { index, p in
             if gradientPayloads[index].isInFlight { gradientPayloads[index] = Payload(byteCount: p.tensor.count * wireType.size) }

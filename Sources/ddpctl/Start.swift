@@ -11,7 +11,8 @@ struct JobOptions: ParsableArguments {
     @Option(help: "Synthetic data: samples.") var syntheticSamples: Int?
     @Option(help: "Synthetic data: features per sample.") var syntheticFeatures: Int?
     @Option(help: "Synthetic data: classes.") var syntheticClasses: Int?
-    @Option(help: "mlp, cnn or logistic.") var model: String?
+    @Option(help: "classification (labels) or regression (a real-valued target; R² is reported as accuracy).") var task: String?
+    @Option(help: "mlp, cnn, logistic, or linear (linear regression).") var model: String?
     @Option(help: "Hidden layer sizes, comma-separated (e.g. 512,512).") var hidden: String?
     @Option(help: "relu, leaky_relu, sigmoid, tanh, gelu.") var activation: String?
     @Option(help: "Passes over the training data.") var epochs: Int?
@@ -37,7 +38,7 @@ struct JobOptions: ParsableArguments {
         var o: [String: Any] = [:]
         o["dataset"] = dataset; o["data_path"] = dataPath; o["labels_path"] = labelsPath
         o["synthetic_samples"] = syntheticSamples; o["synthetic_features"] = syntheticFeatures
-        o["synthetic_classes"] = syntheticClasses; o["model"] = model; o["activation"] = activation
+        o["synthetic_classes"] = syntheticClasses; o["task"] = task; o["model"] = model; o["activation"] = activation
         o["epochs"] = epochs; o["batch_size"] = batchSize; o["optimizer"] = optimizer
         o["learning_rate"] = learningRate.map { Double($0) }; o["momentum"] = momentum.map { Double($0) }
         if nesterov { o["nesterov"] = true }
@@ -201,7 +202,7 @@ extension JobSummary {
         \(state): \(epochs) epochs, \(steps) steps in \(String(format: "%.1f", wallSeconds)) s \
         (\(Int(samplesPerSecond)) samples/s) with \(workers) workers
         train loss \(String(format: "%.4f", trainLoss)), test loss \(String(format: "%.4f", testLoss)), \
-        test accuracy \(String(format: "%.2f%%", testAccuracy * 100))
+        \(task == "regression" ? String(format: "test R² %.4f", testAccuracy) : String(format: "test accuracy %.2f%%", testAccuracy * 100))
         model \(modelPath.isEmpty ? "(none)" : modelPath)\(message.isEmpty ? "" : "\n\(message)")
         """
     }

@@ -89,3 +89,15 @@ struct DataTests {
         #expect(Set(a.labels).count > 1)
     }
 }
+
+struct RegressionDataTests {
+    @Test func csvRegressionTargetsAndBadTargets() throws {
+        let data = try DataReader.csv(text: "y,a\n1.5,2\n-0.25,3\n", name: "r", regression: true)
+        #expect(data.isRegression && data.targets == [1.5, -0.25] && data.targetTensor([1, 0]).scalars == [-0.25, 1.5])
+        #expect(throws: DataError.malformed("r", "line 2: target 'x' is not a finite number")) {
+            try DataReader.csv(text: "y,a\nx,2\n", name: "r", regression: true)
+        }
+        let split = try BundledData.syntheticRegression(samples: 100, features: 3, seed: 1).split(testFraction: 0.2, seed: 2)
+        #expect(split.train.targets?.count == 80 && split.test.targets?.count == 20)
+    }
+}

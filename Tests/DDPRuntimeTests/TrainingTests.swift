@@ -119,3 +119,22 @@ struct CompressedWireTests {
         #expect(abs(half.trainLoss - f32.trainLoss) <= 0.05)
     }
 }
+
+/// Linear regression through the distributed runtime.
+@Suite(.serialized)
+struct RegressionTests {
+    @Test func linearRegressionFitsAndMatchesOneWorker() throws {
+        let jobs = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: jobs) }
+        let arguments = ["--task", "regression", "--model", "linear", "--dataset", "synthetic", "--synthetic-samples", "3000",
+                         "--synthetic-features", "8", "--epochs", "8", "--lr", "0.05"]
+        let two = try #require(try startJob(arguments + ["--workers", "2"], jobsDir: jobs).0)
+        #expect(two.state == "completed" && two.task == "regression")
+        #expect(two.testAccuracy > 0.99, "R² \(two.testAccuracy)")
+        #expect(two.testLoss < 0.02, "MSE \(two.testLoss) against a noise variance of 0.01")
+        let one = try #require(try startJob(arguments + ["--workers", "1"], jobsDir: jobs).0)
+        #expect(abs(one.testLoss - two.testLoss) <= 1e-4)
+        let wrong = try runCommand(Binaries.ddpctl, ["start", "--jobs-dir", jobs, "--model", "linear"])
+        #expect(wrong.status == 64 && wrong.stderr.contains("model 'linear' is linear regression: set task to 'regression'"))
+    }
+}
