@@ -1096,7 +1096,7 @@ const ProtobufCMessageDescriptor ddp__v1__welcome__descriptor =
   (ProtobufCMessageInit) ddp__v1__welcome__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor ddp__v1__gradient_push__field_descriptors[4] =
+static const ProtobufCFieldDescriptor ddp__v1__gradient_push__field_descriptors[5] =
 {
   {
     "sample_count",
@@ -1146,8 +1146,21 @@ static const ProtobufCFieldDescriptor ddp__v1__gradient_push__field_descriptors[
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "attempt",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__GradientPush, attempt),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned ddp__v1__gradient_push__field_indices_by_name[] = {
+  4,   /* field[4] = attempt */
   3,   /* field[3] = compute_seconds */
   2,   /* field[2] = local_correct */
   1,   /* field[1] = local_loss */
@@ -1156,7 +1169,7 @@ static const unsigned ddp__v1__gradient_push__field_indices_by_name[] = {
 static const ProtobufCIntRange ddp__v1__gradient_push__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 4 }
+  { 0, 5 }
 };
 const ProtobufCMessageDescriptor ddp__v1__gradient_push__descriptor =
 {
@@ -1166,14 +1179,14 @@ const ProtobufCMessageDescriptor ddp__v1__gradient_push__descriptor =
   "Ddp__V1__GradientPush",
   "ddp.v1",
   sizeof(Ddp__V1__GradientPush),
-  4,
+  5,
   ddp__v1__gradient_push__field_descriptors,
   ddp__v1__gradient_push__field_indices_by_name,
   1,  ddp__v1__gradient_push__number_ranges,
   (ProtobufCMessageInit) ddp__v1__gradient_push__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor ddp__v1__parameter_update__field_descriptors[6] =
+static const ProtobufCFieldDescriptor ddp__v1__parameter_update__field_descriptors[7] =
 {
   {
     "learning_rate",
@@ -1247,8 +1260,21 @@ static const ProtobufCFieldDescriptor ddp__v1__parameter_update__field_descripto
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "attempt",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__ParameterUpdate, attempt),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned ddp__v1__parameter_update__field_indices_by_name[] = {
+  6,   /* field[6] = attempt */
   2,   /* field[2] = epoch */
   1,   /* field[1] = full_copy */
   0,   /* field[0] = learning_rate */
@@ -1259,7 +1285,7 @@ static const unsigned ddp__v1__parameter_update__field_indices_by_name[] = {
 static const ProtobufCIntRange ddp__v1__parameter_update__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 6 }
+  { 0, 7 }
 };
 const ProtobufCMessageDescriptor ddp__v1__parameter_update__descriptor =
 {
@@ -1269,7 +1295,7 @@ const ProtobufCMessageDescriptor ddp__v1__parameter_update__descriptor =
   "Ddp__V1__ParameterUpdate",
   "ddp.v1",
   sizeof(Ddp__V1__ParameterUpdate),
-  6,
+  7,
   ddp__v1__parameter_update__field_descriptors,
   ddp__v1__parameter_update__field_indices_by_name,
   1,  ddp__v1__parameter_update__number_ranges,

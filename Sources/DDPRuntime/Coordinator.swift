@@ -63,6 +63,9 @@ public final class Coordinator {
     private var rankOfIdentity: [[UInt8]: Int32] = [:]
     private var step = 0
     private var contributions: [Int32: Contribution] = [:]
+    /// The attempt of the current step, and whether it must be sent again (a worker was lost mid-step).
+    private var attempt: UInt32 = 0
+    private var redoStep = false
     private var stepStarted = 0.0
     private var recentStepSeconds: [Double] = []
     private var recentLosses: [Float] = []
@@ -190,6 +193,7 @@ public final class Coordinator {
                 }
             case .training, .stopping:
                 checkLiveness(now: now)
+                if redoStep && (phase == .training || phase == .stopping) { resendStep() }
                 if phase == .training || phase == .stopping { try completeStepIfReady() }
             default:
                 break
@@ -323,6 +327,10 @@ public final class Coordinator {
             reject("push for step \(message.step) while at step \(step)", from: rank)
             return
         }
+        guard push.attempt == attempt else {
+            reject("push for attempt \(push.attempt) of step \(step), now at attempt \(attempt)", from: rank)
+            return
+        }
         guard contributions[rank] == nil else { reject("duplicate push for step \(step)", from: rank); return }
         members[rank]?.lastPushedStep = message.step
         members[rank]?.lastStepSeconds = push.computeSeconds
@@ -365,6 +373,8 @@ public final class Coordinator {
 
     private func markGone(_ rank: Int32, state: String, reason: String) {
         guard var member = members[rank], member.state != state else { return }
+        // A live worker gone before the step completed: the step is sent again to the others, re-divided.
+        if member.isLive && (phase == .training || phase == .stopping) { redoStep = true }
         member.state = state
         members[rank] = member
         contributions[rank] = nil
@@ -639,16 +649,28 @@ public final class Coordinator {
         }
     }
 
-    /// Sends the parameters for `step` to every live worker with its shard of the batch.
-    private func broadcastUpdate(trainLoss: Float) {
+    /// Sends the current step again, with the next attempt, to the live workers: its whole global batch
+    /// re-divided among them, parameters unchanged (no tensors), earlier pushes dropped.
+    private func resendStep() {
+        redoStep = false
+        contributions.removeAll(keepingCapacity: true)
+        attempt += 1
+        log.warning("step \(step) sent again to \(liveCount) live workers", metadata: ["attempt": "\(attempt)"])
+        broadcastUpdate(trainLoss: recentLosses.last ?? 0, resend: true)
+    }
+
+    /// Sends the parameters for `step` to every live worker with its shard of the batch (on a resend, the
+    /// shard alone).
+    private func broadcastUpdate(trainLoss: Float, resend: Bool = false) {
+        if !resend { attempt = 0 }
         for rank in members.keys where members[rank]!.state == "joining" { members[rank]!.state = "training" }
         let live = members.values.filter(\.isLive).sorted { $0.rank < $1.rank }
-        let tensors = replica.map(deltaTensors) ?? parameterTensors()
+        let tensors = resend ? [] : replica.map(deltaTensors) ?? parameterTensors()
         stepStarted = Self.now()
         for (shard, member) in live.enumerated() {
             let update = ParameterUpdate(
                 learningRate: optimizer.learningRate, fullCopy: replica == nil, epoch: UInt64(step / stepsPerEpoch),
-                worldSize: UInt32(live.count), shardIndex: Int32(shard), trainLoss: trainLoss)
+                worldSize: UInt32(live.count), shardIndex: Int32(shard), trainLoss: trainLoss, attempt: attempt)
             do {
                 try reply(member.identity, .parameterUpdate(update), step: UInt64(step), rank: member.rank, tensors: tensors)
             } catch {

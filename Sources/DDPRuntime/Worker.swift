@@ -86,8 +86,11 @@ public final class Worker {
             }
             switch message.body {
             case .parameterUpdate(let update):
-                try load(message.tensors, adding: !update.fullCopy)
-                try computeAndPush(step: Int(message.step), shard: Int(update.shardIndex), worldSize: Int(update.worldSize))
+                if !(update.attempt > 0 && message.tensors.isEmpty) {  // a resent step keeps the parameters
+                    try load(message.tensors, adding: !update.fullCopy)
+                }
+                try computeAndPush(step: Int(message.step), shard: Int(update.shardIndex), worldSize: Int(update.worldSize),
+                                   attempt: update.attempt)
             case .stop(let reason, _):
                 log.info("stopped by the coordinator: \(reason)")
                 return .stopped(reason: reason)
@@ -171,7 +174,7 @@ public final class Worker {
         }
     }
 
-    private func computeAndPush(step: Int, shard: Int, worldSize: Int) throws {
+    private func computeAndPush(step: Int, shard: Int, worldSize: Int, attempt: UInt32) throws {
         let setup = setup!
         let start = Coordinator.now()
         let stepsPerEpoch = setup.sampler.stepsPerEpoch
@@ -198,7 +201,7 @@ public final class Worker {
             return WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: payload)
         }
         let push = GradientPush(sampleCount: UInt64(mine.count), localLoss: loss, localCorrect: UInt32(correct),
-                                computeSeconds: Coordinator.now() - start)
+                                computeSeconds: Coordinator.now() - start, attempt: attempt)
         try send(.gradientPush(push), step: UInt64(step), tensors: tensors)
     }
 }

@@ -115,6 +115,7 @@ public enum WireCodec {
             m.pointee.local_loss = g.localLoss
             m.pointee.local_correct = g.localCorrect
             m.pointee.compute_seconds = g.computeSeconds
+            m.pointee.attempt = g.attempt
             e.body_case = DDP__V1__ENVELOPE__BODY_GRADIENT_PUSH
             e.gradient_push = m
         case .parameterUpdate(let u):
@@ -125,6 +126,7 @@ public enum WireCodec {
             m.pointee.world_size = u.worldSize
             m.pointee.shard_index = u.shardIndex
             m.pointee.train_loss = u.trainLoss
+            m.pointee.attempt = u.attempt
             e.body_case = DDP__V1__ENVELOPE__BODY_PARAMETER_UPDATE
             e.parameter_update = m
         case .heartbeat(let h):
@@ -286,12 +288,12 @@ public enum WireCodec {
             guard let m = e.gradient_push?.pointee else { return nil }
             return .gradientPush(GradientPush(
                 sampleCount: m.sample_count, localLoss: m.local_loss, localCorrect: m.local_correct,
-                computeSeconds: m.compute_seconds))
+                computeSeconds: m.compute_seconds, attempt: m.attempt))
         case DDP__V1__ENVELOPE__BODY_PARAMETER_UPDATE:
             guard let m = e.parameter_update?.pointee else { return nil }
             return .parameterUpdate(ParameterUpdate(
                 learningRate: m.learning_rate, fullCopy: m.full_copy != 0, epoch: m.epoch, worldSize: m.world_size,
-                shardIndex: m.shard_index, trainLoss: m.train_loss))
+                shardIndex: m.shard_index, trainLoss: m.train_loss, attempt: m.attempt))
         case DDP__V1__ENVELOPE__BODY_HEARTBEAT:
             guard let m = e.heartbeat?.pointee else { return nil }
             return .heartbeat(Heartbeat(sentUnixMilliseconds: m.sent_unix_ms, state: text(m.state)))

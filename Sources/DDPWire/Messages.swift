@@ -121,12 +121,15 @@ public struct GradientPush: Equatable, Sendable {
     public var localLoss: Float
     public var localCorrect: UInt32
     public var computeSeconds: Double
+    /// The attempt of the step this answers.
+    public var attempt: UInt32
 
-    public init(sampleCount: UInt64, localLoss: Float, localCorrect: UInt32 = 0, computeSeconds: Double = 0) {
+    public init(sampleCount: UInt64, localLoss: Float, localCorrect: UInt32 = 0, computeSeconds: Double = 0, attempt: UInt32 = 0) {
         self.sampleCount = sampleCount
         self.localLoss = localLoss
         self.localCorrect = localCorrect
         self.computeSeconds = computeSeconds
+        self.attempt = attempt
     }
 }
 
@@ -137,14 +140,19 @@ public struct ParameterUpdate: Equatable, Sendable {
     public var worldSize: UInt32
     public var shardIndex: Int32
     public var trainLoss: Float
+    /// 0 normally; higher when the step is sent again after a worker was lost (then without tensors).
+    public var attempt: UInt32
 
-    public init(learningRate: Float, fullCopy: Bool, epoch: UInt64, worldSize: UInt32, shardIndex: Int32, trainLoss: Float) {
+    public init(
+        learningRate: Float, fullCopy: Bool, epoch: UInt64, worldSize: UInt32, shardIndex: Int32, trainLoss: Float, attempt: UInt32 = 0
+    ) {
         self.learningRate = learningRate
         self.fullCopy = fullCopy
         self.epoch = epoch
         self.worldSize = worldSize
         self.shardIndex = shardIndex
         self.trainLoss = trainLoss
+        self.attempt = attempt
     }
 }
 

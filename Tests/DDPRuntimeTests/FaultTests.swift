@@ -25,6 +25,14 @@ struct FaultTests {
         let log = try String(contentsOfFile: job.logPath("coordinator"), encoding: .utf8)
         #expect(log.contains("worker lost") && log.contains("pid=\(victim) rank=1"))
         #expect(log.contains("rank=1 restarts=1"), "the restarted worker did not rejoin")
+        #expect(log.contains("sent again"), "the interrupted step was not re-divided")
+        // No sample was skipped: every epoch trained the whole training split, as in the clean run.
+        func samples(_ job: JobDirectory) -> String? {
+            (try? String(contentsOfFile: job.metricsPath, encoding: .utf8))?.split(separator: "\n")
+                .first { $0.hasPrefix("ddp_samples_total") }.map { String($0.split(separator: " ").last!) }
+        }
+        let cleanJob = JobDirectory(path: (clean.modelPath as NSString).deletingLastPathComponent)
+        #expect(samples(job) != nil && samples(job) == samples(cleanJob), "\(samples(job) ?? "-") vs \(samples(cleanJob) ?? "-")")
         let status = try job.status()
         #expect(status.source == "directory" && status.state == "completed")
     }

@@ -249,10 +249,14 @@ struct  Ddp__V1__GradientPush
    */
   uint32_t local_correct;
   double compute_seconds;
+  /*
+   * the attempt of the step it answers (ParameterUpdate.attempt)
+   */
+  uint32_t attempt;
 };
 #define DDP__V1__GRADIENT_PUSH__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&ddp__v1__gradient_push__descriptor) \
-    , 0, 0, 0, 0 }
+    , 0, 0, 0, 0, 0 }
 
 
 /*
@@ -285,10 +289,16 @@ struct  Ddp__V1__ParameterUpdate
    * the global mean loss of the step just completed
    */
   float train_loss;
+  /*
+   * 0 normally. When a worker is lost before a step completes, the coordinator sends the same step again
+   * with the next attempt, the batch re-divided among the live workers and no tensors (the parameters are
+   * unchanged), so that no sample of the step is skipped; pushes of an older attempt are dropped.
+   */
+  uint32_t attempt;
 };
 #define DDP__V1__PARAMETER_UPDATE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&ddp__v1__parameter_update__descriptor) \
-    , 0, 0, 0, 0, 0, 0 }
+    , 0, 0, 0, 0, 0, 0, 0 }
 
 
 /*
