@@ -1,3 +1,9 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// A small, fast, seedable random number generator (SplitMix64): the same seed gives the same
 /// numbers on every machine, which the distributed runtime relies on.
 public struct SeededGenerator: RandomNumberGenerator, Sendable {
@@ -24,15 +30,6 @@ public struct SeededGenerator: RandomNumberGenerator, Sendable {
     public mutating func nextNormal() -> Float {
         let u1 = max(Double(next() >> 11) * 0x1.0p-53, Double.leastNonzeroMagnitude)
         let u2 = Double(next() >> 11) * 0x1.0p-53
-        return Float((-2 * _log(u1)).squareRoot() * _cos(2 * Double.pi * u2))
+        return Float((-2 * log(u1)).squareRoot() * cos(2 * Double.pi * u2))
     }
 }
-
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif
-
-@inline(__always) func _log(_ x: Double) -> Double { log(x) }
-@inline(__always) func _cos(_ x: Double) -> Double { cos(x) }

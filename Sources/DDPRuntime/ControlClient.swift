@@ -54,14 +54,14 @@ public final class ControlClient {
 public enum ControlError: Error, CustomStringConvertible, Equatable {
     case noAnswer(endpoint: String, seconds: Double)
     case refused(String)
-    case noJob(String)
+    case failed(String)
 
     public var description: String {
         switch self {
         case .noAnswer(let endpoint, let s):
             "coordinator at \(endpoint) did not answer within \(s.formatted(.number.precision(.fractionLength(0...1)))) s"
         case .refused(let reason): "the coordinator refused the request: \(reason)"
-        case .noJob(let what): what
+        case .failed(let what): what
         }
     }
 }

@@ -28,7 +28,7 @@ public enum Detach {
         defer { for p in argv + envp { free(p) } }
         var pid: pid_t = 0
         let rc = posix_spawn(&pid, executable, &actions, &attributes, argv, envp)
-        guard rc == 0 else { throw ControlError.noJob("cannot start \(executable): \(String(cString: strerror(rc)))") }
+        guard rc == 0 else { throw ControlError.failed("cannot start \(executable): \(String(cString: strerror(rc)))") }
         return pid
     }
 

@@ -24,7 +24,7 @@ public enum Doctor {
         check("jobs directory", fix: "set SWIFTDDP_HOME or --jobs-dir to a writable folder") {
             try FileManager.default.createDirectory(atPath: jobsRoot, withIntermediateDirectories: true)
             let probe = jobsRoot + "/.doctor-\(getpid())"
-            guard FileManager.default.createFile(atPath: probe, contents: Data()) else { throw ControlError.noJob("\(jobsRoot) is not writable") }
+            guard FileManager.default.createFile(atPath: probe, contents: Data()) else { throw ControlError.failed("\(jobsRoot) is not writable") }
             try FileManager.default.removeItem(atPath: probe)
             return "\(jobsRoot) is writable"
         }

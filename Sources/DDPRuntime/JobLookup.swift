@@ -27,9 +27,9 @@ public enum JobLookup {
             for candidate in [job, root + "/" + job] where FileManager.default.fileExists(atPath: candidate + "/spec.json") {
                 return JobDirectory(path: candidate)
             }
-            throw ControlError.noJob("no job '\(job)' (looked for \(job)/spec.json and \(root)/\(job)/spec.json)")
+            throw ControlError.failed("no job '\(job)' (looked for \(job)/spec.json and \(root)/\(job)/spec.json)")
         }
-        guard let latest = all(root: root).last else { throw ControlError.noJob("no job found in \(root)") }
+        guard let latest = all(root: root).last else { throw ControlError.failed("no job found in \(root)") }
         return latest
     }
 

@@ -25,7 +25,7 @@ public final class LocalJob {
         maxRestarts: Int = 3
     ) throws {
         guard FileManager.default.isExecutableFile(atPath: ddpd) else {
-            throw ControlError.noJob("ddpd not found at \(ddpd); build it with 'swift build' or pass --ddpd")
+            throw ControlError.failed("ddpd not found at \(ddpd); build it with 'swift build' or pass --ddpd")
         }
         guard ["ipc", "tcp"].contains(transport) else { throw JobSpecError.invalid("transport '\(transport)' is unknown (ipc, tcp)") }
         self.spec = spec
@@ -53,9 +53,9 @@ public final class LocalJob {
             endpoints = directory.endpoints()
             if endpoints != nil { break }
             guard coordinator!.isRunning else {
-                throw ControlError.noJob("the coordinator exited with status \(coordinator!.terminationStatus) before listening: \(lastLines(of: "coordinator"))")
+                throw ControlError.failed("the coordinator exited with status \(coordinator!.terminationStatus) before listening: \(lastLines(of: "coordinator"))")
             }
-            guard Coordinator.now() < deadline else { throw ControlError.noJob("the coordinator did not start listening within 10 s") }
+            guard Coordinator.now() < deadline else { throw ControlError.failed("the coordinator did not start listening within 10 s") }
             usleep(5000)
         }
         for rank in 0..<spec.workers { workers.append(try launchWorker(rank)) }
@@ -141,7 +141,7 @@ public final class LocalJob {
     /// since the last call, to `progress` until the coordinator exits; then collects the workers and
     /// returns the summary.
     public func wait(interval: Double = 0.25, progress: (StatusReply, [EpochRecord]) -> Void) throws -> JobSummary {
-        guard coordinator != nil, let endpoints else { throw ControlError.noJob("the job was not started") }
+        guard coordinator != nil, let endpoints else { throw ControlError.failed("the job was not started") }
         let client = try ControlClient(endpoint: endpoints.control, jobID: spec.jobID, keys: try? spec.keys())
         var epochsShown = 0
         func newEpochs() -> [EpochRecord] {

@@ -9,12 +9,12 @@ struct JobSelection: ParsableArguments {
     @Option(help: "Where job directories are (default: $SWIFTDDP_HOME/jobs or ~/.swiftddp/jobs).") var jobsDir: String?
 
     func directory() throws -> JobDirectory {
-        do { return try JobLookup.find(job, root: JobLookup.root(jobsDir)) } catch { throw CleanExit.message(error) }
+        do { return try JobLookup.find(job, root: JobLookup.root(jobsDir)) } catch { throw CommandFailure.message(error) }
     }
 }
 
 /// An error reported as one plain line with exit status 1.
-enum CleanExit {
+enum CommandFailure {
     static func message(_ error: any Error) -> any Error { Failure(text: "\(error)") }
     struct Failure: Error, CustomStringConvertible { let text: String; var description: String { text } }
 }
@@ -46,7 +46,7 @@ struct Status: ParsableCommand {
             } else {
                 status = try selection.directory().status()
             }
-        } catch { throw CleanExit.message(error) }
+        } catch { throw CommandFailure.message(error) }
         print(json ? status.jsonLine : StatusText.render(status))
         if ["failed", "stopped", "dead"].contains(status.state) { throw ExitCode.failure }
     }
@@ -107,7 +107,7 @@ struct Watch: ParsableCommand {
         var lastPrinted = Date.distantPast
         while true {
             let status: JobStatus
-            do { status = try directory.status() } catch { throw CleanExit.message(error) }
+            do { status = try directory.status() } catch { throw CommandFailure.message(error) }
             if terminal {
                 let fraction = status.totalSteps > 0 ? Double(status.step) / Double(status.totalSteps) : (status.isFinal ? 1 : 0)
                 let bar = String(repeating: "█", count: Int(fraction * 40)) + String(repeating: "░", count: 40 - Int(fraction * 40))
@@ -177,7 +177,7 @@ struct Logs: ParsableCommand {
     func run() throws {
         let directory = try selection.directory()
         let path = directory.logPath(rank.map { "worker-\($0)" } ?? "coordinator")
-        guard let handle = FileHandle(forReadingAtPath: path) else { throw CleanExit.message(ControlError.noJob("no log at \(path)")) }
+        guard let handle = FileHandle(forReadingAtPath: path) else { throw CommandFailure.message(ControlError.failed("no log at \(path)")) }
         FileHandle.standardOutput.write(handle.readDataToEndOfFile())
         guard follow else { return }
         while true {
@@ -229,7 +229,7 @@ struct Metrics: ParsableCommand {
     func run() throws {
         let directory = try selection.directory()
         guard let text = try? String(contentsOfFile: directory.metricsPath, encoding: .utf8) else {
-            throw CleanExit.message(ControlError.noJob("no metrics yet at \(directory.metricsPath)"))
+            throw CommandFailure.message(ControlError.failed("no metrics yet at \(directory.metricsPath)"))
         }
         print(text, terminator: "")
     }
@@ -245,7 +245,7 @@ struct Doctor: ParsableCommand {
 
     func run() throws {
         let jobKeys: JobKeys?
-        do { jobKeys = try keys.map { try JobKeys.load(from: $0) } } catch { throw CleanExit.message(error) }
+        do { jobKeys = try keys.map { try JobKeys.load(from: $0) } } catch { throw CommandFailure.message(error) }
         let checks = DDPRuntime.Doctor.run(jobsRoot: JobLookup.root(jobsDir), endpoint: endpoint, keys: jobKeys)
         for c in checks {
             print(c.passed ? "ok    \(c.name): \(c.detail)" : "FAIL  \(c.name): \(c.detail)\n      fix: \(c.fix)")

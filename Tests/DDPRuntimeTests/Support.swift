@@ -75,7 +75,7 @@ func startDetachedJob(_ arguments: [String], jobsDir: String) throws -> JobDirec
     guard started.status == 0,
         let object = try? JSONSerialization.jsonObject(with: Data(started.stdout.utf8)) as? [String: Any],
         let path = object["job_dir"] as? String
-    else { throw ControlError.noJob("start --detach failed: \(started.stderr)") }
+    else { throw ControlError.failed("start --detach failed: \(started.stderr)") }
     return JobDirectory(path: path)
 }
 
@@ -114,7 +114,7 @@ func launchCoordinator(_ overrides: [String: Any], in dir: String) throws -> (pr
     let job = JobDirectory(path: dir)
     guard waitUntil(timeout: 10, { job.endpoints() != nil }), let endpoints = job.endpoints() else {
         process.terminate()
-        throw ControlError.noJob("the coordinator did not start listening within 10 s")
+        throw ControlError.failed("the coordinator did not start listening within 10 s")
     }
     return (process, job, endpoints)
 }

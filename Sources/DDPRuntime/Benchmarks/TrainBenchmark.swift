@@ -42,7 +42,7 @@ public struct TrainBenchmark {
             usleep(2000)
         }
         let summary = try job.wait(interval: 0.5) { _, _ in }
-        guard summary.state == "completed" else { throw ControlError.noJob("bench train: the job \(summary.state): \(summary.message)") }
+        guard summary.state == "completed" else { throw ControlError.failed("bench train: the job \(summary.state): \(summary.message)") }
         let stepSeconds = JobReport.stepSeconds(directory)
         let median = Measure.median(Array(stepSeconds.dropFirst(min(20, stepSeconds.count / 10))))
         return [
