@@ -190,7 +190,9 @@ struct Logs: ParsableCommand {
 }
 
 struct List: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "List the jobs on this host with their state.")
+    static let configuration = CommandConfiguration(
+        abstract: "List the jobs on this host with their state.",
+        discussion: "Examples: ddpctl list; ddpctl list --jobs-dir /srv/jobs --json")
     @Option(help: "Where job directories are (default: $SWIFTDDP_HOME/jobs or ~/.swiftddp/jobs).") var jobsDir: String?
     @Flag(help: "One JSON line per job.") var json = false
 
@@ -223,7 +225,13 @@ struct Report: ParsableCommand {
 }
 
 struct Metrics: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Print a job's metrics in the Prometheus text format.")
+    static let configuration = CommandConfiguration(
+        abstract: "Print a job's metrics in the Prometheus text format.",
+        discussion: """
+            Steps, samples, losses, accuracy, bytes sent and received, rejected messages, live and lost workers and a
+            step-time histogram; the coordinator rewrites the file (metrics.prom in the job directory) every second.
+            Example: ddpctl metrics --job job-20261127-063000-4f2a
+            """)
     @OptionGroup var selection: JobSelection
 
     func run() throws {

@@ -6,6 +6,14 @@ struct DDPCtl: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ddpctl",
         abstract: "Start, watch and stop SwiftDDP training jobs; measure the machine.",
+        discussion: """
+            Jobs live in $SWIFTDDP_HOME/jobs (default ~/.swiftddp/jobs); commands take the newest
+            unless given --job. Examples:
+              ddpctl start --workers 2      (train the bundled digits)
+              ddpctl start --detach         (then: ddpctl watch)
+              ddpctl status --json          (fields in README.md)
+            Exit status: 0 success, 1 failure (with a one-line reason), 64 invalid arguments.
+            """,
         subcommands: [Start.self, Status.self, Watch.self, Stop.self, Logs.self, List.self, Report.self,
                       Metrics.self, Doctor.self, Keygen.self, Bench.self, Supervise.self])
 }
