@@ -7,12 +7,12 @@ struct DDPCtl: ParsableCommand {
         commandName: "ddpctl",
         abstract: "Start, watch and stop SwiftDDP training jobs; measure the machine.",
         discussion: """
-            Jobs live in $SWIFTDDP_HOME/jobs (default ~/.swiftddp/jobs); commands take the newest
-            unless given --job. Examples:
+            Jobs live in $SWIFTDDP_HOME/jobs (default ~/.swiftddp/jobs).
+            Commands take the newest job unless given --job. Examples:
               ddpctl start --workers 2      (train the bundled digits)
               ddpctl start --detach         (then: ddpctl watch)
               ddpctl status --json          (fields in README.md)
-            Exit status: 0 success, 1 failure (with a one-line reason), 64 invalid arguments.
+            Exit status: 0 success, 1 failure (a one-line reason), 64 bad arguments.
             """,
         subcommands: [Start.self, Status.self, Watch.self, Stop.self, Logs.self, List.self, Report.self,
                       Metrics.self, Doctor.self, Keygen.self, Bench.self, Supervise.self])
