@@ -77,6 +77,7 @@ public final class Coordinator {
     private let started = Coordinator.now()
     private var trainingStarted = 0.0
     private var firstJoin = 0.0
+    private var belowMinimumSince = 0.0
     private var samplesTrained = 0
     private var metrics = Metrics()
     private var stepLog: [String] = []
@@ -466,10 +467,20 @@ public final class Coordinator {
         for member in members.values where member.state == "joining" && now - member.lastSeen > heartbeatTimeout * 2 {
             markGone(member.rank, state: "lost", reason: "silent since joining")
         }
-        if liveCount < spec.minWorkers && phase != .failed {
-            let lost = members.values.filter { $0.state == "lost" }.map { "rank \($0.rank) (\($0.host), pid \($0.pid))" }
-            fail("\(liveCount) live workers, below min_workers \(spec.minWorkers); lost: \(lost.joined(separator: ", "))")
+        // Below min_workers the job waits a grace period for restarted workers to rejoin, then fails.
+        if liveCount + joiningCount < spec.minWorkers && phase != .failed {
+            if belowMinimumSince == 0 {
+                belowMinimumSince = now
+                log.warning("\(liveCount) live workers, below min_workers \(spec.minWorkers); waiting \(Int(joinGrace)) s for workers to rejoin")
+            } else if now - belowMinimumSince > joinGrace {
+                let lost = members.values.filter { $0.state == "lost" }.map { "rank \($0.rank) (\($0.host), pid \($0.pid))" }
+                fail("\(liveCount) live workers, below min_workers \(spec.minWorkers) for \(Int(joinGrace)) s; lost: \(lost.joined(separator: ", "))")
+            }
+        } else {
+            belowMinimumSince = 0
         }
+        // With no live worker left, workers that (re)joined take up the interrupted step at once.
+        if liveCount == 0 && joiningCount >= spec.minWorkers { redoStep = true }
     }
 
     private func completeStepIfReady() throws {

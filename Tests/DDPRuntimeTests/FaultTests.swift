@@ -37,6 +37,34 @@ struct FaultTests {
         #expect(status.source == "directory" && status.state == "completed")
     }
 
+    @Test func theOnlyWorkerKilledIsRestartedAndTheJobCompletes() throws {
+        let jobs = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: jobs) }
+        let job = try startDetachedJob(["--workers", "1", "--epochs", "30"], jobsDir: jobs)
+        #expect(waitUntil(timeout: 60) { currentStep(job) >= 50 })
+        kill(try #require(JobLookup.processes(of: job)["worker-0"]), SIGKILL)
+        #expect(waitUntil(timeout: 120) { job.summary() != nil })
+        let summary = try #require(job.summary())
+        #expect(summary.state == "completed" && summary.steps == 360 && summary.lostWorkers == [0], "\(summary.message)")
+        #expect(summary.testAccuracy >= 0.95)
+    }
+
+    @Test func belowMinWorkersTheJobFailsWithTheReason() throws {
+        let jobs = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: jobs) }
+        try "heartbeat_interval_ms: 300\nheartbeat_timeout_ms: 1500\n".write(toFile: jobs + "/job.yaml", atomically: true, encoding: .utf8)
+        let job = try startDetachedJob(["--config", jobs + "/job.yaml", "--workers", "2", "--min-workers", "2", "--epochs", "500",
+                                        "--max-restarts", "0"], jobsDir: jobs)
+        #expect(waitUntil(timeout: 60) { currentStep(job) >= 20 })
+        let victim = try #require(JobLookup.processes(of: job)["worker-1"])
+        kill(victim, SIGKILL)
+        #expect(waitUntil(timeout: 60) { job.summary() != nil }, "the job hung below min_workers")
+        let summary = try #require(job.summary())
+        #expect(summary.state == "failed")
+        #expect(summary.message.contains("below min_workers 2 for 3 s") && summary.message.contains("rank 1"), "\(summary.message)")
+        #expect(summary.message.contains("pid \(victim)"))
+    }
+
     @Test func killedCoordinatorResumesToTheSameParameters() throws {
         let jobs = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: jobs) }
