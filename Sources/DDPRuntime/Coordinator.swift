@@ -450,8 +450,7 @@ public final class Coordinator {
 
     /// The step deadline: at least the configured timeout, and ten times the median step.
     private var stepTimeout: Double {
-        let median = recentStepSeconds.sorted().dropFirst(recentStepSeconds.count / 2).first ?? 0
-        return max(spec.stepTimeoutSeconds, 10 * median)
+        max(spec.stepTimeoutSeconds, recentStepSeconds.isEmpty ? 0 : 10 * Measure.median(recentStepSeconds))
     }
 
     private func checkLiveness(now: Double) {

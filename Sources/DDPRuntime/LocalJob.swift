@@ -73,7 +73,7 @@ public final class LocalJob {
     private func restartCoordinator() -> Bool {
         guard let old = coordinator, let endpoints, directory.summary() == nil, coordinatorRestarts < maxRestarts else { return false }
         coordinatorRestarts += 1
-        let how = old.terminationReason == .uncaughtSignal ? "signal \(old.terminationStatus)" : "status \(old.terminationStatus)"
+        let how = Self.exitDescription(old)
         appendLog("coordinator", "supervisor: the coordinator exited with \(how); restart \(coordinatorRestarts) of \(maxRestarts) from the newest checkpoint")
         try? FileManager.default.removeItem(atPath: directory.endpointsPath)
         guard let replacement = try? launchCoordinator(workers: endpoints.workers, control: endpoints.control, resume: true) else { return false }
@@ -100,7 +100,7 @@ public final class LocalJob {
         for (rank, worker) in workers.enumerated() where !worker.isRunning && worker.terminationStatus != 0 {
             guard restarts[rank] < maxRestarts else { continue }
             restarts[rank] += 1
-            let how = worker.terminationReason == .uncaughtSignal ? "signal \(worker.terminationStatus)" : "status \(worker.terminationStatus)"
+            let how = Self.exitDescription(worker)
             appendLog("worker-\(rank)", "supervisor: worker \(rank) exited with \(how); restart \(restarts[rank]) of \(maxRestarts)")
             if let replacement = try? launchWorker(rank) {
                 workers[rank] = replacement
@@ -129,6 +129,11 @@ public final class LocalJob {
         process.standardInput = FileHandle.nullDevice
         try process.run()
         return process
+    }
+
+    /// "signal N" or "status N" for an exited process.
+    static func exitDescription(_ process: Process) -> String {
+        process.terminationReason == .uncaughtSignal ? "signal \(process.terminationStatus)" : "status \(process.terminationStatus)"
     }
 
     /// The last lines of a process's log, for error messages.
@@ -170,7 +175,7 @@ public final class LocalJob {
             }
             return summary
         }
-        let how = coordinator.terminationReason == .uncaughtSignal ? "signal \(coordinator.terminationStatus)" : "status \(coordinator.terminationStatus)"
+        let how = Self.exitDescription(coordinator)
         let summary = JobSummary(
             state: "failed", jobID: spec.jobID, workers: spec.workers, epochs: directory.history().last?.epoch ?? 0,
             steps: directory.history().last?.step ?? 0, trainLoss: 0, testLoss: 0, testAccuracy: directory.history().last?.testAccuracy ?? 0,
