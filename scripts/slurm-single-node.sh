@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A real single-node Slurm cluster in a folder, for testing deploy/slurm (needs root, slurm-wlm and munge).
 #   scripts/slurm-single-node.sh up DIR [CPUS]    # writes DIR/slurm.conf, starts munged, slurmctld, slurmd
-#   scripts/slurm-single-node.sh down DIR
+#   scripts/slurm-single-node.sh down DIR         # stops them (munged only when "up" started it)
 # Then: SLURM_CONF=DIR/slurm.conf sbatch ...
 set -euo pipefail
 action="${1:?usage: slurm-single-node.sh up|down DIR [CPUS]}"
@@ -15,7 +15,10 @@ case "$action" in
       dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key status=none
       chown munge:munge /etc/munge/munge.key; chmod 400 /etc/munge/munge.key
     fi
-    pgrep -x munged >/dev/null || su -s /bin/sh munge -c "munged --pid-file=/run/munge/munged.pid"
+    if ! munge -n </dev/null >/dev/null 2>&1; then  # no working munged yet
+      su -s /bin/sh munge -c "munged --pid-file=/run/munge/munged.pid"
+      touch "$dir/munged.ours"  # stopped again by "down"
+    fi
     host="$(hostname -s)"
     cat > "$dir/slurm.conf" <<CONF
 ClusterName=swiftddp-test
@@ -54,9 +57,20 @@ CONF
     exit 1
     ;;
   down)
-    for pidfile in "$dir/slurmd.pid" "$dir/slurmctld.pid"; do
-      if [ -f "$pidfile" ]; then kill "$(cat "$pidfile")" 2>/dev/null || true; fi
-    done
+    # SIGTERM, then SIGKILL after 5 s; the Slurm daemons first, munged (when ours) last, as they need it to stop.
+    stop() {
+      local pid
+      pid="$(cat "$1" 2>/dev/null)" || return 0
+      kill "$pid" 2>/dev/null || return 0
+      for _ in $(seq 1 50); do
+        if ! kill -0 "$pid" 2>/dev/null || grep -q '^[0-9]* ([^)]*) Z' "/proc/$pid/stat" 2>/dev/null; then return 0; fi
+        sleep 0.1
+      done
+      kill -9 "$pid" 2>/dev/null || true
+    }
+    stop "$dir/slurmd.pid"
+    stop "$dir/slurmctld.pid"
+    if [ -f "$dir/munged.ours" ]; then stop /run/munge/munged.pid; rm -f "$dir/munged.ours"; fi
     ;;
   *) echo "usage: slurm-single-node.sh up|down DIR [CPUS]" >&2; exit 64 ;;
 esac

@@ -49,7 +49,7 @@ struct BadInputTests {
     }
 
     /// A coordinator for one worker of job "the-job".
-    func coordinator(_ dir: String, extra: [String: Any] = [:]) throws -> (Process, Endpoints) {
+    func coordinator(_ dir: String, extra: [String: Any] = [:]) throws -> (ChildProcess, Endpoints) {
         let (process, _, endpoints) = try launchCoordinator(["workers": 1, "epochs": 2, "job_id": "the-job"].merging(extra) { $1 }, in: dir)
         return (process, endpoints)
     }
@@ -58,7 +58,7 @@ struct BadInputTests {
         let dir = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let (process, endpoints) = try coordinator(dir)
-        defer { if process.isRunning { process.terminate() } }
+        defer { process.terminate() }
 
         // A worker that builds another model (another hidden size): refused by fingerprint.
         let other = dir + "/other.yaml"
@@ -83,7 +83,7 @@ struct BadInputTests {
         // The job still runs to completion with a proper worker.
         let good = try runCommand(Binaries.ddpd, ["worker", "--connect", endpoints.workers, "--config", dir + "/spec.json"])
         #expect(good.status == 0, "\(good.stderr)")
-        process.waitUntilExit()
+        #expect(process.wait(timeout: 60) == 0)
         let summary = try #require(JobDirectory(path: dir).summary())
         #expect(summary.state == "completed" && summary.rejectedMessages >= 3)
     }
@@ -92,8 +92,7 @@ struct BadInputTests {
         let dir = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let (process, _) = try coordinator(dir, extra: ["join_timeout_seconds": 1.0])
-        process.waitUntilExit()
-        #expect(process.terminationStatus == 1)
+        #expect(process.wait(timeout: 60) == 1)
         let summary = try #require(JobDirectory(path: dir).summary())
         #expect(summary.state == "failed" && summary.message.contains("only 0 of 1 workers joined within 1.0 s"))
     }

@@ -78,22 +78,13 @@ struct DeployTests {
         try "#!/bin/sh\nhost=\"$1\"; shift\nexec ip netns exec \"$host\" sh -c \"$*\"\n".write(toFile: ssh, atomically: true, encoding: .utf8)
         chmod(ssh, 0o755)
         let jobDir = dir + "/job"
-        // The launcher's remote commands leave processes running; started through Foundation's Process they
-        // would inherit its exit-watching descriptor, so it is spawned with no descriptors but the standard ones.
         let launcherPath = "\(Self.root)/deploy/ssh/launch.sh"
         let environment = ProcessInfo.processInfo.environment.merging(["DDP_SSH": ssh]) { $1 }
         let hosts = ["--coordinator", "\(prefix)0", "--address", "\(subnet).10", "--workers", "\(prefix)1,\(prefix)2", "--job-dir", jobDir]
-        let pid = try Detach.spawn(launcherPath, ["start"] + hosts + ["--config", dir + "/job.yaml", "--keys", dir + "/keys",
-                                                                      "--ddpd", Binaries.ddpd, "--no-wait"],
-                                   logPath: dir + "/launcher.log", environment: environment)
-        var status: Int32 = 0
-        waitpid(pid, &status, 0)
-        #expect(status == 0, "\((try? String(contentsOfFile: dir + "/launcher.log", encoding: .utf8)) ?? "")")
-        defer {
-            if let stop = try? Detach.spawn(launcherPath, ["stop"] + hosts, logPath: dir + "/launcher.log", environment: environment) {
-                waitpid(stop, nil, 0)
-            }
-        }
+        let started = try runCommand(launcherPath, ["start"] + hosts + ["--config", dir + "/job.yaml", "--keys", dir + "/keys", "--ddpd", Binaries.ddpd, "--no-wait"],
+                                     timeout: 60, environment: environment)
+        #expect(started.status == 0, "\(started.stdout)\(started.stderr)")
+        defer { _ = try? runCommand(launcherPath, ["stop"] + hosts, timeout: 60, environment: environment) }
         let job = JobDirectory(path: jobDir)
         #expect(waitUntil(timeout: 120) { job.history().count >= 5 }, "the job did not train across the namespaces")
         let cut = try runCommand(netns, ["cut", "\(prefix)2"])
@@ -117,17 +108,10 @@ struct DeployTests {
         #expect(up.status == 0, "\(up.stderr)")
         defer { _ = try? runCommand(cluster, ["down", dir + "/slurm"]) }
         try "epochs: 5\n".write(toFile: dir + "/job.yaml", atomically: true, encoding: .utf8)
-        let sbatch = Process()
-        sbatch.executableURL = URL(fileURLWithPath: Self.which("sbatch")!)
-        sbatch.arguments = ["--ntasks=2", "--wait", "--chdir", dir, "\(Self.root)/deploy/slurm/swiftddp.sbatch", dir + "/job.yaml"]
-        sbatch.environment = ProcessInfo.processInfo.environment.merging(["SLURM_CONF": dir + "/slurm/slurm.conf", "DDPD": Binaries.ddpd]) { $1 }
-        sbatch.standardOutput = FileHandle.nullDevice
-        try sbatch.run()
-        let deadline = Date().addingTimeInterval(180)
-        while sbatch.isRunning && Date() < deadline { usleep(100_000) }
-        if sbatch.isRunning { sbatch.terminate() }
-        sbatch.waitUntilExit()
-        #expect(sbatch.terminationStatus == 0)
+        let environment = ProcessInfo.processInfo.environment.merging(["SLURM_CONF": dir + "/slurm/slurm.conf", "DDPD": Binaries.ddpd]) { $1 }
+        let sbatch = try runCommand(Self.which("sbatch")!, ["--ntasks=2", "--wait", "--chdir", dir, "\(Self.root)/deploy/slurm/swiftddp.sbatch", dir + "/job.yaml"],
+                                    timeout: 180, environment: environment)
+        #expect(sbatch.status == 0, "\(sbatch.stderr)")
         let jobDirs = try FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.hasPrefix("swiftddp-") && !$0.hasSuffix(".out") }
         let summary = try #require(jobDirs.first.flatMap { JobDirectory(path: "\(dir)/\($0)").summary() })
         #expect(summary.state == "completed" && summary.workers == 2 && summary.jobID.hasPrefix("slurm-"))

@@ -128,7 +128,7 @@ struct FaultTests {
         let overrides: [String: Any] = ["workers": 2, "min_workers": 1, "epochs": 3, "job_id": "nan-job"]
         let spec = try JobSpec.load(path: nil, overrides: overrides)
         let (coordinator, job, endpoints) = try launchCoordinator(overrides, in: dir)
-        defer { if coordinator.isRunning { coordinator.terminate() } }
+        defer { coordinator.terminate() }
         let logPath = dir + "/coordinator.log"
         let endpoint = endpoints.workers
 
@@ -137,11 +137,8 @@ struct FaultTests {
         let fake = try ZMQSocket(context: context, kind: .dealer)
         try fake.connect(endpoint)
         try fake.send(WireCodec.encode(WireMessage(jobID: "nan-job", body: .join(Join(workerID: "fake", host: "test", pid: 2, modelFingerprint: "")))))
-        let real = Process()
-        real.executableURL = URL(fileURLWithPath: Binaries.ddpd)
-        real.arguments = ["worker", "--connect", endpoint, "--config", dir + "/spec.json"]
-        real.standardError = FileHandle.nullDevice
-        try real.run()
+        let real = try ChildProcess(Binaries.ddpd, ["worker", "--connect", endpoint, "--config", dir + "/spec.json"])
+        defer { real.terminate() }
         var rank: Int32 = -1, pushes = 0
         let setup = try TrainingSetup(spec: spec)
         while pushes < 3, let frames = try fake.receive(timeoutMilliseconds: 10_000) {
@@ -160,8 +157,8 @@ struct FaultTests {
             pushes += 1
         }
         try fake.send(WireCodec.encode(WireMessage(jobID: "nan-job", rank: rank, body: .leave(reason: "done lying"))))
-        coordinator.waitUntilExit()
-        real.waitUntilExit()
+        #expect(coordinator.wait(timeout: 120) == 0)
+        #expect(real.wait(timeout: 30) == 0)
         let summary = try #require(job.summary())
         #expect(summary.state == "completed")
         #expect(summary.rejectedMessages >= 3)
@@ -179,7 +176,7 @@ struct FaultTests {
         try JobKeys.generate(into: dir + "/stranger")
         let (coordinator, job, endpoints) = try launchCoordinator(
             ["workers": 1, "epochs": 2, "job_id": "secure", "keys_dir": dir + "/keys"], in: dir)
-        defer { if coordinator.isRunning { coordinator.terminate() } }
+        defer { coordinator.terminate() }
         let endpoint = endpoints.workers
 
         // The stranger knows the server's public key but holds an unauthorised client key.
@@ -198,7 +195,7 @@ struct FaultTests {
 
         let good = try runCommand(Binaries.ddpd, ["worker", "--connect", endpoint, "--config", dir + "/spec.json"])
         #expect(good.status == 0, "\(good.stderr)")
-        coordinator.waitUntilExit()
+        coordinator.wait(timeout: 120)
         let summary = try #require(job.summary())
         #expect(summary.state == "completed" && summary.rejectedMessages >= 1)
     }
@@ -212,12 +209,12 @@ struct FaultTests {
             var overrides: [String: Any] = ["workers": 1, "epochs": 1, "job_id": "visible-job-name"]
             if secure { overrides["keys_dir"] = dir + "/keys" }
             let (coordinator, _, endpoints) = try launchCoordinator(overrides, in: jobDir)
-            defer { if coordinator.isRunning { coordinator.terminate() } }
+            defer { coordinator.terminate() }
             let target = endpoints.workers
             let relay = try TCPRelay(to: UInt16(target.split(separator: ":").last!)!)
             let worker = try runCommand(Binaries.ddpd, ["worker", "--connect", "tcp://127.0.0.1:\(relay.port)", "--config", jobDir + "/spec.json"])
             #expect(worker.status == 0, "\(worker.stderr)")
-            coordinator.waitUntilExit()
+            coordinator.wait(timeout: 120)
             return relay.stop()
         }
         let plain = try captured(secure: false), secret = try captured(secure: true)

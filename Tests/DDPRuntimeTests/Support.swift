@@ -28,38 +28,63 @@ struct CommandResult {
     var stderr: String
 }
 
-/// Runs `executable` with `arguments`, killing it after `timeout` seconds.
-func runCommand(_ executable: String, _ arguments: [String], timeout: Double = 120) throws -> CommandResult {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: executable)
-    process.arguments = arguments
-    let out = Pipe(), err = Pipe()
-    process.standardOutput = out
-    process.standardError = err
-    process.standardInput = FileHandle.nullDevice
-    try process.run()
-    let outData = ReadAll(out.fileHandleForReading), errData = ReadAll(err.fileHandleForReading)
-    let deadline = Date().addingTimeInterval(timeout)
-    while process.isRunning && Date() < deadline { usleep(20_000) }
-    if process.isRunning { process.terminate() }
-    process.waitUntilExit()
-    return CommandResult(status: process.terminationStatus, stdout: outData.text(), stderr: errData.text())
+/// A process a test starts: in its own session and process group, inheriting no descriptor but its
+/// standard ones (so a daemon it leaves behind can never keep the test waiting), and every wait bounded.
+final class ChildProcess: @unchecked Sendable {
+    let pid: Int32
+    private var status: Int32?
+
+    init(_ executable: String, _ arguments: [String], standardOutput: String = "/dev/null", standardError: String = "/dev/null",
+         environment: [String: String] = ProcessInfo.processInfo.environment) throws {
+        pid = try Detach.spawn(executable, arguments, standardOutput: standardOutput, standardError: standardError, environment: environment)
+    }
+
+    /// Whether it has not ended yet (reaps it when it has).
+    var isRunning: Bool { reap(blocking: false) == nil }
+
+    /// Waits at most `timeout` seconds for it to end, then kills its process group. Returns its exit status
+    /// (128 + the signal's number when a signal ended it).
+    @discardableResult
+    func wait(timeout: Double) -> Int32 {
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if let status = reap(blocking: false) { return status }
+            usleep(20_000)
+        }
+        kill(-pid, SIGKILL)
+        return reap(blocking: true) ?? 128 + SIGKILL
+    }
+
+    /// Asks it (and its process group) to end with SIGTERM, and kills the group after `grace` seconds.
+    func terminate(grace: Double = 5) {
+        guard isRunning else { return }
+        kill(-pid, SIGTERM)
+        wait(timeout: grace)
+    }
+
+    private func reap(blocking: Bool) -> Int32? {
+        if let status { return status }
+        var raw: Int32 = 0
+        let rc = waitpid(pid, &raw, blocking ? 0 : WNOHANG)
+        guard rc == pid else { return rc == 0 ? nil : 128 + SIGKILL }
+        let signal = raw & 0x7f
+        status = signal == 0 ? (raw >> 8) & 0xff : 128 + signal
+        return status
+    }
 }
 
-/// Reads a pipe to its end on a background thread (so a chatty child never blocks on a full pipe).
-final class ReadAll: @unchecked Sendable {
-    private var data = Data()
-    private let done = DispatchSemaphore(value: 0)
-    init(_ handle: FileHandle) {
-        Thread.detachNewThread { [self] in
-            data = handle.readDataToEndOfFile()
-            done.signal()
-        }
-    }
-    func text() -> String {
-        done.wait()
-        return String(decoding: data, as: UTF8.self)
-    }
+/// Runs `executable` with `arguments` to its end, killing it (and what it started in its process group)
+/// after `timeout` seconds. Its outputs go through files, never pipes, for the reason ChildProcess gives.
+func runCommand(_ executable: String, _ arguments: [String], timeout: Double = 120,
+                environment: [String: String] = ProcessInfo.processInfo.environment) throws -> CommandResult {
+    let dir = try temporaryDirectory()
+    defer { try? FileManager.default.removeItem(atPath: dir) }
+    let child = try ChildProcess(executable, arguments, standardOutput: dir + "/out", standardError: dir + "/err", environment: environment)
+    let deadline = Date().addingTimeInterval(timeout)
+    let status = child.wait(timeout: timeout)
+    let text = { (name: String) in (try? String(contentsOfFile: "\(dir)/\(name)", encoding: .utf8)) ?? "" }
+    let timedOut = Date() >= deadline ? "\n(killed: \(executable) did not end within \(timeout) s)" : ""
+    return CommandResult(status: status, stdout: text("out"), stderr: text("err") + timedOut)
 }
 
 /// Runs `ddpctl start --json` with `arguments` and decodes the summary line.
@@ -99,18 +124,13 @@ func finalParameters(_ job: JobDirectory) throws -> [(name: String, values: [Flo
 
 /// A coordinator process for a job with `overrides`, in `dir` (spec at dir/spec.json, standard error in
 /// dir/coordinator.log); returns once it listens.
-func launchCoordinator(_ overrides: [String: Any], in dir: String) throws -> (process: Process, job: JobDirectory, endpoints: Endpoints) {
+func launchCoordinator(_ overrides: [String: Any], in dir: String) throws -> (process: ChildProcess, job: JobDirectory, endpoints: Endpoints) {
     var spec = try JobSpec.load(path: nil, overrides: overrides)
     spec.output = dir
     try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
     try spec.json().write(toFile: dir + "/spec.json", atomically: true, encoding: .utf8)
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: Binaries.ddpd)
-    process.arguments = ["coordinator", "--config", dir + "/spec.json", "--job-dir", dir]
-    process.standardOutput = FileHandle.nullDevice
-    _ = FileManager.default.createFile(atPath: dir + "/coordinator.log", contents: nil)
-    process.standardError = FileHandle(forWritingAtPath: dir + "/coordinator.log")
-    try process.run()
+    let process = try ChildProcess(Binaries.ddpd, ["coordinator", "--config", dir + "/spec.json", "--job-dir", dir],
+                                   standardError: dir + "/coordinator.log")
     let job = JobDirectory(path: dir)
     guard waitUntil(timeout: 10, { job.endpoints() != nil }), let endpoints = job.endpoints() else {
         process.terminate()
