@@ -25,12 +25,15 @@ def load(paths):
 
 
 def fit(rows):
-    # least squares for t = a*W + p*W*bytes  (p = per-byte cost of one worker's tensor, both ways + averaging)
-    sxx = sum((r["workers"]) ** 2 for r in rows)
-    sxy = sum(r["workers"] * r["workers"] * r["bytes_per_round"] / (2 * r["workers"]) for r in rows)
-    syy = sum((r["workers"] * r["bytes_per_round"] / (2 * r["workers"])) ** 2 for r in rows)
-    tx = sum(r["workers"] * r["seconds"] for r in rows)
-    ty = sum(r["workers"] * r["bytes_per_round"] / (2 * r["workers"]) * r["seconds"] for r in rows)
+    # least squares of the relative error for t = a*W + p*W*bytes (p = per-byte cost of one worker's tensor,
+    # both ways plus averaging): each round weighs by 1/t, so small rounds fix a and large ones fix p
+    x1 = [r["workers"] / r["seconds"] for r in rows]
+    x2 = [r["workers"] * r["bytes_per_round"] / (2 * r["workers"]) / r["seconds"] for r in rows]
+    sxx = sum(x * x for x in x1)
+    sxy = sum(x * y for x, y in zip(x1, x2))
+    syy = sum(y * y for y in x2)
+    tx = sum(x1)
+    ty = sum(x2)
     det = sxx * syy - sxy * sxy
     a = (tx * syy - ty * sxy) / det
     p = (sxx * ty - sxy * tx) / det

@@ -9,8 +9,20 @@ public protocol Optimizer: AnyObject {
     var state: [NamedParameter] { get }
     /// Replaces state tensors by name (from a checkpoint); unknown names are an error.
     func restoreState(_ tensors: [String: Tensor]) throws
+    /// Starts one update: counts it and fixes its per-step constants. `update(_:range:)` then applies it.
+    func beginStep()
+    /// Applies the update begun by `beginStep()` to the elements `range` of `parameter`, from its
+    /// gradient. An update may be applied in pieces (each element once), so that a caller can step a
+    /// chunk while it is in cache.
+    func update(_ parameter: NamedParameter, range: Range<Int>)
+}
+
+extension Optimizer {
     /// Applies one update to every parameter that has a gradient.
-    func step(_ parameters: [NamedParameter])
+    public func step(_ parameters: [NamedParameter]) {
+        beginStep()
+        for p in parameters where p.tensor.grad != nil { update(p, range: 0..<p.tensor.count) }
+    }
 }
 
 /// Per-parameter state slots shared by the optimizers.
@@ -62,29 +74,23 @@ public final class SGD: OptimizerState, Optimizer {
         self.weightDecay = weightDecay
     }
 
-    public func step(_ parameters: [NamedParameter]) {
-        stepCount += 1
-        for p in parameters {
-            guard let grad = p.tensor.grad else { continue }
-            let w = p.tensor.storage.pointer, g = grad.storage.pointer, n = p.tensor.count
-            let lr = learningRate, mu = momentum, wd = weightDecay
-            if mu == 0 {
-                for i in 0..<n { w[i] -= lr * (g[i] + wd * w[i]) }
-                continue
-            }
-            let firstStep = slots["\(p.name).momentum"] == nil
-            let v = slot("momentum", for: p)
-            // The cases are separate loops so that each vectorises.
-            switch (firstStep, nesterov) {
-            case (true, false):
-                for i in 0..<n { v[i] = g[i] + wd * w[i]; w[i] -= lr * v[i] }
-            case (false, false):
-                for i in 0..<n { v[i] = mu * v[i] + g[i] + wd * w[i]; w[i] -= lr * v[i] }
-            case (true, true):
-                for i in 0..<n { let d = g[i] + wd * w[i]; v[i] = d; w[i] -= lr * (d + mu * d) }
-            case (false, true):
-                for i in 0..<n { let d = g[i] + wd * w[i]; v[i] = mu * v[i] + d; w[i] -= lr * (d + mu * v[i]) }
-            }
+    public func beginStep() { stepCount += 1 }
+
+    public func update(_ p: NamedParameter, range: Range<Int>) {
+        guard let grad = p.tensor.grad else { return }
+        let w = p.tensor.storage.pointer + range.lowerBound, g = grad.storage.pointer + range.lowerBound, n = range.count
+        let lr = learningRate, mu = momentum, wd = weightDecay
+        if mu == 0 {
+            for i in 0..<n { w[i] -= lr * (g[i] + wd * w[i]) }
+            return
+        }
+        // A new momentum buffer is zeros, so its first update is v = g (+ wd w), as in PyTorch.
+        let v = slot("momentum", for: p) + range.lowerBound
+        // The cases are separate loops so that each vectorises.
+        if nesterov {
+            for i in 0..<n { let d = g[i] + wd * w[i]; v[i] = mu * v[i] + d; w[i] -= lr * (d + mu * v[i]) }
+        } else {
+            for i in 0..<n { v[i] = mu * v[i] + g[i] + wd * w[i]; w[i] -= lr * v[i] }
         }
     }
 }
@@ -120,21 +126,26 @@ public final class Adam: OptimizerState, Optimizer {
         try Adam(learningRate: learningRate, weightDecay: weightDecay, decoupledWeightDecay: true)
     }
 
-    public func step(_ parameters: [NamedParameter]) {
+    private var corrections: (first: Float, second: Float) = (1, 1)
+
+    public func beginStep() {
         stepCount += 1
-        let correction1 = 1 - powf(beta1, Float(stepCount)), correction2 = 1 - powf(beta2, Float(stepCount))
-        for p in parameters {
-            guard let grad = p.tensor.grad else { continue }
-            let w = p.tensor.storage.pointer, g = grad.storage.pointer, n = p.tensor.count
-            let m = slot("exp_avg", for: p), v = slot("exp_avg_sq", for: p)
-            let lr = learningRate, b1 = beta1, b2 = beta2, wd = weightDecay, eps = epsilon
-            for i in 0..<n {
-                var d = g[i]
-                if decoupledWeightDecay { w[i] -= lr * wd * w[i] } else { d += wd * w[i] }
-                m[i] = b1 * m[i] + (1 - b1) * d
-                v[i] = b2 * v[i] + (1 - b2) * d * d
-                w[i] -= lr * (m[i] / correction1) / ((v[i] / correction2).squareRoot() + eps)
-            }
+        corrections = (1 - powf(beta1, Float(stepCount)), 1 - powf(beta2, Float(stepCount)))
+    }
+
+    public func update(_ p: NamedParameter, range: Range<Int>) {
+        guard let grad = p.tensor.grad else { return }
+        let offset = range.lowerBound, n = range.count
+        let w = p.tensor.storage.pointer + offset, g = grad.storage.pointer + offset
+        let m = slot("exp_avg", for: p) + offset, v = slot("exp_avg_sq", for: p) + offset
+        let lr = learningRate, b1 = beta1, b2 = beta2, wd = weightDecay, eps = epsilon
+        let (correction1, correction2) = corrections
+        for i in 0..<n {
+            var d = g[i]
+            if decoupledWeightDecay { w[i] -= lr * wd * w[i] } else { d += wd * w[i] }
+            m[i] = b1 * m[i] + (1 - b1) * d
+            v[i] = b2 * v[i] + (1 - b2) * d * d
+            w[i] -= lr * (m[i] / correction1) / ((v[i] / correction2).squareRoot() + eps)
         }
     }
 }

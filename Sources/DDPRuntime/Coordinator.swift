@@ -48,7 +48,9 @@ public final class Coordinator {
     let log: Logger
     let directory: JobDirectory?
 
-    private let context = ZMQContext()
+    /// With several workers, several I/O threads (each connection is served by one), so that their
+    /// gradients arrive and their updates leave in parallel.
+    private let context: ZMQContext
     private let workerSocket: ZMQSocket
     private let controlSocket: ZMQSocket
     private let monitor: ZMQMonitor
@@ -89,6 +91,11 @@ public final class Coordinator {
     private let replica: [Tensor]?
     private var deltaPayloads: [Payload] = []
     private let gradients: [Tensor]
+    /// Elements per chunk when averaging, stepping and encoding, so that what one chunk touches stays in
+    /// cache between the passes over it.
+    private static let chunk = WeightedMean.chunk
+    /// Room for two chunks of converted or computed values.
+    private let scratch = Tensor.zeros([2 * Coordinator.chunk])
     private let indexOfParameter: [String: Int]
 
     /// Builds the job's model and binds both endpoints (`tcp://HOST:0` takes any free port).
@@ -102,6 +109,7 @@ public final class Coordinator {
         var spec = spec
         if spec.jobID.isEmpty { spec.jobID = JobSpec.newJobID() }
         self.spec = spec
+        context = ZMQContext(ioThreads: min(max(spec.workers, 1), max(2, ProcessInfo.processInfo.activeProcessorCount / 2)))
         setup = try TrainingSetup(spec: spec)
         parameters = setup.model.parameters
         optimizer = try setup.makeOptimizer()
@@ -445,7 +453,7 @@ public final class Coordinator {
         trainingStarted = Self.now()
         log.info("training started", metadata: ["workers": "\(liveCount + joiningCount)", "steps": "\(setup.totalSteps)",
                                                  "steps_per_epoch": "\(stepsPerEpoch)"])
-        broadcastUpdate(trainLoss: 0)
+        broadcastUpdate(trainLoss: 0, tensors: stepAndEncode(applyOptimizer: false))
     }
 
     /// The step deadline: at least the configured timeout, and ten times the median step.
@@ -488,22 +496,19 @@ public final class Coordinator {
         var used = contributions.filter { members[$0.key]?.isLive == true }.sorted { $0.key < $1.key }.map(\.value)
         var samples = used.reduce(0) { $0 + Int($1.sampleCount) }
         var loss: Float = 0, correct = 0
-        if samples > 0 {
-            average(used, samples: samples)
-            if !gradientsAreFinite() {
-                used = withoutNonFinite(used)
-                samples = used.reduce(0) { $0 + Int($1.sampleCount) }
-                if samples > 0 { average(used, samples: samples) }
-            }
+        if samples > 0 && !average(used, samples: samples) {
+            used = withoutNonFinite(used)
+            samples = used.reduce(0) { $0 + Int($1.sampleCount) }
+            if samples > 0 { _ = average(used, samples: samples) }
         }
         if samples > 0 {
             if spec.clipNorm > 0 { clipGradientNorm(parameters, maxNorm: spec.clipNorm) }
             optimizer.learningRate = schedule.rate(base: spec.learningRate, at: step)
-            optimizer.step(parameters)
             for c in used { loss += c.loss * Float(c.sampleCount) / Float(samples); correct += Int(c.correct) }
         } else {
             log.warning("step \(step) had no usable gradient; parameters unchanged")
         }
+        let update = stepAndEncode(applyOptimizer: samples > 0)
         let seconds = Self.now() - stepStarted
         recentStepSeconds.append(seconds)
         if recentStepSeconds.count > 50 { recentStepSeconds.removeFirst() }
@@ -534,18 +539,7 @@ public final class Coordinator {
             phase = .stopped
             message = "stopped by request after step \(step)"
         } else {
-            broadcastUpdate(trainLoss: loss)
-        }
-    }
-
-    /// Whether every averaged gradient is finite: a sum of `x * 0` is 0 unless some `x` is NaN or infinite.
-    private func gradientsAreFinite() -> Bool {
-        gradients.allSatisfy { g in
-            g.withUnsafeBufferPointer { v in
-                var probe: Float = 0
-                for i in 0..<v.count { probe += v[i] * 0 }
-                return probe == 0
-            }
+            broadcastUpdate(trainLoss: loss, tensors: update)
         }
     }
 
@@ -563,18 +557,52 @@ public final class Coordinator {
         }
     }
 
-    /// Writes the sample-weighted mean of the contributions into the parameters' gradients, summing
-    /// in rank order so that the result does not depend on arrival order.
-    private func average(_ used: [Contribution], samples: Int) {
-        for (index, gradient) in gradients.enumerated() {
-            gradient.withUnsafeMutableBufferPointer { acc in
-                acc.update(repeating: 0)
-                for c in used where c.sampleCount > 0 {
-                    TensorEncoding.withFloats(c.gradients[index], dtype: c.dtype) { g in
-                        BLAS.axpy(Float(c.sampleCount) / Float(samples), g, acc)
+    /// Writes the sample-weighted mean of the contributions into the parameters' gradients, summing in
+    /// rank order (so that the result does not depend on arrival order), chunk by chunk; returns whether
+    /// every element of the mean is finite.
+    private func average(_ used: [Contribution], samples: Int) -> Bool {
+        let weighted = used.filter { $0.sampleCount > 0 }
+        return scratch.withUnsafeMutableBufferPointer { scratch in
+            gradients.indices.reduce(true) { finite, index in
+                let terms = weighted.map { (weight: Float($0.sampleCount) / Float(samples), payload: $0.gradients[index]) }
+                return gradients[index].withUnsafeMutableBufferPointer { mean in
+                    WeightedMean.write(terms, dtype: wireType, into: mean, scratch: scratch)
+                } && finite
+            }
+        }
+    }
+
+    /// Applies the optimizer (when asked) and encodes the update for the workers, chunk by chunk so that
+    /// each chunk is stepped and encoded while it is in cache: the f32 parameters, or with a half-precision
+    /// wire the change from the replica rounded to the wire type (the replica moving by exactly that
+    /// rounded change, as every worker moves its copy). Payloads still being sent are replaced.
+    private func stepAndEncode(applyOptimizer: Bool) -> [WireTensor] {
+        if applyOptimizer { optimizer.beginStep() }
+        return parameters.enumerated().map { index, p in
+            let count = p.tensor.count
+            let payload = reusablePayload(index, byteCount: count * wireType.size)
+            scratch.withUnsafeMutableBufferPointer { scratch in
+                let delta = UnsafeMutableBufferPointer(rebasing: scratch[0..<Self.chunk])
+                let rounded = UnsafeMutableBufferPointer(rebasing: scratch[Self.chunk...])
+                for start in stride(from: 0, to: count, by: Self.chunk) {
+                    let range = start..<min(start + Self.chunk, count)
+                    if applyOptimizer { optimizer.update(p, range: range) }
+                    p.tensor.withUnsafeBufferPointer { master in
+                        guard let held = replica?[index] else {
+                            TensorEncoding.write(UnsafeBufferPointer(rebasing: master[range]), as: .f32, into: payload, at: start)
+                            return
+                        }
+                        held.withUnsafeMutableBufferPointer { held in
+                            for i in range { delta[i - start] = master[i] - held[i] }
+                            TensorEncoding.write(UnsafeBufferPointer(rebasing: delta[0..<range.count]), as: wireType, into: payload, at: start)
+                            TensorEncoding.withFloats(payload, dtype: wireType, range: range, scratch: rounded) { r in
+                                for i in 0..<r.count { held[start + i] += r[i] }
+                            }
+                        }
                     }
                 }
             }
+            return WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: payload)
         }
     }
 
@@ -638,25 +666,15 @@ public final class Coordinator {
         }
     }
 
-    /// With a half-precision wire: the change from the replica to the master parameters, rounded to the
-    /// wire type, and the replica moved by exactly that rounded change (as every worker moves its copy).
-    private func deltaTensors(_ replica: [Tensor]) -> [WireTensor] {
-        parameters.enumerated().map { index, p in
-            let count = p.tensor.count
-            if deltaPayloads[index].isInFlight { deltaPayloads[index] = Payload(byteCount: count * wireType.size) }
-            let payload = deltaPayloads[index]
-            let delta = [Float](unsafeUninitializedCapacity: count) { buffer, initialized in
-                p.tensor.withUnsafeBufferPointer { master in
-                    replica[index].withUnsafeBufferPointer { held in for i in 0..<count { buffer[i] = master[i] - held[i] } }
-                }
-                initialized = count
-            }
-            delta.withUnsafeBufferPointer { TensorEncoding.write($0, as: wireType, into: payload) }
-            TensorEncoding.withFloats(payload, dtype: wireType) { rounded in
-                replica[index].withUnsafeMutableBufferPointer { held in for i in 0..<count { held[i] += rounded[i] } }
-            }
-            return WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: payload)
+    /// The payload for parameter `index` of the update (the f32 copies, or the half-precision changes),
+    /// replaced by a new one while the last is still being sent.
+    private func reusablePayload(_ index: Int, byteCount: Int) -> Payload {
+        if replica == nil {
+            if parameterPayloads[index].isInFlight { parameterPayloads[index] = Payload(byteCount: byteCount) }
+            return parameterPayloads[index]
         }
+        if deltaPayloads[index].isInFlight { deltaPayloads[index] = Payload(byteCount: byteCount) }
+        return deltaPayloads[index]
     }
 
     /// Sends the current step again, with the next attempt, to the live workers: its whole global batch
@@ -666,16 +684,15 @@ public final class Coordinator {
         contributions.removeAll(keepingCapacity: true)
         attempt += 1
         log.warning("step \(step) sent again to \(liveCount) live workers", metadata: ["attempt": "\(attempt)"])
-        broadcastUpdate(trainLoss: recentLosses.last ?? 0, resend: true)
+        broadcastUpdate(trainLoss: recentLosses.last ?? 0, tensors: [], resend: true)
     }
 
-    /// Sends the parameters for `step` to every live worker with its shard of the batch (on a resend, the
-    /// shard alone).
-    private func broadcastUpdate(trainLoss: Float, resend: Bool = false) {
+    /// Sends the update for `step` (`tensors`) to every live worker with its shard of the batch (on a
+    /// resend, the shard alone).
+    private func broadcastUpdate(trainLoss: Float, tensors: [WireTensor], resend: Bool = false) {
         if !resend { attempt = 0 }
         for rank in members.keys where members[rank]!.state == "joining" { members[rank]!.state = "training" }
         let live = members.values.filter(\.isLive).sorted { $0.rank < $1.rank }
-        let tensors = resend ? [] : replica.map(deltaTensors) ?? parameterTensors()
         stepStarted = Self.now()
         for (shard, member) in live.enumerated() {
             let update = ParameterUpdate(

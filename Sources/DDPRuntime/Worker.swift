@@ -191,6 +191,11 @@ public final class Worker {
             correct = rightOnes
         }
         let tensors = parameters.enumerated().map { index, p in
+            // An f32 gradient goes out from its own storage: the next step's backward writes a new one.
+            if wireType == .f32, let grad = p.tensor.grad {
+                let payload = grad.withUnsafeBufferPointer { Payload(borrowing: UnsafeRawBufferPointer($0), owner: grad) }
+                return WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: payload)
+            }
             if gradientPayloads[index].isInFlight { gradientPayloads[index] = Payload(byteCount: p.tensor.count * wireType.size) }
             let payload = gradientPayloads[index]
             if let grad = p.tensor.grad {

@@ -26,15 +26,20 @@ public struct ZMQError: Error, CustomStringConvertible, Equatable {
 public final class ZMQContext: @unchecked Sendable {
     let handle: UnsafeMutableRawPointer
 
-    /// A new context. Also raises glibc's mmap threshold so that large message buffers are reused
-    /// instead of being mapped and page-faulted afresh for every message.
-    public init() {
+    /// A new context with `ioThreads` background threads (each connection is served by one of them,
+    /// so a hub talking to several peers moves their bytes in parallel with more than one). Also tunes
+    /// glibc's allocator so that large message buffers are reused instead of being mapped and
+    /// page-faulted afresh for every message: one arena (ZeroMQ allocates received messages on its I/O
+    /// threads, whose own arenas would map every large buffer), a high mmap threshold, no trimming.
+    public init(ioThreads: Int = 1) {
         _ = Self.tuneAllocator
         handle = zmq_ctx_new()!
+        if ioThreads != 1 { zmq_ctx_set(handle, ZMQ_IO_THREADS, Int32(ioThreads)) }
     }
 
     private static let tuneAllocator: Void = {
         #if canImport(Glibc)
+        _ = mallopt(M_ARENA_MAX, 1)
         _ = mallopt(M_MMAP_THRESHOLD, 512 << 20)
         _ = mallopt(M_TRIM_THRESHOLD, 1 << 30)
         #endif
@@ -53,13 +58,14 @@ public final class ZMQContext: @unchecked Sendable {
     public static var hasCurve: Bool { zmq_has("curve") != 0 }
 }
 
-/// The bytes of one message frame: either memory this process allocated (sent without copying) or a
-/// frame received from ZeroMQ (read without copying). Reuse payloads across steps: `isInFlight`
-/// tells whether ZeroMQ still holds one that was sent.
+/// The bytes of one message frame: memory this process allocated or borrowed (both sent without
+/// copying), or a frame received from ZeroMQ (read without copying). Reuse payloads across steps:
+/// `isInFlight` tells whether ZeroMQ still holds one that was sent.
 public final class Payload: @unchecked Sendable {
     private enum Backing {
         case owned(UnsafeMutableRawPointer)
         case received(UnsafeMutablePointer<zmq_msg_t>)
+        case borrowed(UnsafeRawPointer, owner: AnyObject)
     }
 
     private let backing: Backing
@@ -87,6 +93,14 @@ public final class Payload: @unchecked Sendable {
         withUnsafeMutableBytes { dst in floats.withUnsafeBytes { dst.copyMemory(from: $0) } }
     }
 
+    /// Bytes that `owner` keeps alive and that nobody writes while this payload exists (for example the
+    /// storage of a gradient tensor that is dropped, not reused, after it is sent). Read-only; sent
+    /// without a copy, `owner` retained until ZeroMQ is done with it.
+    public init(borrowing bytes: UnsafeRawBufferPointer, owner: AnyObject) {
+        backing = .borrowed(bytes.baseAddress ?? UnsafeRawPointer(bitPattern: 64)!, owner: owner)
+        byteCount = bytes.count
+    }
+
     /// Takes ownership of a received message.
     fileprivate init(receiving message: UnsafeMutablePointer<zmq_msg_t>) {
         backing = .received(message)
@@ -99,6 +113,7 @@ public final class Payload: @unchecked Sendable {
         case .received(let message):
             zmq_msg_close(message)
             message.deallocate()
+        case .borrowed: break
         }
     }
 
@@ -110,12 +125,13 @@ public final class Payload: @unchecked Sendable {
         switch backing {
         case .owned(let memory): try body(UnsafeRawBufferPointer(start: memory, count: byteCount))
         case .received(let message): try body(UnsafeRawBufferPointer(start: zmq_msg_data(message), count: byteCount))
+        case .borrowed(let memory, _): try body(UnsafeRawBufferPointer(start: memory, count: byteCount))
         }
     }
 
     /// Writes the bytes of an owned, idle buffer through a pointer that must not escape `body`.
     public func withUnsafeMutableBytes<R>(_ body: (UnsafeMutableRawBufferPointer) throws -> R) rethrows -> R {
-        guard case .owned(let memory) = backing else { preconditionFailure("Payload: a received frame is read-only") }
+        guard case .owned(let memory) = backing else { preconditionFailure("Payload: only an owned buffer can be written") }
         precondition(!isInFlight, "Payload: written while ZeroMQ still sends it")
         return try body(UnsafeMutableRawBufferPointer(start: memory, count: byteCount))
     }
@@ -123,31 +139,35 @@ public final class Payload: @unchecked Sendable {
     /// A copy of the bytes.
     public var bytes: [UInt8] { withUnsafeBytes { Array($0) } }
 
-    /// Fills `message` with this payload: zero-copy for an owned buffer (retained until ZeroMQ frees
-    /// it), a copy for a received one.
+    /// Fills `message` with this payload: zero-copy for an owned or borrowed buffer (retained until
+    /// ZeroMQ frees it), a copy for a received one.
     fileprivate func attach(to message: UnsafeMutablePointer<zmq_msg_t>) -> Int32 {
         switch backing {
         case .received:
             guard zmq_msg_init_size(message, byteCount) == 0 else { return -1 }
             withUnsafeBytes { src in if byteCount > 0 { zmq_msg_data(message).copyMemory(from: src.baseAddress!, byteCount: byteCount) } }
             return 0
-        case .owned(let memory):
-            sendsInFlight.add(1, ordering: .releasing)
-            let hint = Unmanaged.passRetained(self).toOpaque()
-            let rc = zmq_msg_init_data(message, memory, byteCount, { _, hint in
-                let payload = Unmanaged<Payload>.fromOpaque(hint!).takeRetainedValue()
-                payload.sendsInFlight.subtract(1, ordering: .releasing)
-            }, hint)
-            if rc != 0 {
-                Unmanaged<Payload>.fromOpaque(hint).release()
-                sendsInFlight.subtract(1, ordering: .releasing)
-            }
-            return rc
+        case .owned(let memory): return attachWithoutCopy(memory, to: message)
+        case .borrowed(let memory, _): return attachWithoutCopy(UnsafeMutableRawPointer(mutating: memory), to: message)
         }
+    }
+
+    private func attachWithoutCopy(_ memory: UnsafeMutableRawPointer, to message: UnsafeMutablePointer<zmq_msg_t>) -> Int32 {
+        sendsInFlight.add(1, ordering: .releasing)
+        let hint = Unmanaged.passRetained(self).toOpaque()
+        let rc = zmq_msg_init_data(message, memory, byteCount, { _, hint in
+            let payload = Unmanaged<Payload>.fromOpaque(hint!).takeRetainedValue()
+            payload.sendsInFlight.subtract(1, ordering: .releasing)
+        }, hint)
+        if rc != 0 {
+            Unmanaged<Payload>.fromOpaque(hint).release()
+            sendsInFlight.subtract(1, ordering: .releasing)
+        }
+        return rc
     }
 }
 
-/// One frame to send: small bytes (copied) or a payload (zero-copy when owned).
+/// One frame to send: small bytes (copied) or a payload (zero-copy unless it was received).
 public enum OutgoingFrame {
     case bytes([UInt8])
     case payload(Payload)

@@ -62,6 +62,25 @@ struct CodecTests {
         }
     }
 
+    @Test func chunksReadAndWriteLikeTheWhole() {
+        let values = (0..<1000).map { Float($0) * 0.37 - 150 }
+        var scratch = [Float](repeating: .nan, count: 300)
+        for dtype in [DType.f32, .f16, .bf16] {
+            let whole = Payload(byteCount: values.count * dtype.size), pieces = Payload(byteCount: values.count * dtype.size)
+            values.withUnsafeBufferPointer { TensorEncoding.write($0, as: dtype, into: whole) }
+            for start in stride(from: 0, to: values.count, by: 300) {
+                values[start..<min(start + 300, values.count)].withUnsafeBufferPointer { TensorEncoding.write($0, as: dtype, into: pieces, at: start) }
+            }
+            #expect(whole.bytes == pieces.bytes, "\(dtype)")
+            let expected = TensorEncoding.floats(whole, dtype: dtype)
+            for start in stride(from: 0, to: values.count, by: 300) {
+                let range = start..<min(start + 300, values.count)
+                let chunk = scratch.withUnsafeMutableBufferPointer { TensorEncoding.withFloats(whole, dtype: dtype, range: range, scratch: $0) { Array($0) } }
+                #expect(chunk == Array(expected[range]), "\(dtype) \(range)")
+            }
+        }
+    }
+
     @Test func wrongVersionIsRejectedWithAClearError() {
         let frames = received(WireCodec.encode(WireMessage(jobID: "j", body: .leave(reason: "")), protocolVersion: 2))
         #expect(throws: WireError.versionMismatch(got: 2)) { try WireCodec.decode(frames) }

@@ -91,6 +91,29 @@ struct SocketTests {
         #expect(!payload.isInFlight)
     }
 
+    @Test func borrowedBytesAreSentWithoutACopyAndTheirOwnerKeptAlive() throws {
+        final class Owner { let values: [Float] = (0..<4096).map(Float.init) }
+        let context = ZMQContext()
+        let a = try ZMQSocket(context: context, kind: .pair), b = try ZMQSocket(context: context, kind: .pair)
+        let endpoint = try a.bind("inproc://borrowed-\(UUID().uuidString)")
+        try b.connect(endpoint)
+        weak var released: Owner?
+        do {
+            let owner = Owner()
+            released = owner
+            let payload = owner.values.withUnsafeBytes { Payload(borrowing: $0, owner: owner) }
+            try a.send([.payload(payload)])
+        }
+        do {  // over inproc the receiver reads the very same bytes, so the owner lives until this frame goes
+            let frames = try #require(try b.receive(timeoutMilliseconds: 5000))
+            #expect(TensorEncoding.floats(frames[0]) == (0..<4096).map(Float.init))
+            #expect(released != nil)
+        }
+        var waited = 0
+        while released != nil && waited < 200 { usleep(5000); waited += 1 }
+        #expect(released == nil, "ZeroMQ should release the owner once the frame is sent")
+    }
+
     @Test func curveKeysAndLibraryFacts() throws {
         #expect(ZMQContext.libraryVersion.hasPrefix("4."))
         if ZMQContext.hasCurve {

@@ -2,8 +2,8 @@ import DDPWire
 import Foundation
 
 /// `ddpctl bench exchange`: the time of one full gradient round through a coordinator, without compute:
-/// every worker process pushes `elements` floats, the coordinator averages them in rank order and sends
-/// the result to every worker. Tensors travel as `dtype` (f32, or bf16/f16 halving the bytes).
+/// every worker process pushes `elements` floats, the coordinator averages them in rank order (as the
+/// coordinator does, chunk by chunk) and sends the result to every worker. Tensors travel as `dtype` (f32, or bf16/f16 halving the bytes).
 public struct ExchangeBenchmark {
     public var elements: Int
     public var workers: Int
@@ -19,7 +19,7 @@ public struct ExchangeBenchmark {
 
     public func run(executable: String, workerArguments: [String]) throws -> [String: Any] {
         guard elements > 0, workers > 0, rounds > 0 else { throw WireBenchmarkError.invalid("--elements, --workers and --rounds must be positive") }
-        let context = ZMQContext()
+        let context = ZMQContext(ioThreads: min(workers, 2))
         let router = try ZMQSocket(context: context, kind: .router)
         try router.setHighWaterMarks(send: 0, receive: 0)
         let endpoint = try router.bind("ipc:///tmp/ddp-exchange-\(getpid()).sock")
@@ -37,7 +37,7 @@ public struct ExchangeBenchmark {
             guard let frames = try router.receive(timeoutMilliseconds: 30_000) else { throw WireBenchmarkError.invalid("workers did not connect") }
             identities.append(frames[0].bytes)
         }
-        var sum = [Float](repeating: 0, count: elements)
+        var sum = [Float](repeating: 0, count: elements), scratch = [Float](repeating: 0, count: WeightedMean.chunk)
         var update = Payload(byteCount: elements * dtype.size)
         var times: [Double] = []
         for round in -3..<rounds {
@@ -52,13 +52,9 @@ public struct ExchangeBenchmark {
                     }
                     received[frames[0].bytes] = frames[1]
                 }
-                let weight = 1 / Float(workers)
-                sum.withUnsafeMutableBufferPointer { acc in
-                    for (rank, identity) in identities.enumerated() {
-                        TensorEncoding.withFloats(received[identity]!, dtype: dtype) { g in
-                            if rank == 0 { for i in 0..<acc.count { acc[i] = weight * g[i] } } else { for i in 0..<acc.count { acc[i] += weight * g[i] } }
-                        }
-                    }
+                let terms = identities.map { (weight: 1 / Float(workers), payload: received[$0]!) }
+                sum.withUnsafeMutableBufferPointer { mean in
+                    scratch.withUnsafeMutableBufferPointer { _ = WeightedMean.write(terms, dtype: dtype, into: mean, scratch: $0) }
                 }
             }
             if round >= 0 { times.append(t) }
@@ -75,18 +71,24 @@ public struct ExchangeBenchmark {
         ]
     }
 
-    /// One worker of the benchmark: answers every update with a gradient of the same size from a reused buffer.
+    /// One worker of the benchmark: answers every update with a gradient of the same size, sent as the
+    /// real worker sends it: from its own storage in f32, converted into a reused buffer in f16/bf16.
     public static func worker(endpoint: String, elements: Int, dtype: DType) throws {
         let context = ZMQContext()
         let socket = try ZMQSocket(context: context, kind: .dealer)
         try socket.setHighWaterMarks(send: 0, receive: 0)
         try socket.connect(endpoint)
         try socket.send([.bytes([])])
-        let values = (0..<elements).map { Float($0 % 1000) * 1e-3 }
+        final class Storage { let values: [Float]; init(_ values: [Float]) { self.values = values } }
+        let storage = Storage((0..<elements).map { Float($0 % 1000) * 1e-3 })
         var gradient = Payload(byteCount: elements * dtype.size)
         while let frames = try socket.receive(timeoutMilliseconds: 60_000), let update = frames.first, update.byteCount > 0 {
+            if dtype == .f32 {
+                try socket.send([.payload(storage.values.withUnsafeBytes { Payload(borrowing: $0, owner: storage) })])
+                continue
+            }
             if gradient.isInFlight { gradient = Payload(byteCount: elements * dtype.size) }
-            values.withUnsafeBufferPointer { TensorEncoding.write($0, as: dtype, into: gradient) }
+            storage.values.withUnsafeBufferPointer { TensorEncoding.write($0, as: dtype, into: gradient) }
             try socket.send([.payload(gradient)])
         }
     }

@@ -1,0 +1,35 @@
+import Autodiff
+import DDPWire
+
+/// The sample-weighted mean of several workers' gradients for one tensor, summed in the order given
+/// (rank order, so that the result does not depend on arrival order) and chunk by chunk, so that a
+/// chunk of the mean stays in cache while every contribution is added to it.
+enum WeightedMean {
+    /// Elements per chunk: 16 K floats, 64 KB a stream.
+    static let chunk = 16_384
+
+    /// Writes the sum of `weight * values` over `terms` into `mean` (zeros when there are none), decoding
+    /// `dtype` through `scratch` (at least `chunk` floats); returns whether every element is finite.
+    static func write(
+        _ terms: [(weight: Float, payload: Payload)], dtype: DType, into mean: UnsafeMutableBufferPointer<Float>,
+        scratch: UnsafeMutableBufferPointer<Float>
+    ) -> Bool {
+        var exponentOverflow: UInt32 = 0  // bit 31 is set by an element whose exponent bits are all ones
+        for start in stride(from: 0, to: mean.count, by: chunk) {
+            let range = start..<min(start + chunk, mean.count)
+            let out = UnsafeMutableBufferPointer(rebasing: mean[range])
+            if terms.isEmpty { out.update(repeating: 0) }
+            for (position, term) in terms.enumerated() {
+                TensorEncoding.withFloats(term.payload, dtype: dtype, range: range, scratch: scratch) { values in
+                    if position == 0 {
+                        for i in 0..<values.count { out[i] = term.weight * values[i] }
+                    } else {
+                        BLAS.axpy(term.weight, values, out)
+                    }
+                }
+            }
+            for i in 0..<out.count { exponentOverflow |= (out[i].bitPattern & 0x7F80_0000) &+ 0x0080_0000 }
+        }
+        return exponentOverflow & 0x8000_0000 == 0
+    }
+}
