@@ -74,16 +74,35 @@ extension Tensor {
 
     /// Back-propagates from this scalar: every tensor on its tape that requires a gradient gets
     /// `dself/dtensor` added to its `grad`. The tape is released afterwards; leaves keep their gradients.
-    public func backward() throws {
+    /// `onLeafReady`, when given, is called with each leaf (a tensor no op produced, such as a parameter)
+    /// as soon as its gradient is complete, while the pass goes on: last layers first, as their gradients
+    /// are, so that a caller can start sending them.
+    public func backward(onLeafReady: ((Tensor) -> Void)? = nil) throws {
         guard count == 1 else { throw AutodiffError.backwardFromNonScalar(shape: shape) }
         guard requiresGrad else { throw AutodiffError.noGradientPath }
         let order = topologicalOrder()
+        // How many recorded ops still have to add to each leaf's gradient.
+        var pendingUses: [ObjectIdentifier: Int] = [:]
+        if onLeafReady != nil {
+            for tensor in order {
+                for input in Set((tensor.node?.inputs ?? []).filter { $0.node == nil && $0.requiresGrad }.map(ObjectIdentifier.init)) {
+                    pendingUses[input, default: 0] += 1
+                }
+            }
+        }
         accumulateGrad { g, fresh in g[0] = fresh ? 1 : g[0] + 1 }
+        if node == nil { onLeafReady?(self) }
         for tensor in order.reversed() {
             guard let node = tensor.node else { continue }
             if let gradient = tensor.grad { node.backward(gradient) }
             tensor.node = nil
             tensor.grad = nil  // an intermediate: its gradient buffer goes back to the pool
+            guard let onLeafReady else { continue }
+            var seen = Set<ObjectIdentifier>()
+            for input in node.inputs where input.node == nil && input.requiresGrad && seen.insert(ObjectIdentifier(input)).inserted {
+                pendingUses[ObjectIdentifier(input)]! -= 1
+                if pendingUses[ObjectIdentifier(input)] == 0 { onLeafReady(input) }
+            }
         }
     }
 

@@ -1096,7 +1096,7 @@ const ProtobufCMessageDescriptor ddp__v1__welcome__descriptor =
   (ProtobufCMessageInit) ddp__v1__welcome__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor ddp__v1__gradient_push__field_descriptors[5] =
+static const ProtobufCFieldDescriptor ddp__v1__gradient_push__field_descriptors[7] =
 {
   {
     "sample_count",
@@ -1158,18 +1158,44 @@ static const ProtobufCFieldDescriptor ddp__v1__gradient_push__field_descriptors[
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "part",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__GradientPush, part),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "more_parts",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__GradientPush, more_parts),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned ddp__v1__gradient_push__field_indices_by_name[] = {
   4,   /* field[4] = attempt */
   3,   /* field[3] = compute_seconds */
   2,   /* field[2] = local_correct */
   1,   /* field[1] = local_loss */
+  6,   /* field[6] = more_parts */
+  5,   /* field[5] = part */
   0,   /* field[0] = sample_count */
 };
 static const ProtobufCIntRange ddp__v1__gradient_push__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 5 }
+  { 0, 7 }
 };
 const ProtobufCMessageDescriptor ddp__v1__gradient_push__descriptor =
 {
@@ -1179,7 +1205,7 @@ const ProtobufCMessageDescriptor ddp__v1__gradient_push__descriptor =
   "Ddp__V1__GradientPush",
   "ddp.v1",
   sizeof(Ddp__V1__GradientPush),
-  5,
+  7,
   ddp__v1__gradient_push__field_descriptors,
   ddp__v1__gradient_push__field_indices_by_name,
   1,  ddp__v1__gradient_push__number_ranges,

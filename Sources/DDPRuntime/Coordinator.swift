@@ -40,6 +40,22 @@ public final class Coordinator {
         var dtype: DType = .f32
     }
 
+    /// A push of which some parts (buckets of tensors) have arrived.
+    struct PartialPush {
+        let sampleCount: UInt64
+        var gradients: [Payload?]  // in parameter order
+        var nextPart: UInt32 = 0
+    }
+
+    /// Which tensors were averaged early, for which live ranks and sample counts, and whether every
+    /// averaged element was finite. The step reuses them when it completes with the same contributions.
+    struct EarlyAverage {
+        var ranks: [Int32] = []
+        var sampleCounts: [UInt64] = []
+        var averaged: [Bool] = []
+        var finite = true
+    }
+
     public let spec: JobSpec
     let setup: TrainingSetup
     let parameters: [NamedParameter]
@@ -65,6 +81,10 @@ public final class Coordinator {
     private var rankOfIdentity: [[UInt8]: Int32] = [:]
     private var step = 0
     private var contributions: [Int32: Contribution] = [:]
+    /// Pushes arriving in parts this step, by rank.
+    private var partialPushes: [Int32: PartialPush] = [:]
+    /// Tensors averaged while the step's pushes still arrived, and over which contributions.
+    private var earlyAverage = EarlyAverage()
     /// The attempt of the current step, and whether it must be sent again (a worker was lost mid-step).
     private var attempt: UInt32 = 0
     private var redoStep = false
@@ -342,24 +362,72 @@ public final class Coordinator {
         }
         guard contributions[rank] == nil else { reject("duplicate push for step \(step)", from: rank); return }
         members[rank]?.lastPushedStep = message.step
-        members[rank]?.lastStepSeconds = push.computeSeconds
-        if let problem = validate(message.tensors) {
+        var partial = partialPushes[rank] ?? PartialPush(sampleCount: push.sampleCount, gradients: Array(repeating: nil, count: parameters.count))
+        let problem = push.part != partial.nextPart ? "part \(push.part) of the push arrived where part \(partial.nextPart) was due"
+            : push.sampleCount != partial.sampleCount ? "its parts disagree on the sample count (\(partial.sampleCount), then \(push.sampleCount))"
+            : validate(message.tensors, alreadyReceived: partial.gradients)
+        if let problem {
             reject("gradient of rank \(rank) at step \(step) skipped: \(problem)", from: rank)
+            partialPushes[rank] = nil
             contributions[rank] = Contribution(rank: rank, sampleCount: 0, loss: 0, correct: 0, gradients: [])
             return
         }
-        var ordered = [Payload?](repeating: nil, count: parameters.count)
-        for tensor in message.tensors { ordered[indexOfParameter[tensor.name]!] = tensor.payload }
-        contributions[rank] = Contribution(rank: rank, sampleCount: push.sampleCount, loss: push.localLoss, correct: push.localCorrect,
-                                           gradients: ordered.map { $0! }, dtype: wireType)
+        let arrived = message.tensors.map { indexOfParameter[$0.name]! }
+        for (index, tensor) in zip(arrived, message.tensors) { partial.gradients[index] = tensor.payload }
+        if push.moreParts {
+            partial.nextPart += 1
+            partialPushes[rank] = partial
+        } else {
+            partialPushes[rank] = nil
+            members[rank]?.lastStepSeconds = push.computeSeconds
+            let missing = partial.gradients.indices.filter { partial.gradients[$0] == nil }
+            guard missing.isEmpty else {
+                reject("gradient of rank \(rank) at step \(step) skipped: \(missing.count) of \(parameters.count) tensors missing, "
+                       + "'\(parameters[missing[0]].name)' first", from: rank)
+                contributions[rank] = Contribution(rank: rank, sampleCount: 0, loss: 0, correct: 0, gradients: [])
+                return
+            }
+            contributions[rank] = Contribution(rank: rank, sampleCount: push.sampleCount, loss: push.localLoss, correct: push.localCorrect,
+                                               gradients: partial.gradients.map { $0! }, dtype: wireType)
+        }
+        averageEarly(arrived)
     }
 
-    /// Why a gradient cannot be used, or nil: every parameter once, right shape, the job's wire type.
-    /// (Finite values are checked on the average, and only a non-finite average is traced to its senders.)
-    private func validate(_ tensors: [WireTensor]) -> String? {
-        guard tensors.count == parameters.count else { return "\(tensors.count) tensors for \(parameters.count) parameters" }
+    /// Averages the tensors `indices` now if every live worker has sent them, so that the sum overlaps
+    /// the rest of the pushes (and the workers' backward passes).
+    private func averageEarly(_ indices: [Int]) {
+        let ranks = members.values.filter(\.isLive).map(\.rank).sorted()
+        var counts: [UInt64] = []
+        for rank in ranks {  // every live worker has begun its push, so every weight is known
+            guard let count = contributions[rank]?.sampleCount ?? partialPushes[rank]?.sampleCount else { return }
+            counts.append(count)
+        }
+        if earlyAverage.ranks != ranks || earlyAverage.sampleCounts != counts {
+            earlyAverage = EarlyAverage(ranks: ranks, sampleCounts: counts, averaged: Array(repeating: false, count: parameters.count))
+        }
+        let samples = counts.reduce(0, +)
+        guard samples > 0 else { return }
+        scratch.withUnsafeMutableBufferPointer { scratch in
+            for index in indices where !earlyAverage.averaged[index] {
+                var terms: [(weight: Float, payload: Payload)] = []
+                for (rank, count) in zip(ranks, counts) where count > 0 {
+                    guard let payload = contributions[rank].map({ $0.gradients[index] }) ?? partialPushes[rank]?.gradients[index] else { return }
+                    terms.append((Float(count) / Float(samples), payload))
+                }
+                let finite = gradients[index].withUnsafeMutableBufferPointer { WeightedMean.write(terms, dtype: wireType, into: $0, scratch: scratch) }
+                earlyAverage.averaged[index] = true
+                earlyAverage.finite = earlyAverage.finite && finite
+            }
+        }
+    }
+
+    /// Why (a part of) a gradient cannot be used, or nil: known parameters not sent before, right shape,
+    /// the job's wire type. (Completeness is checked on the last part; finite values on the average, and
+    /// only a non-finite average is traced to its senders.)
+    private func validate(_ tensors: [WireTensor], alreadyReceived: [Payload?]) -> String? {
         for tensor in tensors {
             guard let index = indexOfParameter[tensor.name] else { return "unknown tensor '\(tensor.name)'" }
+            guard alreadyReceived[index] == nil else { return "tensor '\(tensor.name)' sent twice" }
             let expected = parameters[index].tensor.shape
             guard tensor.shape == expected else { return "tensor '\(tensor.name)' has shape \(tensor.shape), expected \(expected)" }
             guard tensor.dtype == wireType else {
@@ -387,6 +455,7 @@ public final class Coordinator {
         member.state = state
         members[rank] = member
         contributions[rank] = nil
+        partialPushes[rank] = nil
         if state == "lost" { lostRanks.append(rank); metrics.workersLost += 1 }
         log.warning("worker \(state)", metadata: ["rank": "\(rank)", "host": "\(member.host)", "pid": "\(member.pid)", "reason": "\(reason)"])
     }
@@ -496,7 +565,11 @@ public final class Coordinator {
         var used = contributions.filter { members[$0.key]?.isLive == true }.sorted { $0.key < $1.key }.map(\.value)
         var samples = used.reduce(0) { $0 + Int($1.sampleCount) }
         var loss: Float = 0, correct = 0
-        if samples > 0 && !average(used, samples: samples) {
+        let early = earlyAverage
+        earlyAverage = EarlyAverage()
+        let averagedEarly = early.ranks == used.map(\.rank) && early.sampleCounts == used.map(\.sampleCount)
+            && early.averaged.count == parameters.count && !early.averaged.contains(false)
+        if samples > 0 && !(averagedEarly ? early.finite : average(used, samples: samples)) {
             used = withoutNonFinite(used)
             samples = used.reduce(0) { $0 + Int($1.sampleCount) }
             if samples > 0 { _ = average(used, samples: samples) }
@@ -527,6 +600,7 @@ public final class Coordinator {
         metrics.workersAlive = liveCount
         metrics.observeStep(seconds: seconds)
         contributions.removeAll(keepingCapacity: true)
+        partialPushes.removeAll(keepingCapacity: true)
         step += 1
         if step % stepsPerEpoch == 0 { endEpoch() }
         let checkpointDue = spec.checkpointEvery > 0 ? step % spec.checkpointEvery == 0 : step % stepsPerEpoch == 0
@@ -682,6 +756,8 @@ public final class Coordinator {
     private func resendStep() {
         redoStep = false
         contributions.removeAll(keepingCapacity: true)
+        partialPushes.removeAll(keepingCapacity: true)
+        earlyAverage = EarlyAverage()
         attempt += 1
         log.warning("step \(step) sent again to \(liveCount) live workers", metadata: ["attempt": "\(attempt)"])
         broadcastUpdate(trainLoss: recentLosses.last ?? 0, tensors: [], resend: true)

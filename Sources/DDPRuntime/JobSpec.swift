@@ -66,6 +66,9 @@ public struct JobSpec: Codable, Equatable, Sendable {
     public var wireDtype = "f32"
     /// BLAS threads per worker process (1 suits one worker per core).
     public var blasThreads = 1
+    /// Workers push gradients in buckets of about this many KiB while the backward pass goes on (last
+    /// layers first), so that sending and averaging overlap the rest of it; 0 sends each push whole.
+    public var bucketKB = 1024
     /// Where the job writes its model, summary, checkpoints and logs.
     public var output = ""
 
@@ -81,6 +84,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         case heartbeatIntervalMs = "heartbeat_interval_ms", heartbeatTimeoutMs = "heartbeat_timeout_ms"
         case joinTimeoutSeconds = "join_timeout_seconds", stepTimeoutSeconds = "step_timeout_seconds", output
         case checkpointEvery = "checkpoint_every", keepCheckpoints = "keep_checkpoints", keysDir = "keys_dir", wireDtype = "wire_dtype", blasThreads = "blas_threads"
+        case bucketKB = "bucket_kb"
     }
 
     /// Every key a job file may hold.
@@ -115,6 +119,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         try read(.joinTimeoutSeconds, &joinTimeoutSeconds); try read(.stepTimeoutSeconds, &stepTimeoutSeconds)
         try read(.output, &output); try read(.checkpointEvery, &checkpointEvery); try read(.keepCheckpoints, &keepCheckpoints)
         try read(.keysDir, &keysDir); try read(.wireDtype, &wireDtype); try read(.blasThreads, &blasThreads)
+        try read(.bucketKB, &bucketKB)
     }
 
     private static func describe(_ type: Any.Type) -> String {
@@ -214,6 +219,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         try check(heartbeatIntervalMs > 0 && heartbeatTimeoutMs > heartbeatIntervalMs,
                   "heartbeat_timeout_ms must exceed heartbeat_interval_ms > 0")
         try check(blasThreads >= 1 && blasThreads <= 256, "blas_threads must be between 1 and 256, got \(blasThreads)")
+        try check(bucketKB >= 0, "bucket_kb must be >= 0, got \(bucketKB)")
         try check(DType(rawValue: wireDtype) != nil, "wire_dtype '\(wireDtype)' is unknown (f32, bf16, f16)")
         try check(checkpointEvery >= 0 && keepCheckpoints >= 1, "checkpoint_every must be >= 0 and keep_checkpoints >= 1")
         try check(joinTimeoutSeconds > 0 && stepTimeoutSeconds > 0, "join_timeout_seconds and step_timeout_seconds must be positive")

@@ -23,6 +23,7 @@ public final class Worker {
     private var rank: Int32 = -1
     private var parameters: [NamedParameter] = []
     private var gradientPayloads: [Payload] = []
+    private var indexOfParameter: [ObjectIdentifier: Int] = [:]
     private var permutation: (epoch: Int, order: [Int])?
     private var wireType = DType.f32
     private var heartbeatInterval = 1.0
@@ -151,6 +152,7 @@ public final class Worker {
         heartbeatTimeout = Double(welcome.heartbeatTimeoutMilliseconds) / 1000
         coordinatorTimeout = max(30, 6 * Double(welcome.heartbeatTimeoutMilliseconds) / 1000)
         parameters = setup!.model.parameters
+        indexOfParameter = Dictionary(uniqueKeysWithValues: parameters.enumerated().map { (ObjectIdentifier($1.tensor), $0) })
         wireType = DType(rawValue: spec.wireDtype) ?? .f32
         gradientPayloads = parameters.map { Payload(byteCount: $0.tensor.count * wireType.size) }
         try load(message.tensors)
@@ -174,6 +176,9 @@ public final class Worker {
         }
     }
 
+    /// Computes the gradient of this worker's shard of `step`'s batch and pushes it: in buckets of about
+    /// `bucket_kb` sent from inside the backward pass as the tape completes them (last layers first), the
+    /// rest in a final part; or whole.
     private func computeAndPush(step: Int, shard: Int, worldSize: Int, attempt: UInt32) throws {
         let setup = setup!
         let start = Coordinator.now()
@@ -182,32 +187,52 @@ public final class Worker {
         if permutation?.epoch != epoch { permutation = (epoch, setup.sampler.permutation(epoch: epoch)) }
         let batch = setup.sampler.globalBatch(step: step % stepsPerEpoch, of: permutation!.order)
         let mine = EpochSampler.shard(batch, rank: shard, worldSize: worldSize)
-        var loss: Float = 0, correct = 0
         setup.model.zeroGrad()
+        var header = GradientPush(sampleCount: UInt64(mine.count), localLoss: 0, attempt: attempt)
+        var unsent = Set(parameters.indices)
+        func pushPart(_ indices: [Int], more: Bool) throws {
+            header.moreParts = more
+            try send(.gradientPush(header), step: UInt64(step), tensors: indices.map(gradientTensor))
+            header.part += 1
+            unsent.subtract(indices)
+        }
         if !mine.isEmpty {
             let (lossTensor, rightOnes) = setup.loss(mine, in: setup.train)
-            try lossTensor.backward()
-            loss = lossTensor.item
-            correct = rightOnes
+            header.localLoss = lossTensor.item
+            header.localCorrect = UInt32(rightOnes)
+            let bucketBytes = setup.spec.bucketKB * 1024
+            var bucket: [Int] = [], bucketSize = 0, sendError: (any Error)?
+            try lossTensor.backward(onLeafReady: bucketBytes == 0 ? nil : { [self] leaf in
+                guard sendError == nil, let index = indexOfParameter[ObjectIdentifier(leaf)] else { return }
+                bucket.append(index)
+                bucketSize += leaf.count * wireType.size
+                guard bucketSize >= bucketBytes, unsent.count > bucket.count else { return }
+                do { try pushPart(bucket, more: true) } catch { sendError = error }
+                bucket = []
+                bucketSize = 0
+            })
+            if let sendError { throw sendError }
         }
-        let tensors = parameters.enumerated().map { index, p in
-            // An f32 gradient goes out from its own storage: the next step's backward writes a new one.
-            if wireType == .f32, let grad = p.tensor.grad {
-                let payload = grad.withUnsafeBufferPointer { Payload(borrowing: UnsafeRawBufferPointer($0), owner: grad) }
-                return WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: payload)
-            }
-            if gradientPayloads[index].isInFlight { gradientPayloads[index] = Payload(byteCount: p.tensor.count * wireType.size) }
-            let payload = gradientPayloads[index]
-            if let grad = p.tensor.grad {
-                grad.withUnsafeBufferPointer { TensorEncoding.write($0, as: wireType, into: payload) }
-            } else {
-                payload.withUnsafeMutableBytes { _ = $0.initializeMemory(as: UInt8.self, repeating: 0) }
-            }
+        header.computeSeconds = Coordinator.now() - start
+        try pushPart(unsent.sorted(), more: false)
+    }
+
+    /// The wire tensor of parameter `index`'s gradient: an f32 gradient goes out from its own storage (the
+    /// next step's backward writes a new one); a half-precision one is converted into a reused payload.
+    private func gradientTensor(_ index: Int) -> WireTensor {
+        let p = parameters[index]
+        if wireType == .f32, let grad = p.tensor.grad {
+            let payload = grad.withUnsafeBufferPointer { Payload(borrowing: UnsafeRawBufferPointer($0), owner: grad) }
             return WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: payload)
         }
-        let push = GradientPush(sampleCount: UInt64(mine.count), localLoss: loss, localCorrect: UInt32(correct),
-                                computeSeconds: Coordinator.now() - start, attempt: attempt)
-        try send(.gradientPush(push), step: UInt64(step), tensors: tensors)
+        if gradientPayloads[index].isInFlight { gradientPayloads[index] = Payload(byteCount: p.tensor.count * wireType.size) }
+        let payload = gradientPayloads[index]
+        if let grad = p.tensor.grad {
+            grad.withUnsafeBufferPointer { TensorEncoding.write($0, as: wireType, into: payload) }
+        } else {
+            payload.withUnsafeMutableBytes { _ = $0.initializeMemory(as: UInt8.self, repeating: 0) }
+        }
+        return WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: payload)
     }
 }
 

@@ -116,6 +116,8 @@ public enum WireCodec {
             m.pointee.local_correct = g.localCorrect
             m.pointee.compute_seconds = g.computeSeconds
             m.pointee.attempt = g.attempt
+            m.pointee.part = g.part
+            m.pointee.more_parts = g.moreParts ? 1 : 0
             e.body_case = DDP__V1__ENVELOPE__BODY_GRADIENT_PUSH
             e.gradient_push = m
         case .parameterUpdate(let u):
@@ -288,7 +290,7 @@ public enum WireCodec {
             guard let m = e.gradient_push?.pointee else { return nil }
             return .gradientPush(GradientPush(
                 sampleCount: m.sample_count, localLoss: m.local_loss, localCorrect: m.local_correct,
-                computeSeconds: m.compute_seconds, attempt: m.attempt))
+                computeSeconds: m.compute_seconds, attempt: m.attempt, part: m.part, moreParts: m.more_parts != 0))
         case DDP__V1__ENVELOPE__BODY_PARAMETER_UPDATE:
             guard let m = e.parameter_update?.pointee else { return nil }
             return .parameterUpdate(ParameterUpdate(

@@ -123,13 +123,22 @@ public struct GradientPush: Equatable, Sendable {
     public var computeSeconds: Double
     /// The attempt of the step this answers.
     public var attempt: UInt32
+    /// For a push sent in parts (buckets of tensors, while the backward pass goes on): this part's index,
+    /// and whether more parts follow. A whole push is part 0 with no more parts.
+    public var part: UInt32
+    public var moreParts: Bool
 
-    public init(sampleCount: UInt64, localLoss: Float, localCorrect: UInt32 = 0, computeSeconds: Double = 0, attempt: UInt32 = 0) {
+    public init(
+        sampleCount: UInt64, localLoss: Float, localCorrect: UInt32 = 0, computeSeconds: Double = 0, attempt: UInt32 = 0,
+        part: UInt32 = 0, moreParts: Bool = false
+    ) {
         self.sampleCount = sampleCount
         self.localLoss = localLoss
         self.localCorrect = localCorrect
         self.computeSeconds = computeSeconds
         self.attempt = attempt
+        self.part = part
+        self.moreParts = moreParts
     }
 }
 

@@ -65,13 +65,15 @@ extension Bench {
         @Option(help: "digits or mnist (synthetic 60000x784).") var workload = "digits"
         @Option(help: "Worker processes.") var workers = 2
         @Option(help: "Epochs (default: 20 for digits, 1 for mnist).") var epochs: Int?
+        @Option(name: .customLong("bucket-kb"), help: "Gradient bucket size in KiB (default: the job default; 0: whole pushes).")
+        var bucketKB: Int?
         @Option(help: "The ddpd executable (default: beside ddpctl).") var ddpd: String?
         @Flag(help: "Print one JSON line.") var json = false
 
         func run() throws {
             let result = try TrainBenchmark(
                 workload: workload, workers: workers, epochs: epochs ?? (workload == "mnist" ? 1 : 20),
-                ddpd: ddpd ?? sibling("ddpd"), jobsRoot: NSTemporaryDirectory()
+                ddpd: ddpd ?? sibling("ddpd"), jobsRoot: NSTemporaryDirectory(), bucketKB: bucketKB
             ).run()
             printResult(result, json: json)
         }

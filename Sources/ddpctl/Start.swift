@@ -31,6 +31,8 @@ struct JobOptions: ParsableArguments {
     @Option(help: "The job fails below this many live workers.") var minWorkers: Int?
     @Option(help: "Steps between checkpoints (0: every epoch).") var checkpointEvery: Int?
     @Option(help: "Wire type of gradients and updates: f32, bf16 or f16.") var wireDtype: String?
+    @Option(name: .customLong("bucket-kb"), help: "Gradient bucket size in KiB, pushed during the backward pass (0: one message).")
+    var bucketKB: Int?
     @Option(help: "A folder of CURVE keys from 'ddpctl keygen': encrypted traffic, only authorised workers.") var keysDir: String?
 
     /// The flags that were given, keyed as in a job file.
@@ -45,7 +47,7 @@ struct JobOptions: ParsableArguments {
         o["weight_decay"] = weightDecay.map { Double($0) }; o["schedule"] = schedule; o["warmup_steps"] = warmupSteps
         o["clip_norm"] = clipNorm.map { Double($0) }; o["seed"] = seed; o["test_fraction"] = testFraction
         o["workers"] = workers; o["min_workers"] = minWorkers; o["checkpoint_every"] = checkpointEvery
-        o["wire_dtype"] = wireDtype
+        o["wire_dtype"] = wireDtype; o["bucket_kb"] = bucketKB
         o["keys_dir"] = keysDir.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
         if let hidden { o["hidden"] = hidden.split(separator: ",").map { Int($0.trimmingCharacters(in: .whitespaces)) ?? -1 } }
         return o

@@ -140,6 +140,24 @@ struct GradientTests {
         #expect(x.grad == nil)
     }
 
+    @Test func leavesAreReportedOnceWithTheirFinishedGradientLastLayerFirst() throws {
+        var g = SeededGenerator(seed: 28)
+        let model = Sequential([Linear(inputs: 5, outputs: 6, generator: &g), Activation(.tanh), Linear(inputs: 6, outputs: 3, generator: &g)])
+        let x = Self.input([4, 5], seed: 29)
+        let shared = Self.input([3], seed: 30)  // used twice: ready only after both uses
+        let names = Dictionary(uniqueKeysWithValues: model.parameters.map { (ObjectIdentifier($0.tensor), $0.name) } + [(ObjectIdentifier(shared), "shared")])
+        var reported: [(name: String, gradient: [Float])] = []
+        let loss = Loss.softmaxCrossEntropy(model(x) * shared + shared, labels: [0, 1, 2, 1])
+        try loss.backward { leaf in reported.append((names[ObjectIdentifier(leaf)] ?? "input", leaf.grad?.scalars ?? [])) }
+        let order = reported.map(\.name)
+        #expect(Set(order) == Set(names.values).union(["input"]) && order.count == names.count + 1, "\(order)")
+        #expect(order.firstIndex(of: "2.weight")! < order.firstIndex(of: "0.weight")!, "\(order)")
+        for (name, gradient) in reported where name != "input" {
+            let tensor = name == "shared" ? shared : model.parameters.first { $0.name == name }!.tensor
+            #expect(tensor.grad!.scalars == gradient, "\(name) changed after it was reported ready")
+        }
+    }
+
     @Test func badCallsThrowNamedErrors() throws {
         let x = Self.input([2, 2], seed: 27)
         #expect(throws: AutodiffError.backwardFromNonScalar(shape: [2, 2])) { try (x * x).backward() }

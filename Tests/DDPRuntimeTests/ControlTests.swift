@@ -54,10 +54,13 @@ struct ControlTests {
         defer { try? FileManager.default.removeItem(atPath: jobs) }
         let job = try startDetached(jobs)
         let directory = JobDirectory(path: "\(jobs)/\(job)")
+        // The supervisor records itself once it has started everything; killed, it restarts nothing.
+        #expect(waitUntil(timeout: 10) { JobLookup.processes(of: directory)["supervisor"] != nil })
         let processes = JobLookup.processes(of: directory)
-        if let supervisor = processes["supervisor"] { kill(supervisor, SIGKILL) }  // nobody writes a summary
-        kill(try #require(directory.endpoints()).pid, SIGKILL)
-        usleep(100_000)
+        kill(try #require(processes["supervisor"]), SIGKILL)  // nobody writes a summary
+        let coordinator = try #require(directory.endpoints()).pid
+        kill(coordinator, SIGKILL)
+        #expect(waitUntil(timeout: 10) { !JobLookup.isAlive(coordinator) })  // SIGKILL takes effect asynchronously
         let start = Date()
         let (s, result) = try status(jobs, job)
         #expect(Date().timeIntervalSince(start) < 2)

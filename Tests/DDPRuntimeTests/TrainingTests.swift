@@ -71,6 +71,16 @@ struct TrainingTests {
         #expect(first.testAccuracy == second.testAccuracy)
     }
 
+    @Test func bucketedPushesTrainBitwiseLikeWholePushes() throws {
+        let jobs = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: jobs) }
+        let whole = try #require(try startJob(Self.shortJob + ["--workers", "2", "--bucket-kb", "0"], jobsDir: jobs).0)
+        let (bucketed, result) = try startJob(Self.shortJob + ["--workers", "2", "--bucket-kb", "1"], jobsDir: jobs)
+        let parts = try #require(bucketed, "no summary: \(result.stderr)")
+        #expect(parts.state == "completed" && parts.rejectedMessages == 0)
+        for (a, b) in zip(try parameters(whole), try parameters(parts)) { #expect(a.tensor.scalars == b.tensor.scalars, "\(a.name)") }
+    }
+
     @Test func defaultJobReachesNinetyFivePercent() throws {
         let jobs = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: jobs) }

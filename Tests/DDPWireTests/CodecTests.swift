@@ -21,6 +21,7 @@ struct CodecTests {
         .welcome(Welcome(rank: 1, worldSize: 2, jobSpecJSON: "{\"a\":1}", startStep: 7, epoch: 2,
                          heartbeatIntervalMilliseconds: 900, heartbeatTimeoutMilliseconds: 4000)),
         .gradientPush(GradientPush(sampleCount: 64, localLoss: 0.25, localCorrect: 60, computeSeconds: 0.001)),
+        .gradientPush(GradientPush(sampleCount: 64, localLoss: 0.25, attempt: 1, part: 2, moreParts: true)),
         .parameterUpdate(ParameterUpdate(learningRate: 0.1, fullCopy: true, epoch: 1, worldSize: 3, shardIndex: 2, trainLoss: 0.5)),
         .heartbeat(Heartbeat(sentUnixMilliseconds: 123_456, state: "computing")),
         .leave(reason: "done"),

@@ -253,10 +253,18 @@ struct  Ddp__V1__GradientPush
    * the attempt of the step it answers (ParameterUpdate.attempt)
    */
   uint32_t attempt;
+  /*
+   * this message's index among the parts of the push (0 when it is whole)
+   */
+  uint32_t part;
+  /*
+   * true when further parts of the same push follow; fields 1-5 repeat in each
+   */
+  protobuf_c_boolean more_parts;
 };
 #define DDP__V1__GRADIENT_PUSH__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&ddp__v1__gradient_push__descriptor) \
-    , 0, 0, 0, 0, 0 }
+    , 0, 0, 0, 0, 0, 0, 0 }
 
 
 /*

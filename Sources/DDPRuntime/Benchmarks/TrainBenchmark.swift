@@ -9,13 +9,16 @@ public struct TrainBenchmark {
     public var epochs: Int
     public var ddpd: String
     public var jobsRoot: String
+    /// The gradient bucket size (nil: the job default).
+    public var bucketKB: Int?
 
-    public init(workload: String, workers: Int, epochs: Int, ddpd: String, jobsRoot: String) {
+    public init(workload: String, workers: Int, epochs: Int, ddpd: String, jobsRoot: String, bucketKB: Int? = nil) {
         self.workload = workload
         self.workers = workers
         self.epochs = epochs
         self.ddpd = ddpd
         self.jobsRoot = jobsRoot
+        self.bucketKB = bucketKB
     }
 
     public func run() throws -> [String: Any] {
@@ -27,6 +30,7 @@ public struct TrainBenchmark {
                              "hidden": [512, 512], "test_fraction": 1.0 / 7]) { $1 }
         default: throw JobSpecError.invalid("bench train: workload '\(workload)' is unknown (digits, mnist)")
         }
+        if let bucketKB { overrides["bucket_kb"] = bucketKB }
         var spec = try JobSpec.load(path: nil, overrides: overrides)
         spec.jobID = "bench-\(workload)-" + JobSpec.newJobID()
         let directory = JobDirectory(path: jobsRoot + "/" + spec.jobID)
@@ -46,7 +50,7 @@ public struct TrainBenchmark {
         let stepSeconds = JobReport.stepSeconds(directory)
         let median = Measure.median(Array(stepSeconds.dropFirst(min(20, stepSeconds.count / 10))))
         return [
-            "benchmark": "train", "workload": workload, "workers": workers, "epochs": epochs, "steps": summary.steps,
+            "benchmark": "train", "workload": workload, "workers": workers, "epochs": epochs, "steps": summary.steps, "bucket_kb": spec.bucketKB,
             "ms_per_step": median * 1e3, "samples_per_second": 128 / median, "first_step_seconds": firstStep ?? -1,
             "test_accuracy": summary.testAccuracy, "train_loss": summary.trainLoss,
         ]
