@@ -6,10 +6,12 @@ import Testing
 /// Killed workers and coordinators, hostile peers and secure jobs.
 @Suite(.serialized)
 struct FaultTests {
-    @Test func killedWorkerIsNamedRestartedAndTheJobCompletes() throws {
+    /// With whole pushes, and with pushes in many parts (1 KiB buckets), some of which are lost with the worker.
+    @Test(arguments: ["1024", "1"])
+    func killedWorkerIsNamedRestartedAndTheJobCompletes(bucketKB: String) throws {
         let jobs = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: jobs) }
-        let arguments = ["--workers", "3", "--epochs", "30", "--seed", "5"]
+        let arguments = ["--workers", "3", "--epochs", "30", "--seed", "5", "--bucket-kb", bucketKB]
         let clean = try #require(try startJob(arguments, jobsDir: jobs).0)
 
         let job = try startDetachedJob(arguments, jobsDir: jobs)
