@@ -1212,7 +1212,7 @@ const ProtobufCMessageDescriptor ddp__v1__gradient_push__descriptor =
   (ProtobufCMessageInit) ddp__v1__gradient_push__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor ddp__v1__parameter_update__field_descriptors[7] =
+static const ProtobufCFieldDescriptor ddp__v1__parameter_update__field_descriptors[9] =
 {
   {
     "learning_rate",
@@ -1298,12 +1298,38 @@ static const ProtobufCFieldDescriptor ddp__v1__parameter_update__field_descripto
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "part",
+    8,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__ParameterUpdate, part),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "more_parts",
+    9,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__ParameterUpdate, more_parts),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned ddp__v1__parameter_update__field_indices_by_name[] = {
   6,   /* field[6] = attempt */
   2,   /* field[2] = epoch */
   1,   /* field[1] = full_copy */
   0,   /* field[0] = learning_rate */
+  8,   /* field[8] = more_parts */
+  7,   /* field[7] = part */
   4,   /* field[4] = shard_index */
   5,   /* field[5] = train_loss */
   3,   /* field[3] = world_size */
@@ -1311,7 +1337,7 @@ static const unsigned ddp__v1__parameter_update__field_indices_by_name[] = {
 static const ProtobufCIntRange ddp__v1__parameter_update__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 7 }
+  { 0, 9 }
 };
 const ProtobufCMessageDescriptor ddp__v1__parameter_update__descriptor =
 {
@@ -1321,7 +1347,7 @@ const ProtobufCMessageDescriptor ddp__v1__parameter_update__descriptor =
   "Ddp__V1__ParameterUpdate",
   "ddp.v1",
   sizeof(Ddp__V1__ParameterUpdate),
-  7,
+  9,
   ddp__v1__parameter_update__field_descriptors,
   ddp__v1__parameter_update__field_indices_by_name,
   1,  ddp__v1__parameter_update__number_ranges,

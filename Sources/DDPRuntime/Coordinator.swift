@@ -522,7 +522,7 @@ public final class Coordinator {
         trainingStarted = Self.now()
         log.info("training started", metadata: ["workers": "\(liveCount + joiningCount)", "steps": "\(setup.totalSteps)",
                                                  "steps_per_epoch": "\(stepsPerEpoch)"])
-        broadcastUpdate(trainLoss: 0, tensors: stepAndEncode(applyOptimizer: false))
+        broadcastUpdate(trainLoss: 0) { send in stepAndEncode(applyOptimizer: false, emit: send) }
     }
 
     /// The step deadline: at least the configured timeout, and ten times the median step.
@@ -581,7 +581,6 @@ public final class Coordinator {
         } else {
             log.warning("step \(step) had no usable gradient; parameters unchanged")
         }
-        let update = stepAndEncode(applyOptimizer: samples > 0)
         let seconds = Self.now() - stepStarted
         recentStepSeconds.append(seconds)
         if recentStepSeconds.count > 50 { recentStepSeconds.removeFirst() }
@@ -602,6 +601,12 @@ public final class Coordinator {
         contributions.removeAll(keepingCapacity: true)
         partialPushes.removeAll(keepingCapacity: true)
         step += 1
+        // The update leaves bucket by bucket as it is computed; evaluation and checkpoints come after it.
+        if step < setup.totalSteps && !stopRequested {
+            broadcastUpdate(trainLoss: loss) { send in stepAndEncode(applyOptimizer: samples > 0, emit: send) }
+        } else {
+            stepAndEncode(applyOptimizer: samples > 0) { _, _ in }
+        }
         if step % stepsPerEpoch == 0 { endEpoch() }
         let checkpointDue = spec.checkpointEvery > 0 ? step % spec.checkpointEvery == 0 : step % stepsPerEpoch == 0
         if checkpointDue && step < setup.totalSteps && !stopRequested { writeCheckpoint() }
@@ -612,8 +617,6 @@ public final class Coordinator {
         } else if stopRequested {
             phase = .stopped
             message = "stopped by request after step \(step)"
-        } else {
-            broadcastUpdate(trainLoss: loss, tensors: update)
         }
     }
 
@@ -649,10 +652,13 @@ public final class Coordinator {
     /// Applies the optimizer (when asked) and encodes the update for the workers, chunk by chunk so that
     /// each chunk is stepped and encoded while it is in cache: the f32 parameters, or with a half-precision
     /// wire the change from the replica rounded to the wire type (the replica moving by exactly that
-    /// rounded change, as every worker moves its copy). Payloads still being sent are replaced.
-    private func stepAndEncode(applyOptimizer: Bool) -> [WireTensor] {
+    /// rounded change, as every worker moves its copy). Payloads still being sent are replaced. Hands the
+    /// tensors to `emit` in buckets of about `bucket_kb` as they are done (`last` true for the final one).
+    private func stepAndEncode(applyOptimizer: Bool, emit: (_ tensors: [WireTensor], _ last: Bool) -> Void) {
         if applyOptimizer { optimizer.beginStep() }
-        return parameters.enumerated().map { index, p in
+        if parameters.isEmpty { emit([], true) }
+        var bucket: [WireTensor] = [], bucketBytes = 0
+        for (index, p) in parameters.enumerated() {
             let count = p.tensor.count
             let payload = reusablePayload(index, byteCount: count * wireType.size)
             scratch.withUnsafeMutableBufferPointer { scratch in
@@ -676,7 +682,14 @@ public final class Coordinator {
                     }
                 }
             }
-            return WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: payload)
+            bucket.append(WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: payload))
+            bucketBytes += payload.byteCount
+            let last = index == parameters.count - 1
+            if last || (spec.bucketKB > 0 && bucketBytes >= spec.bucketKB * 1024) {
+                emit(bucket, last)
+                bucket = []
+                bucketBytes = 0
+            }
         }
     }
 
@@ -760,25 +773,33 @@ public final class Coordinator {
         earlyAverage = EarlyAverage()
         attempt += 1
         log.warning("step \(step) sent again to \(liveCount) live workers", metadata: ["attempt": "\(attempt)"])
-        broadcastUpdate(trainLoss: recentLosses.last ?? 0, tensors: [], resend: true)
+        broadcastUpdate(trainLoss: recentLosses.last ?? 0, resend: true) { send in send([], true) }
     }
 
-    /// Sends the update for `step` (`tensors`) to every live worker with its shard of the batch (on a
-    /// resend, the shard alone).
-    private func broadcastUpdate(trainLoss: Float, tensors: [WireTensor], resend: Bool = false) {
+    /// Sends the update for `step` to every live worker with its shard of the batch, in the parts that
+    /// `produce` hands to its argument as they are ready (`last` true for the final one; a resend is one
+    /// part without tensors). The workers and their shards are fixed for all parts.
+    private func broadcastUpdate(
+        trainLoss: Float, resend: Bool = false, produce: (_ send: (_ tensors: [WireTensor], _ last: Bool) -> Void) -> Void
+    ) {
         if !resend { attempt = 0 }
         for rank in members.keys where members[rank]!.state == "joining" { members[rank]!.state = "training" }
         let live = members.values.filter(\.isLive).sorted { $0.rank < $1.rank }
         stepStarted = Self.now()
-        for (shard, member) in live.enumerated() {
-            let update = ParameterUpdate(
-                learningRate: optimizer.learningRate, fullCopy: replica == nil, epoch: UInt64(step / stepsPerEpoch),
-                worldSize: UInt32(live.count), shardIndex: Int32(shard), trainLoss: trainLoss, attempt: attempt)
-            do {
-                try reply(member.identity, .parameterUpdate(update), step: UInt64(step), rank: member.rank, tensors: tensors)
-            } catch {
-                markGone(member.rank, state: "lost", reason: "unreachable: \(error)")
+        var part: UInt32 = 0
+        produce { tensors, last in
+            for (shard, member) in live.enumerated() where members[member.rank]?.isLive == true {
+                let update = ParameterUpdate(
+                    learningRate: optimizer.learningRate, fullCopy: replica == nil, epoch: UInt64(step / stepsPerEpoch),
+                    worldSize: UInt32(live.count), shardIndex: Int32(shard), trainLoss: trainLoss, attempt: attempt,
+                    part: part, moreParts: !last)
+                do {
+                    try reply(member.identity, .parameterUpdate(update), step: UInt64(step), rank: member.rank, tensors: tensors)
+                } catch {
+                    markGone(member.rank, state: "lost", reason: "unreachable: \(error)")
+                }
             }
+            part += 1
         }
     }
 

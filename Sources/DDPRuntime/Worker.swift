@@ -24,6 +24,9 @@ public final class Worker {
     private var parameters: [NamedParameter] = []
     private var gradientPayloads: [Payload] = []
     private var indexOfParameter: [ObjectIdentifier: Int] = [:]
+    private var indexOfName: [String: Int] = [:]
+    /// The parameter update being received in parts: its step, the next part due, the parameters set.
+    private var updateInProgress: (step: UInt64, nextPart: UInt32, received: Set<Int>)?
     private var permutation: (epoch: Int, order: [Int])?
     private var wireType = DType.f32
     private var heartbeatInterval = 1.0
@@ -87,8 +90,10 @@ public final class Worker {
             }
             switch message.body {
             case .parameterUpdate(let update):
-                if !(update.attempt > 0 && message.tensors.isEmpty) {  // a resent step keeps the parameters
-                    try load(message.tensors, adding: !update.fullCopy)
+                let resent = update.attempt > 0 && message.tensors.isEmpty && !update.moreParts  // keeps the parameters
+                if !resent {
+                    try receiveUpdatePart(update, step: message.step, tensors: message.tensors)
+                    if update.moreParts { continue }
                 }
                 try computeAndPush(step: Int(message.step), shard: Int(update.shardIndex), worldSize: Int(update.worldSize),
                                    attempt: update.attempt)
@@ -153,23 +158,44 @@ public final class Worker {
         coordinatorTimeout = max(30, 6 * Double(welcome.heartbeatTimeoutMilliseconds) / 1000)
         parameters = setup!.model.parameters
         indexOfParameter = Dictionary(uniqueKeysWithValues: parameters.enumerated().map { (ObjectIdentifier($1.tensor), $0) })
+        indexOfName = Dictionary(uniqueKeysWithValues: parameters.enumerated().map { ($1.name, $0) })
         wireType = DType(rawValue: spec.wireDtype) ?? .f32
         gradientPayloads = parameters.map { Payload(byteCount: $0.tensor.count * wireType.size) }
-        try load(message.tensors)
+        var received = Set<Int>()
+        try load(message.tensors, into: &received)
+        guard received.count == parameters.count else {
+            throw WorkerError.modelMismatch("the welcome holds \(received.count) of the model's \(parameters.count) parameters")
+        }
+        updateInProgress = nil
         log.info("welcomed", metadata: ["rank": "\(rank)", "job": "\(jobID)", "step": "\(welcome.startStep)"])
     }
 
-    /// Replaces the replica's parameters with the coordinator's, or adds the changes it sent.
-    private func load(_ tensors: [WireTensor], adding: Bool = false) throws {
-        guard tensors.count == parameters.count else {
-            throw WorkerError.modelMismatch("the coordinator sent \(tensors.count) tensors for \(parameters.count) parameters")
+    /// Applies one part of a parameter update (parts arrive in order, each parameter once); after the
+    /// last part, checks that the update set every parameter.
+    private func receiveUpdatePart(_ update: ParameterUpdate, step: UInt64, tensors: [WireTensor]) throws {
+        var progress = update.part == 0 ? (step: step, nextPart: UInt32(0), received: Set<Int>()) : updateInProgress
+        guard let current = progress, current.step == step, current.nextPart == update.part else {
+            let due = updateInProgress.map { "part \($0.nextPart) of step \($0.step)" } ?? "a first part"
+            throw WorkerError.modelMismatch("part \(update.part) of the update for step \(step) arrived where \(due) was due")
         }
-        for (p, t) in zip(parameters, tensors) {
-            guard p.name == t.name, p.tensor.shape == t.shape else {
-                throw WorkerError.modelMismatch("got '\(t.name)' \(t.shape) where the model has '\(p.name)' \(p.tensor.shape)")
+        try load(tensors, adding: !update.fullCopy, into: &progress!.received)
+        progress!.nextPart += 1
+        updateInProgress = update.moreParts ? progress : nil
+        if !update.moreParts && progress!.received.count != parameters.count {
+            throw WorkerError.modelMismatch("the update for step \(step) set \(progress!.received.count) of \(parameters.count) parameters")
+        }
+    }
+
+    /// Replaces parameters of the replica with the coordinator's, or adds the changes it sent, adding
+    /// their indices to `received` (a parameter already received is an error).
+    private func load(_ tensors: [WireTensor], adding: Bool = false, into received: inout Set<Int>) throws {
+        for t in tensors {
+            guard let index = indexOfName[t.name], parameters[index].tensor.shape == t.shape else {
+                throw WorkerError.modelMismatch("got '\(t.name)' \(t.shape), which is not a parameter of this model")
             }
+            guard received.insert(index).inserted else { throw WorkerError.modelMismatch("'\(t.name)' came twice in one update") }
             TensorEncoding.withFloats(t.payload, dtype: t.dtype) { src in
-                p.tensor.withUnsafeMutableBufferPointer { dst in
+                parameters[index].tensor.withUnsafeMutableBufferPointer { dst in
                     if adding { for i in 0..<dst.count { dst[i] += src[i] } } else { dst.baseAddress!.update(from: src.baseAddress!, count: src.count) }
                 }
             }

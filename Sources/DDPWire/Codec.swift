@@ -129,6 +129,8 @@ public enum WireCodec {
             m.pointee.shard_index = u.shardIndex
             m.pointee.train_loss = u.trainLoss
             m.pointee.attempt = u.attempt
+            m.pointee.part = u.part
+            m.pointee.more_parts = u.moreParts ? 1 : 0
             e.body_case = DDP__V1__ENVELOPE__BODY_PARAMETER_UPDATE
             e.parameter_update = m
         case .heartbeat(let h):
@@ -295,7 +297,7 @@ public enum WireCodec {
             guard let m = e.parameter_update?.pointee else { return nil }
             return .parameterUpdate(ParameterUpdate(
                 learningRate: m.learning_rate, fullCopy: m.full_copy != 0, epoch: m.epoch, worldSize: m.world_size,
-                shardIndex: m.shard_index, trainLoss: m.train_loss, attempt: m.attempt))
+                shardIndex: m.shard_index, trainLoss: m.train_loss, attempt: m.attempt, part: m.part, moreParts: m.more_parts != 0))
         case DDP__V1__ENVELOPE__BODY_HEARTBEAT:
             guard let m = e.heartbeat?.pointee else { return nil }
             return .heartbeat(Heartbeat(sentUnixMilliseconds: m.sent_unix_ms, state: text(m.state)))

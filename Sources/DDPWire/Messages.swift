@@ -151,9 +151,13 @@ public struct ParameterUpdate: Equatable, Sendable {
     public var trainLoss: Float
     /// 0 normally; higher when the step is sent again after a worker was lost (then without tensors).
     public var attempt: UInt32
+    /// For an update sent in parts: this part's index, and whether more parts follow.
+    public var part: UInt32
+    public var moreParts: Bool
 
     public init(
-        learningRate: Float, fullCopy: Bool, epoch: UInt64, worldSize: UInt32, shardIndex: Int32, trainLoss: Float, attempt: UInt32 = 0
+        learningRate: Float, fullCopy: Bool, epoch: UInt64, worldSize: UInt32, shardIndex: Int32, trainLoss: Float, attempt: UInt32 = 0,
+        part: UInt32 = 0, moreParts: Bool = false
     ) {
         self.learningRate = learningRate
         self.fullCopy = fullCopy
@@ -162,6 +166,8 @@ public struct ParameterUpdate: Equatable, Sendable {
         self.shardIndex = shardIndex
         self.trainLoss = trainLoss
         self.attempt = attempt
+        self.part = part
+        self.moreParts = moreParts
     }
 }
 

@@ -23,6 +23,7 @@ struct CodecTests {
         .gradientPush(GradientPush(sampleCount: 64, localLoss: 0.25, localCorrect: 60, computeSeconds: 0.001)),
         .gradientPush(GradientPush(sampleCount: 64, localLoss: 0.25, attempt: 1, part: 2, moreParts: true)),
         .parameterUpdate(ParameterUpdate(learningRate: 0.1, fullCopy: true, epoch: 1, worldSize: 3, shardIndex: 2, trainLoss: 0.5)),
+        .parameterUpdate(ParameterUpdate(learningRate: 0.1, fullCopy: false, epoch: 1, worldSize: 3, shardIndex: 2, trainLoss: 0.5, part: 3, moreParts: true)),
         .heartbeat(Heartbeat(sentUnixMilliseconds: 123_456, state: "computing")),
         .leave(reason: "done"),
         .statusRequest(detail: true),

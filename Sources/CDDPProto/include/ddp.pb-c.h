@@ -303,10 +303,17 @@ struct  Ddp__V1__ParameterUpdate
    * unchanged), so that no sample of the step is skipped; pushes of an older attempt are dropped.
    */
   uint32_t attempt;
+  /*
+   * An update may come in parts (buckets of tensors, each sent as soon as the coordinator has it ready):
+   * part 0, 1, ..., each with more_parts = true but the last, fields 1-7 repeated in each; together they
+   * hold every parameter exactly once. The worker computes the step once the last part is in.
+   */
+  uint32_t part;
+  protobuf_c_boolean more_parts;
 };
 #define DDP__V1__PARAMETER_UPDATE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&ddp__v1__parameter_update__descriptor) \
-    , 0, 0, 0, 0, 0, 0, 0 }
+    , 0, 0, 0, 0, 0, 0, 0, 0, 0 }
 
 
 /*
