@@ -25,6 +25,7 @@ public final class Worker {
     private var gradientPayloads: [Payload] = []
     private var indexOfParameter: [ObjectIdentifier: Int] = [:]
     private var indexOfName: [String: Int] = [:]
+    private let scratch = Tensor.zeros([WeightedMean.chunk])
     /// The parameter update being received in parts: its step, the next part due, the parameters set.
     private var updateInProgress: (step: UInt64, nextPart: UInt32, received: Set<Int>)?
     private var permutation: (epoch: Int, order: [Int])?
@@ -194,9 +195,15 @@ public final class Worker {
                 throw WorkerError.modelMismatch("got '\(t.name)' \(t.shape), which is not a parameter of this model")
             }
             guard received.insert(index).inserted else { throw WorkerError.modelMismatch("'\(t.name)' came twice in one update") }
-            TensorEncoding.withFloats(t.payload, dtype: t.dtype) { src in
-                parameters[index].tensor.withUnsafeMutableBufferPointer { dst in
-                    if adding { for i in 0..<dst.count { dst[i] += src[i] } } else { dst.baseAddress!.update(from: src.baseAddress!, count: src.count) }
+            parameters[index].tensor.withUnsafeMutableBufferPointer { dst in
+                scratch.withUnsafeMutableBufferPointer { scratch in  // half-precision values convert a chunk at a time
+                    for start in stride(from: 0, to: dst.count, by: scratch.count) {
+                        let range = start..<min(start + scratch.count, dst.count)
+                        TensorEncoding.withFloats(t.payload, dtype: t.dtype, range: range, scratch: scratch) { src in
+                            let out = dst.baseAddress! + start
+                            if adding { for i in 0..<src.count { out[i] += src[i] } } else { out.update(from: src.baseAddress!, count: src.count) }
+                        }
+                    }
                 }
             }
         }

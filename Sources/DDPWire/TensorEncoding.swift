@@ -18,30 +18,6 @@ public enum TensorEncoding {
         }
     }
 
-    /// Calls `body` with the payload's values as float32 (converted from f16/bf16 into a temporary buffer).
-    public static func withFloats<R>(_ payload: Payload, dtype: DType, _ body: (UnsafeBufferPointer<Float>) throws -> R) rethrows -> R {
-        try payload.withUnsafeBytes { raw in
-            let count = raw.count / dtype.size
-            switch dtype {
-            case .f32:
-                if Int(bitPattern: raw.baseAddress) % MemoryLayout<Float>.alignment == 0 {
-                    return try body(raw.bindMemory(to: Float.self))
-                }
-                let copy = [Float](unsafeUninitializedCapacity: count) { b, n in
-                    UnsafeMutableRawBufferPointer(b).copyMemory(from: raw)
-                    n = count
-                }
-                return try copy.withUnsafeBufferPointer(body)
-            case .f16, .bf16:
-                let converted = [Float](unsafeUninitializedCapacity: count) { b, n in
-                    if let source = raw.baseAddress, let out = b.baseAddress { decode(source, count: count, dtype: dtype, into: out) }
-                    n = count
-                }
-                return try converted.withUnsafeBufferPointer(body)
-            }
-        }
-    }
-
     /// Calls `body` with the elements `range` of the payload as float32: in place when they are aligned
     /// f32, otherwise converted into `scratch` (which must hold `range.count` floats). For walking a large
     /// tensor chunk by chunk without a whole-size temporary.
@@ -82,7 +58,17 @@ public enum TensorEncoding {
     }
 
     /// The payload's values as a float32 array (a copy).
-    public static func floats(_ payload: Payload, dtype: DType = .f32) -> [Float] { withFloats(payload, dtype: dtype) { Array($0) } }
+    public static func floats(_ payload: Payload, dtype: DType = .f32) -> [Float] {
+        let count = payload.byteCount / dtype.size
+        return [Float](unsafeUninitializedCapacity: count) { buffer, initialized in
+            if count > 0 {
+                withFloats(payload, dtype: dtype, range: 0..<count, scratch: buffer) { values in
+                    if values.baseAddress != UnsafePointer(buffer.baseAddress) { buffer.baseAddress!.initialize(from: values.baseAddress!, count: count) }
+                }
+            }
+            initialized = count
+        }
+    }
 
     /// The index of the first NaN or infinite element, if any.
     public static func firstNonFinite(_ payload: Payload, dtype: DType) -> Int? {
