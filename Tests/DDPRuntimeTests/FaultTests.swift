@@ -135,7 +135,7 @@ struct FaultTests {
         let endpoint = endpoints.workers
 
         // A member that sends NaN, then a wrong shape, then the same step twice, then a push in parts that
-        // repeats a tensor, then leaves.
+        // repeats a tensor, then a push whose first part is missing, then leaves.
         let context = ZMQContext()
         let fake = try ZMQSocket(context: context, kind: .dealer)
         try fake.connect(endpoint)
@@ -144,7 +144,7 @@ struct FaultTests {
         defer { real.terminate() }
         var rank: Int32 = -1, pushes = 0
         let setup = try TrainingSetup(spec: spec)
-        while pushes < 4, let frames = try fake.receive(timeoutMilliseconds: 10_000) {
+        while pushes < 5, let frames = try fake.receive(timeoutMilliseconds: 10_000) {
             let message = try WireCodec.decode(frames)
             if case .welcome(let w) = message.body { rank = w.rank }
             guard case .parameterUpdate = message.body else { continue }
@@ -155,6 +155,12 @@ struct FaultTests {
                 return WireTensor(name: p.name, shape: shape, payload: Payload(floats: values))
             }
             let push = WireMessage(jobID: "nan-job", step: message.step, rank: rank, body: .gradientPush(GradientPush(sampleCount: 64, localLoss: 1)), tensors: tensors)
+            if pushes == 4 {
+                let header = GradientPush(sampleCount: 64, localLoss: 1, part: 1, moreParts: false)
+                try fake.send(WireCodec.encode(WireMessage(jobID: "nan-job", step: message.step, rank: rank, body: .gradientPush(header), tensors: tensors)))
+                pushes += 1
+                continue
+            }
             if pushes == 3 {
                 for (part, range) in [0..<2, 1..<tensors.count].enumerated() {
                     let header = GradientPush(sampleCount: 64, localLoss: 1, part: UInt32(part), moreParts: part == 0)
@@ -173,12 +179,13 @@ struct FaultTests {
         #expect(real.wait(timeout: 30) == 0)
         let summary = try #require(job.summary())
         #expect(summary.state == "completed")
-        #expect(summary.rejectedMessages >= 4)
+        #expect(summary.rejectedMessages >= 5)
         let log = try String(contentsOfFile: logPath, encoding: .utf8)
         #expect(log.contains("skipped: tensor '1.weight' element 0 is NaN or infinite"))
         #expect(log.contains("has shape [128, 1], expected [128]"))
         #expect(log.contains("duplicate push"))
         #expect(log.contains("tensor '1.bias' sent twice"), "\(log)")
+        #expect(log.contains("part 1 of the push arrived where part 0 was due"), "\(log)")
         #expect(log.contains("worker left"))
     }
 
