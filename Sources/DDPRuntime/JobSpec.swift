@@ -64,8 +64,9 @@ public struct JobSpec: Codable, Equatable, Sendable {
     /// How gradients and parameter updates travel: `f32`, or `bf16`/`f16` (half the bytes; the coordinator
     /// keeps f32 master parameters and sends changes, so every worker holds the same replica).
     public var wireDtype = "f32"
-    /// BLAS threads per worker process (1 suits one worker per core).
-    public var blasThreads = 1
+    /// BLAS threads per process; 0 (the default) leaves it to `TrainingSetup.automaticBLASThreads`: the
+    /// CPUs this process may use shared among the workers on its host.
+    public var blasThreads = 0
     /// Workers push gradients in buckets of about this many KiB while the backward pass goes on (last
     /// layers first), so that sending and averaging overlap the rest of it; 0 sends each push whole.
     public var bucketKB = 1024
@@ -218,7 +219,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         try check(minWorkers >= 1 && minWorkers <= workers, "min_workers must be between 1 and workers (\(workers)), got \(minWorkers)")
         try check(heartbeatIntervalMs > 0 && heartbeatTimeoutMs > heartbeatIntervalMs,
                   "heartbeat_timeout_ms must exceed heartbeat_interval_ms > 0")
-        try check(blasThreads >= 1 && blasThreads <= 256, "blas_threads must be between 1 and 256, got \(blasThreads)")
+        try check(blasThreads >= 0 && blasThreads <= 256, "blas_threads must be between 0 (automatic) and 256, got \(blasThreads)")
         try check(bucketKB >= 0, "bucket_kb must be >= 0, got \(bucketKB)")
         try check(DType(rawValue: wireDtype) != nil, "wire_dtype '\(wireDtype)' is unknown (f32, bf16, f16)")
         try check(checkpointEvery >= 0 && keepCheckpoints >= 1, "checkpoint_every must be >= 0 and keep_checkpoints >= 1")

@@ -127,6 +127,7 @@ public final class LocalJob {
         process.standardOutput = handle
         process.standardError = handle
         process.standardInput = FileHandle.nullDevice
+        process.environment = ProcessInfo.processInfo.environment.merging(["DDP_LOCAL_WORKERS": "\(spec.workers)"]) { $1 }
         try process.run()
         return process
     }

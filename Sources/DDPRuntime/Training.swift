@@ -13,7 +13,7 @@ public struct TrainingSetup {
 
     public init(spec: JobSpec) throws {
         self.spec = spec
-        BLAS.threads = spec.blasThreads
+        BLAS.threads = spec.blasThreads > 0 ? spec.blasThreads : Self.automaticBLASThreads()
         let all = try Self.loadDataset(spec)
         var (train, test) = try all.split(testFraction: spec.testFraction, seed: spec.seed)
         if spec.model == "cnn" {
@@ -25,6 +25,28 @@ public struct TrainingSetup {
         self.test = test
         model = try Self.buildModel(spec, inputShape: train.featureShape, classes: all.isRegression ? 1 : all.classCount)
         sampler = try EpochSampler(sampleCount: train.count, globalBatchSize: spec.batchSize, seed: spec.seed)
+    }
+
+    /// BLAS threads when the job leaves them to SwiftDDP: the CPUs this process may use, divided among
+    /// the workers on its host (`DDP_LOCAL_WORKERS`, which `ddpctl start` sets; 1 when unset, as with one
+    /// worker per node). One worker on two cores gets two threads; two workers get one each.
+    public static func automaticBLASThreads(environment: [String: String] = ProcessInfo.processInfo.environment) -> Int {
+        let sharing = max(1, Int(environment["DDP_LOCAL_WORKERS"] ?? "") ?? 1)
+        return max(1, availableCPUs() / sharing)
+    }
+
+    /// The CPUs this process may run on (its affinity, as `taskset` or Slurm's --cpus-per-task set it,
+    /// from /proc/self/status), or the online CPUs where that cannot be read.
+    static func availableCPUs() -> Int {
+        let status = (try? String(contentsOfFile: "/proc/self/status", encoding: .utf8)) ?? ""
+        guard let line = status.split(separator: "\n").first(where: { $0.hasPrefix("Cpus_allowed_list:") }) else {
+            return ProcessInfo.processInfo.activeProcessorCount
+        }
+        let ranges = line.dropFirst("Cpus_allowed_list:".count).split(separator: ",").map { item in
+            item.split(separator: "-").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
+        }
+        let count = ranges.reduce(0) { total, bounds in total + (bounds.count == 2 ? bounds[1] - bounds[0] + 1 : bounds.count) }
+        return count > 0 ? count : ProcessInfo.processInfo.activeProcessorCount
     }
 
     /// Steps in the whole job.

@@ -71,6 +71,14 @@ struct TrainingTests {
         #expect(first.testAccuracy == second.testAccuracy)
     }
 
+    @Test func automaticBLASThreadsShareTheCPUsAmongLocalWorkers() {
+        let cpus = TrainingSetup.availableCPUs()
+        #expect(cpus >= 1 && cpus <= ProcessInfo.processInfo.activeProcessorCount)
+        #expect(TrainingSetup.automaticBLASThreads(environment: [:]) == cpus)
+        #expect(TrainingSetup.automaticBLASThreads(environment: ["DDP_LOCAL_WORKERS": "2"]) == max(1, cpus / 2))
+        #expect(TrainingSetup.automaticBLASThreads(environment: ["DDP_LOCAL_WORKERS": "\(4 * cpus)"]) == 1)
+    }
+
     @Test func bucketedPushesTrainBitwiseLikeWholePushes() throws {
         let jobs = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: jobs) }
