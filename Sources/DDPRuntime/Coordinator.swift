@@ -38,6 +38,9 @@ public final class Coordinator {
         let correct: UInt32
         let gradients: [Payload]  // in parameter order; empty when the contribution was rejected
         var dtype: DType = .f32
+
+        /// A push that was refused: it counts as answered, with no samples.
+        static func rejected(rank: Int32) -> Contribution { Contribution(rank: rank, sampleCount: 0, loss: 0, correct: 0, gradients: []) }
     }
 
     /// A push of which some parts (buckets of tensors) have arrived.
@@ -369,7 +372,7 @@ public final class Coordinator {
         if let problem {
             reject("gradient of rank \(rank) at step \(step) skipped: \(problem)", from: rank)
             partialPushes[rank] = nil
-            contributions[rank] = Contribution(rank: rank, sampleCount: 0, loss: 0, correct: 0, gradients: [])
+            contributions[rank] = .rejected(rank: rank)
             return
         }
         let arrived = message.tensors.map { indexOfParameter[$0.name]! }
@@ -384,7 +387,7 @@ public final class Coordinator {
             guard missing.isEmpty else {
                 reject("gradient of rank \(rank) at step \(step) skipped: \(missing.count) of \(parameters.count) tensors missing, "
                        + "'\(parameters[missing[0]].name)' first", from: rank)
-                contributions[rank] = Contribution(rank: rank, sampleCount: 0, loss: 0, correct: 0, gradients: [])
+                contributions[rank] = .rejected(rank: rank)
                 return
             }
             contributions[rank] = Contribution(rank: rank, sampleCount: push.sampleCount, loss: push.localLoss, correct: push.localCorrect,
@@ -408,10 +411,12 @@ public final class Coordinator {
         let samples = counts.reduce(0, +)
         guard samples > 0 else { return }
         scratch.withUnsafeMutableBufferPointer { scratch in
-            for index in indices where !earlyAverage.averaged[index] {
+            nextTensor: for index in indices where !earlyAverage.averaged[index] {
                 var terms: [(weight: Float, payload: Payload)] = []
                 for (rank, count) in zip(ranks, counts) where count > 0 {
-                    guard let payload = contributions[rank].map({ $0.gradients[index] }) ?? partialPushes[rank]?.gradients[index] else { return }
+                    guard let payload = contributions[rank].map({ $0.gradients[index] }) ?? partialPushes[rank]?.gradients[index] else {
+                        continue nextTensor  // not every worker has sent this one yet
+                    }
                     terms.append((Float(count) / Float(samples), payload))
                 }
                 let finite = gradients[index].withUnsafeMutableBufferPointer { WeightedMean.write(terms, dtype: wireType, into: $0, scratch: scratch) }
