@@ -47,11 +47,21 @@ final class BufferPool: Sendable {
 final class TensorStorage {
     let pointer: UnsafeMutablePointer<Float>
     let count: Int
+    /// What keeps memory that is not the pool's alive (nil for pooled memory).
+    private let owner: AnyObject?
 
     init(count: Int) {
         self.count = count
         pointer = BufferPool.shared.take(count)
+        owner = nil
     }
 
-    deinit { BufferPool.shared.give(pointer, count: count) }
+    /// Memory that `owner` keeps alive (for example a shared-memory mapping).
+    init(external pointer: UnsafeMutablePointer<Float>, count: Int, owner: AnyObject) {
+        self.pointer = pointer
+        self.count = count
+        self.owner = owner
+    }
+
+    deinit { if owner == nil { BufferPool.shared.give(pointer, count: count) } }
 }

@@ -59,7 +59,7 @@ extension Tensor {
         if let grad {
             body(grad.storage.pointer, false)
         } else {
-            let fresh = Tensor(uninitializedShape: shape)
+            let fresh = gradientDestination ?? Tensor(uninitializedShape: shape)
             body(fresh.storage.pointer, true)
             grad = fresh
         }

@@ -7,11 +7,16 @@ public final class Tensor {
     public let shape: [Int]
     /// The number of elements (the product of `shape`).
     public let count: Int
-    let storage: TensorStorage
+    private(set) var storage: TensorStorage
     /// Whether `backward()` fills `grad` for this tensor.
     public var requiresGrad: Bool
     /// The accumulated gradient of the last `backward()` calls, `nil` after `zeroGrad()`.
     public var grad: Tensor?
+    /// The tensor a fresh gradient is written into (it becomes `grad`), so that it lands where another
+    /// reader wants it; nil: a new buffer. Must have this tensor's element count.
+    public var gradientDestination: Tensor? {
+        didSet { precondition(gradientDestination.map { $0.count == count } ?? true, "Tensor: gradient destination of another size") }
+    }
     /// How this tensor was computed, when it was computed by an op from tensors that require gradients.
     var node: TapeNode?
 
@@ -31,6 +36,25 @@ public final class Tensor {
         precondition(count == storage.count)
         self.storage = storage
         requiresGrad = false
+    }
+
+    /// A tensor over `memory` (at least `shape`'s element count of floats) that `owner` keeps alive, for
+    /// example a region of a shared-memory segment. The contents are what the memory holds.
+    public init(shape: [Int], external memory: UnsafeMutableRawBufferPointer, owner: AnyObject) {
+        self.shape = shape
+        count = shape.reduce(1, *)
+        precondition(memory.count >= count * 4 && Int(bitPattern: memory.baseAddress) % 4 == 0, "Tensor: external memory too small or misaligned")
+        storage = TensorStorage(external: memory.baseAddress!.assumingMemoryBound(to: Float.self), count: count, owner: owner)
+        requiresGrad = false
+    }
+
+    /// Moves this tensor's values into `memory` (as for `init(shape:external:owner:)`) and keeps them
+    /// there from now on: for a parameter that another process should read or write in place.
+    public func relocate(to memory: UnsafeMutableRawBufferPointer, owner: AnyObject) {
+        precondition(memory.count >= count * 4 && Int(bitPattern: memory.baseAddress) % 4 == 0, "Tensor: external memory too small or misaligned")
+        let moved = TensorStorage(external: memory.baseAddress!.assumingMemoryBound(to: Float.self), count: count, owner: owner)
+        if moved.pointer != storage.pointer { moved.pointer.update(from: storage.pointer, count: count) }
+        storage = moved
     }
 
     /// A tensor holding `values` in row-major order.

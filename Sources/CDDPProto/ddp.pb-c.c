@@ -592,7 +592,7 @@ void   ddp__v1__error_reply__free_unpacked
   assert(message->base.descriptor == &ddp__v1__error_reply__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
-static const ProtobufCFieldDescriptor ddp__v1__tensor_descriptor__field_descriptors[4] =
+static const ProtobufCFieldDescriptor ddp__v1__tensor_descriptor__field_descriptors[6] =
 {
   {
     "name",
@@ -642,17 +642,43 @@ static const ProtobufCFieldDescriptor ddp__v1__tensor_descriptor__field_descript
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "shared",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__TensorDescriptor, shared),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "shared_offset",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__TensorDescriptor, shared_offset),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned ddp__v1__tensor_descriptor__field_indices_by_name[] = {
   3,   /* field[3] = byte_length */
   2,   /* field[2] = dtype */
   0,   /* field[0] = name */
   1,   /* field[1] = shape */
+  4,   /* field[4] = shared */
+  5,   /* field[5] = shared_offset */
 };
 static const ProtobufCIntRange ddp__v1__tensor_descriptor__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 4 }
+  { 0, 6 }
 };
 const ProtobufCMessageDescriptor ddp__v1__tensor_descriptor__descriptor =
 {
@@ -662,7 +688,7 @@ const ProtobufCMessageDescriptor ddp__v1__tensor_descriptor__descriptor =
   "Ddp__V1__TensorDescriptor",
   "ddp.v1",
   sizeof(Ddp__V1__TensorDescriptor),
-  4,
+  6,
   ddp__v1__tensor_descriptor__field_descriptors,
   ddp__v1__tensor_descriptor__field_indices_by_name,
   1,  ddp__v1__tensor_descriptor__number_ranges,
@@ -890,7 +916,7 @@ const ProtobufCMessageDescriptor ddp__v1__envelope__descriptor =
   (ProtobufCMessageInit) ddp__v1__envelope__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor ddp__v1__join__field_descriptors[5] =
+static const ProtobufCFieldDescriptor ddp__v1__join__field_descriptors[9] =
 {
   {
     "worker_id",
@@ -952,18 +978,70 @@ static const ProtobufCFieldDescriptor ddp__v1__join__field_descriptors[5] =
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "shared_memory_path",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__Join, shared_memory_path),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "shared_memory_nonce",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BYTES,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__Join, shared_memory_nonce),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "shared_memory_bytes",
+    8,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__Join, shared_memory_bytes),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "shared_update_offset",
+    9,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__Join, shared_update_offset),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned ddp__v1__join__field_indices_by_name[] = {
   1,   /* field[1] = host */
   3,   /* field[3] = model_fingerprint */
   2,   /* field[2] = pid */
   4,   /* field[4] = requested_rank */
+  7,   /* field[7] = shared_memory_bytes */
+  6,   /* field[6] = shared_memory_nonce */
+  5,   /* field[5] = shared_memory_path */
+  8,   /* field[8] = shared_update_offset */
   0,   /* field[0] = worker_id */
 };
 static const ProtobufCIntRange ddp__v1__join__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 5 }
+  { 0, 9 }
 };
 const ProtobufCMessageDescriptor ddp__v1__join__descriptor =
 {
@@ -973,14 +1051,14 @@ const ProtobufCMessageDescriptor ddp__v1__join__descriptor =
   "Ddp__V1__Join",
   "ddp.v1",
   sizeof(Ddp__V1__Join),
-  5,
+  9,
   ddp__v1__join__field_descriptors,
   ddp__v1__join__field_indices_by_name,
   1,  ddp__v1__join__number_ranges,
   (ProtobufCMessageInit) ddp__v1__join__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor ddp__v1__welcome__field_descriptors[7] =
+static const ProtobufCFieldDescriptor ddp__v1__welcome__field_descriptors[8] =
 {
   {
     "rank",
@@ -1066,6 +1144,18 @@ static const ProtobufCFieldDescriptor ddp__v1__welcome__field_descriptors[7] =
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "shared_memory",
+    8,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__Welcome, shared_memory),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned ddp__v1__welcome__field_indices_by_name[] = {
   4,   /* field[4] = epoch */
@@ -1073,13 +1163,14 @@ static const unsigned ddp__v1__welcome__field_indices_by_name[] = {
   6,   /* field[6] = heartbeat_timeout_ms */
   2,   /* field[2] = job_spec_json */
   0,   /* field[0] = rank */
+  7,   /* field[7] = shared_memory */
   3,   /* field[3] = start_step */
   1,   /* field[1] = world_size */
 };
 static const ProtobufCIntRange ddp__v1__welcome__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 7 }
+  { 0, 8 }
 };
 const ProtobufCMessageDescriptor ddp__v1__welcome__descriptor =
 {
@@ -1089,7 +1180,7 @@ const ProtobufCMessageDescriptor ddp__v1__welcome__descriptor =
   "Ddp__V1__Welcome",
   "ddp.v1",
   sizeof(Ddp__V1__Welcome),
-  7,
+  8,
   ddp__v1__welcome__field_descriptors,
   ddp__v1__welcome__field_indices_by_name,
   1,  ddp__v1__welcome__number_ranges,

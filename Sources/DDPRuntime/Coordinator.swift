@@ -27,7 +27,19 @@ public final class Coordinator {
         var restarts: UInt32 = 0
         /// The connection its messages arrive on (for disconnect events); -1 before the first.
         var connection: Int32 = -1
+        /// The shared-memory segment it offered and this coordinator mapped (a worker on this host).
+        var shared: SharedArea?
         var isLive: Bool { state == "training" }
+    }
+
+    /// A worker's shared-memory segment: its pushes are read from it, its updates written into it.
+    struct SharedArea {
+        let segment: SharedSegment
+        /// Where each parameter's update goes (room for f32 values).
+        let updates: SharedLayout
+
+        /// The region for parameter `index`'s update of `byteCount` bytes.
+        func update(_ index: Int, byteCount: Int) -> Payload { segment.region(offset: updates.offsets[index], count: byteCount)! }
     }
 
     /// A worker's contribution to the current step.
@@ -117,9 +129,12 @@ public final class Coordinator {
     /// Elements per chunk when averaging, stepping and encoding, so that what one chunk touches stays in
     /// cache between the passes over it.
     private static let chunk = WeightedMean.chunk
-    /// Room for two chunks of converted or computed values.
-    private let scratch = Tensor.zeros([2 * Coordinator.chunk])
+    /// Room for two chunks of converted or computed values per thread of `ParallelChunks`.
+    private let scratch = Tensor.zeros([2 * Coordinator.chunk * ParallelChunks.threads])
     private let indexOfParameter: [String: Int]
+    /// Where the update being encoded goes: the frame payloads (for workers without shared memory), and
+    /// the segments of the live workers with it.
+    private var updateTargets: (frames: Bool, shared: [SharedArea]) = (true, [])
 
     /// Builds the job's model and binds both endpoints (`tcp://HOST:0` takes any free port).
     /// With `resume`, the newest checkpoint in the job directory supplies parameters, optimizer state,
@@ -269,7 +284,8 @@ public final class Coordinator {
         metrics.bytesReceived += frames.reduce(0) { $0 + $1.byteCount }
         let message: WireMessage
         do {
-            message = try WireCodec.decode(Array(frames.dropFirst()), expectedJobID: spec.jobID)
+            message = try WireCodec.decode(Array(frames.dropFirst()), expectedJobID: spec.jobID,
+                                           sharedMemory: rank.flatMap { members[$0]?.shared?.segment })
         } catch {
             reject("\(error)", from: rank)
             try? reply(identity, .error(ErrorReply(code: error.replyCode, reason: "\(error)")))
@@ -325,7 +341,7 @@ public final class Coordinator {
         let restarts = members[rank].map { $0.restarts + 1 } ?? 0
         if let old = members[rank] { rankOfIdentity[old.identity] = nil }
         members[rank] = Member(rank: rank, identity: identity, workerID: join.workerID, host: join.host, pid: join.pid,
-                               state: "joining", lastSeen: Self.now(), restarts: restarts)
+                               state: "joining", lastSeen: Self.now(), restarts: restarts, shared: join.sharedMemory.flatMap(mapSharedMemory))
         rankOfIdentity[identity] = rank
         members[rank]?.connection = workerSocket.lastConnection
         if firstJoin == 0 { firstJoin = Self.now() }
@@ -334,11 +350,29 @@ public final class Coordinator {
         let welcome = Welcome(
             rank: rank, worldSize: UInt32(spec.workers), jobSpecJSON: spec.json(), startStep: UInt64(step),
             epoch: UInt64(step / stepsPerEpoch), heartbeatIntervalMilliseconds: UInt64(spec.heartbeatIntervalMs),
-            heartbeatTimeoutMilliseconds: UInt64(spec.heartbeatTimeoutMs))
+            heartbeatTimeoutMilliseconds: UInt64(spec.heartbeatTimeoutMs), sharedMemory: members[rank]?.shared != nil)
         do {
             try reply(identity, .welcome(welcome), step: UInt64(step), rank: rank, tensors: parameterTensors())
         } catch {
             markGone(rank, state: "lost", reason: "could not be welcomed: \(error)")
+        }
+    }
+
+    /// Maps the segment a joining worker offers, when the job allows it and the worker is on this host
+    /// (it can be opened and holds the announced nonce) and it has room for f32 updates; else nil, and
+    /// tensors travel in frames.
+    private func mapSharedMemory(_ offer: SharedMemoryOffer) -> SharedArea? {
+        guard spec.sharedMemory else { return nil }
+        let updates = SharedLayout(start: offer.updateOffset, byteCounts: parameters.map { $0.tensor.count * 4 })
+        guard offer.updateOffset >= SharedSegment.headerBytes, updates.end <= offer.byteCount else {
+            log.warning("shared memory offered by a worker not used: its update area (from \(offer.updateOffset), \(offer.byteCount) bytes) cannot hold the parameters")
+            return nil
+        }
+        do {
+            return SharedArea(segment: try SharedSegment(opening: offer.path, byteCount: offer.byteCount, nonce: offer.nonce), updates: updates)
+        } catch {
+            log.info("tensors travel in frames: \(error)")
+            return nil
         }
     }
 
@@ -648,7 +682,7 @@ public final class Coordinator {
             gradients.indices.reduce(true) { finite, index in
                 let terms = weighted.map { (weight: Float($0.sampleCount) / Float(samples), payload: $0.gradients[index]) }
                 return gradients[index].withUnsafeMutableBufferPointer { mean in
-                    WeightedMean.write(terms, dtype: wireType, into: mean, scratch: scratch)
+                    WeightedMean.writeInParallel(terms, dtype: wireType, into: mean, scratch: scratch)
                 } && finite
             }
         }
@@ -657,38 +691,49 @@ public final class Coordinator {
     /// Applies the optimizer (when asked) and encodes the update for the workers, chunk by chunk so that
     /// each chunk is stepped and encoded while it is in cache: the f32 parameters, or with a half-precision
     /// wire the change from the replica rounded to the wire type (the replica moving by exactly that
-    /// rounded change, as every worker moves its copy). Payloads still being sent are replaced. Hands the
-    /// tensors to `emit` in buckets of about `bucket_kb` as they are done (`last` true for the final one).
-    private func stepAndEncode(applyOptimizer: Bool, emit: (_ tensors: [WireTensor], _ last: Bool) -> Void) {
+    /// rounded change, as every worker moves its copy). The encoding goes to `updateTargets`: the frame
+    /// payloads (those still being sent are replaced) and each sharing worker's segment. Hands the
+    /// parameter indices to `emit` in buckets of about `bucket_kb` as they are done (`last` true for the
+    /// final one).
+    private func stepAndEncode(applyOptimizer: Bool, emit: (_ indices: [Int], _ last: Bool) -> Void) {
         if applyOptimizer { optimizer.beginStep() }
         if parameters.isEmpty { emit([], true) }
-        var bucket: [WireTensor] = [], bucketBytes = 0
+        var bucket: [Int] = [], bucketBytes = 0
+        let size = wireType.size
         for (index, p) in parameters.enumerated() {
             let count = p.tensor.count
-            let payload = reusablePayload(index, byteCount: count * wireType.size)
+            var targets = updateTargets.shared.map { $0.update(index, byteCount: count * size) }
+            if updateTargets.frames || targets.isEmpty { targets.insert(reusablePayload(index, byteCount: count * size), at: 0) }
+            let encoded = targets[0]
+            if applyOptimizer { optimizer.update(p, range: 0..<0) }  // creates its state before threads share it
             scratch.withUnsafeMutableBufferPointer { scratch in
-                let delta = UnsafeMutableBufferPointer(rebasing: scratch[0..<Self.chunk])
-                let rounded = UnsafeMutableBufferPointer(rebasing: scratch[Self.chunk...])
-                for start in stride(from: 0, to: count, by: Self.chunk) {
-                    let range = start..<min(start + Self.chunk, count)
-                    if applyOptimizer { optimizer.update(p, range: range) }
-                    p.tensor.withUnsafeBufferPointer { master in
-                        guard let held = replica?[index] else {
-                            TensorEncoding.write(UnsafeBufferPointer(rebasing: master[range]), as: .f32, into: payload, at: start)
-                            return
-                        }
-                        held.withUnsafeMutableBufferPointer { held in
+                p.tensor.withUnsafeBufferPointer { master in withReplica(index) { held in
+                    ParallelChunks.forEach(count: count, chunk: Self.chunk) { range, slot in
+                        let start = range.lowerBound
+                        if applyOptimizer { optimizer.update(p, range: range) }
+                        if let held {
+                            let delta = UnsafeMutableBufferPointer(rebasing: scratch[2 * slot * Self.chunk..<(2 * slot + 1) * Self.chunk])
+                            let rounded = UnsafeMutableBufferPointer(rebasing: scratch[(2 * slot + 1) * Self.chunk..<(2 * slot + 2) * Self.chunk])
                             for i in range { delta[i - start] = master[i] - held[i] }
-                            TensorEncoding.write(UnsafeBufferPointer(rebasing: delta[0..<range.count]), as: wireType, into: payload, at: start)
-                            TensorEncoding.withFloats(payload, dtype: wireType, range: range, scratch: rounded) { r in
+                            TensorEncoding.write(UnsafeBufferPointer(rebasing: delta[0..<range.count]), as: wireType, into: encoded, at: start)
+                            TensorEncoding.withFloats(encoded, dtype: wireType, range: range, scratch: rounded) { r in
                                 for i in 0..<r.count { held[start + i] += r[i] }
+                            }
+                        } else {
+                            TensorEncoding.write(UnsafeBufferPointer(rebasing: master[range]), as: .f32, into: encoded, at: start)
+                        }
+                        encoded.withUnsafeBytes { source in  // the chunk, still in cache, to the other targets
+                            for target in targets.dropFirst() {
+                                target.withUnsafeMutableBytes {
+                                    ($0.baseAddress! + start * size).copyMemory(from: source.baseAddress! + start * size, byteCount: range.count * size)
+                                }
                             }
                         }
                     }
-                }
+                } }
             }
-            bucket.append(WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: payload))
-            bucketBytes += payload.byteCount
+            bucket.append(index)
+            bucketBytes += count * size
             let last = index == parameters.count - 1
             if last || (spec.bucketKB > 0 && bucketBytes >= spec.bucketKB * 1024) {
                 emit(bucket, last)
@@ -696,6 +741,12 @@ public final class Coordinator {
                 bucketBytes = 0
             }
         }
+    }
+
+    /// Calls `body` with the storage of parameter `index`'s replica, or nil with an f32 wire.
+    private func withReplica<R>(_ index: Int, _ body: (UnsafeMutableBufferPointer<Float>?) -> R) -> R {
+        guard let replica else { return body(nil) }
+        return replica[index].withUnsafeMutableBufferPointer { body($0) }
     }
 
     private func endEpoch() {
@@ -782,22 +833,31 @@ public final class Coordinator {
     }
 
     /// Sends the update for `step` to every live worker with its shard of the batch, in the parts that
-    /// `produce` hands to its argument as they are ready (`last` true for the final one; a resend is one
-    /// part without tensors). The workers and their shards are fixed for all parts.
+    /// `produce` hands to its argument as they are ready (the parameter indices, `last` true for the final
+    /// one; a resend is one part without tensors): through shared memory to the workers that share it, in
+    /// frames to the others. The workers and their shards are fixed for all parts.
     private func broadcastUpdate(
-        trainLoss: Float, resend: Bool = false, produce: (_ send: (_ tensors: [WireTensor], _ last: Bool) -> Void) -> Void
+        trainLoss: Float, resend: Bool = false, produce: (_ send: (_ indices: [Int], _ last: Bool) -> Void) -> Void
     ) {
         if !resend { attempt = 0 }
         for rank in members.keys where members[rank]!.state == "joining" { members[rank]!.state = "training" }
         let live = members.values.filter(\.isLive).sorted { $0.rank < $1.rank }
+        updateTargets = (live.contains { $0.shared == nil }, live.compactMap(\.shared))
+        defer { updateTargets = (true, []) }
         stepStarted = Self.now()
         var part: UInt32 = 0
-        produce { tensors, last in
+        produce { indices, last in
             for (shard, member) in live.enumerated() where members[member.rank]?.isLive == true {
                 let update = ParameterUpdate(
                     learningRate: optimizer.learningRate, fullCopy: replica == nil, epoch: UInt64(step / stepsPerEpoch),
                     worldSize: UInt32(live.count), shardIndex: Int32(shard), trainLoss: trainLoss, attempt: attempt,
                     part: part, moreParts: !last)
+                let tensors = indices.map { index in
+                    let p = parameters[index]
+                    let byteCount = p.tensor.count * wireType.size
+                    let payload = member.shared?.update(index, byteCount: byteCount) ?? (replica == nil ? parameterPayloads : deltaPayloads)[index]
+                    return WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: payload)
+                }
                 do {
                     try reply(member.identity, .parameterUpdate(update), step: UInt64(step), rank: member.rank, tensors: tensors)
                 } catch {

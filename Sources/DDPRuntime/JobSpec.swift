@@ -70,6 +70,9 @@ public struct JobSpec: Codable, Equatable, Sendable {
     /// Workers push gradients in buckets of about this many KiB while the backward pass goes on (last
     /// layers first), so that sending and averaging overlap the rest of it; 0 sends each push whole.
     public var bucketKB = 1024
+    /// Workers on the coordinator's host pass gradients and updates through shared memory (only the
+    /// messages describing them go through ZeroMQ); false sends every tensor in frames.
+    public var sharedMemory = true
     /// Where the job writes its model, summary, checkpoints and logs.
     public var output = ""
 
@@ -85,7 +88,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         case heartbeatIntervalMs = "heartbeat_interval_ms", heartbeatTimeoutMs = "heartbeat_timeout_ms"
         case joinTimeoutSeconds = "join_timeout_seconds", stepTimeoutSeconds = "step_timeout_seconds", output
         case checkpointEvery = "checkpoint_every", keepCheckpoints = "keep_checkpoints", keysDir = "keys_dir", wireDtype = "wire_dtype", blasThreads = "blas_threads"
-        case bucketKB = "bucket_kb"
+        case bucketKB = "bucket_kb", sharedMemory = "shared_memory"
     }
 
     /// Every key a job file may hold.
@@ -120,7 +123,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         try read(.joinTimeoutSeconds, &joinTimeoutSeconds); try read(.stepTimeoutSeconds, &stepTimeoutSeconds)
         try read(.output, &output); try read(.checkpointEvery, &checkpointEvery); try read(.keepCheckpoints, &keepCheckpoints)
         try read(.keysDir, &keysDir); try read(.wireDtype, &wireDtype); try read(.blasThreads, &blasThreads)
-        try read(.bucketKB, &bucketKB)
+        try read(.bucketKB, &bucketKB); try read(.sharedMemory, &sharedMemory)
     }
 
     private static func describe(_ type: Any.Type) -> String {

@@ -10,13 +10,15 @@ enum WeightedMean {
 
     /// Writes the sum of `weight * values` over `terms` into `mean` (zeros when there are none), decoding
     /// `dtype` through `scratch` (at least `chunk` floats); returns whether every element is finite.
+    /// With `elements`, only that range of the tensor is written.
     static func write(
         _ terms: [(weight: Float, payload: Payload)], dtype: DType, into mean: UnsafeMutableBufferPointer<Float>,
-        scratch: UnsafeMutableBufferPointer<Float>
+        elements: Range<Int>? = nil, scratch: UnsafeMutableBufferPointer<Float>
     ) -> Bool {
         var exponentOverflow: UInt32 = 0  // bit 31 is set by an element whose exponent bits are all ones
-        for start in stride(from: 0, to: mean.count, by: chunk) {
-            let range = start..<min(start + chunk, mean.count)
+        let elements = elements ?? 0..<mean.count
+        for start in stride(from: elements.lowerBound, to: elements.upperBound, by: chunk) {
+            let range = start..<min(start + chunk, elements.upperBound)
             let out = UnsafeMutableBufferPointer(rebasing: mean[range])
             if terms.isEmpty { out.update(repeating: 0) }
             for (position, term) in terms.enumerated() {
@@ -31,5 +33,21 @@ enum WeightedMean {
             for i in 0..<out.count { exponentOverflow |= (out[i].bitPattern & 0x7F80_0000) &+ 0x0080_0000 }
         }
         return exponentOverflow & 0x8000_0000 == 0
+    }
+
+    /// `write` over the whole of `mean`, its chunks spread over `ParallelChunks.threads` threads;
+    /// `scratch` holds `chunk` floats per thread.
+    static func writeInParallel(
+        _ terms: [(weight: Float, payload: Payload)], dtype: DType, into mean: UnsafeMutableBufferPointer<Float>,
+        scratch: UnsafeMutableBufferPointer<Float>
+    ) -> Bool {
+        var finite = [Bool](repeating: true, count: ParallelChunks.threads)
+        finite.withUnsafeMutableBufferPointer { finite in
+            ParallelChunks.forEach(count: mean.count, chunk: chunk) { range, slot in
+                let mine = UnsafeMutableBufferPointer(rebasing: scratch[slot * chunk..<(slot + 1) * chunk])
+                if !write(terms, dtype: dtype, into: mean, elements: range, scratch: mine) { finite[slot] = false }
+            }
+        }
+        return !finite.contains(false)
     }
 }

@@ -36,6 +36,12 @@ public final class Worker {
     private let joinTimeout: Double
     private let requestedRank: Int32
     private let workerID: String
+    /// The segment offered to the coordinator (when this worker knows its model before joining), where
+    /// its pushes go, and whether the coordinator took it (its Welcome said so).
+    private var sharedSegment: SharedSegment?
+    private var pushLayout: SharedLayout?
+    private var updateLayout: SharedLayout?
+    private var sharing = false
 
     /// A worker for the coordinator at `endpoint`. With a `spec`, the worker builds its model first and
     /// the coordinator checks its fingerprint; without, it takes the job's spec from the welcome.
@@ -84,7 +90,7 @@ public final class Worker {
             lastHeard = Coordinator.now()
             let message: WireMessage
             do {
-                message = try WireCodec.decode(frames, expectedJobID: jobID)
+                message = try WireCodec.decode(frames, expectedJobID: jobID, sharedMemory: sharing ? sharedSegment : nil)
             } catch {
                 log.warning("dropped a malformed message from the coordinator: \(error)")
                 continue
@@ -118,8 +124,32 @@ public final class Worker {
     }
 
     private func joinRequest(rank: Int32) -> Join {
-        Join(workerID: workerID, host: ProcessInfo.processInfo.hostName, pid: UInt32(getpid()),
-             modelFingerprint: setup?.modelFingerprint ?? "", requestedRank: rank)
+        var join = Join(workerID: workerID, host: ProcessInfo.processInfo.hostName, pid: UInt32(getpid()),
+                        modelFingerprint: setup?.modelFingerprint ?? "", requestedRank: rank)
+        join.sharedMemory = sharedMemoryOffer()
+        return join
+    }
+
+    /// A segment with room for this worker's pushes and, above them, the coordinator's f32 updates,
+    /// offered when the job allows it; the coordinator uses it if it runs on this host. Without a
+    /// model yet, or when no segment can be made, nothing is offered.
+    private func sharedMemoryOffer() -> SharedMemoryOffer? {
+        guard let spec = setup?.spec, spec.sharedMemory else { return nil }
+        let counts = setup!.model.parameters.map(\.tensor.count)
+        let pushes = SharedLayout(start: SharedSegment.headerBytes, byteCounts: counts.map { $0 * (DType(rawValue: spec.wireDtype) ?? .f32).size })
+        let updates = SharedLayout(start: pushes.end, byteCounts: counts.map { $0 * 4 })
+        if sharedSegment?.byteCount != updates.end {
+            do {
+                sharedSegment = try SharedSegment(creating: updates.end)
+            } catch {
+                log.info("tensors travel in frames: \(error)")
+                sharedSegment = nil
+                return nil
+            }
+        }
+        pushLayout = pushes
+        updateLayout = updates
+        return sharedSegment.map { SharedMemoryOffer(path: $0.path, nonce: $0.nonce, byteCount: $0.byteCount, updateOffset: pushes.end) }
     }
 
     private func join() throws {
@@ -162,13 +192,33 @@ public final class Worker {
         indexOfName = Dictionary(uniqueKeysWithValues: parameters.enumerated().map { ($1.name, $0) })
         wireType = DType(rawValue: spec.wireDtype) ?? .f32
         gradientPayloads = parameters.map { Payload(byteCount: $0.tensor.count * wireType.size) }
+        sharing = welcome.sharedMemory && sharedSegment != nil && pushLayout?.offsets.count == parameters.count
+        if welcome.sharedMemory && !sharing { throw WorkerError.modelMismatch("the coordinator took a shared-memory segment this worker did not offer") }
         var received = Set<Int>()
         try load(message.tensors, into: &received)
         guard received.count == parameters.count else {
             throw WorkerError.modelMismatch("the welcome holds \(received.count) of the model's \(parameters.count) parameters")
         }
         updateInProgress = nil
-        log.info("welcomed", metadata: ["rank": "\(rank)", "job": "\(jobID)", "step": "\(welcome.startStep)"])
+        placeTensorsInSharedMemory()
+        log.info("welcomed", metadata: ["rank": "\(rank)", "job": "\(jobID)", "step": "\(welcome.startStep)",
+                                        "tensors_via": "\(sharing ? "shared memory" : "frames")"])
+    }
+
+    /// With an f32 wire through shared memory, the parameters live where the coordinator writes their
+    /// updates and gradients are computed where it reads them: nothing is copied on this side.
+    private func placeTensorsInSharedMemory() {
+        for (index, p) in parameters.enumerated() {
+            guard sharing, wireType == .f32, let segment = sharedSegment, let pushLayout, let updateLayout,
+                  let values = segment.region(offset: updateLayout.offsets[index], count: p.tensor.count * 4),
+                  let gradient = segment.region(offset: pushLayout.offsets[index], count: p.tensor.count * 4)
+            else {
+                p.tensor.gradientDestination = nil
+                continue
+            }
+            values.withUnsafeMutableBytes { p.tensor.relocate(to: $0, owner: values) }
+            p.tensor.gradientDestination = gradient.withUnsafeMutableBytes { Tensor(shape: p.tensor.shape, external: $0, owner: gradient) }
+        }
     }
 
     /// Applies one part of a parameter update (parts arrive in order, each parameter once); after the
@@ -195,6 +245,7 @@ public final class Worker {
                 throw WorkerError.modelMismatch("got '\(t.name)' \(t.shape), which is not a parameter of this model")
             }
             guard received.insert(index).inserted else { throw WorkerError.modelMismatch("'\(t.name)' came twice in one update") }
+            if !adding && t.dtype == .f32 && parameters[index].tensor.isStored(in: t.payload) { continue }  // written in place
             parameters[index].tensor.withUnsafeMutableBufferPointer { dst in
                 scratch.withUnsafeMutableBufferPointer { scratch in  // half-precision values convert a chunk at a time
                     for start in stride(from: 0, to: dst.count, by: scratch.count) {
@@ -250,22 +301,31 @@ public final class Worker {
         try pushPart(unsent.sorted(), more: false)
     }
 
-    /// The wire tensor of parameter `index`'s gradient: an f32 gradient goes out from its own storage (the
-    /// next step's backward writes a new one); a half-precision one is converted into a reused payload.
+    /// The wire tensor of parameter `index`'s gradient: written into its region of the shared segment;
+    /// or an f32 gradient goes out from its own storage (the next step's backward writes a new one), a
+    /// half-precision one converted into a reused payload.
     private func gradientTensor(_ index: Int) -> WireTensor {
         let p = parameters[index]
+        if sharing, let region = sharedSegment?.region(offset: pushLayout!.offsets[index], count: p.tensor.count * wireType.size) {
+            if p.tensor.grad == nil || p.tensor.grad !== p.tensor.gradientDestination { write(p.tensor.grad, into: region) }
+            return WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: region)
+        }
         if wireType == .f32, let grad = p.tensor.grad {
             let payload = grad.withUnsafeBufferPointer { Payload(borrowing: UnsafeRawBufferPointer($0), owner: grad) }
             return WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: payload)
         }
         if gradientPayloads[index].isInFlight { gradientPayloads[index] = Payload(byteCount: p.tensor.count * wireType.size) }
-        let payload = gradientPayloads[index]
-        if let grad = p.tensor.grad {
-            grad.withUnsafeBufferPointer { TensorEncoding.write($0, as: wireType, into: payload) }
+        write(p.tensor.grad, into: gradientPayloads[index])
+        return WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: gradientPayloads[index])
+    }
+
+    /// Encodes a gradient (zeros for a parameter the loss does not reach) in the wire type.
+    private func write(_ gradient: Tensor?, into payload: Payload) {
+        if let gradient {
+            gradient.withUnsafeBufferPointer { TensorEncoding.write($0, as: wireType, into: payload) }
         } else {
             payload.withUnsafeMutableBytes { _ = $0.initializeMemory(as: UInt8.self, repeating: 0) }
         }
-        return WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: payload)
     }
 }
 
@@ -283,5 +343,12 @@ public enum WorkerError: Error, CustomStringConvertible, Equatable {
         case .coordinatorSilent(let endpoint, let s): "the coordinator at \(endpoint) has been silent for \(Int(s)) s"
         case .modelMismatch(let why): "the coordinator's parameters do not fit this worker's model: \(why)"
         }
+    }
+}
+
+extension Tensor {
+    /// Whether this tensor's values are the bytes of `payload` (a parameter updated in place).
+    func isStored(in payload: Payload) -> Bool {
+        payload.byteCount == count * 4 && withUnsafeBufferPointer { mine in payload.withUnsafeBytes { $0.baseAddress == UnsafeRawPointer(mine.baseAddress) } }
     }
 }

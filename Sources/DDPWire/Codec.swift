@@ -76,6 +76,10 @@ public enum WireCodec {
             d.pointee.shape = arena.array(tensor.shape.map { UInt64($0) })
             d.pointee.dtype = tensor.dtype.c
             d.pointee.byte_length = UInt64(tensor.payload.byteCount)
+            if let offset = tensor.payload.sharedOffset {
+                d.pointee.shared = 1
+                d.pointee.shared_offset = UInt64(offset)
+            }
             return d
         }
         envelope.n_tensors = descriptors.count
@@ -84,7 +88,7 @@ public enum WireCodec {
 
         var bytes = [UInt8](repeating: 0, count: ddp__v1__envelope__get_packed_size(&envelope))
         _ = bytes.withUnsafeMutableBufferPointer { ddp__v1__envelope__pack(&envelope, $0.baseAddress) }
-        return [.bytes(bytes)] + message.tensors.map { .payload($0.payload) }
+        return [.bytes(bytes)] + message.tensors.filter { $0.payload.sharedOffset == nil }.map { .payload($0.payload) }
     }
 
     private static func fill(_ e: inout Ddp__V1__Envelope, with body: WireMessage.Body, arena: CArena) {
@@ -96,6 +100,12 @@ public enum WireCodec {
             m.pointee.pid = j.pid
             m.pointee.model_fingerprint = arena.string(j.modelFingerprint)
             m.pointee.requested_rank = j.requestedRank
+            if let offer = j.sharedMemory {
+                m.pointee.shared_memory_path = arena.string(offer.path)
+                m.pointee.shared_memory_nonce = ProtobufCBinaryData(len: offer.nonce.count, data: arena.array(offer.nonce))
+                m.pointee.shared_memory_bytes = UInt64(offer.byteCount)
+                m.pointee.shared_update_offset = UInt64(offer.updateOffset)
+            }
             e.body_case = DDP__V1__ENVELOPE__BODY_JOIN
             e.join = m
         case .welcome(let w):
@@ -107,6 +117,7 @@ public enum WireCodec {
             m.pointee.epoch = w.epoch
             m.pointee.heartbeat_interval_ms = w.heartbeatIntervalMilliseconds
             m.pointee.heartbeat_timeout_ms = w.heartbeatTimeoutMilliseconds
+            m.pointee.shared_memory = w.sharedMemory ? 1 : 0
             e.body_case = DDP__V1__ENVELOPE__BODY_WELCOME
             e.welcome = m
         case .gradientPush(let g):
@@ -199,8 +210,10 @@ public enum WireCodec {
 
     /// Decodes and validates `frames` (without a ROUTER's routing-id frame). `expectedJobID` nil
     /// accepts any job; an empty job id in a Join, StatusRequest, Stop or Heartbeat is always accepted.
+    /// Tensors described as shared are read from `sharedMemory` (the segment the sender and this
+    /// receiver agreed on); without one, such a descriptor is an error.
     public static func decode(
-        _ frames: [Payload], expectedJobID: String? = nil, limits: DecodeLimits = .standard
+        _ frames: [Payload], expectedJobID: String? = nil, limits: DecodeLimits = .standard, sharedMemory: SharedSegment? = nil
     ) throws(WireError) -> WireMessage {
         guard let head = frames.first else { throw .emptyMessage }
         guard head.byteCount <= limits.maximumEnvelopeBytes else {
@@ -227,10 +240,12 @@ public enum WireCodec {
         guard e.n_tensors <= limits.maximumTensors else {
             throw .tooLarge(what: "\(e.n_tensors) tensor descriptors", bytes: 0, limit: limits.maximumTensors)
         }
-        guard e.n_tensors == frames.count - 1 else {
-            throw .frameCountMismatch(descriptors: e.n_tensors, frames: frames.count - 1)
+        let framed = (0..<e.n_tensors).filter { e.tensors[$0]?.pointee.shared == 0 }.count
+        guard framed == frames.count - 1 else {
+            throw .frameCountMismatch(descriptors: framed, frames: frames.count - 1)
         }
         var tensors: [WireTensor] = []
+        var nextFrame = 1
         var names = Set<String>()
         for index in 0..<e.n_tensors {
             guard let d = e.tensors[index]?.pointee else { throw .badDescriptor(index: index, reason: "missing") }
@@ -261,7 +276,20 @@ public enum WireCodec {
             guard d.byte_length == UInt64(expected) else {
                 throw .badDescriptor(index: index, reason: "'\(name)' declares \(d.byte_length) bytes, shape \(shape) of \(dtype) needs \(expected)")
             }
-            let frame = frames[index + 1]
+            let frame: Payload
+            if d.shared != 0 {
+                guard let sharedMemory else {
+                    throw .badDescriptor(index: index, reason: "'\(name)' is in shared memory, but none is mapped for this peer")
+                }
+                guard d.shared_offset <= UInt64(Int.max), let region = sharedMemory.region(offset: Int(d.shared_offset), count: expected) else {
+                    throw .badDescriptor(index: index, reason: "'\(name)' at shared offset \(d.shared_offset) (\(expected) bytes) lies outside the "
+                                         + "\(sharedMemory.byteCount)-byte segment or is not 4-byte aligned")
+                }
+                frame = region
+            } else {
+                frame = frames[nextFrame]
+                nextFrame += 1
+            }
             guard frame.byteCount == expected else {
                 throw .byteLengthMismatch(tensor: name, expected: expected, got: frame.byteCount)
             }
@@ -281,13 +309,18 @@ public enum WireCodec {
                 workerID: text(m.worker_id), host: text(m.host), pid: m.pid,
                 modelFingerprint: text(m.model_fingerprint), requestedRank: m.requested_rank)
             join.protocolVersion = e.protocol_version
+            if let path = m.shared_memory_path, path.pointee != 0 {
+                join.sharedMemory = SharedMemoryOffer(
+                    path: text(path), nonce: Array(UnsafeBufferPointer(start: m.shared_memory_nonce.data, count: m.shared_memory_nonce.len)),
+                    byteCount: Int(clamping: m.shared_memory_bytes), updateOffset: Int(clamping: m.shared_update_offset))
+            }
             return .join(join)
         case DDP__V1__ENVELOPE__BODY_WELCOME:
             guard let m = e.welcome?.pointee else { return nil }
             return .welcome(Welcome(
                 rank: m.rank, worldSize: m.world_size, jobSpecJSON: text(m.job_spec_json), startStep: m.start_step,
                 epoch: m.epoch, heartbeatIntervalMilliseconds: m.heartbeat_interval_ms,
-                heartbeatTimeoutMilliseconds: m.heartbeat_timeout_ms))
+                heartbeatTimeoutMilliseconds: m.heartbeat_timeout_ms, sharedMemory: m.shared_memory != 0))
         case DDP__V1__ENVELOPE__BODY_GRADIENT_PUSH:
             guard let m = e.gradient_push?.pointee else { return nil }
             return .gradientPush(GradientPush(

@@ -83,6 +83,8 @@ public struct Join: Equatable, Sendable {
     public var requestedRank: Int32
     /// The protocol version the joining worker speaks (the envelope's).
     public var protocolVersion: UInt32 = wireProtocolVersion
+    /// A shared-memory segment the worker offers for tensors, or nil.
+    public var sharedMemory: SharedMemoryOffer?
 
     public init(workerID: String, host: String, pid: UInt32, modelFingerprint: String, requestedRank: Int32 = -1) {
         self.workerID = workerID
@@ -90,6 +92,22 @@ public struct Join: Equatable, Sendable {
         self.pid = pid
         self.modelFingerprint = modelFingerprint
         self.requestedRank = requestedRank
+    }
+}
+
+/// A segment a worker offers in its Join (see SHARED MEMORY in proto/ddp.proto).
+public struct SharedMemoryOffer: Equatable, Sendable {
+    public var path: String
+    public var nonce: [UInt8]
+    public var byteCount: Int
+    /// Where the coordinator's (update) area begins; the worker's pushes lie below it.
+    public var updateOffset: Int
+
+    public init(path: String, nonce: [UInt8], byteCount: Int, updateOffset: Int) {
+        self.path = path
+        self.nonce = nonce
+        self.byteCount = byteCount
+        self.updateOffset = updateOffset
     }
 }
 
@@ -101,11 +119,14 @@ public struct Welcome: Equatable, Sendable {
     public var epoch: UInt64
     public var heartbeatIntervalMilliseconds: UInt64
     public var heartbeatTimeoutMilliseconds: UInt64
+    /// The coordinator mapped the segment the Join offered: tensors may travel through it.
+    public var sharedMemory: Bool
 
     public init(
         rank: Int32, worldSize: UInt32, jobSpecJSON: String, startStep: UInt64, epoch: UInt64,
-        heartbeatIntervalMilliseconds: UInt64 = 1000, heartbeatTimeoutMilliseconds: UInt64 = 5000
+        heartbeatIntervalMilliseconds: UInt64 = 1000, heartbeatTimeoutMilliseconds: UInt64 = 5000, sharedMemory: Bool = false
     ) {
+        self.sharedMemory = sharedMemory
         self.rank = rank
         self.worldSize = worldSize
         self.jobSpecJSON = jobSpecJSON

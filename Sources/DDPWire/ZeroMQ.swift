@@ -66,6 +66,7 @@ public final class Payload: @unchecked Sendable {
         case owned(UnsafeMutableRawPointer)
         case received(UnsafeMutablePointer<zmq_msg_t>)
         case borrowed(UnsafeRawPointer, owner: AnyObject)
+        case shared(UnsafeMutableRawPointer, offset: Int, segment: SharedSegment)
     }
 
     private let backing: Backing
@@ -101,6 +102,19 @@ public final class Payload: @unchecked Sendable {
         byteCount = bytes.count
     }
 
+    /// A region of a shared-memory segment (see `SharedSegment.region`): written and read in place, and
+    /// described in a message by its offset instead of sent as a frame.
+    init(shared memory: UnsafeMutableRawPointer, byteCount: Int, offset: Int, segment: SharedSegment) {
+        backing = .shared(memory, offset: offset, segment: segment)
+        self.byteCount = byteCount
+    }
+
+    /// Where in its shared-memory segment this payload lies; nil for any other payload.
+    var sharedOffset: Int? {
+        if case .shared(_, let offset, _) = backing { return offset }
+        return nil
+    }
+
     /// Takes ownership of a received message.
     fileprivate init(receiving message: UnsafeMutablePointer<zmq_msg_t>) {
         backing = .received(message)
@@ -113,7 +127,7 @@ public final class Payload: @unchecked Sendable {
         case .received(let message):
             zmq_msg_close(message)
             message.deallocate()
-        case .borrowed: break
+        case .borrowed, .shared: break
         }
     }
 
@@ -126,14 +140,22 @@ public final class Payload: @unchecked Sendable {
         case .owned(let memory): try body(UnsafeRawBufferPointer(start: memory, count: byteCount))
         case .received(let message): try body(UnsafeRawBufferPointer(start: zmq_msg_data(message), count: byteCount))
         case .borrowed(let memory, _): try body(UnsafeRawBufferPointer(start: memory, count: byteCount))
+        case .shared(let memory, _, _): try body(UnsafeRawBufferPointer(start: memory, count: byteCount))
         }
     }
 
-    /// Writes the bytes of an owned, idle buffer through a pointer that must not escape `body`.
+    /// Writes the bytes of an owned, idle buffer (or a shared-memory region) through a pointer that must
+    /// not escape `body`.
     public func withUnsafeMutableBytes<R>(_ body: (UnsafeMutableRawBufferPointer) throws -> R) rethrows -> R {
-        guard case .owned(let memory) = backing else { preconditionFailure("Payload: only an owned buffer can be written") }
-        precondition(!isInFlight, "Payload: written while ZeroMQ still sends it")
-        return try body(UnsafeMutableRawBufferPointer(start: memory, count: byteCount))
+        switch backing {
+        case .owned(let memory):
+            precondition(!isInFlight, "Payload: written while ZeroMQ still sends it")
+            return try body(UnsafeMutableRawBufferPointer(start: memory, count: byteCount))
+        case .shared(let memory, _, _):
+            return try body(UnsafeMutableRawBufferPointer(start: memory, count: byteCount))
+        case .received, .borrowed:
+            preconditionFailure("Payload: only an owned buffer or a shared region can be written")
+        }
     }
 
     /// A copy of the bytes.
@@ -149,6 +171,7 @@ public final class Payload: @unchecked Sendable {
             return 0
         case .owned(let memory): return attachWithoutCopy(memory, to: message)
         case .borrowed(let memory, _): return attachWithoutCopy(UnsafeMutableRawPointer(mutating: memory), to: message)
+        case .shared(let memory, _, _): return attachWithoutCopy(memory, to: message)
         }
     }
 

@@ -89,11 +89,13 @@ extension Bench {
         @Option(help: "Worker processes.") var workers: Int = 2
         @Option(help: "Wire type: f32, bf16 or f16.") var dtype: String = "f32"
         @Option(help: "Timed rounds (the median is reported).") var rounds: Int = 20
+        @Flag(inversion: .prefixedNo, help: "Pass tensors through shared memory, as a coordinator does with the workers on its host (else in frames over ipc).")
+        var sharedMemory = true
         @Flag(help: "Print one JSON line.") var json = false
 
         func run() throws {
             guard let type = DType(rawValue: dtype) else { throw ValidationError("--dtype: '\(dtype)' is not f32, bf16 or f16") }
-            let result = try ExchangeBenchmark(elements: elements, workers: workers, dtype: type, rounds: rounds)
+            let result = try ExchangeBenchmark(elements: elements, workers: workers, dtype: type, rounds: rounds, sharedMemory: sharedMemory)
                 .run(executable: currentExecutable(), workerArguments: ["bench", "exchange-worker"])
             printResult(result, json: json)
         }
@@ -104,7 +106,10 @@ extension Bench {
         @Argument var endpoint: String
         @Option var elements: Int
         @Option var dtype: String
-        func run() throws { try ExchangeBenchmark.worker(endpoint: endpoint, elements: elements, dtype: DType(rawValue: dtype) ?? .f32) }
+        @Flag var sharedMemory = false
+        func run() throws {
+            try ExchangeBenchmark.worker(endpoint: endpoint, elements: elements, dtype: DType(rawValue: dtype) ?? .f32, sharedMemory: sharedMemory)
+        }
     }
 }
 

@@ -33,6 +33,8 @@ struct JobOptions: ParsableArguments {
     @Option(help: "Wire type of gradients and updates: f32, bf16 or f16.") var wireDtype: String?
     @Option(name: .customLong("bucket-kb"), help: "Gradient bucket size in KiB, pushed during the backward pass (0: one message).")
     var bucketKB: Int?
+    @Flag(inversion: .prefixedNo, help: "Workers on the coordinator's host pass tensors through shared memory (default: on).")
+    var sharedMemory: Bool?
     @Option(help: "A folder of CURVE keys from 'ddpctl keygen': encrypted traffic, only authorised workers.") var keysDir: String?
 
     /// The flags that were given, keyed as in a job file.
@@ -47,7 +49,7 @@ struct JobOptions: ParsableArguments {
         o["weight_decay"] = weightDecay.map { Double($0) }; o["schedule"] = schedule; o["warmup_steps"] = warmupSteps
         o["clip_norm"] = clipNorm.map { Double($0) }; o["seed"] = seed; o["test_fraction"] = testFraction
         o["workers"] = workers; o["min_workers"] = minWorkers; o["checkpoint_every"] = checkpointEvery
-        o["wire_dtype"] = wireDtype; o["bucket_kb"] = bucketKB
+        o["wire_dtype"] = wireDtype; o["bucket_kb"] = bucketKB; o["shared_memory"] = sharedMemory
         o["keys_dir"] = keysDir.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
         if let hidden { o["hidden"] = hidden.split(separator: ",").map { Int($0.trimmingCharacters(in: .whitespaces)) ?? -1 } }
         return o

@@ -140,6 +140,27 @@ struct GradientTests {
         #expect(x.grad == nil)
     }
 
+    @Test func gradientsLandInTheirDestinationAndParametersMoveToOtherMemory() throws {
+        final class Memory { let bytes = UnsafeMutableRawBufferPointer.allocate(byteCount: 64, alignment: 64); deinit { bytes.deallocate() } }
+        let x = Self.input([3], seed: 31), w = Self.input([3], seed: 32)
+        let expected = try { try (x * w).sum().backward(); defer { w.zeroGrad(); x.zeroGrad() }; return w.grad!.scalars }()
+
+        // A parameter moved into outside memory keeps its values and is read from there by later ops.
+        let values = Memory(), gradient = Memory()
+        let before = w.scalars
+        w.relocate(to: values.bytes, owner: values)
+        #expect(w.scalars == before && Array(values.bytes.bindMemory(to: Float.self).prefix(3)) == before)
+        // Its fresh gradient is written into the destination, which becomes `grad`; a second backward adds to it.
+        let destination = Tensor(shape: [3], external: gradient.bytes, owner: gradient)
+        w.gradientDestination = destination
+        try (x * w).sum().backward()
+        #expect(w.grad === destination && Array(gradient.bytes.bindMemory(to: Float.self).prefix(3)) == expected)
+        try (x * w).sum().backward()
+        #expect(destination.scalars == expected.map { 2 * $0 })
+        values.bytes.bindMemory(to: Float.self)[0] = 42  // written by another party, seen by the tensor
+        #expect(w.scalars[0] == 42)
+    }
+
     @Test func leavesAreReportedOnceWithTheirFinishedGradientLastLayerFirst() throws {
         var g = SeededGenerator(seed: 28)
         let model = Sequential([Linear(inputs: 5, outputs: 6, generator: &g), Activation(.tanh), Linear(inputs: 6, outputs: 3, generator: &g)])

@@ -89,6 +89,24 @@ struct TrainingTests {
         for (a, b) in zip(try parameters(whole), try parameters(parts)) { #expect(a.tensor.scalars == b.tensor.scalars, "\(a.name)") }
     }
 
+    /// Workers on the coordinator's host use shared memory (f32: parameters and gradients in place), and
+    /// train bit for bit what workers sending every tensor in frames train.
+    @Test(arguments: ["f32", "bf16"]) func sharedMemoryTrainsBitwiseLikeFrames(wire: String) throws {
+        let jobs = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: jobs) }
+        var runs: [String: JobSummary] = [:]
+        for sharing in ["--shared-memory", "--no-shared-memory"] {
+            let (summary, result) = try startJob(Self.shortJob + ["--workers", "2", "--wire-dtype", wire, sharing], jobsDir: jobs)
+            let s = try #require(summary, "no summary: \(result.stderr)")
+            #expect(s.state == "completed" && s.rejectedMessages == 0)
+            let log = try String(contentsOfFile: JobDirectory(path: (s.modelPath as NSString).deletingLastPathComponent).logPath("worker-1"), encoding: .utf8)
+            #expect(log.contains(sharing == "--shared-memory" ? "tensors_via=shared memory" : "tensors_via=frames"), "\(log)")
+            runs[sharing] = s
+        }
+        let shared = try parameters(runs["--shared-memory"]!), framed = try parameters(runs["--no-shared-memory"]!)
+        for (a, b) in zip(shared, framed) { #expect(a.tensor.scalars == b.tensor.scalars, "\(a.name)") }
+    }
+
     @Test func defaultJobReachesNinetyFivePercent() throws {
         let jobs = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: jobs) }

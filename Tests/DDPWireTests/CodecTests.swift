@@ -20,6 +20,12 @@ struct CodecTests {
         .join(Join(workerID: "h:1:x", host: "h", pid: 42, modelFingerprint: "abc", requestedRank: 3)),
         .welcome(Welcome(rank: 1, worldSize: 2, jobSpecJSON: "{\"a\":1}", startStep: 7, epoch: 2,
                          heartbeatIntervalMilliseconds: 900, heartbeatTimeoutMilliseconds: 4000)),
+        .join({
+            var join = Join(workerID: "h:2:y", host: "h", pid: 43, modelFingerprint: "abc")
+            join.sharedMemory = SharedMemoryOffer(path: "/proc/43/fd/7", nonce: (0..<32).map { UInt8($0 * 7 % 256) }, byteCount: 1 << 20, updateOffset: 4096)
+            return join
+        }()),
+        .welcome(Welcome(rank: 0, worldSize: 1, jobSpecJSON: "{}", startStep: 0, epoch: 0, sharedMemory: true)),
         .gradientPush(GradientPush(sampleCount: 64, localLoss: 0.25, localCorrect: 60, computeSeconds: 0.001)),
         .gradientPush(GradientPush(sampleCount: 64, localLoss: 0.25, attempt: 1, part: 2, moreParts: true)),
         .parameterUpdate(ParameterUpdate(learningRate: 0.1, fullCopy: true, epoch: 1, worldSize: 3, shardIndex: 2, trainLoss: 0.5)),

@@ -100,10 +100,18 @@ struct  Ddp__V1__TensorDescriptor
    * product(shape) * size(dtype), and the frame's exact size
    */
   uint64_t byte_length;
+  /*
+   * the bytes are in the peers' shared-memory segment, not in a frame
+   */
+  protobuf_c_boolean shared;
+  /*
+   * where in that segment (a multiple of 4); with shared = true only
+   */
+  uint64_t shared_offset;
 };
 #define DDP__V1__TENSOR_DESCRIPTOR__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&ddp__v1__tensor_descriptor__descriptor) \
-    , (char *)protobuf_c_empty_string, 0,NULL, DDP__V1__DTYPE__DTYPE_UNSPECIFIED, 0 }
+    , (char *)protobuf_c_empty_string, 0,NULL, DDP__V1__DTYPE__DTYPE_UNSPECIFIED, 0, 0, 0 }
 
 
 typedef enum {
@@ -193,10 +201,26 @@ struct  Ddp__V1__Join
    * a rank the worker held before (rejoin), or -1
    */
   int32_t requested_rank;
+  /*
+   * A shared-memory segment offered for tensors (see SHARED MEMORY above); empty path: none.
+   */
+  char *shared_memory_path;
+  /*
+   * the segment's first 32 bytes
+   */
+  ProtobufCBinaryData shared_memory_nonce;
+  /*
+   * its size
+   */
+  uint64_t shared_memory_bytes;
+  /*
+   * where the coordinator's area begins
+   */
+  uint64_t shared_update_offset;
 };
 #define DDP__V1__JOIN__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&ddp__v1__join__descriptor) \
-    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, (char *)protobuf_c_empty_string, 0 }
+    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, (char *)protobuf_c_empty_string, 0, (char *)protobuf_c_empty_string, {0,NULL}, 0, 0 }
 
 
 /*
@@ -224,10 +248,14 @@ struct  Ddp__V1__Welcome
   uint64_t epoch;
   uint64_t heartbeat_interval_ms;
   uint64_t heartbeat_timeout_ms;
+  /*
+   * the coordinator mapped the segment the Join offered
+   */
+  protobuf_c_boolean shared_memory;
 };
 #define DDP__V1__WELCOME__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&ddp__v1__welcome__descriptor) \
-    , 0, 0, (char *)protobuf_c_empty_string, 0, 0, 0, 0 }
+    , 0, 0, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0 }
 
 
 /*

@@ -1,24 +1,31 @@
+import Autodiff
 import DDPWire
 import Foundation
 
 /// `ddpctl bench exchange`: the time of one full gradient round through a coordinator, without compute:
 /// every worker process pushes `elements` floats, the coordinator averages them in rank order (as the
-/// coordinator does, chunk by chunk) and sends the result to every worker. Tensors travel as `dtype` (f32, or bf16/f16 halving the bytes).
+/// coordinator does, chunk by chunk) and sends the result to every worker, which copies it into its
+/// parameters. Messages are the protocol's (Join, Welcome, ParameterUpdate, GradientPush); tensors travel
+/// as `dtype` (f32, or bf16/f16 halving the bytes), through shared memory as between a coordinator and
+/// the workers on its host (`sharedMemory`), or in frames over ipc.
 public struct ExchangeBenchmark {
     public var elements: Int
     public var workers: Int
     public var dtype: DType
     public var rounds: Int
+    public var sharedMemory: Bool
 
-    public init(elements: Int, workers: Int, dtype: DType, rounds: Int = 20) {
+    public init(elements: Int, workers: Int, dtype: DType, rounds: Int = 20, sharedMemory: Bool = true) {
         self.elements = elements
         self.workers = workers
         self.dtype = dtype
         self.rounds = rounds
+        self.sharedMemory = sharedMemory
     }
 
     public func run(executable: String, workerArguments: [String]) throws -> [String: Any] {
         guard elements > 0, workers > 0, rounds > 0 else { throw WireBenchmarkError.invalid("--elements, --workers and --rounds must be positive") }
+        BLAS.threads = 1  // no matrix products here: idle OpenBLAS threads would only spin on the cores the workers need
         let context = ZMQContext(ioThreads: min(workers, 2))
         let router = try ZMQSocket(context: context, kind: .router)
         try router.setHighWaterMarks(send: 0, receive: 0)
@@ -28,68 +35,158 @@ public struct ExchangeBenchmark {
             let p = Process()
             p.executableURL = URL(fileURLWithPath: executable)
             p.arguments = workerArguments + [endpoint, "--elements", "\(elements)", "--dtype", dtype.rawValue]
+                + (sharedMemory ? ["--shared-memory"] : [])
             try p.run()
             return p
         }
         defer { for p in processes where p.isRunning { p.terminate() } }
+        let byteCount = elements * dtype.size
         var identities: [[UInt8]] = []
-        while identities.count < workers {  // each worker says hello with an empty frame
+        var segments: [[UInt8]: SharedSegment] = [:]
+        var updateRegions: [[UInt8]: Payload] = [:]
+        while identities.count < workers {
             guard let frames = try router.receive(timeoutMilliseconds: 30_000) else { throw WireBenchmarkError.invalid("workers did not connect") }
-            identities.append(frames[0].bytes)
+            guard case .join(let join) = try WireCodec.decode(Array(frames.dropFirst())).body else { continue }
+            let identity = frames[0].bytes
+            identities.append(identity)
+            if let offer = join.sharedMemory {
+                let segment = try SharedSegment(opening: offer.path, byteCount: offer.byteCount, nonce: offer.nonce)
+                segments[identity] = segment
+                updateRegions[identity] = segment.region(offset: offer.updateOffset, count: byteCount)
+            }
+            try router.send([.bytes(identity)] + WireCodec.encode(WireMessage(
+                jobID: "", step: 0, body: .welcome(Welcome(rank: Int32(identities.count - 1), worldSize: UInt32(workers), jobSpecJSON: "{}",
+                                                           startStep: 0, epoch: 0, sharedMemory: segments[identity] != nil)))))
         }
-        var sum = [Float](repeating: 0, count: elements), scratch = [Float](repeating: 0, count: WeightedMean.chunk)
-        var update = Payload(byteCount: elements * dtype.size)
+        let framed = identities.contains { updateRegions[$0] == nil }
+        var sum = [Float](repeating: 0, count: elements), scratch = [Float](repeating: 0, count: WeightedMean.chunk * ParallelChunks.threads)
+        var update = Payload(byteCount: byteCount)
         var times: [Double] = []
         for round in -3..<rounds {
             let t = try Measure.seconds {
-                if update.isInFlight { update = Payload(byteCount: elements * dtype.size) }
-                sum.withUnsafeBufferPointer { TensorEncoding.write($0, as: dtype, into: update) }
-                for identity in identities { try router.send([.bytes(identity), .payload(update)]) }
+                if update.isInFlight { update = Payload(byteCount: byteCount) }
+                let targets = (framed ? [update] : []) + identities.compactMap { updateRegions[$0] }
+                Self.encode(sum, as: dtype, into: targets)
+                for identity in identities {
+                    let tensor = WireTensor(name: "x", shape: [elements], dtype: dtype, payload: updateRegions[identity] ?? update)
+                    try router.send([.bytes(identity)] + WireCodec.encode(WireMessage(
+                        jobID: "", step: UInt64(round + 3), body: .parameterUpdate(ParameterUpdate(learningRate: 0, fullCopy: true, epoch: 0, worldSize: UInt32(workers),
+                                                                                                  shardIndex: 0, trainLoss: 0)),
+                        tensors: [tensor])))
+                }
                 var received: [[UInt8]: Payload] = [:]
                 while received.count < workers {
-                    guard let frames = try router.receive(timeoutMilliseconds: 30_000), frames.count == 2 else {
+                    guard let frames = try router.receive(timeoutMilliseconds: 30_000) else {
                         throw WireBenchmarkError.invalid("a worker did not answer within 30 s")
                     }
-                    received[frames[0].bytes] = frames[1]
+                    let identity = frames[0].bytes
+                    let message = try WireCodec.decode(Array(frames.dropFirst()), sharedMemory: segments[identity])
+                    guard case .gradientPush = message.body, message.tensors.count == 1 else { throw WireBenchmarkError.invalid("a worker answered with something else") }
+                    received[identity] = message.tensors[0].payload
                 }
                 let terms = identities.map { (weight: 1 / Float(workers), payload: received[$0]!) }
                 sum.withUnsafeMutableBufferPointer { mean in
-                    scratch.withUnsafeMutableBufferPointer { _ = WeightedMean.write(terms, dtype: dtype, into: mean, scratch: $0) }
+                    scratch.withUnsafeMutableBufferPointer { _ = WeightedMean.writeInParallel(terms, dtype: dtype, into: mean, scratch: $0) }
                 }
             }
             if round >= 0 { times.append(t) }
         }
-        for identity in identities { try router.send([.bytes(identity), .bytes([])]) }
+        for identity in identities { try router.send([.bytes(identity)] + WireCodec.encode(WireMessage(jobID: "", step: 0, body: .stop(reason: "done", graceful: true)))) }
         let median = Measure.median(times)
-        let bytesPerRound = Double(2 * workers * elements * dtype.size)
+        let bytesPerRound = Double(2 * workers * byteCount)
         let memcpy = Self.memcpyBandwidth(bytes: elements * 4)
         return [
             "benchmark": "exchange", "elements": elements, "workers": workers, "dtype": dtype.rawValue, "rounds": rounds,
+            "transport": framed ? "ipc frames" : "shared memory",
             "seconds": median, "ms_per_round": median * 1e3, "round_ms_min": times.min()! * 1e3, "round_ms_max": times.max()! * 1e3,
             "bytes_per_round": Int(bytesPerRound), "gbytes_per_second": bytesPerRound / median / 1e9,
             "memcpy_gbytes_per_second": memcpy, "fraction_of_memcpy": bytesPerRound / median / 1e9 / memcpy,
         ]
     }
 
-    /// One worker of the benchmark: answers every update with a gradient of the same size, sent as the
-    /// real worker sends it: from its own storage in f32, converted into a reused buffer in f16/bf16.
-    public static func worker(endpoint: String, elements: Int, dtype: DType) throws {
+    /// Encodes `values` into every target, a chunk at a time (on `ParallelChunks.threads` threads, as the
+    /// coordinator does): into the first, then copied from it while in cache.
+    static func encode(_ values: [Float], as dtype: DType, into targets: [Payload]) {
+        values.withUnsafeBufferPointer { values in
+            ParallelChunks.forEach(count: values.count, chunk: WeightedMean.chunk) { range, _ in
+                let start = range.lowerBound
+                TensorEncoding.write(UnsafeBufferPointer(rebasing: values[range]), as: dtype, into: targets[0], at: start)
+                targets[0].withUnsafeBytes { source in
+                    for target in targets.dropFirst() {
+                        target.withUnsafeMutableBytes {
+                            ($0.baseAddress! + start * dtype.size).copyMemory(from: source.baseAddress! + start * dtype.size, byteCount: range.count * dtype.size)
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One worker of the benchmark: takes every update into its parameters and answers with a gradient
+    /// of the same size, as the real worker does. Through shared memory in f32 its parameters and its
+    /// gradient live in the segment (the coordinator writes the update in place; backward would write
+    /// the gradient in place), so nothing is copied on this side; in f16/bf16 the update is decoded into
+    /// its parameters and the gradient encoded into the segment. In frames, the f32 gradient goes out from
+    /// its own storage, a half-precision one converted into a reused buffer.
+    public static func worker(endpoint: String, elements: Int, dtype: DType, sharedMemory: Bool) throws {
+        BLAS.threads = 1
         let context = ZMQContext()
         let socket = try ZMQSocket(context: context, kind: .dealer)
         try socket.setHighWaterMarks(send: 0, receive: 0)
         try socket.connect(endpoint)
-        try socket.send([.bytes([])])
-        final class Storage { let values: [Float]; init(_ values: [Float]) { self.values = values } }
-        let storage = Storage((0..<elements).map { Float($0 % 1000) * 1e-3 })
-        var gradient = Payload(byteCount: elements * dtype.size)
-        while let frames = try socket.receive(timeoutMilliseconds: 60_000), let update = frames.first, update.byteCount > 0 {
-            if dtype == .f32 {
-                try socket.send([.payload(storage.values.withUnsafeBytes { Payload(borrowing: $0, owner: storage) })])
-                continue
+        let byteCount = elements * dtype.size
+        let pushes = SharedLayout(start: SharedSegment.headerBytes, byteCounts: [byteCount])
+        let updates = SharedLayout(start: pushes.end, byteCounts: [elements * 4])
+        let segment = sharedMemory ? try SharedSegment(creating: updates.end) : nil
+        var join = Join(workerID: "exchange-\(getpid())", host: ProcessInfo.processInfo.hostName, pid: UInt32(getpid()), modelFingerprint: "")
+        join.sharedMemory = segment.map { SharedMemoryOffer(path: $0.path, nonce: $0.nonce, byteCount: $0.byteCount, updateOffset: pushes.end) }
+        try socket.send(WireCodec.encode(WireMessage(jobID: "", step: 0, body: .join(join))))
+        final class Storage { var values: [Float]; init(_ values: [Float]) { self.values = values } }
+        let gradient = Storage((0..<elements).map { Float($0 % 1000) * 1e-3 })
+        var parameters = [Float](repeating: 0, count: elements), scratch = [Float](repeating: 0, count: WeightedMean.chunk)
+        var encoded = Payload(byteCount: byteCount)
+        var sharing = false
+        let gradientRegion = segment?.region(offset: pushes.offsets[0], count: byteCount)
+        let parameterRegion = segment?.region(offset: updates.offsets[0], count: elements * 4)
+        while let frames = try socket.receive(timeoutMilliseconds: 60_000) {
+            let message = try WireCodec.decode(frames, sharedMemory: sharing ? segment : nil)
+            switch message.body {
+            case .welcome(let welcome):
+                sharing = welcome.sharedMemory
+                if sharing, dtype == .f32, let gradientRegion {  // as if backward had written it there
+                    gradient.values.withUnsafeBufferPointer { TensorEncoding.write($0, as: .f32, into: gradientRegion) }
+                }
+            case .parameterUpdate:
+                guard let update = message.tensors.first, update.elementCount == elements else { throw WireBenchmarkError.invalid("bad update") }
+                let inPlace = sharing && dtype == .f32 && update.payload.withUnsafeBytes { $0.baseAddress } == parameterRegion?.withUnsafeBytes { $0.baseAddress }
+                if !inPlace {
+                    parameters.withUnsafeMutableBufferPointer { dst in
+                        scratch.withUnsafeMutableBufferPointer { scratch in
+                            for start in stride(from: 0, to: elements, by: scratch.count) {
+                                TensorEncoding.withFloats(update.payload, dtype: dtype, range: start..<min(start + scratch.count, elements), scratch: scratch) {
+                                    (dst.baseAddress! + start).update(from: $0.baseAddress!, count: $0.count)
+                                }
+                            }
+                        }
+                    }
+                }
+                let payload: Payload
+                if sharing, let gradientRegion {
+                    payload = gradientRegion
+                    if dtype != .f32 { gradient.values.withUnsafeBufferPointer { TensorEncoding.write($0, as: dtype, into: gradientRegion) } }
+                } else if dtype == .f32 {
+                    payload = gradient.values.withUnsafeBytes { Payload(borrowing: $0, owner: gradient) }
+                } else {
+                    if encoded.isInFlight { encoded = Payload(byteCount: byteCount) }
+                    gradient.values.withUnsafeBufferPointer { TensorEncoding.write($0, as: dtype, into: encoded) }
+                    payload = encoded
+                }
+                try socket.send(WireCodec.encode(WireMessage(
+                    jobID: "", step: message.step, body: .gradientPush(GradientPush(sampleCount: 1, localLoss: 0)),
+                    tensors: [WireTensor(name: "x", shape: [elements], dtype: dtype, payload: payload)])))
+            default:
+                return
             }
-            if gradient.isInFlight { gradient = Payload(byteCount: elements * dtype.size) }
-            storage.values.withUnsafeBufferPointer { TensorEncoding.write($0, as: dtype, into: gradient) }
-            try socket.send([.payload(gradient)])
         }
     }
 
