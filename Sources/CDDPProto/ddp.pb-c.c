@@ -502,6 +502,51 @@ void   ddp__v1__status_reply__free_unpacked
   assert(message->base.descriptor == &ddp__v1__status_reply__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+void   ddp__v1__shard_message__init
+                     (Ddp__V1__ShardMessage         *message)
+{
+  static const Ddp__V1__ShardMessage init_value = DDP__V1__SHARD_MESSAGE__INIT;
+  *message = init_value;
+}
+size_t ddp__v1__shard_message__get_packed_size
+                     (const Ddp__V1__ShardMessage *message)
+{
+  assert(message->base.descriptor == &ddp__v1__shard_message__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t ddp__v1__shard_message__pack
+                     (const Ddp__V1__ShardMessage *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &ddp__v1__shard_message__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t ddp__v1__shard_message__pack_to_buffer
+                     (const Ddp__V1__ShardMessage *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &ddp__v1__shard_message__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Ddp__V1__ShardMessage *
+       ddp__v1__shard_message__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Ddp__V1__ShardMessage *)
+     protobuf_c_message_unpack (&ddp__v1__shard_message__descriptor,
+                                allocator, len, data);
+}
+void   ddp__v1__shard_message__free_unpacked
+                     (Ddp__V1__ShardMessage *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &ddp__v1__shard_message__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 void   ddp__v1__stop__init
                      (Ddp__V1__Stop         *message)
 {
@@ -695,7 +740,7 @@ const ProtobufCMessageDescriptor ddp__v1__tensor_descriptor__descriptor =
   (ProtobufCMessageInit) ddp__v1__tensor_descriptor__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor ddp__v1__envelope__field_descriptors[15] =
+static const ProtobufCFieldDescriptor ddp__v1__envelope__field_descriptors[16] =
 {
   {
     "protocol_version",
@@ -877,6 +922,18 @@ static const ProtobufCFieldDescriptor ddp__v1__envelope__field_descriptors[15] =
     0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "shard",
+    20,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Ddp__V1__Envelope, body_case),
+    offsetof(Ddp__V1__Envelope, shard),
+    &ddp__v1__shard_message__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned ddp__v1__envelope__field_indices_by_name[] = {
   14,   /* field[14] = error */
@@ -888,6 +945,7 @@ static const unsigned ddp__v1__envelope__field_indices_by_name[] = {
   8,   /* field[8] = parameter_update */
   0,   /* field[0] = protocol_version */
   3,   /* field[3] = rank */
+  15,   /* field[15] = shard */
   12,   /* field[12] = status_reply */
   11,   /* field[11] = status_request */
   2,   /* field[2] = step */
@@ -899,7 +957,7 @@ static const ProtobufCIntRange ddp__v1__envelope__number_ranges[2 + 1] =
 {
   { 1, 0 },
   { 10, 5 },
-  { 0, 15 }
+  { 0, 16 }
 };
 const ProtobufCMessageDescriptor ddp__v1__envelope__descriptor =
 {
@@ -909,7 +967,7 @@ const ProtobufCMessageDescriptor ddp__v1__envelope__descriptor =
   "Ddp__V1__Envelope",
   "ddp.v1",
   sizeof(Ddp__V1__Envelope),
-  15,
+  16,
   ddp__v1__envelope__field_descriptors,
   ddp__v1__envelope__field_indices_by_name,
   2,  ddp__v1__envelope__number_ranges,
@@ -1058,7 +1116,7 @@ const ProtobufCMessageDescriptor ddp__v1__join__descriptor =
   (ProtobufCMessageInit) ddp__v1__join__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor ddp__v1__welcome__field_descriptors[8] =
+static const ProtobufCFieldDescriptor ddp__v1__welcome__field_descriptors[9] =
 {
   {
     "rank",
@@ -1156,6 +1214,18 @@ static const ProtobufCFieldDescriptor ddp__v1__welcome__field_descriptors[8] =
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "shard_endpoints",
+    9,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_STRING,
+    offsetof(Ddp__V1__Welcome, n_shard_endpoints),
+    offsetof(Ddp__V1__Welcome, shard_endpoints),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned ddp__v1__welcome__field_indices_by_name[] = {
   4,   /* field[4] = epoch */
@@ -1163,6 +1233,7 @@ static const unsigned ddp__v1__welcome__field_indices_by_name[] = {
   6,   /* field[6] = heartbeat_timeout_ms */
   2,   /* field[2] = job_spec_json */
   0,   /* field[0] = rank */
+  8,   /* field[8] = shard_endpoints */
   7,   /* field[7] = shared_memory */
   3,   /* field[3] = start_step */
   1,   /* field[1] = world_size */
@@ -1170,7 +1241,7 @@ static const unsigned ddp__v1__welcome__field_indices_by_name[] = {
 static const ProtobufCIntRange ddp__v1__welcome__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 8 }
+  { 0, 9 }
 };
 const ProtobufCMessageDescriptor ddp__v1__welcome__descriptor =
 {
@@ -1180,7 +1251,7 @@ const ProtobufCMessageDescriptor ddp__v1__welcome__descriptor =
   "Ddp__V1__Welcome",
   "ddp.v1",
   sizeof(Ddp__V1__Welcome),
-  8,
+  9,
   ddp__v1__welcome__field_descriptors,
   ddp__v1__welcome__field_indices_by_name,
   1,  ddp__v1__welcome__number_ranges,
@@ -1919,6 +1990,259 @@ const ProtobufCMessageDescriptor ddp__v1__status_reply__descriptor =
   ddp__v1__status_reply__field_indices_by_name,
   1,  ddp__v1__status_reply__number_ranges,
   (ProtobufCMessageInit) ddp__v1__status_reply__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCEnumValue ddp__v1__shard_message__kind__enum_values_by_number[11] =
+{
+  { "KIND_UNSPECIFIED", "DDP__V1__SHARD_MESSAGE__KIND__KIND_UNSPECIFIED", 0 },
+  { "HELLO", "DDP__V1__SHARD_MESSAGE__KIND__HELLO", 1 },
+  { "ASSIGN", "DDP__V1__SHARD_MESSAGE__KIND__ASSIGN", 2 },
+  { "ROSTER", "DDP__V1__SHARD_MESSAGE__KIND__ROSTER", 3 },
+  { "RECEIVED", "DDP__V1__SHARD_MESSAGE__KIND__RECEIVED", 4 },
+  { "AVERAGE", "DDP__V1__SHARD_MESSAGE__KIND__AVERAGE", 5 },
+  { "AVERAGED", "DDP__V1__SHARD_MESSAGE__KIND__AVERAGED", 6 },
+  { "APPLY", "DDP__V1__SHARD_MESSAGE__KIND__APPLY", 7 },
+  { "ABORT", "DDP__V1__SHARD_MESSAGE__KIND__ABORT", 8 },
+  { "SNAPSHOT", "DDP__V1__SHARD_MESSAGE__KIND__SNAPSHOT", 9 },
+  { "SNAPSHOT_REPLY", "DDP__V1__SHARD_MESSAGE__KIND__SNAPSHOT_REPLY", 10 },
+};
+static const ProtobufCIntRange ddp__v1__shard_message__kind__value_ranges[] = {
+{0, 0},{0, 11}
+};
+static const ProtobufCEnumValueIndex ddp__v1__shard_message__kind__enum_values_by_name[11] =
+{
+  { "ABORT", 8 },
+  { "APPLY", 7 },
+  { "ASSIGN", 2 },
+  { "AVERAGE", 5 },
+  { "AVERAGED", 6 },
+  { "HELLO", 1 },
+  { "KIND_UNSPECIFIED", 0 },
+  { "RECEIVED", 4 },
+  { "ROSTER", 3 },
+  { "SNAPSHOT", 9 },
+  { "SNAPSHOT_REPLY", 10 },
+};
+const ProtobufCEnumDescriptor ddp__v1__shard_message__kind__descriptor =
+{
+  PROTOBUF_C__ENUM_DESCRIPTOR_MAGIC,
+  "ddp.v1.ShardMessage.Kind",
+  "Kind",
+  "Ddp__V1__ShardMessage__Kind",
+  "ddp.v1",
+  11,
+  ddp__v1__shard_message__kind__enum_values_by_number,
+  11,
+  ddp__v1__shard_message__kind__enum_values_by_name,
+  1,
+  ddp__v1__shard_message__kind__value_ranges,
+  NULL,NULL,NULL,NULL   /* reserved[1234] */
+};
+static const ProtobufCFieldDescriptor ddp__v1__shard_message__field_descriptors[14] =
+{
+  {
+    "kind",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_ENUM,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__ShardMessage, kind),
+    &ddp__v1__shard_message__kind__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "shard",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__ShardMessage, shard),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "endpoint",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__ShardMessage, endpoint),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "job_spec_json",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__ShardMessage, job_spec_json),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "attempt",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__ShardMessage, attempt),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "ranks",
+    6,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_SINT32,
+    offsetof(Ddp__V1__ShardMessage, n_ranks),
+    offsetof(Ddp__V1__ShardMessage, ranks),
+    NULL,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_PACKED,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "worker_ids",
+    7,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_STRING,
+    offsetof(Ddp__V1__ShardMessage, n_worker_ids),
+    offsetof(Ddp__V1__ShardMessage, worker_ids),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "sample_counts",
+    8,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_UINT64,
+    offsetof(Ddp__V1__ShardMessage, n_sample_counts),
+    offsetof(Ddp__V1__ShardMessage, sample_counts),
+    NULL,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_PACKED,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "refused",
+    9,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__ShardMessage, refused),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "learning_rate",
+    10,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_FLOAT,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__ShardMessage, learning_rate),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "apply_optimizer",
+    11,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__ShardMessage, apply_optimizer),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "optimizer_steps",
+    12,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__ShardMessage, optimizer_steps),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "with_state",
+    13,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__ShardMessage, with_state),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "finite",
+    14,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__ShardMessage, finite),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned ddp__v1__shard_message__field_indices_by_name[] = {
+  10,   /* field[10] = apply_optimizer */
+  4,   /* field[4] = attempt */
+  2,   /* field[2] = endpoint */
+  13,   /* field[13] = finite */
+  3,   /* field[3] = job_spec_json */
+  0,   /* field[0] = kind */
+  9,   /* field[9] = learning_rate */
+  11,   /* field[11] = optimizer_steps */
+  5,   /* field[5] = ranks */
+  8,   /* field[8] = refused */
+  7,   /* field[7] = sample_counts */
+  1,   /* field[1] = shard */
+  12,   /* field[12] = with_state */
+  6,   /* field[6] = worker_ids */
+};
+static const ProtobufCIntRange ddp__v1__shard_message__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 14 }
+};
+const ProtobufCMessageDescriptor ddp__v1__shard_message__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "ddp.v1.ShardMessage",
+  "ShardMessage",
+  "Ddp__V1__ShardMessage",
+  "ddp.v1",
+  sizeof(Ddp__V1__ShardMessage),
+  14,
+  ddp__v1__shard_message__field_descriptors,
+  ddp__v1__shard_message__field_indices_by_name,
+  1,  ddp__v1__shard_message__number_ranges,
+  (ProtobufCMessageInit) ddp__v1__shard_message__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
 static const ProtobufCFieldDescriptor ddp__v1__stop__field_descriptors[2] =

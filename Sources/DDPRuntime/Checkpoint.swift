@@ -20,7 +20,7 @@ public struct Checkpoint {
     ) throws -> String {
         try FileManager.default.createDirectory(atPath: directory.checkpointsPath, withIntermediateDirectories: true)
         let path = directory.checkpointsPath + String(format: "/step-%08d.safetensors", step)
-        let historyJSON = String(decoding: try JSONEncoder().encode(history), as: UTF8.self)
+        let historyJSON = String(decoding: try JobJSON.encoder([]).encode(history), as: UTF8.self)
         let metadata = [
             "format": "pt", "step": "\(step)", "epoch": "\(step / max(stepsPerEpoch, 1))",
             "sampler_position": "\(step % max(stepsPerEpoch, 1))", "sampler_seed": "\(spec.seed)",
@@ -64,6 +64,6 @@ public struct Checkpoint {
     /// The per-epoch history stored with the checkpoint.
     func history() -> [EpochRecord] {
         guard let contents = try? SafeTensors.read(path: path), let text = contents.metadata["history"] else { return [] }
-        return (try? JSONDecoder().decode([EpochRecord].self, from: Data(text.utf8))) ?? []
+        return (try? JobJSON.decoder().decode([EpochRecord].self, from: Data(text.utf8))) ?? []
     }
 }

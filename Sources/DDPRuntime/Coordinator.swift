@@ -9,7 +9,27 @@ import Logging
 /// requests, and ends the job with a model and a summary.
 ///
 /// One thread, one `zmq_poll` loop; every wait has a deadline whose expiry names who was waited for.
+///
+/// With `coordinator_shards` K > 1 this is one of K processes: the leader (shard 0) does all of the
+/// above for the parameters `ShardPlan` gives it and drives K-1 followers, which average and step the
+/// rest (see COORDINATOR SHARDS in proto/ddp.proto).
 public final class Coordinator {
+    /// This process's part in the job.
+    public enum Role: Equatable, Sendable {
+        /// The coordinator, or with shards the leader.
+        case leader
+        /// Follower shard `index` (1..K-1) of the leader at `leader` (its worker endpoint).
+        case follower(index: Int, leader: String)
+    }
+
+    /// A follower shard as the leader knows it.
+    struct Follower {
+        var identity: [UInt8]
+        var endpoint: String
+        var connection: Int32
+        var lastSeen: Double
+    }
+
     /// The phases of a job.
     enum Phase: String { case waiting, training, stopping, completed, stopped, failed }
 
@@ -48,7 +68,7 @@ public final class Coordinator {
         let sampleCount: UInt64
         let loss: Float
         let correct: UInt32
-        let gradients: [Payload]  // in parameter order; empty when the contribution was rejected
+        let gradients: [Payload?]  // in parameter order, the owned ones set; empty when the contribution was rejected
         var dtype: DType = .f32
 
         /// A push that was refused: it counts as answered, with no samples.
@@ -71,8 +91,13 @@ public final class Coordinator {
         var finite = true
     }
 
-    public let spec: JobSpec
+    public internal(set) var spec: JobSpec
+    public let role: Role
     let setup: TrainingSetup
+    /// Which shard owns each parameter, and the ones this process averages and steps.
+    let plan: ShardPlan
+    let owned: [Int]
+    let isOwned: [Bool]
     let parameters: [NamedParameter]
     let optimizer: any Optimizer
     let schedule: LearningRateSchedule
@@ -81,75 +106,103 @@ public final class Coordinator {
 
     /// With several workers, several I/O threads (each connection is served by one), so that their
     /// gradients arrive and their updates leave in parallel.
-    private let context: ZMQContext
-    private let workerSocket: ZMQSocket
-    private let controlSocket: ZMQSocket
-    private let monitor: ZMQMonitor
-    private let authenticator: Authenticator?
+    let context: ZMQContext
+    let workerSocket: ZMQSocket
+    let controlSocket: ZMQSocket
+    let monitor: ZMQMonitor
+    let authenticator: Authenticator?
     /// The endpoints actually bound (ports filled in).
     public let workerEndpoint: String
     public let controlEndpoint: String
 
-    private var phase = Phase.waiting
-    private var message = ""
-    private var members: [Int32: Member] = [:]
-    private var rankOfIdentity: [[UInt8]: Int32] = [:]
-    private var step = 0
-    private var contributions: [Int32: Contribution] = [:]
+    var phase = Phase.waiting
+    var message = ""
+    var members: [Int32: Member] = [:]
+    var rankOfIdentity: [[UInt8]: Int32] = [:]
+    var step = 0
+    var contributions: [Int32: Contribution] = [:]
     /// Pushes arriving in parts this step, by rank.
-    private var partialPushes: [Int32: PartialPush] = [:]
+    var partialPushes: [Int32: PartialPush] = [:]
     /// Tensors averaged while the step's pushes still arrived, and over which contributions.
-    private var earlyAverage = EarlyAverage()
+    var earlyAverage = EarlyAverage()
     /// The attempt of the current step, and whether it must be sent again (a worker was lost mid-step).
-    private var attempt: UInt32 = 0
-    private var redoStep = false
-    private var stepStarted = 0.0
-    private var recentStepSeconds: [Double] = []
-    private var recentLosses: [Float] = []
-    private var epochLoss = (sum: 0.0, correct: 0, samples: 0)
-    private var history: [EpochRecord] = []
-    private var rejected: UInt64 = 0
-    private var stopRequested = false
-    private var lostRanks: [Int32] = []
-    private let started = Coordinator.now()
-    private var trainingStarted = 0.0
-    private var firstJoin = 0.0
-    private var belowMinimumSince = 0.0
-    private var samplesTrained = 0
-    private var metrics = Metrics()
-    private var stepLog: [String] = []
-    private var lastMetricsWrite = 0.0
-    private var parameterPayloads: [Payload]
+    var attempt: UInt32 = 0
+    var redoStep = false
+    var stepStarted = 0.0
+    var recentStepSeconds: [Double] = []
+    var recentLosses: [Float] = []
+    var epochLoss = (sum: 0.0, correct: 0, samples: 0)
+    var history: [EpochRecord] = []
+    var rejected: UInt64 = 0
+    var stopRequested = false
+    var lostRanks: [Int32] = []
+    let started = Coordinator.now()
+    var trainingStarted = 0.0
+    var firstJoin = 0.0
+    var belowMinimumSince = 0.0
+    var samplesTrained = 0
+    var metrics = Metrics()
+    var stepLog: [String] = []
+    var lastMetricsWrite = 0.0
+    var parameterPayloads: [Payload]
     /// How tensors travel, and with a half-precision type the parameters every worker holds (the sum of
     /// the rounded changes sent so far), from which the next change is measured.
-    private let wireType: DType
-    private let replica: [Tensor]?
-    private var deltaPayloads: [Payload] = []
-    private let gradients: [Tensor]
+    let wireType: DType
+    let replica: [Tensor]?
+    var deltaPayloads: [Payload] = []
+    let gradients: [Tensor]
     /// Elements per chunk when averaging, stepping and encoding, so that what one chunk touches stays in
     /// cache between the passes over it.
-    private static let chunk = WeightedMean.chunk
+    static let chunk = WeightedMean.chunk
     /// Room for two chunks of converted or computed values per thread of `ParallelChunks`.
-    private let scratch = Tensor.zeros([2 * Coordinator.chunk * ParallelChunks.threads])
-    private let indexOfParameter: [String: Int]
+    let scratch = Tensor.zeros([2 * Coordinator.chunk * ParallelChunks.threads])
+    let indexOfParameter: [String: Int]
     /// Where the update being encoded goes: the frame payloads (for workers without shared memory), and
     /// the segments of the live workers with it.
-    private var updateTargets: (frames: Bool, shared: [SharedArea]) = (true, [])
+    var updateTargets: (frames: Bool, shared: [SharedArea]) = (true, [])
+
+    /// Leader: the followers by shard index, their identities, and their RECEIVED reports for the current
+    /// step and attempt (rank -> why refused, "" when accepted).
+    var followers: [Int: Follower] = [:]
+    var followerOfIdentity: [[UInt8]: Int] = [:]
+    var followerReports: [Int: [Int32: String]] = [:]
+    /// Leader: worker messages (with their connection) that arrived while it waited for followers.
+    var deferred: [(frames: [Payload], connection: Int32)] = []
+    /// Follower: its socket to the leader, the workers the leader says take part (rank -> worker id), and
+    /// when the leader was last heard.
+    var leaderSocket: ZMQSocket?
+    var roster: [Int32: String] = [:]
+    var leaderLastHeard = 0.0
+    /// Follower: an APPLY waiting for recipients that have not joined this shard yet.
+    var pendingApply: (message: ShardMessage, step: Int, deadline: Double)?
+    /// Leader: a follower was lost (the job has failed; nothing more is asked of them).
+    var followersLost = false
+    /// Leader: connections that dropped while it waited for followers, for the main loop to handle.
+    var disconnectedWhileWaiting: [Int32] = []
 
     /// Builds the job's model and binds both endpoints (`tcp://HOST:0` takes any free port).
     /// With `resume`, the newest checkpoint in the job directory supplies parameters, optimizer state,
     /// step and history.
     public init(
         spec: JobSpec, workerEndpoint: String, controlEndpoint: String, directory: JobDirectory?, resume: Bool = false,
-        allowPlainText: Bool = false,
+        allowPlainText: Bool = false, role: Role = .leader,
         logger: Logger
     ) throws {
         var spec = spec
         if spec.jobID.isEmpty { spec.jobID = JobSpec.newJobID() }
         self.spec = spec
+        self.role = role
         context = ZMQContext(ioThreads: min(max(spec.workers, 1), max(2, ProcessInfo.processInfo.activeProcessorCount / 2)))
         setup = try TrainingSetup(spec: spec)
         parameters = setup.model.parameters
+        let plan = ShardPlan(elementCounts: parameters.map(\.tensor.count), shards: spec.coordinatorShards)
+        let shard = role.shardIndex
+        guard shard < spec.coordinatorShards else {
+            throw JobSpecError.invalid("shard \(shard) does not exist with coordinator_shards = \(spec.coordinatorShards) (followers are 1...\(spec.coordinatorShards - 1))")
+        }
+        self.plan = plan
+        owned = plan.indices(of: shard)
+        isOwned = plan.owner.map { $0 == shard }
         optimizer = try setup.makeOptimizer()
         schedule = setup.schedule
         log = logger
@@ -184,6 +237,17 @@ public final class Coordinator {
         monitor = try ZMQMonitor(context: context, monitoring: workerSocket)
         self.workerEndpoint = try workerSocket.bind(workerEndpoint)
         self.controlEndpoint = try controlSocket.bind(controlEndpoint)
+        if case .follower(_, let leader) = role {
+            let socket = try ZMQSocket(context: context, kind: .dealer)
+            try keys?.secureClient(socket)
+            try socket.setHighWaterMarks(send: 0, receive: 0)
+            try socket.setSendTimeout(milliseconds: 2000)
+            try socket.connect(leader)
+            leaderSocket = socket
+            log.info("follower shard listening", metadata: ["workers": "\(self.workerEndpoint)", "leader": "\(leader)",
+                                                             "tensors": "\(owned.count) of \(parameters.count)"])
+            return
+        }
         try directory?.write(Endpoints(workers: self.workerEndpoint, control: self.controlEndpoint, pid: getpid()),
                              to: directory!.endpointsPath)
         if resume, let directory, let checkpoint = try Checkpoint.latest(in: directory) {
@@ -196,7 +260,7 @@ public final class Coordinator {
                                           "security": "\(keys == nil ? "none (plain text)" : "CURVE")"])
     }
 
-    private func restore(_ checkpoint: Checkpoint) throws {
+    func restore(_ checkpoint: Checkpoint) throws {
         for p in parameters {
             guard let saved = checkpoint.parameters[p.name], saved.shape == p.tensor.shape else {
                 throw SafeTensorsError.invalid(checkpoint.path, "parameter '\(p.name)' is missing or has another shape")
@@ -212,10 +276,15 @@ public final class Coordinator {
 
     static func now() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }
 
-    /// Runs the job to its end and returns the summary (also written to the job directory).
+    /// Runs the job to its end and returns the summary (also written to the job directory). A follower
+    /// runs until the leader stops it, and returns a summary of its own part.
     public func run() throws -> JobSummary {
+        if case .follower = role { return try runFollower() }
         let joinDeadline = started + spec.joinTimeoutSeconds
         while !isFinished {
+            let waiting = deferred
+            deferred = []
+            for (frames, connection) in waiting { try handleWorkerFrames(frames, connection: connection) }
             let ready = try ZMQSocket.poll([workerSocket, controlSocket, monitor.socket] + (authenticator.map { [$0.socket] } ?? []),
                                            timeoutMilliseconds: 50)
             if ready.contains(3), let authenticator {
@@ -223,11 +292,15 @@ public final class Coordinator {
                     reject("refused a client without an authorised key from \(address.isEmpty ? "an unknown address" : address)", from: nil)
                 }
             }
-            if ready.contains(0) { try drain(workerSocket, handleWorkerFrames) }
+            if ready.contains(0) { try drain(workerSocket) { try handleWorkerFrames($0, connection: workerSocket.lastConnection) } }
             if ready.contains(1) { try drain(controlSocket, handleControlFrames) }
-            if ready.contains(2) { try handleConnectionEvents() }
+            if ready.contains(2) || !disconnectedWhileWaiting.isEmpty { try handleConnectionEvents() }
             let now = Self.now()
             switch phase {
+            case .waiting where followers.count < spec.coordinatorShards - 1:
+                if now > joinDeadline {
+                    fail("only \(followers.count) of \(spec.coordinatorShards - 1) coordinator shards said hello within \(spec.joinTimeoutSeconds) s")
+                }
             case .waiting:
                 if liveCount + joiningCount >= spec.workers
                     || (liveCount + joiningCount >= spec.minWorkers && firstJoin > 0 && now - firstJoin > joinGrace) {
@@ -250,14 +323,14 @@ public final class Coordinator {
     }
 
     /// How long after the first join the job waits for the rest before starting with `min_workers`.
-    private var joinGrace: Double { min(spec.joinTimeoutSeconds, 2 * Double(spec.heartbeatTimeoutMs) / 1000) }
+    var joinGrace: Double { min(spec.joinTimeoutSeconds, 2 * Double(spec.heartbeatTimeoutMs) / 1000) }
 
-    private var isFinished: Bool { [.completed, .stopped, .failed].contains(phase) }
-    private var liveCount: Int { members.values.filter(\.isLive).count }
-    private var joiningCount: Int { members.values.filter { $0.state == "joining" }.count }
-    private var stepsPerEpoch: Int { setup.sampler.stepsPerEpoch }
+    var isFinished: Bool { [.completed, .stopped, .failed].contains(phase) }
+    var liveCount: Int { members.values.filter(\.isLive).count }
+    var joiningCount: Int { members.values.filter { $0.state == "joining" }.count }
+    var stepsPerEpoch: Int { setup.sampler.stepsPerEpoch }
 
-    private func drain(_ socket: ZMQSocket, _ handle: ([Payload]) throws -> Void) throws {
+    func drain(_ socket: ZMQSocket, _ handle: ([Payload]) throws -> Void) throws {
         var budget = 256
         while budget > 0, let frames = try socket.receive(timeoutMilliseconds: 0) {
             try handle(frames)
@@ -265,7 +338,7 @@ public final class Coordinator {
         }
     }
 
-    private func fail(_ reason: String) {
+    func fail(_ reason: String) {
         phase = .failed
         message = reason
         log.error("job failed: \(reason)")
@@ -273,13 +346,17 @@ public final class Coordinator {
 
     // MARK: Worker messages
 
-    private func handleWorkerFrames(_ frames: [Payload]) throws {
+    func handleWorkerFrames(_ frames: [Payload], connection: Int32) throws {
         guard frames.count >= 2 else { reject("a message without an envelope", from: nil); return }
         let identity = frames[0].bytes
+        if let index = followerOfIdentity[identity] {
+            followers[index]?.lastSeen = Self.now()
+            followers[index]?.connection = connection
+        }
         let rank = rankOfIdentity[identity]
         if let rank {
             members[rank]?.lastSeen = Self.now()
-            members[rank]?.connection = workerSocket.lastConnection
+            members[rank]?.connection = connection
         }
         metrics.bytesReceived += frames.reduce(0) { $0 + $1.byteCount }
         let message: WireMessage
@@ -292,30 +369,36 @@ public final class Coordinator {
             return
         }
         switch message.body {
-        case .join(let join): try handleJoin(join, identity: identity)
+        case .join(let join): try handleJoin(join, identity: identity, connection: connection)
         case .gradientPush(let push): handlePush(push, message: message, rank: rank)
         case .heartbeat:
             if rank != nil { try? reply(identity, .heartbeat(Heartbeat(sentUnixMilliseconds: Self.unixMilliseconds(), state: phase.rawValue))) }
         case .leave(let reason):
             if let rank { markGone(rank, state: "left", reason: "left the job: \(reason)") }
+        case .shard(let shard):
+            try handleFollowerMessage(shard, message: message, identity: identity, connection: connection)
         default:
             reject("unexpected \(message.body.kind) on the worker socket", from: rank)
         }
     }
 
-    private func reject(_ reason: String, from rank: Int32?) {
+    func reject(_ reason: String, from rank: Int32?) {
         rejected += 1
         metrics.rejectedMessages = rejected
         log.warning("rejected message: \(reason)", metadata: rank.map { ["rank": "\($0)"] } ?? [:])
     }
 
-    private func reply(_ identity: [UInt8], _ body: WireMessage.Body, step: UInt64 = 0, rank: Int32 = -1, tensors: [WireTensor] = []) throws {
+    func reply(_ identity: [UInt8], _ body: WireMessage.Body, step: UInt64 = 0, rank: Int32 = -1, tensors: [WireTensor] = []) throws {
         metrics.bytesSent += tensors.reduce(0) { $0 + $1.payload.byteCount }
         try workerSocket.send([.bytes(identity)] + WireCodec.encode(
             WireMessage(jobID: spec.jobID, step: step, rank: rank, body: body, tensors: tensors)))
     }
 
-    private func handleJoin(_ join: Join, identity: [UInt8]) throws {
+    func handleJoin(_ join: Join, identity: [UInt8], connection: Int32) throws {
+        guard followers.count == spec.coordinatorShards - 1 else {
+            try? reply(identity, .error(ErrorReply(code: .notReady, reason: "the coordinator shards are still starting; retry")))
+            return
+        }
         let fingerprint = setup.modelFingerprint
         if !join.modelFingerprint.isEmpty && join.modelFingerprint != fingerprint {
             let reason = "model fingerprint \(join.modelFingerprint) of worker \(join.workerID) on \(join.host) differs from the job's \(fingerprint)"
@@ -343,14 +426,18 @@ public final class Coordinator {
         members[rank] = Member(rank: rank, identity: identity, workerID: join.workerID, host: join.host, pid: join.pid,
                                state: "joining", lastSeen: Self.now(), restarts: restarts, shared: join.sharedMemory.flatMap(mapSharedMemory))
         rankOfIdentity[identity] = rank
-        members[rank]?.connection = workerSocket.lastConnection
+        members[rank]?.connection = connection
         if firstJoin == 0 { firstJoin = Self.now() }
+        sendRoster()
+        // A worker joining a running sharded job gets the followers' current values too.
+        if phase != .waiting && !followers.isEmpty && !refreshFromFollowers(withState: false) { return }
         log.info("worker joined", metadata: ["rank": "\(rank)", "host": "\(join.host)", "pid": "\(join.pid)",
                                               "restarts": "\(restarts)"])
-        let welcome = Welcome(
+        var welcome = Welcome(
             rank: rank, worldSize: UInt32(spec.workers), jobSpecJSON: spec.json(), startStep: UInt64(step),
             epoch: UInt64(step / stepsPerEpoch), heartbeatIntervalMilliseconds: UInt64(spec.heartbeatIntervalMs),
             heartbeatTimeoutMilliseconds: UInt64(spec.heartbeatTimeoutMs), sharedMemory: members[rank]?.shared != nil)
+        welcome.shardEndpoints = followers.keys.sorted().map { followers[$0]!.endpoint }
         do {
             try reply(identity, .welcome(welcome), step: UInt64(step), rank: rank, tensors: parameterTensors())
         } catch {
@@ -361,7 +448,7 @@ public final class Coordinator {
     /// Maps the segment a joining worker offers, when the job allows it and the worker is on this host
     /// (it can be opened and holds the announced nonce) and it has room for f32 updates; else nil, and
     /// tensors travel in frames.
-    private func mapSharedMemory(_ offer: SharedMemoryOffer) -> SharedArea? {
+    func mapSharedMemory(_ offer: SharedMemoryOffer) -> SharedArea? {
         guard spec.sharedMemory else { return nil }
         let updates = SharedLayout(start: offer.updateOffset, byteCounts: parameters.map { $0.tensor.count * 4 })
         guard offer.updateOffset >= SharedSegment.headerBytes, updates.end <= offer.byteCount else {
@@ -377,13 +464,13 @@ public final class Coordinator {
     }
 
     /// The requested rank if it is free (or held by a lost or departed worker), else the lowest free one.
-    private func freeRank(requested: Int32) -> Int32? {
+    func freeRank(requested: Int32) -> Int32? {
         func free(_ r: Int32) -> Bool { members[r].map { $0.state == "lost" || $0.state == "left" } ?? true }
         if requested >= 0 && requested < spec.workers { return free(requested) ? requested : nil }
         return (0..<Int32(spec.workers)).first(where: free)
     }
 
-    private func handlePush(_ push: GradientPush, message: WireMessage, rank: Int32?) {
+    func handlePush(_ push: GradientPush, message: WireMessage, rank: Int32?) {
         guard let rank, let member = members[rank], member.isLive else {
             reject("gradient push from a worker that is not training", from: rank)
             return
@@ -392,6 +479,9 @@ public final class Coordinator {
         guard message.step == UInt64(step) else {
             reject("push for step \(message.step) while at step \(step)", from: rank)
             return
+        }
+        if case .follower = role, push.attempt > attempt {  // the leader's ABORT is still on its way
+            abortAttempt(push.attempt)
         }
         guard push.attempt == attempt else {
             reject("push for attempt \(push.attempt) of step \(step), now at attempt \(attempt)", from: rank)
@@ -404,9 +494,7 @@ public final class Coordinator {
             : push.sampleCount != partial.sampleCount ? "its parts disagree on the sample count (\(partial.sampleCount), then \(push.sampleCount))"
             : validate(message.tensors, alreadyReceived: partial.gradients)
         if let problem {
-            reject("gradient of rank \(rank) at step \(step) skipped: \(problem)", from: rank)
-            partialPushes[rank] = nil
-            contributions[rank] = .rejected(rank: rank)
+            refuse(rank, problem)
             return
         }
         let arrived = message.tensors.map { indexOfParameter[$0.name]! }
@@ -417,22 +505,29 @@ public final class Coordinator {
         } else {
             partialPushes[rank] = nil
             members[rank]?.lastStepSeconds = push.computeSeconds
-            let missing = partial.gradients.indices.filter { partial.gradients[$0] == nil }
+            let missing = owned.filter { partial.gradients[$0] == nil }
             guard missing.isEmpty else {
-                reject("gradient of rank \(rank) at step \(step) skipped: \(missing.count) of \(parameters.count) tensors missing, "
-                       + "'\(parameters[missing[0]].name)' first", from: rank)
-                contributions[rank] = .rejected(rank: rank)
+                refuse(rank, "\(missing.count) of \(owned.count) tensors missing, '\(parameters[missing[0]].name)' first")
                 return
             }
             contributions[rank] = Contribution(rank: rank, sampleCount: push.sampleCount, loss: push.localLoss, correct: push.localCorrect,
-                                               gradients: partial.gradients.map { $0! }, dtype: wireType)
+                                               gradients: partial.gradients, dtype: wireType)
+            reportToLeader(rank, refused: "")
         }
         averageEarly(arrived)
     }
 
+    /// Refuses the rest of `rank`'s push for this step: it counts as answered, with no samples.
+    func refuse(_ rank: Int32, _ problem: String) {
+        reject("gradient of rank \(rank) at step \(step) skipped: \(problem)", from: rank)
+        partialPushes[rank] = nil
+        contributions[rank] = .rejected(rank: rank)
+        reportToLeader(rank, refused: problem)
+    }
+
     /// Averages the tensors `indices` now if every live worker has sent them, so that the sum overlaps
     /// the rest of the pushes (and the workers' backward passes).
-    private func averageEarly(_ indices: [Int]) {
+    func averageEarly(_ indices: [Int]) {
         let ranks = members.values.filter(\.isLive).map(\.rank).sorted()
         var counts: [UInt64] = []
         for rank in ranks {  // every live worker has begun its push, so every weight is known
@@ -448,7 +543,8 @@ public final class Coordinator {
             nextTensor: for index in indices where !earlyAverage.averaged[index] {
                 var terms: [(weight: Float, payload: Payload)] = []
                 for (rank, count) in zip(ranks, counts) where count > 0 {
-                    guard let payload = contributions[rank].map({ $0.gradients[index] }) ?? partialPushes[rank]?.gradients[index] else {
+                    let sent = contributions[rank].map { $0.gradients[index] } ?? partialPushes[rank]?.gradients[index]
+                    guard let payload = sent ?? nil else {
                         continue nextTensor  // not every worker has sent this one yet
                     }
                     terms.append((Float(count) / Float(samples), payload))
@@ -463,9 +559,10 @@ public final class Coordinator {
     /// Why (a part of) a gradient cannot be used, or nil: known parameters not sent before, right shape,
     /// the job's wire type. (Completeness is checked on the last part; finite values on the average, and
     /// only a non-finite average is traced to its senders.)
-    private func validate(_ tensors: [WireTensor], alreadyReceived: [Payload?]) -> String? {
+    func validate(_ tensors: [WireTensor], alreadyReceived: [Payload?]) -> String? {
         for tensor in tensors {
             guard let index = indexOfParameter[tensor.name] else { return "unknown tensor '\(tensor.name)'" }
+            guard isOwned[index] else { return "tensor '\(tensor.name)' belongs to coordinator shard \(plan.owner[index])" }
             guard alreadyReceived[index] == nil else { return "tensor '\(tensor.name)' sent twice" }
             let expected = parameters[index].tensor.shape
             guard tensor.shape == expected else { return "tensor '\(tensor.name)' has shape \(tensor.shape), expected \(expected)" }
@@ -477,17 +574,25 @@ public final class Coordinator {
     }
 
     /// A dropped connection of a worker declares it lost at once (a killed process closes its sockets).
-    private func handleConnectionEvents() throws {
+    func handleConnectionEvents() throws {
+        var dropped = disconnectedWhileWaiting
+        disconnectedWhileWaiting = []
         while let event = try monitor.next() {
             log.debug("connection event \(event)")
-            guard case .disconnected(let connection) = event else { continue }
+            if case .disconnected(let connection) = event { dropped.append(connection) }
+        }
+        for connection in dropped {
+            for (index, follower) in followers where follower.connection == connection {
+                followersLost = true
+                fail("coordinator shard \(index) (\(follower.endpoint)) lost its connection")
+            }
             for member in members.values where member.connection == connection && (member.isLive || member.state == "joining") {
                 markGone(member.rank, state: "lost", reason: "its connection dropped")
             }
         }
     }
 
-    private func markGone(_ rank: Int32, state: String, reason: String) {
+    func markGone(_ rank: Int32, state: String, reason: String) {
         guard var member = members[rank], member.state != state else { return }
         // A live worker gone before the step completed: the step is sent again to the others, re-divided.
         if member.isLive && (phase == .training || phase == .stopping) { redoStep = true }
@@ -497,11 +602,12 @@ public final class Coordinator {
         partialPushes[rank] = nil
         if state == "lost" { lostRanks.append(rank); metrics.workersLost += 1 }
         log.warning("worker \(state)", metadata: ["rank": "\(rank)", "host": "\(member.host)", "pid": "\(member.pid)", "reason": "\(reason)"])
+        if role == .leader { sendRoster() }
     }
 
     // MARK: Control messages
 
-    private func handleControlFrames(_ frames: [Payload]) throws {
+    func handleControlFrames(_ frames: [Payload]) throws {
         guard frames.count >= 2 else { return }
         let identity = frames[0].bytes
         func answer(_ body: WireMessage.Body) {
@@ -556,22 +662,30 @@ public final class Coordinator {
 
     // MARK: Steps
 
-    private func startTraining() {
+    func startTraining() {
         phase = .training
         trainingStarted = Self.now()
         log.info("training started", metadata: ["workers": "\(liveCount + joiningCount)", "steps": "\(setup.totalSteps)",
                                                  "steps_per_epoch": "\(stepsPerEpoch)"])
+        var apply = ShardMessage(.apply)  // the followers send their tensors' current values
+        apply.ranks = updateRecipients
+        sendToFollowers(apply)
         broadcastUpdate(trainLoss: 0) { send in stepAndEncode(applyOptimizer: false, emit: send) }
     }
 
     /// The step deadline: at least the configured timeout, and ten times the median step.
-    private var stepTimeout: Double {
+    var stepTimeout: Double {
         max(spec.stepTimeoutSeconds, recentStepSeconds.isEmpty ? 0 : 10 * Measure.median(recentStepSeconds))
     }
 
-    private func checkLiveness(now: Double) {
+    func checkLiveness(now: Double) {
         let heartbeatTimeout = Double(spec.heartbeatTimeoutMs) / 1000
-        for member in members.values where member.isLive && contributions[member.rank] == nil {
+        for (index, follower) in followers where now - follower.lastSeen > 2 * heartbeatTimeout {
+            followersLost = true
+            fail("coordinator shard \(index) (\(follower.endpoint)) has been silent for \(Int(now - follower.lastSeen)) s")
+            return
+        }
+        for member in members.values where member.isLive && (contributions[member.rank] == nil || !everyFollowerAnswered(member.rank)) {
             let silent = now - member.lastSeen
             if now - stepStarted > stepTimeout {
                 markGone(member.rank, state: "lost", reason: "no gradient for step \(step) within \(String(format: "%.1f", stepTimeout)) s")
@@ -598,20 +712,44 @@ public final class Coordinator {
         if liveCount == 0 && joiningCount >= spec.minWorkers { redoStep = true }
     }
 
-    private func completeStepIfReady() throws {
+    func completeStepIfReady() throws {
         let live = members.values.filter(\.isLive)
-        guard !live.isEmpty, live.allSatisfy({ contributions[$0.rank] != nil }) else { return }
+        guard !live.isEmpty, live.allSatisfy({ contributions[$0.rank] != nil && everyFollowerAnswered($0.rank) }) else { return }
+        for member in live {  // a push a follower refused is refused as a whole, as one coordinator would
+            guard let (index, why) = followerReports.sorted(by: { $0.key < $1.key }).lazy
+                .compactMap({ index, reports in reports[member.rank].flatMap { $0.isEmpty ? nil : (index, $0) } }).first else { continue }
+            reject("gradient of rank \(member.rank) at step \(step) skipped by coordinator shard \(index): \(why)", from: member.rank)
+            contributions[member.rank] = .rejected(rank: member.rank)
+        }
         var used = contributions.filter { members[$0.key]?.isLive == true }.sorted { $0.key < $1.key }.map(\.value)
         var samples = used.reduce(0) { $0 + Int($1.sampleCount) }
         var loss: Float = 0, correct = 0
         let early = earlyAverage
         earlyAverage = EarlyAverage()
         let averagedEarly = early.ranks == used.map(\.rank) && early.sampleCounts == used.map(\.sampleCount)
-            && early.averaged.count == parameters.count && !early.averaged.contains(false)
-        if samples > 0 && !(averagedEarly ? early.finite : average(used, samples: samples)) {
-            used = withoutNonFinite(used)
-            samples = used.reduce(0) { $0 + Int($1.sampleCount) }
-            if samples > 0 { _ = average(used, samples: samples) }
+            && early.averaged.count == parameters.count && owned.allSatisfy { early.averaged[$0] }
+        if samples > 0 {
+            // Every shard averages its tensors; contributions with a value that is not finite anywhere are
+            // dropped everywhere and the rest averaged again, as one coordinator does.
+            sendToFollowers(averageCommand(used))
+            let finite = averagedEarly ? early.finite : average(used, samples: samples)
+            guard let answers = awaitFollowers(.averaged) else { return }
+            if !finite || answers.values.contains(where: { !$0.message.finite }) {
+                let kept = withoutNonFinite(used)  // names each contribution skipped for this shard's tensors
+                var skipped = Set(used.map(\.rank)).subtracting(kept.map(\.rank))
+                for (index, answer) in answers.sorted(by: { $0.key < $1.key }) {
+                    for rank in answer.message.ranks where skipped.insert(rank).inserted {
+                        reject("gradient of rank \(rank) at step \(step) skipped: a tensor of coordinator shard \(index) is NaN or infinite", from: rank)
+                    }
+                }
+                used = kept.filter { !skipped.contains($0.rank) }
+                samples = used.reduce(0) { $0 + Int($1.sampleCount) }
+                if samples > 0 {
+                    sendToFollowers(averageCommand(used))
+                    _ = average(used, samples: samples)
+                    guard awaitFollowers(.averaged) != nil else { return }
+                }
+            }
         }
         if samples > 0 {
             if spec.clipNorm > 0 { clipGradientNorm(parameters, maxNorm: spec.clipNorm) }
@@ -639,7 +777,13 @@ public final class Coordinator {
         metrics.observeStep(seconds: seconds)
         contributions.removeAll(keepingCapacity: true)
         partialPushes.removeAll(keepingCapacity: true)
+        followerReports.removeAll(keepingCapacity: true)
         step += 1
+        var apply = ShardMessage(.apply)
+        apply.learningRate = optimizer.learningRate
+        apply.applyOptimizer = samples > 0
+        apply.ranks = step < setup.totalSteps && !stopRequested ? updateRecipients : []
+        sendToFollowers(apply)
         // The update leaves bucket by bucket as it is computed; evaluation and checkpoints come after it.
         if step < setup.totalSteps && !stopRequested {
             broadcastUpdate(trainLoss: loss) { send in stepAndEncode(applyOptimizer: samples > 0, emit: send) }
@@ -660,10 +804,10 @@ public final class Coordinator {
     }
 
     /// The contributions without those holding NaN or infinity, each one skipped named in the log.
-    private func withoutNonFinite(_ used: [Contribution]) -> [Contribution] {
+    func withoutNonFinite(_ used: [Contribution]) -> [Contribution] {
         used.filter { c in
-            for (index, payload) in c.gradients.enumerated() {
-                if let bad = TensorEncoding.firstNonFinite(payload, dtype: c.dtype) {
+            for index in owned where !c.gradients.isEmpty {
+                if let bad = TensorEncoding.firstNonFinite(c.gradients[index]!, dtype: c.dtype) {
                     reject("gradient of rank \(c.rank) at step \(step) skipped: tensor '\(parameters[index].name)' element \(bad) is NaN or infinite",
                            from: c.rank)
                     return false
@@ -676,11 +820,11 @@ public final class Coordinator {
     /// Writes the sample-weighted mean of the contributions into the parameters' gradients, summing in
     /// rank order (so that the result does not depend on arrival order), chunk by chunk; returns whether
     /// every element of the mean is finite.
-    private func average(_ used: [Contribution], samples: Int) -> Bool {
+    func average(_ used: [Contribution], samples: Int) -> Bool {
         let weighted = used.filter { $0.sampleCount > 0 }
         return scratch.withUnsafeMutableBufferPointer { scratch in
-            gradients.indices.reduce(true) { finite, index in
-                let terms = weighted.map { (weight: Float($0.sampleCount) / Float(samples), payload: $0.gradients[index]) }
+            owned.reduce(true) { finite, index in
+                let terms = weighted.map { (weight: Float($0.sampleCount) / Float(samples), payload: $0.gradients[index]!) }
                 return gradients[index].withUnsafeMutableBufferPointer { mean in
                     WeightedMean.writeInParallel(terms, dtype: wireType, into: mean, scratch: scratch)
                 } && finite
@@ -695,12 +839,13 @@ public final class Coordinator {
     /// payloads (those still being sent are replaced) and each sharing worker's segment. Hands the
     /// parameter indices to `emit` in buckets of about `bucket_kb` as they are done (`last` true for the
     /// final one).
-    private func stepAndEncode(applyOptimizer: Bool, emit: (_ indices: [Int], _ last: Bool) -> Void) {
+    func stepAndEncode(applyOptimizer: Bool, emit: (_ indices: [Int], _ last: Bool) -> Void) {
         if applyOptimizer { optimizer.beginStep() }
-        if parameters.isEmpty { emit([], true) }
+        if owned.isEmpty { emit([], true) }
         var bucket: [Int] = [], bucketBytes = 0
         let size = wireType.size
-        for (index, p) in parameters.enumerated() {
+        for index in owned {
+            let p = parameters[index]
             let count = p.tensor.count
             var targets = updateTargets.shared.map { $0.update(index, byteCount: count * size) }
             if updateTargets.frames || targets.isEmpty { targets.insert(reusablePayload(index, byteCount: count * size), at: 0) }
@@ -734,7 +879,7 @@ public final class Coordinator {
             }
             bucket.append(index)
             bucketBytes += count * size
-            let last = index == parameters.count - 1
+            let last = index == owned.last
             if last || (spec.bucketKB > 0 && bucketBytes >= spec.bucketKB * 1024) {
                 emit(bucket, last)
                 bucket = []
@@ -744,13 +889,14 @@ public final class Coordinator {
     }
 
     /// Calls `body` with the storage of parameter `index`'s replica, or nil with an f32 wire.
-    private func withReplica<R>(_ index: Int, _ body: (UnsafeMutableBufferPointer<Float>?) -> R) -> R {
+    func withReplica<R>(_ index: Int, _ body: (UnsafeMutableBufferPointer<Float>?) -> R) -> R {
         guard let replica else { return body(nil) }
         return replica[index].withUnsafeMutableBufferPointer { body($0) }
     }
 
-    private func endEpoch() {
+    func endEpoch() {
         let epoch = step / stepsPerEpoch
+        guard refreshFromFollowers(withState: false) else { return }
         let (testLoss, testAccuracy) = setup.evaluate(on: setup.test)
         let record = EpochRecord(
             epoch: epoch, step: step, trainLoss: Float(epochLoss.sum / Double(max(epochLoss.samples, 1))),
@@ -769,8 +915,8 @@ public final class Coordinator {
     }
 
     /// Writes a checkpoint; a failure is logged and the job goes on.
-    private func writeCheckpoint() {
-        guard let directory else { return }
+    func writeCheckpoint() {
+        guard let directory, refreshFromFollowers(withState: true) else { return }
         do {
             let path = try Checkpoint.save(
                 step: step, stepsPerEpoch: stepsPerEpoch, parameters: parameters, optimizer: optimizer, spec: spec,
@@ -782,7 +928,7 @@ public final class Coordinator {
     }
 
     /// Writes the Prometheus metrics file and appends the buffered per-step records.
-    private func writeMetrics() {
+    func writeMetrics() {
         lastMetricsWrite = Self.now()
         guard let directory else { return }
         metrics.workersAlive = liveCount
@@ -801,7 +947,7 @@ public final class Coordinator {
 
     /// The parameters the workers should hold (the replica with a half-precision wire) as f32 wire
     /// tensors; payloads still being sent are replaced, not overwritten.
-    private func parameterTensors() -> [WireTensor] {
+    func parameterTensors() -> [WireTensor] {
         parameters.enumerated().map { index, p in
             if parameterPayloads[index].isInFlight { parameterPayloads[index] = Payload(byteCount: p.tensor.count * 4) }
             (replica?[index] ?? p.tensor).withUnsafeBufferPointer { TensorEncoding.write($0, as: .f32, into: parameterPayloads[index]) }
@@ -811,7 +957,7 @@ public final class Coordinator {
 
     /// The payload for parameter `index` of the update (the f32 copies, or the half-precision changes),
     /// replaced by a new one while the last is still being sent.
-    private func reusablePayload(_ index: Int, byteCount: Int) -> Payload {
+    func reusablePayload(_ index: Int, byteCount: Int) -> Payload {
         if replica == nil {
             if parameterPayloads[index].isInFlight { parameterPayloads[index] = Payload(byteCount: byteCount) }
             return parameterPayloads[index]
@@ -822,12 +968,16 @@ public final class Coordinator {
 
     /// Sends the current step again, with the next attempt, to the live workers: its whole global batch
     /// re-divided among them, parameters unchanged (no tensors), earlier pushes dropped.
-    private func resendStep() {
+    func resendStep() {
         redoStep = false
         contributions.removeAll(keepingCapacity: true)
         partialPushes.removeAll(keepingCapacity: true)
         earlyAverage = EarlyAverage()
         attempt += 1
+        followerReports.removeAll(keepingCapacity: true)
+        var abort = ShardMessage(.abort)
+        abort.attempt = attempt
+        sendToFollowers(abort)
         log.warning("step \(step) sent again to \(liveCount) live workers", metadata: ["attempt": "\(attempt)"])
         broadcastUpdate(trainLoss: recentLosses.last ?? 0, resend: true) { send in send([], true) }
     }
@@ -836,12 +986,12 @@ public final class Coordinator {
     /// `produce` hands to its argument as they are ready (the parameter indices, `last` true for the final
     /// one; a resend is one part without tensors): through shared memory to the workers that share it, in
     /// frames to the others. The workers and their shards are fixed for all parts.
-    private func broadcastUpdate(
-        trainLoss: Float, resend: Bool = false, produce: (_ send: (_ indices: [Int], _ last: Bool) -> Void) -> Void
+    func broadcastUpdate(
+        trainLoss: Float, resend: Bool = false, recipients: [Int32]? = nil, produce: (_ send: (_ indices: [Int], _ last: Bool) -> Void) -> Void
     ) {
         if !resend { attempt = 0 }
         for rank in members.keys where members[rank]!.state == "joining" { members[rank]!.state = "training" }
-        let live = members.values.filter(\.isLive).sorted { $0.rank < $1.rank }
+        let live = recipients?.compactMap { members[$0] } ?? members.values.filter(\.isLive).sorted { $0.rank < $1.rank }
         updateTargets = (live.contains { $0.shared == nil }, live.compactMap(\.shared))
         defer { updateTargets = (true, []) }
         stepStarted = Self.now()
@@ -870,7 +1020,7 @@ public final class Coordinator {
 
     // MARK: End
 
-    private func finish() throws -> JobSummary {
+    func finish() throws -> JobSummary {
         for member in members.values where member.isLive || member.state == "joining" {
             try? reply(member.identity, .stop(reason: message, graceful: false))
         }
@@ -879,10 +1029,18 @@ public final class Coordinator {
         var modelPath = ""
         if step > 0 && phase != .failed { writeCheckpoint() }
         writeMetrics()
-        if let directory {
-            try SafeTensors.write(parameters.map { ($0.name, $0.tensor) },
-                                  metadata: ["job_id": spec.jobID, "step": "\(step)", "format": "pt"], to: directory.modelPath)
-            modelPath = directory.modelPath
+        // With followers, the model is whole only when they could send their tensors.
+        let whole = followers.isEmpty || refreshFromFollowers(withState: false)
+        for index in followers.keys.sorted() { sendToFollower(index, body: .stop(reason: message, graceful: false)) }
+        if let directory, whole {
+            do {  // a failed write is reported in the summary, which is still written
+                try SafeTensors.write(parameters.map { ($0.name, $0.tensor) },
+                                      metadata: ["job_id": spec.jobID, "step": "\(step)", "format": "pt"], to: directory.modelPath)
+                modelPath = directory.modelPath
+            } catch {
+                log.error("the model could not be written: \(error)")
+                message += "; the model could not be written: \(error)"
+            }
         }
         let summary = JobSummary(
             state: phase.rawValue, jobID: spec.jobID, workers: spec.workers, epochs: step / stepsPerEpoch, steps: step,

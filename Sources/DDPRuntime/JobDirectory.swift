@@ -33,19 +33,34 @@ public struct JobDirectory: Sendable {
     /// The summary, once the job has ended.
     public func summary() -> JobSummary? {
         guard let data = FileManager.default.contents(atPath: summaryPath) else { return nil }
-        return try? JSONDecoder().decode(JobSummary.self, from: data)
+        return try? JobJSON.decoder().decode(JobSummary.self, from: data)
     }
 
     /// The epochs finished so far.
     public func history() -> [EpochRecord] {
         guard let data = FileManager.default.contents(atPath: historyPath) else { return [] }
-        return (try? JSONDecoder().decode([EpochRecord].self, from: data)) ?? []
+        return (try? JobJSON.decoder().decode([EpochRecord].self, from: data)) ?? []
     }
 
     func write<T: Encodable>(_ value: T, to file: String) throws {
+        try AtomicFile.write(try JobJSON.encoder([.sortedKeys, .prettyPrinted]).encode(value), to: file)
+    }
+}
+
+/// JSON of job files and output. A diverged job has losses that are not numbers: they are written as
+/// the strings "nan", "inf" and "-inf" (plain JSON has no such numbers) and read back.
+enum JobJSON {
+    static func encoder(_ formatting: JSONEncoder.OutputFormatting) -> JSONEncoder {
         let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys, .prettyPrinted]
-        try AtomicFile.write(try encoder.encode(value), to: file)
+        encoder.outputFormatting = formatting
+        encoder.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
+        return encoder
+    }
+
+    static func decoder() -> JSONDecoder {
+        let decoder = JSONDecoder()
+        decoder.nonConformingFloatDecodingStrategy = .convertFromString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
+        return decoder
     }
 }
 
@@ -103,8 +118,6 @@ public struct JobSummary: Codable, Sendable, Equatable {
 
     /// One line of JSON with sorted keys.
     public var jsonLine: String {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-        return String(decoding: try! encoder.encode(self), as: UTF8.self)
+        String(decoding: (try? JobJSON.encoder([.sortedKeys, .withoutEscapingSlashes]).encode(self)) ?? Data(), as: UTF8.self)
     }
 }

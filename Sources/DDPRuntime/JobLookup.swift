@@ -154,9 +154,7 @@ public struct JobStatus: Codable, Sendable {
 
     /// One JSON line, sorted keys.
     public var jsonLine: String {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-        return String(decoding: try! encoder.encode(self), as: UTF8.self)
+        String(decoding: (try? JobJSON.encoder([.sortedKeys, .withoutEscapingSlashes]).encode(self)) ?? Data(), as: UTF8.self)
     }
 }
 

@@ -73,6 +73,9 @@ public struct JobSpec: Codable, Equatable, Sendable {
     /// Workers on the coordinator's host pass gradients and updates through shared memory (only the
     /// messages describing them go through ZeroMQ); false sends every tensor in frames.
     public var sharedMemory = true
+    /// Coordinator processes: the leader and K-1 followers, each averaging and stepping the parameters
+    /// `ShardPlan` gives it (whole tensors, balanced by size); results are identical to one coordinator.
+    public var coordinatorShards = 1
     /// Where the job writes its model, summary, checkpoints and logs.
     public var output = ""
 
@@ -88,7 +91,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         case heartbeatIntervalMs = "heartbeat_interval_ms", heartbeatTimeoutMs = "heartbeat_timeout_ms"
         case joinTimeoutSeconds = "join_timeout_seconds", stepTimeoutSeconds = "step_timeout_seconds", output
         case checkpointEvery = "checkpoint_every", keepCheckpoints = "keep_checkpoints", keysDir = "keys_dir", wireDtype = "wire_dtype", blasThreads = "blas_threads"
-        case bucketKB = "bucket_kb", sharedMemory = "shared_memory"
+        case bucketKB = "bucket_kb", sharedMemory = "shared_memory", coordinatorShards = "coordinator_shards"
     }
 
     /// Every key a job file may hold.
@@ -123,7 +126,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         try read(.joinTimeoutSeconds, &joinTimeoutSeconds); try read(.stepTimeoutSeconds, &stepTimeoutSeconds)
         try read(.output, &output); try read(.checkpointEvery, &checkpointEvery); try read(.keepCheckpoints, &keepCheckpoints)
         try read(.keysDir, &keysDir); try read(.wireDtype, &wireDtype); try read(.blasThreads, &blasThreads)
-        try read(.bucketKB, &bucketKB); try read(.sharedMemory, &sharedMemory)
+        try read(.bucketKB, &bucketKB); try read(.sharedMemory, &sharedMemory); try read(.coordinatorShards, &coordinatorShards)
     }
 
     private static func describe(_ type: Any.Type) -> String {
@@ -224,6 +227,9 @@ public struct JobSpec: Codable, Equatable, Sendable {
                   "heartbeat_timeout_ms must exceed heartbeat_interval_ms > 0")
         try check(blasThreads >= 0 && blasThreads <= 256, "blas_threads must be between 0 (automatic) and 256, got \(blasThreads)")
         try check(bucketKB >= 0, "bucket_kb must be >= 0, got \(bucketKB)")
+        try check(coordinatorShards >= 1 && coordinatorShards <= 64, "coordinator_shards must be between 1 and 64, got \(coordinatorShards)")
+        try check(coordinatorShards == 1 || clipNorm == 0,
+                  "clip_norm needs the global gradient norm, which one coordinator sees only with coordinator_shards = 1")
         try check(DType(rawValue: wireDtype) != nil, "wire_dtype '\(wireDtype)' is unknown (f32, bf16, f16)")
         try check(checkpointEvery >= 0 && keepCheckpoints >= 1, "checkpoint_every must be >= 0 and keep_checkpoints >= 1")
         try check(joinTimeoutSeconds > 0 && stepTimeoutSeconds > 0, "join_timeout_seconds and step_timeout_seconds must be positive")

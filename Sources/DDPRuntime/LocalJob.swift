@@ -11,6 +11,8 @@ public final class LocalJob {
     private let transport: String
     private let logLevel: String
     private var coordinator: Process?
+    /// Follower coordinator shards 1..K-1 (with `coordinator_shards` K > 1).
+    private var followers: [Process] = []
     private var workers: [Process] = []
     private var restarts: [Int] = []
     private var coordinatorRestarts = 0
@@ -58,6 +60,13 @@ public final class LocalJob {
             guard Coordinator.now() < deadline else { throw ControlError.failed("the coordinator did not start listening within 10 s") }
             usleep(5000)
         }
+        for shard in 1..<max(spec.coordinatorShards, 1) {
+            let (bind, control) = transport == "ipc"
+                ? ("ipc://\(directory.path)/shard-\(shard).sock", "ipc://\(directory.path)/shard-\(shard)-control.sock")
+                : ("tcp://127.0.0.1:0", "tcp://127.0.0.1:0")
+            followers.append(try launch(["coordinator", "--config", directory.specPath, "--shard", "\(shard)", "--leader", endpoints!.workers,
+                                         "--bind", bind, "--control", control], log: "coordinator-shard-\(shard)"))
+        }
         for rank in 0..<spec.workers { workers.append(try launchWorker(rank)) }
         restarts = Array(repeating: 0, count: spec.workers)
         try recordProcesses()
@@ -91,6 +100,7 @@ public final class LocalJob {
     /// Writes the process ids (this supervisor's too) to the job directory.
     private func recordProcesses() throws {
         var pids = ["coordinator": coordinator!.processIdentifier, "supervisor": getpid()]
+        for (index, follower) in followers.enumerated() { pids["coordinator-shard-\(index + 1)"] = follower.processIdentifier }
         for (rank, worker) in workers.enumerated() { pids["worker-\(rank)"] = worker.processIdentifier }
         try directory.write(pids, to: directory.processesPath)
     }
@@ -163,7 +173,7 @@ public final class LocalJob {
         }
         let coordinator = coordinator!
         let deadline = Coordinator.now() + 5
-        for worker in workers {
+        for worker in followers + workers {
             while worker.isRunning && Coordinator.now() < deadline { usleep(10_000) }
             if worker.isRunning { worker.terminate() }
         }
@@ -195,6 +205,6 @@ public final class LocalJob {
 
     /// Kills every process of the job at once.
     public func kill() {
-        for process in [coordinator].compactMap({ $0 }) + workers where process.isRunning { process.terminate() }
+        for process in [coordinator].compactMap({ $0 }) + followers + workers where process.isRunning { process.terminate() }
     }
 }

@@ -26,8 +26,26 @@ public final class Worker {
     private var indexOfParameter: [ObjectIdentifier: Int] = [:]
     private var indexOfName: [String: Int] = [:]
     private let scratch = Tensor.zeros([WeightedMean.chunk])
-    /// The parameter update being received in parts: its step, the next part due, the parameters set.
-    private var updateInProgress: (step: UInt64, nextPart: UInt32, received: Set<Int>)?
+    /// The parameter update being received in parts, from the leader (source 0) and each follower
+    /// coordinator shard (source j): its step, each source's next part due and whether its last part is
+    /// in, the parameters set so far, and the leader's last part (the next step's division).
+    private struct UpdateProgress {
+        var step: UInt64
+        var nextPart: [UInt32]
+        var done: [Bool]
+        var received: Set<Int> = []
+        var header: ParameterUpdate?
+    }
+    private var updateInProgress: UpdateProgress?
+    /// With coordinator shards: the owner of each parameter, a socket to each follower (shard j at
+    /// j - 1), whether it welcomed this worker, whether it shares memory, and when to ask it again.
+    private var plan = ShardPlan(elementCounts: [], shards: 1)
+    private var shardSockets: [ZMQSocket] = []
+    private var shardEndpoints: [String] = []
+    private var shardWelcomed: [Bool] = []
+    private var shardSharing: [Bool] = []
+    private var shardJoinRetry: [Double] = []
+    private let keys: JobKeys?
     private var permutation: (epoch: Int, order: [Int])?
     private var wireType = DType.f32
     private var heartbeatInterval = 1.0
@@ -59,7 +77,8 @@ public final class Worker {
         workerID = "\(ProcessInfo.processInfo.hostName):\(getpid()):\(String(UInt32.random(in: 0...UInt32.max), radix: 16))"
         socket = try ZMQSocket(context: context, kind: .dealer)
         monitor = try ZMQMonitor(context: context, monitoring: socket)
-        try (keys ?? spec?.keys())?.secureClient(socket)
+        self.keys = try keys ?? spec?.keys()
+        try self.keys?.secureClient(socket)
         try socket.setSendTimeout(milliseconds: 5000)
         try socket.setHighWaterMarks(send: 0, receive: 0)
         try socket.setKernelBuffers(bytes: 4 << 20)
@@ -72,8 +91,17 @@ public final class Worker {
         try join()
         var lastHeard = Coordinator.now(), lastJoin = 0.0
         while true {
-            guard let frames = try socket.receive(timeoutMilliseconds: Int(heartbeatInterval * 1000)) else {
+            let retrying = shardJoinRetry.contains { $0 > 0 }
+            let ready = try ZMQSocket.poll([socket] + shardSockets, timeoutMilliseconds: retrying ? 50 : Int(heartbeatInterval * 1000))
+            for j in shardSockets.indices where ready.contains(j + 1) {
+                while let frames = try shardSockets[j].receive(timeoutMilliseconds: 0) {
+                    if let computed = try handleShardFrames(frames, shard: j + 1) { return computed }
+                }
+            }
+            try retryShardJoins()
+            guard ready.contains(0), let frames = try socket.receive(timeoutMilliseconds: 0) else {
                 let silent = Coordinator.now() - lastHeard
+                guard ready.isEmpty, silent >= heartbeatInterval else { continue }
                 if silent > coordinatorTimeout {
                     throw WorkerError.coordinatorSilent(endpoint: endpoint, seconds: silent)
                 }
@@ -98,12 +126,12 @@ public final class Worker {
             switch message.body {
             case .parameterUpdate(let update):
                 let resent = update.attempt > 0 && message.tensors.isEmpty && !update.moreParts  // keeps the parameters
-                if !resent {
-                    try receiveUpdatePart(update, step: message.step, tensors: message.tensors)
-                    if update.moreParts { continue }
+                if resent {
+                    try computeAndPush(step: Int(message.step), shard: Int(update.shardIndex), worldSize: Int(update.worldSize),
+                                       attempt: update.attempt)
+                } else {
+                    try receiveUpdatePart(update, step: message.step, tensors: message.tensors, from: 0)
                 }
-                try computeAndPush(step: Int(message.step), shard: Int(update.shardIndex), worldSize: Int(update.worldSize),
-                                   attempt: update.attempt)
             case .stop(let reason, _):
                 log.info("stopped by the coordinator: \(reason)")
                 return .stopped(reason: reason)
@@ -119,8 +147,65 @@ public final class Worker {
         }
     }
 
-    private func send(_ body: WireMessage.Body, step: UInt64 = 0, tensors: [WireTensor] = []) throws {
-        try socket.send(WireCodec.encode(WireMessage(jobID: jobID, step: step, rank: rank, body: body, tensors: tensors)))
+    private func send(_ body: WireMessage.Body, step: UInt64 = 0, tensors: [WireTensor] = [], to shard: Int = 0) throws {
+        try (shard == 0 ? socket : shardSockets[shard - 1]).send(
+            WireCodec.encode(WireMessage(jobID: jobID, step: step, rank: rank, body: body, tensors: tensors)))
+    }
+
+    /// A message from follower coordinator shard `shard`.
+    private func handleShardFrames(_ frames: [Payload], shard: Int) throws -> Outcome? {
+        let message: WireMessage
+        do {
+            message = try WireCodec.decode(frames, expectedJobID: jobID, sharedMemory: shardSharing[shard - 1] ? sharedSegment : nil)
+        } catch {
+            log.warning("dropped a malformed message from coordinator shard \(shard): \(error)")
+            return nil
+        }
+        switch message.body {
+        case .welcome(let welcome):
+            shardWelcomed[shard - 1] = true
+            shardSharing[shard - 1] = welcome.sharedMemory && sharedSegment != nil
+            log.info("joined coordinator shard", metadata: ["shard": "\(shard)", "tensors_via": "\(shardSharing[shard - 1] ? "shared memory" : "frames")"])
+        case .error(let error) where error.code == .notReady:
+            shardJoinRetry[shard - 1] = Coordinator.now() + 0.1
+        case .error(let error):
+            throw WorkerError.refused("coordinator shard \(shard): \(error.reason)")
+        case .parameterUpdate(let update):
+            try receiveUpdatePart(update, step: message.step, tensors: message.tensors, from: shard)
+        default:
+            break
+        }
+        return nil
+    }
+
+    /// Joins the follower shards that have not welcomed this worker yet and asked it to retry.
+    private func retryShardJoins() throws {
+        let now = Coordinator.now()
+        for j in shardSockets.indices where !shardWelcomed[j] && shardJoinRetry[j] > 0 && now >= shardJoinRetry[j] {
+            shardJoinRetry[j] = 0
+            try send(.join(joinRequest(rank: rank)), to: j + 1)
+        }
+    }
+
+    /// Connects to the follower shards a welcome names (once per endpoint list) and joins each.
+    private func joinShards(_ endpoints: [String]) throws {
+        if endpoints != shardEndpoints {
+            for s in shardSockets { s.close() }
+            shardSockets = try endpoints.map { endpoint in
+                let s = try ZMQSocket(context: context, kind: .dealer)
+                try keys?.secureClient(s)
+                try s.setSendTimeout(milliseconds: 5000)
+                try s.setHighWaterMarks(send: 0, receive: 0)
+                try s.setKernelBuffers(bytes: 4 << 20)
+                try s.connect(endpoint)
+                return s
+            }
+            shardEndpoints = endpoints
+            shardSharing = Array(repeating: false, count: endpoints.count)
+        }
+        shardWelcomed = Array(repeating: false, count: endpoints.count)
+        shardJoinRetry = Array(repeating: 0, count: endpoints.count)
+        for j in endpoints.indices { try send(.join(joinRequest(rank: rank)), to: j + 1) }
     }
 
     private func joinRequest(rank: Int32) -> Join {
@@ -201,6 +286,8 @@ public final class Worker {
         }
         updateInProgress = nil
         placeTensorsInSharedMemory()
+        plan = ShardPlan(elementCounts: parameters.map(\.tensor.count), shards: welcome.shardEndpoints.count + 1)
+        try joinShards(welcome.shardEndpoints)
         log.info("welcomed", metadata: ["rank": "\(rank)", "job": "\(jobID)", "step": "\(welcome.startStep)",
                                         "tensors_via": "\(sharing ? "shared memory" : "frames")"])
     }
@@ -221,20 +308,30 @@ public final class Worker {
         }
     }
 
-    /// Applies one part of a parameter update (parts arrive in order, each parameter once); after the
-    /// last part, checks that the update set every parameter.
-    private func receiveUpdatePart(_ update: ParameterUpdate, step: UInt64, tensors: [WireTensor]) throws {
-        var progress = update.part == 0 ? (step: step, nextPart: UInt32(0), received: Set<Int>()) : updateInProgress
-        guard let current = progress, current.step == step, current.nextPart == update.part else {
-            let due = updateInProgress.map { "part \($0.nextPart) of step \($0.step)" } ?? "a first part"
-            throw WorkerError.modelMismatch("part \(update.part) of the update for step \(step) arrived where \(due) was due")
+    /// Applies one part of a parameter update from `source` (0: the leader, j: follower shard j); parts
+    /// of each source arrive in order, each parameter once. When every source has sent its last part
+    /// (which together must set every parameter), computes the step.
+    private func receiveUpdatePart(_ update: ParameterUpdate, step: UInt64, tensors: [WireTensor], from source: Int) throws {
+        let sources = shardSockets.count + 1
+        if update.part == 0 && updateInProgress?.step != step {
+            updateInProgress = UpdateProgress(step: step, nextPart: Array(repeating: 0, count: sources), done: Array(repeating: false, count: sources))
         }
-        try load(tensors, adding: !update.fullCopy, into: &progress!.received)
-        progress!.nextPart += 1
-        updateInProgress = update.moreParts ? progress : nil
-        if !update.moreParts && progress!.received.count != parameters.count {
-            throw WorkerError.modelMismatch("the update for step \(step) set \(progress!.received.count) of \(parameters.count) parameters")
+        guard var progress = updateInProgress, progress.step == step, progress.nextPart[source] == update.part, !progress.done[source] else {
+            let due = updateInProgress.map { "part \($0.nextPart[source]) of step \($0.step)" } ?? "a first part"
+            let from = source == 0 ? "" : " from coordinator shard \(source)"
+            throw WorkerError.modelMismatch("part \(update.part) of the update for step \(step)\(from) arrived where \(due) was due")
         }
+        try load(tensors, adding: !update.fullCopy, into: &progress.received)
+        progress.nextPart[source] += 1
+        progress.done[source] = !update.moreParts
+        if source == 0 && !update.moreParts { progress.header = update }
+        updateInProgress = progress
+        guard !progress.done.contains(false), let header = progress.header else { return }
+        updateInProgress = nil
+        guard progress.received.count == parameters.count else {
+            throw WorkerError.modelMismatch("the update for step \(step) set \(progress.received.count) of \(parameters.count) parameters")
+        }
+        try computeAndPush(step: Int(step), shard: Int(header.shardIndex), worldSize: Int(header.worldSize), attempt: header.attempt)
     }
 
     /// Replaces parameters of the replica with the coordinator's, or adds the changes it sent, adding
@@ -274,10 +371,17 @@ public final class Worker {
         setup.model.zeroGrad()
         var header = GradientPush(sampleCount: UInt64(mine.count), localLoss: 0, attempt: attempt)
         var unsent = Set(parameters.indices)
+        var nextPart = [UInt32](repeating: 0, count: plan.shards)
+        // Each coordinator shard gets the tensors it owns, in its own numbered parts, and a last part.
         func pushPart(_ indices: [Int], more: Bool) throws {
             header.moreParts = more
-            try send(.gradientPush(header), step: UInt64(step), tensors: indices.map(gradientTensor))
-            header.part += 1
+            for shard in 0..<plan.shards {
+                let theirs = indices.filter { plan.owner[$0] == shard }
+                guard !theirs.isEmpty || !more else { continue }
+                header.part = nextPart[shard]
+                try send(.gradientPush(header), step: UInt64(step), tensors: theirs.map(gradientTensor), to: shard)
+                nextPart[shard] += 1
+            }
             unsent.subtract(indices)
         }
         if !mine.isEmpty {
@@ -306,7 +410,8 @@ public final class Worker {
     /// half-precision one converted into a reused payload.
     private func gradientTensor(_ index: Int) -> WireTensor {
         let p = parameters[index]
-        if sharing, let region = sharedSegment?.region(offset: pushLayout!.offsets[index], count: p.tensor.count * wireType.size) {
+        let shared = plan.owner[index] == 0 ? sharing : shardSharing[plan.owner[index] - 1]
+        if shared, let region = sharedSegment?.region(offset: pushLayout!.offsets[index], count: p.tensor.count * wireType.size) {
             if p.tensor.grad == nil || p.tensor.grad !== p.tensor.gradientDestination { write(p.tensor.grad, into: region) }
             return WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: region)
         }

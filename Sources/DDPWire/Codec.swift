@@ -118,6 +118,8 @@ public enum WireCodec {
             m.pointee.heartbeat_interval_ms = w.heartbeatIntervalMilliseconds
             m.pointee.heartbeat_timeout_ms = w.heartbeatTimeoutMilliseconds
             m.pointee.shared_memory = w.sharedMemory ? 1 : 0
+            m.pointee.n_shard_endpoints = w.shardEndpoints.count
+            m.pointee.shard_endpoints = arena.array(w.shardEndpoints.map { Optional(arena.string($0)) })
             e.body_case = DDP__V1__ENVELOPE__BODY_WELCOME
             e.welcome = m
         case .gradientPush(let g):
@@ -199,6 +201,27 @@ public enum WireCodec {
             m.pointee.graceful = graceful ? 1 : 0
             e.body_case = DDP__V1__ENVELOPE__BODY_STOP
             e.stop = m
+        case .shard(let x):
+            let m = arena.make(Ddp__V1__ShardMessage.self, ddp__v1__shard_message__init)
+            m.pointee.kind = Ddp__V1__ShardMessage__Kind(rawValue: UInt32(bitPattern: x.kind.rawValue))
+            m.pointee.shard = x.shard
+            m.pointee.endpoint = arena.string(x.endpoint)
+            m.pointee.job_spec_json = arena.string(x.jobSpecJSON)
+            m.pointee.attempt = x.attempt
+            m.pointee.n_ranks = x.ranks.count
+            m.pointee.ranks = arena.array(x.ranks)
+            m.pointee.n_worker_ids = x.workerIDs.count
+            m.pointee.worker_ids = arena.array(x.workerIDs.map { Optional(arena.string($0)) })
+            m.pointee.n_sample_counts = x.sampleCounts.count
+            m.pointee.sample_counts = arena.array(x.sampleCounts)
+            m.pointee.refused = arena.string(x.refused)
+            m.pointee.learning_rate = x.learningRate
+            m.pointee.apply_optimizer = x.applyOptimizer ? 1 : 0
+            m.pointee.optimizer_steps = x.optimizerSteps
+            m.pointee.with_state = x.withState ? 1 : 0
+            m.pointee.finite = x.finite ? 1 : 0
+            e.body_case = DDP__V1__ENVELOPE__BODY_SHARD
+            e.shard = m
         case .error(let r):
             let m = arena.make(Ddp__V1__ErrorReply.self, ddp__v1__error_reply__init)
             m.pointee.code = Ddp__V1__ErrorReply__Code(rawValue: UInt32(bitPattern: r.code.rawValue))
@@ -317,10 +340,30 @@ public enum WireCodec {
             return .join(join)
         case DDP__V1__ENVELOPE__BODY_WELCOME:
             guard let m = e.welcome?.pointee else { return nil }
-            return .welcome(Welcome(
+            var welcome = Welcome(
                 rank: m.rank, worldSize: m.world_size, jobSpecJSON: text(m.job_spec_json), startStep: m.start_step,
                 epoch: m.epoch, heartbeatIntervalMilliseconds: m.heartbeat_interval_ms,
-                heartbeatTimeoutMilliseconds: m.heartbeat_timeout_ms, sharedMemory: m.shared_memory != 0))
+                heartbeatTimeoutMilliseconds: m.heartbeat_timeout_ms, sharedMemory: m.shared_memory != 0)
+            welcome.shardEndpoints = (0..<m.n_shard_endpoints).map { text(m.shard_endpoints[$0]) }
+            return .welcome(welcome)
+        case DDP__V1__ENVELOPE__BODY_SHARD:
+            guard let m = e.shard?.pointee else { return nil }
+            guard let kind = ShardMessage.Kind(rawValue: Int32(bitPattern: m.kind.rawValue)) else { return nil }
+            var x = ShardMessage(kind)
+            x.shard = m.shard
+            x.endpoint = text(m.endpoint)
+            x.jobSpecJSON = text(m.job_spec_json)
+            x.attempt = m.attempt
+            x.ranks = Array(UnsafeBufferPointer(start: m.ranks, count: m.n_ranks))
+            x.workerIDs = (0..<m.n_worker_ids).map { text(m.worker_ids[$0]) }
+            x.sampleCounts = Array(UnsafeBufferPointer(start: m.sample_counts, count: m.n_sample_counts))
+            x.refused = text(m.refused)
+            x.learningRate = m.learning_rate
+            x.applyOptimizer = m.apply_optimizer != 0
+            x.optimizerSteps = m.optimizer_steps
+            x.withState = m.with_state != 0
+            x.finite = m.finite != 0
+            return .shard(x)
         case DDP__V1__ENVELOPE__BODY_GRADIENT_PUSH:
             guard let m = e.gradient_push?.pointee else { return nil }
             return .gradientPush(GradientPush(

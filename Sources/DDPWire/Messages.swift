@@ -56,6 +56,7 @@ public struct WireMessage {
         case statusReply(StatusReply)
         case stop(reason: String, graceful: Bool)
         case error(ErrorReply)
+        case shard(ShardMessage)
 
         /// The kind's name, for logs.
         public var kind: String {
@@ -70,6 +71,7 @@ public struct WireMessage {
             case .statusReply: "status_reply"
             case .stop: "stop"
             case .error: "error"
+            case .shard(let m): "shard \(m.kind)"
             }
         }
     }
@@ -121,6 +123,8 @@ public struct Welcome: Equatable, Sendable {
     public var heartbeatTimeoutMilliseconds: UInt64
     /// The coordinator mapped the segment the Join offered: tensors may travel through it.
     public var sharedMemory: Bool
+    /// The worker endpoints of coordinator shards 1..K-1 (empty with one coordinator).
+    public var shardEndpoints: [String] = []
 
     public init(
         rank: Int32, worldSize: UInt32, jobSpecJSON: String, startStep: UInt64, epoch: UInt64,
@@ -277,4 +281,44 @@ public struct ErrorReply: Equatable, Sendable, Error {
         self.code = code
         self.reason = reason
     }
+}
+
+/// Between the leader coordinator (shard 0) and its follower shards; see COORDINATOR SHARDS in
+/// proto/ddp.proto. Which fields matter depends on `kind`.
+public struct ShardMessage: Equatable, Sendable {
+    public enum Kind: Int32, Sendable, CustomStringConvertible {
+        case hello = 1, assign, roster, received, average, averaged, apply, abort, snapshot, snapshotReply
+
+        public var description: String {
+            switch self {
+            case .hello: "hello"
+            case .assign: "assign"
+            case .roster: "roster"
+            case .received: "received"
+            case .average: "average"
+            case .averaged: "averaged"
+            case .apply: "apply"
+            case .abort: "abort"
+            case .snapshot: "snapshot"
+            case .snapshotReply: "snapshot_reply"
+            }
+        }
+    }
+
+    public var kind: Kind
+    public var shard: UInt32 = 0
+    public var endpoint = ""
+    public var jobSpecJSON = ""
+    public var attempt: UInt32 = 0
+    public var ranks: [Int32] = []
+    public var workerIDs: [String] = []
+    public var sampleCounts: [UInt64] = []
+    public var refused = ""
+    public var learningRate: Float = 0
+    public var applyOptimizer = false
+    public var optimizerSteps: UInt64 = 0
+    public var withState = false
+    public var finite = true
+
+    public init(_ kind: Kind) { self.kind = kind }
 }

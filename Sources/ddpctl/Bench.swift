@@ -60,20 +60,22 @@ extension Bench {
 extension Bench {
     struct Train: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Time training steps of a real local job: digits 64-128-10 or MNIST-sized 784-512-512-10, batch 128.",
+            abstract: "Time training steps of a real local job: digits 64-128-10, MNIST-sized 784-512-512-10 or wide 784-2048-2048-10, batch 128.",
             discussion: "Example: ddpctl bench train --workload mnist --workers 2 --epochs 1 --json")
-        @Option(help: "digits or mnist (synthetic 60000x784).") var workload = "digits"
+        @Option(help: "digits, mnist (synthetic 60000x784) or wide (synthetic 12000x784, 2048-wide layers).") var workload = "digits"
         @Option(help: "Worker processes.") var workers = 2
-        @Option(help: "Epochs (default: 20 for digits, 1 for mnist).") var epochs: Int?
+        @Option(help: "Epochs (default: 20 for digits, 1 for the others).") var epochs: Int?
         @Option(name: .customLong("bucket-kb"), help: "Gradient bucket size in KiB (default: the job default; 0: whole pushes).")
         var bucketKB: Int?
+        @Option(help: "Coordinator processes (default: 1).") var coordinatorShards: Int?
         @Option(help: "The ddpd executable (default: beside ddpctl).") var ddpd: String?
         @Flag(help: "Print one JSON line.") var json = false
 
         func run() throws {
             let result = try TrainBenchmark(
-                workload: workload, workers: workers, epochs: epochs ?? (workload == "mnist" ? 1 : 20),
-                ddpd: ddpd ?? sibling("ddpd"), jobsRoot: NSTemporaryDirectory(), bucketKB: bucketKB
+                workload: workload, workers: workers, epochs: epochs ?? (workload == "digits" ? 20 : 1),
+                ddpd: ddpd ?? sibling("ddpd"), jobsRoot: NSTemporaryDirectory(), bucketKB: bucketKB,
+                coordinatorShards: coordinatorShards
             ).run()
             printResult(result, json: json)
         }

@@ -35,6 +35,7 @@ struct JobOptions: ParsableArguments {
     var bucketKB: Int?
     @Flag(inversion: .prefixedNo, help: "Workers on the coordinator's host pass tensors through shared memory (default: on).")
     var sharedMemory: Bool?
+    @Option(help: "Coordinator processes; with K > 1 each averages and steps its share of the parameters.") var coordinatorShards: Int?
     @Option(help: "A folder of CURVE keys from 'ddpctl keygen': encrypted traffic, only authorised workers.") var keysDir: String?
 
     /// The flags that were given, keyed as in a job file.
@@ -50,6 +51,7 @@ struct JobOptions: ParsableArguments {
         o["clip_norm"] = clipNorm.map { Double($0) }; o["seed"] = seed; o["test_fraction"] = testFraction
         o["workers"] = workers; o["min_workers"] = minWorkers; o["checkpoint_every"] = checkpointEvery
         o["wire_dtype"] = wireDtype; o["bucket_kb"] = bucketKB; o["shared_memory"] = sharedMemory
+        o["coordinator_shards"] = coordinatorShards
         o["keys_dir"] = keysDir.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
         if let hidden { o["hidden"] = hidden.split(separator: ",").map { Int($0.trimmingCharacters(in: .whitespaces)) ?? -1 } }
         return o

@@ -14,6 +14,8 @@ struct DDPD: ParsableCommand {
             workers yourself (see deploy/):
               ddpd coordinator --config job.yaml --bind tcp://0.0.0.0:5555 --control tcp://0.0.0.0:5556
               ddpd worker --connect tcp://COORDINATOR:5555 --config job.yaml
+            With coordinator_shards K > 1, also run K-1 follower shards (each binds its own worker endpoint):
+              ddpd coordinator --config job.yaml --shard 1 --leader tcp://COORDINATOR:5555 --bind tcp://0.0.0.0:5557
             """,
         subcommands: [CoordinatorCommand.self, WorkerCommand.self])
 }
@@ -41,20 +43,27 @@ struct CoordinatorCommand: ParsableCommand {
     @Option(help: "The job directory for the model, summary, history and checkpoints.") var jobDir: String?
     @Flag(help: "Continue from the newest checkpoint in the job directory.") var resume = false
     @Flag(help: "Allow plain-text traffic on endpoints other hosts can reach (without keys_dir).") var insecure = false
+    @Option(help: "Run follower shard N (1...coordinator_shards-1) of the leader at --leader instead of the leader.") var shard: Int?
+    @Option(help: "The leader coordinator's worker endpoint (with --shard).") var leader: String?
     @OptionGroup var logging: LoggingOptions
+
+    func validate() throws {
+        if (shard == nil) != (leader == nil) { throw ValidationError("--shard and --leader go together") }
+    }
 
     func run() throws {
         try logging.bootstrap()
         var spec = try JobSpec.load(path: config, overrides: try JobSpec.overrides(assignments))
         if let jobDir { spec.output = jobDir }
-        let directory = spec.output.isEmpty ? nil : JobDirectory(path: spec.output)
+        let role: Coordinator.Role = shard.map { .follower(index: $0, leader: leader!) } ?? .leader
+        let directory = spec.output.isEmpty || role != .leader ? nil : JobDirectory(path: spec.output)
         try directory?.create()
         let coordinator = try Coordinator(
             spec: spec, workerEndpoint: bind, controlEndpoint: control, directory: directory, resume: resume,
-            allowPlainText: insecure, logger: Logger(label: "coordinator"))
+            allowPlainText: insecure, role: role, logger: Logger(label: shard.map { "coordinator-shard-\($0)" } ?? "coordinator"))
         FileHandle.standardOutput.write(Data("workers=\(coordinator.workerEndpoint)\ncontrol=\(coordinator.controlEndpoint)\n".utf8))
         let summary = try coordinator.run()
-        FileHandle.standardOutput.write(Data((summary.jsonLine + "\n").utf8))
+        if role == .leader { FileHandle.standardOutput.write(Data((summary.jsonLine + "\n").utf8)) }
         switch summary.state {
         case "completed": return
         case "stopped": throw ExitCode(2)

@@ -19,6 +19,21 @@ struct BadInputTests {
         #expect(throws: JobSpecError.invalid("key 'epochs' must be an integer")) {
             try JobSpec.load(path: nil, overrides: ["epochs": "many"])
         }
+        #expect(throws: JobSpecError.invalid("coordinator_shards must be between 1 and 64, got 0")) {
+            try JobSpec.load(path: nil, overrides: ["coordinator_shards": 0])
+        }
+        #expect(throws: JobSpecError.invalid("clip_norm needs the global gradient norm, which one coordinator sees only with coordinator_shards = 1")) {
+            try JobSpec.load(path: nil, overrides: ["coordinator_shards": 2, "clip_norm": 1.0])
+        }
+    }
+
+    /// Whole tensors, largest first to the least loaded shard: every tensor owned once, loads close.
+    @Test func shardPlansBalanceWholeTensors() {
+        let plan = ShardPlan(elementCounts: [8192, 128, 1280, 10, 100_352, 512], shards: 3)
+        #expect(plan.owner == [1, 2, 2, 2, 0, 2])
+        #expect(plan.indices(of: 0) == [4] && plan.indices(of: 1) == [0] && plan.indices(of: 2) == [1, 2, 3, 5])
+        #expect(ShardPlan(elementCounts: [5, 5, 5], shards: 1).owner == [0, 0, 0])
+        #expect(ShardPlan(elementCounts: [5], shards: 3).indices(of: 2).isEmpty)  // more shards than tensors: some own none
     }
 
     @Test func yamlAndJSONJobFiles() throws {

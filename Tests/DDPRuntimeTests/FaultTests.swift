@@ -6,12 +6,13 @@ import Testing
 /// Killed workers and coordinators, hostile peers and secure jobs.
 @Suite(.serialized)
 struct FaultTests {
-    /// With whole pushes, and with pushes in many parts (1 KiB buckets), some of which are lost with the worker.
-    @Test(arguments: ["1024", "1"])
-    func killedWorkerIsNamedRestartedAndTheJobCompletes(bucketKB: String) throws {
+    /// With whole pushes, with pushes in many parts (1 KiB buckets), some of which are lost with the
+    /// worker, and with two coordinator shards (the restarted worker joins both).
+    @Test(arguments: [("1024", 1), ("1", 1), ("1024", 2)])
+    func killedWorkerIsNamedRestartedAndTheJobCompletes(bucketKB: String, shards: Int) throws {
         let jobs = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: jobs) }
-        let arguments = ["--workers", "3", "--epochs", "30", "--seed", "5", "--bucket-kb", bucketKB]
+        let arguments = ["--workers", "3", "--epochs", "30", "--seed", "5", "--bucket-kb", bucketKB, "--coordinator-shards", "\(shards)"]
         let clean = try #require(try startJob(arguments, jobsDir: jobs).0)
 
         let job = try startDetachedJob(arguments, jobsDir: jobs)
@@ -67,10 +68,12 @@ struct FaultTests {
         #expect(summary.message.contains("pid \(victim)"))
     }
 
-    @Test func killedCoordinatorResumesToTheSameParameters() throws {
+    /// With two coordinator shards the leader is killed: its follower is assigned again from the checkpoint.
+    @Test(arguments: [1, 2])
+    func killedCoordinatorResumesToTheSameParameters(shards: Int) throws {
         let jobs = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: jobs) }
-        let arguments = ["--workers", "2", "--epochs", "25", "--seed", "9", "--checkpoint-every", "20"]
+        let arguments = ["--workers", "2", "--epochs", "25", "--seed", "9", "--checkpoint-every", "20", "--coordinator-shards", "\(shards)"]
         let cleanSummary = try #require(try startJob(arguments, jobsDir: jobs).0)
         let clean = try finalParameters(JobDirectory(path: (cleanSummary.modelPath as NSString).deletingLastPathComponent))
 
@@ -86,6 +89,30 @@ struct FaultTests {
         let resumed = try finalParameters(job)
         #expect(resumed.map(\.name) == clean.map(\.name))
         for (a, b) in zip(resumed, clean) { #expect(a.values == b.values, "\(a.name) differs from the uninterrupted run") }
+        if shards > 1 {
+            let follower = try String(contentsOfFile: job.logPath("coordinator-shard-1"), encoding: .utf8)
+            #expect(follower.components(separatedBy: "assigned by the leader").count == 3, "\(follower)")
+        }
+    }
+
+    /// A follower shard killed mid-job fails the job at once, naming it; no process is left behind and the
+    /// checkpoints written so far stay.
+    @Test func killedFollowerShardFailsTheJobNamingIt() throws {
+        let jobs = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: jobs) }
+        let job = try startDetachedJob(["--workers", "2", "--epochs", "400", "--coordinator-shards", "3", "--checkpoint-every", "50"], jobsDir: jobs)
+        #expect(waitUntil(timeout: 60) { currentStep(job) >= 120 })
+        let processes = JobLookup.processes(of: job)
+        let victim = try #require(processes["coordinator-shard-2"])
+        kill(victim, SIGKILL)
+        let killed = Date()
+        #expect(waitUntil(timeout: 30) { job.summary() != nil })
+        #expect(Date().timeIntervalSince(killed) < 10)
+        let summary = try #require(job.summary())
+        #expect(summary.state == "failed" && summary.message.contains("coordinator shard 2"), "\(summary.message)")
+        #expect(summary.modelPath.isEmpty, "a model without shard 2's current tensors was written")
+        #expect(try Checkpoint.latest(in: job) != nil)
+        #expect(waitUntil(timeout: 15) { processes.values.allSatisfy { kill($0, 0) != 0 } }, "processes left: \(processes)")
     }
 
     @Test func hostileMessagesChangeNothing() throws {

@@ -91,7 +91,7 @@ func runCommand(_ executable: String, _ arguments: [String], timeout: Double = 1
 func startJob(_ arguments: [String], jobsDir: String) throws -> (JobSummary?, CommandResult) {
     let result = try runCommand(Binaries.ddpctl, ["start", "--json", "--jobs-dir", jobsDir] + arguments)
     let line = result.stdout.split(separator: "\n").last.map(String.init) ?? ""
-    return (try? JSONDecoder().decode(JobSummary.self, from: Data(line.utf8)), result)
+    return (try? JobJSON.decoder().decode(JobSummary.self, from: Data(line.utf8)), result)
 }
 
 /// Starts `ddpctl start --detach` and returns the job's directory.

@@ -107,6 +107,49 @@ struct TrainingTests {
         for (a, b) in zip(shared, framed) { #expect(a.tensor.scalars == b.tensor.scalars, "\(a.name)") }
     }
 
+    /// K coordinator shards, each averaging and stepping its tensors, train bit for bit what one
+    /// coordinator trains: f32 in shared memory, and bf16 with Adam in frames.
+    @Test(arguments: [["--wire-dtype", "f32"], ["--wire-dtype", "bf16", "--no-shared-memory", "--optimizer", "adam", "--lr", "0.01"]])
+    func coordinatorShardsTrainBitwiseLikeOne(options: [String]) throws {
+        let jobs = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: jobs) }
+        var runs: [Int: [(name: String, tensor: Tensor)]] = [:]
+        for shards in [1, 2, 3] {
+            let (summary, result) = try startJob(Self.shortJob + ["--workers", "3", "--coordinator-shards", "\(shards)"] + options, jobsDir: jobs)
+            let s = try #require(summary, "no summary: \(result.stderr)")
+            #expect(s.state == "completed" && s.rejectedMessages == 0, "\(s.message)")
+            let job = JobDirectory(path: (s.modelPath as NSString).deletingLastPathComponent)
+            for shard in 1..<shards {
+                let log = try String(contentsOfFile: job.logPath("coordinator-shard-\(shard)"), encoding: .utf8)
+                #expect(log.contains("assigned by the leader") && log.contains("follower shard completed"), "\(log)")
+            }
+            runs[shards] = try parameters(s)
+        }
+        for shards in [2, 3] {
+            for (a, b) in zip(runs[1]!, runs[shards]!) { #expect(a.tensor.scalars == b.tensor.scalars, "\(a.name) with \(shards) shards") }
+        }
+    }
+
+    /// A learning rate that blows the parameters up makes every later gradient NaN: each step drops
+    /// them all, named, and one coordinator and three shards end with the same parameters.
+    @Test func nonFiniteGradientsAreDroppedAlikeWithShards() throws {
+        let jobs = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: jobs) }
+        var runs: [(JobSummary, [(name: String, tensor: Tensor)])] = []
+        for shards in [1, 3] {
+            let (summary, result) = try startJob(["--workers", "2", "--epochs", "1", "--lr", "1e30", "--momentum", "0",
+                                                   "--coordinator-shards", "\(shards)"], jobsDir: jobs)
+            let s = try #require(summary, "no summary: \(result.stderr)")
+            #expect(s.state == "completed")
+            runs.append((s, try parameters(s)))
+        }
+        #expect(runs[0].0.rejectedMessages > 0 && runs[0].0.rejectedMessages == runs[1].0.rejectedMessages,
+                "\(runs[0].0.rejectedMessages) vs \(runs[1].0.rejectedMessages)")
+        for (a, b) in zip(runs[0].1, runs[1].1) {
+            #expect(a.tensor.scalars.elementsEqual(b.tensor.scalars) { $0 == $1 || ($0.isNaN && $1.isNaN) }, "\(a.name)")
+        }
+    }
+
     @Test func defaultJobReachesNinetyFivePercent() throws {
         let jobs = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: jobs) }

@@ -26,6 +26,19 @@ struct CodecTests {
             return join
         }()),
         .welcome(Welcome(rank: 0, worldSize: 1, jobSpecJSON: "{}", startStep: 0, epoch: 0, sharedMemory: true)),
+        .welcome({
+            var welcome = Welcome(rank: 2, worldSize: 3, jobSpecJSON: "{}", startStep: 5, epoch: 1)
+            welcome.shardEndpoints = ["ipc:///tmp/j/shard-1.sock", "tcp://10.0.0.2:5557"]
+            return welcome
+        }()),
+        .shard({
+            var m = ShardMessage(.average)
+            m.shard = 2; m.endpoint = "tcp://h:1"; m.jobSpecJSON = "{}"; m.attempt = 3; m.ranks = [0, 2, -1]; m.workerIDs = ["a", "b"]
+            m.sampleCounts = [64, 0, 7]; m.refused = "why"; m.learningRate = 0.5; m.applyOptimizer = true; m.optimizerSteps = 9
+            m.withState = true; m.finite = false
+            return m
+        }()),
+        .shard(ShardMessage(.snapshotReply)),
         .gradientPush(GradientPush(sampleCount: 64, localLoss: 0.25, localCorrect: 60, computeSeconds: 0.001)),
         .gradientPush(GradientPush(sampleCount: 64, localLoss: 0.25, attempt: 1, part: 2, moreParts: true)),
         .parameterUpdate(ParameterUpdate(learningRate: 0.1, fullCopy: true, epoch: 1, worldSize: 3, shardIndex: 2, trainLoss: 0.5)),

@@ -26,12 +26,57 @@ typedef struct Ddp__V1__Leave Ddp__V1__Leave;
 typedef struct Ddp__V1__StatusRequest Ddp__V1__StatusRequest;
 typedef struct Ddp__V1__WorkerStatus Ddp__V1__WorkerStatus;
 typedef struct Ddp__V1__StatusReply Ddp__V1__StatusReply;
+typedef struct Ddp__V1__ShardMessage Ddp__V1__ShardMessage;
 typedef struct Ddp__V1__Stop Ddp__V1__Stop;
 typedef struct Ddp__V1__ErrorReply Ddp__V1__ErrorReply;
 
 
 /* --- enums --- */
 
+typedef enum _Ddp__V1__ShardMessage__Kind {
+  DDP__V1__SHARD_MESSAGE__KIND__KIND_UNSPECIFIED = 0,
+  /*
+   * follower -> leader: shard index, its worker endpoint
+   */
+  DDP__V1__SHARD_MESSAGE__KIND__HELLO = 1,
+  /*
+   * leader -> follower: job spec, step, optimizer steps; tensors: its values and state
+   */
+  DDP__V1__SHARD_MESSAGE__KIND__ASSIGN = 2,
+  /*
+   * leader -> follower: the live ranks and their worker ids
+   */
+  DDP__V1__SHARD_MESSAGE__KIND__ROSTER = 3,
+  /*
+   * follower -> leader: rank's push for step/attempt is complete (or refused, why)
+   */
+  DDP__V1__SHARD_MESSAGE__KIND__RECEIVED = 4,
+  /*
+   * leader -> follower: average these ranks with these sample counts
+   */
+  DDP__V1__SHARD_MESSAGE__KIND__AVERAGE = 5,
+  /*
+   * follower -> leader: the ranks whose values were not finite (none: all finite)
+   */
+  DDP__V1__SHARD_MESSAGE__KIND__AVERAGED = 6,
+  /*
+   * leader -> follower: step with this rate and send updates to these ranks
+   */
+  DDP__V1__SHARD_MESSAGE__KIND__APPLY = 7,
+  /*
+   * leader -> follower: drop the pushes of this step; the next attempt begins
+   */
+  DDP__V1__SHARD_MESSAGE__KIND__ABORT = 8,
+  /*
+   * leader -> follower: send your tensors' values (with_state: and optimizer state)
+   */
+  DDP__V1__SHARD_MESSAGE__KIND__SNAPSHOT = 9,
+  /*
+   * follower -> leader: tensors: values, then optimizer state as "optimizer/NAME"
+   */
+  DDP__V1__SHARD_MESSAGE__KIND__SNAPSHOT_REPLY = 10
+    PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(DDP__V1__SHARD_MESSAGE__KIND)
+} Ddp__V1__ShardMessage__Kind;
 typedef enum _Ddp__V1__ErrorReply__Code {
   DDP__V1__ERROR_REPLY__CODE__CODE_UNSPECIFIED = 0,
   /*
@@ -125,7 +170,8 @@ typedef enum {
   DDP__V1__ENVELOPE__BODY_STATUS_REQUEST = 16,
   DDP__V1__ENVELOPE__BODY_STATUS_REPLY = 17,
   DDP__V1__ENVELOPE__BODY_STOP = 18,
-  DDP__V1__ENVELOPE__BODY_ERROR = 19
+  DDP__V1__ENVELOPE__BODY_ERROR = 19,
+  DDP__V1__ENVELOPE__BODY_SHARD = 20
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(DDP__V1__ENVELOPE__BODY__CASE)
 } Ddp__V1__Envelope__BodyCase;
 
@@ -168,6 +214,7 @@ struct  Ddp__V1__Envelope
     Ddp__V1__StatusReply *status_reply;
     Ddp__V1__Stop *stop;
     Ddp__V1__ErrorReply *error;
+    Ddp__V1__ShardMessage *shard;
   };
 };
 #define DDP__V1__ENVELOPE__INIT \
@@ -252,10 +299,15 @@ struct  Ddp__V1__Welcome
    * the coordinator mapped the segment the Join offered
    */
   protobuf_c_boolean shared_memory;
+  /*
+   * The worker endpoints of coordinator shards 1..K-1 (see COORDINATOR SHARDS); empty with one coordinator.
+   */
+  size_t n_shard_endpoints;
+  char **shard_endpoints;
 };
 #define DDP__V1__WELCOME__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&ddp__v1__welcome__descriptor) \
-    , 0, 0, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0 }
+    , 0, 0, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, 0,NULL }
 
 
 /*
@@ -458,6 +510,50 @@ struct  Ddp__V1__StatusReply
 #define DDP__V1__STATUS_REPLY__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&ddp__v1__status_reply__descriptor) \
     , (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,NULL, 0, 0,NULL, (char *)protobuf_c_empty_string }
+
+
+/*
+ * COORDINATOR SHARDS
+ *   With K > 1 coordinator processes, shard 0 (the leader) runs the job as a single coordinator does
+ *   (membership, steps, evaluation, checkpoints, control) and shards 1..K-1 (followers) each own the
+ *   parameters `ShardPlan` gives them (whole tensors, balanced by size). A follower connects to the
+ *   leader's worker endpoint and says HELLO; the leader ASSIGNs it the job and its tensors' values and
+ *   optimizer state, and keeps it told of the live workers (ROSTER). Workers learn the followers' endpoints
+ *   from their Welcome, Join each, and push each tensor's gradient to its owner; each owner sends the
+ *   tensor's update. A follower reports every complete (or refused) push to the leader (RECEIVED); when
+ *   every live worker has answered every shard, the leader names the contributions to average (AVERAGE)
+ *   and the followers answer with the ranks whose values were not finite (AVERAGED); after those are
+ *   dropped everywhere the leader says APPLY, and every shard steps its tensors and sends their updates.
+ *   ABORT starts an attempt again (a worker was lost); SNAPSHOT asks for the followers' current values
+ *   (and optimizer state) for evaluation, checkpoints and the final model. A lost follower fails the job.
+ */
+struct  Ddp__V1__ShardMessage
+{
+  ProtobufCMessage base;
+  Ddp__V1__ShardMessage__Kind kind;
+  uint32_t shard;
+  char *endpoint;
+  char *job_spec_json;
+  uint32_t attempt;
+  size_t n_ranks;
+  int32_t *ranks;
+  size_t n_worker_ids;
+  char **worker_ids;
+  size_t n_sample_counts;
+  uint64_t *sample_counts;
+  char *refused;
+  float learning_rate;
+  protobuf_c_boolean apply_optimizer;
+  uint64_t optimizer_steps;
+  protobuf_c_boolean with_state;
+  /*
+   * AVERAGED: every averaged value was finite
+   */
+  protobuf_c_boolean finite;
+};
+#define DDP__V1__SHARD_MESSAGE__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&ddp__v1__shard_message__descriptor) \
+    , DDP__V1__SHARD_MESSAGE__KIND__KIND_UNSPECIFIED, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0,NULL, 0,NULL, 0,NULL, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0 }
 
 
 /*
@@ -698,6 +794,25 @@ Ddp__V1__StatusReply *
 void   ddp__v1__status_reply__free_unpacked
                      (Ddp__V1__StatusReply *message,
                       ProtobufCAllocator *allocator);
+/* Ddp__V1__ShardMessage methods */
+void   ddp__v1__shard_message__init
+                     (Ddp__V1__ShardMessage         *message);
+size_t ddp__v1__shard_message__get_packed_size
+                     (const Ddp__V1__ShardMessage   *message);
+size_t ddp__v1__shard_message__pack
+                     (const Ddp__V1__ShardMessage   *message,
+                      uint8_t             *out);
+size_t ddp__v1__shard_message__pack_to_buffer
+                     (const Ddp__V1__ShardMessage   *message,
+                      ProtobufCBuffer     *buffer);
+Ddp__V1__ShardMessage *
+       ddp__v1__shard_message__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   ddp__v1__shard_message__free_unpacked
+                     (Ddp__V1__ShardMessage *message,
+                      ProtobufCAllocator *allocator);
 /* Ddp__V1__Stop methods */
 void   ddp__v1__stop__init
                      (Ddp__V1__Stop         *message);
@@ -771,6 +886,9 @@ typedef void (*Ddp__V1__WorkerStatus_Closure)
 typedef void (*Ddp__V1__StatusReply_Closure)
                  (const Ddp__V1__StatusReply *message,
                   void *closure_data);
+typedef void (*Ddp__V1__ShardMessage_Closure)
+                 (const Ddp__V1__ShardMessage *message,
+                  void *closure_data);
 typedef void (*Ddp__V1__Stop_Closure)
                  (const Ddp__V1__Stop *message,
                   void *closure_data);
@@ -795,6 +913,8 @@ extern const ProtobufCMessageDescriptor ddp__v1__leave__descriptor;
 extern const ProtobufCMessageDescriptor ddp__v1__status_request__descriptor;
 extern const ProtobufCMessageDescriptor ddp__v1__worker_status__descriptor;
 extern const ProtobufCMessageDescriptor ddp__v1__status_reply__descriptor;
+extern const ProtobufCMessageDescriptor ddp__v1__shard_message__descriptor;
+extern const ProtobufCEnumDescriptor    ddp__v1__shard_message__kind__descriptor;
 extern const ProtobufCMessageDescriptor ddp__v1__stop__descriptor;
 extern const ProtobufCMessageDescriptor ddp__v1__error_reply__descriptor;
 extern const ProtobufCEnumDescriptor    ddp__v1__error_reply__code__descriptor;
