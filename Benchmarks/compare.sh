@@ -27,6 +27,7 @@ ours step_gemm step --layers 784,2048,2048,10 --batch 256 --threads 1 --repeats 
 peer torch_step "$peers/torch_step.py" --threads 1 --repeats 5
 ours exchange_f32 exchange --elements 10000000 --workers 2 --dtype f32
 ours exchange_bf16 exchange --elements 10000000 --workers 2 --dtype bf16
+ours exchange_f32_frames exchange --elements 10000000 --workers 2 --dtype f32 --no-shared-memory
 ours exchange_small exchange --elements 9610 --workers 2 --dtype f32 --rounds 200
 peer torch_allreduce "$peers/torch_allreduce.py" --world-sizes 2 --sizes 9610,10000000 --repeats 10
 ours train_digits train --workload digits --workers 2 --epochs 20
@@ -58,6 +59,7 @@ ar_small = next((r for r in rows("torch_allreduce") if r.get("elements", r.get("
 def ar_ms(r): return r.get("median_ms") or (r.get("median_s", 0) * 1e3 if r.get("median_s") else None)
 line("exchange 10M floats, 2 workers, f32", first("exchange_f32").get("ms_per_round"), ar_ms(ar_big), "<= 1.0")
 line("exchange 10M floats, 2 workers, bf16", first("exchange_bf16").get("ms_per_round"), ar_ms(ar_big), "<= 0.6")
+line("exchange 10M floats, 2 workers, f32 in frames", first("exchange_f32_frames").get("ms_per_round"), ar_ms(ar_big), "(no shared memory)")
 line("exchange 9,610 floats, 2 workers", first("exchange_small").get("ms_per_round"), ar_ms(ar_small), "")
 ddp = {r.get("dataset"): r for r in rows("torch_ddp") if str(r.get("world_size", r.get("world"))) == "2"}
 line("DDP digits 64-128-10, 2 workers, step", first("train_digits").get("ms_per_step"), ddp.get("digits", {}).get("ms_per_step"), "<= 0.4")

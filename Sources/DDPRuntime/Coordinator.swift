@@ -175,6 +175,8 @@ public final class Coordinator {
     var leaderLastHeard = 0.0
     /// Follower: an APPLY waiting for recipients that have not joined this shard yet.
     var pendingApply: (message: ShardMessage, step: Int, deadline: Double)?
+    /// Follower: a SNAPSHOT that arrived while an APPLY was pending, answered after it.
+    var pendingSnapshot: (command: ShardMessage, message: WireMessage)?
     /// Leader: a follower was lost (the job has failed; nothing more is asked of them).
     var followersLost = false
     /// Leader: connections that dropped while it waited for followers, for the main loop to handle.

@@ -358,6 +358,8 @@ extension Coordinator {
             try leaderSocket?.send(WireCodec.encode(WireMessage(jobID: spec.jobID, step: UInt64(step), body: .shard(answer))))
         case .apply where message.step >= UInt64(step):
             try apply(command, step: Int(message.step), deadline: Self.now() + Double(spec.heartbeatTimeoutMs) / 1000)
+        case .snapshot where pendingApply != nil:
+            pendingSnapshot = (command, message)  // answered once the update it must include is done
         case .snapshot:
             var answer = ShardMessage(.snapshotReply)
             answer.optimizerSteps = UInt64(optimizer.stepCount)
@@ -395,5 +397,9 @@ extension Coordinator {
         step = newStep
         let recipients = command.ranks.filter { members[$0] != nil }
         broadcastUpdate(trainLoss: 0, recipients: recipients) { send in stepAndEncode(applyOptimizer: command.applyOptimizer, emit: send) }
+        if let (snapshot, message) = pendingSnapshot {
+            pendingSnapshot = nil
+            try follow(snapshot, message: message)
+        }
     }
 }
