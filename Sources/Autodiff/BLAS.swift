@@ -36,12 +36,3 @@ extension BLAS {
               c.storage.pointer, m: m, n: n, k: k)
     }
 }
-
-extension BLAS {
-    /// `y = alpha * x + y` over equal-length buffers (vectorised by OpenBLAS); the pointers are used only
-    /// for the call.
-    public static func axpy(_ alpha: Float, _ x: UnsafeBufferPointer<Float>, _ y: UnsafeMutableBufferPointer<Float>) {
-        precondition(x.count == y.count, "BLAS.axpy: \(x.count) and \(y.count) elements")
-        cblas_saxpy(Int32(x.count), alpha, x.baseAddress, 1, y.baseAddress, 1)
-    }
-}

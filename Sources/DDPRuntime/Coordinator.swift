@@ -154,8 +154,8 @@ public final class Coordinator {
     /// Elements per chunk when averaging, stepping and encoding, so that what one chunk touches stays in
     /// cache between the passes over it.
     static let chunk = WeightedMean.chunk
-    /// Room for two chunks of converted or computed values per thread of `ParallelChunks`.
-    let scratch = Tensor.zeros([2 * Coordinator.chunk * ParallelChunks.threads])
+    /// Room for a chunk of converted values per thread of `ParallelChunks`.
+    let scratch = Tensor.zeros([Coordinator.chunk * ParallelChunks.threads])
     let indexOfParameter: [String: Int]
     /// Where the update being encoded goes: the frame payloads (for workers without shared memory), and
     /// the segments of the live workers with it.
@@ -494,7 +494,7 @@ public final class Coordinator {
         var partial = partialPushes[rank] ?? PartialPush(sampleCount: push.sampleCount, gradients: Array(repeating: nil, count: parameters.count))
         let problem = push.part != partial.nextPart ? "part \(push.part) of the push arrived where part \(partial.nextPart) was due"
             : push.sampleCount != partial.sampleCount ? "its parts disagree on the sample count (\(partial.sampleCount), then \(push.sampleCount))"
-            : validate(message.tensors, alreadyReceived: partial.gradients)
+            : validate(message.tensors, alreadyReceived: partial.gradients, rank: rank)
         if let problem {
             refuse(rank, problem)
             return
@@ -513,7 +513,7 @@ public final class Coordinator {
                 return
             }
             contributions[rank] = Contribution(rank: rank, sampleCount: push.sampleCount, loss: push.localLoss, correct: push.localCorrect,
-                                               gradients: partial.gradients, dtype: wireType)
+                                               gradients: partial.gradients, dtype: pushType(of: rank))
             reportToLeader(rank, refused: "")
         }
         averageEarly(arrived)
@@ -543,15 +543,15 @@ public final class Coordinator {
         guard samples > 0 else { return }
         scratch.withUnsafeMutableBufferPointer { scratch in
             nextTensor: for index in indices where !earlyAverage.averaged[index] {
-                var terms: [(weight: Float, payload: Payload)] = []
+                var terms: [WeightedMean.Term] = []
                 for (rank, count) in zip(ranks, counts) where count > 0 {
                     let sent = contributions[rank].map { $0.gradients[index] } ?? partialPushes[rank]?.gradients[index]
                     guard let payload = sent ?? nil else {
                         continue nextTensor  // not every worker has sent this one yet
                     }
-                    terms.append((Float(count) / Float(samples), payload))
+                    terms.append((Float(count) / Float(samples), payload, pushType(of: rank)))
                 }
-                let finite = gradients[index].withUnsafeMutableBufferPointer { WeightedMean.write(terms, dtype: wireType, into: $0, scratch: scratch) }
+                let finite = gradients[index].withUnsafeMutableBufferPointer { WeightedMean.write(terms, wire: wireType, into: $0, scratch: scratch) }
                 earlyAverage.averaged[index] = true
                 earlyAverage.finite = earlyAverage.finite && finite
             }
@@ -561,15 +561,15 @@ public final class Coordinator {
     /// Why (a part of) a gradient cannot be used, or nil: known parameters not sent before, right shape,
     /// the job's wire type. (Completeness is checked on the last part; finite values on the average, and
     /// only a non-finite average is traced to its senders.)
-    func validate(_ tensors: [WireTensor], alreadyReceived: [Payload?]) -> String? {
+    func validate(_ tensors: [WireTensor], alreadyReceived: [Payload?], rank: Int32) -> String? {
         for tensor in tensors {
             guard let index = indexOfParameter[tensor.name] else { return "unknown tensor '\(tensor.name)'" }
             guard isOwned[index] else { return "tensor '\(tensor.name)' belongs to coordinator shard \(plan.owner[index])" }
             guard alreadyReceived[index] == nil else { return "tensor '\(tensor.name)' sent twice" }
             let expected = parameters[index].tensor.shape
             guard tensor.shape == expected else { return "tensor '\(tensor.name)' has shape \(tensor.shape), expected \(expected)" }
-            guard tensor.dtype == wireType else {
-                return "tensor '\(tensor.name)' is \(tensor.dtype.rawValue), the job's wire type is \(wireType.rawValue)"
+            guard tensor.dtype == pushType(of: rank) else {
+                return "tensor '\(tensor.name)' is \(tensor.dtype.rawValue), this worker's pushes are \(pushType(of: rank).rawValue)"
             }
         }
         return nil
@@ -809,7 +809,7 @@ public final class Coordinator {
     func withoutNonFinite(_ used: [Contribution]) -> [Contribution] {
         used.filter { c in
             for index in owned where !c.gradients.isEmpty {
-                if let bad = TensorEncoding.firstNonFinite(c.gradients[index]!, dtype: c.dtype) {
+                if let bad = TensorEncoding.firstNonFinite(c.gradients[index]!, dtype: c.dtype, roundedTo: wireType) {
                     reject("gradient of rank \(c.rank) at step \(step) skipped: tensor '\(parameters[index].name)' element \(bad) is NaN or infinite",
                            from: c.rank)
                     return false
@@ -826,9 +826,9 @@ public final class Coordinator {
         let weighted = used.filter { $0.sampleCount > 0 }
         return scratch.withUnsafeMutableBufferPointer { scratch in
             owned.reduce(true) { finite, index in
-                let terms = weighted.map { (weight: Float($0.sampleCount) / Float(samples), payload: $0.gradients[index]!) }
+                let terms = weighted.map { (weight: Float($0.sampleCount) / Float(samples), payload: $0.gradients[index]!, dtype: $0.dtype) }
                 return gradients[index].withUnsafeMutableBufferPointer { mean in
-                    WeightedMean.writeInParallel(terms, dtype: wireType, into: mean, scratch: scratch)
+                    WeightedMean.writeInParallel(terms, wire: wireType, into: mean, scratch: scratch)
                 } && finite
             }
         }
@@ -837,50 +837,39 @@ public final class Coordinator {
     /// Applies the optimizer (when asked) and encodes the update for the workers, chunk by chunk so that
     /// each chunk is stepped and encoded while it is in cache: the f32 parameters, or with a half-precision
     /// wire the change from the replica rounded to the wire type (the replica moving by exactly that
-    /// rounded change, as every worker moves its copy). The encoding goes to `updateTargets`: the frame
-    /// payloads (those still being sent are replaced) and each sharing worker's segment. Hands the
+    /// rounded change, as every worker moves its copy). The update goes to `updateTargets`: encoded into
+    /// the frame payloads (those still being sent are replaced), and as f32 values (the parameters, or the
+    /// replica) into each sharing worker's segment, where they are that worker's parameters. Hands the
     /// parameter indices to `emit` in buckets of about `bucket_kb` as they are done (`last` true for the
     /// final one).
     func stepAndEncode(applyOptimizer: Bool, emit: (_ indices: [Int], _ last: Bool) -> Void) {
         if applyOptimizer { optimizer.beginStep() }
         if owned.isEmpty { emit([], true) }
         var bucket: [Int] = [], bucketBytes = 0
-        let size = wireType.size
         for index in owned {
             let p = parameters[index]
             let count = p.tensor.count
-            var targets = updateTargets.shared.map { $0.update(index, byteCount: count * size) }
-            if updateTargets.frames || targets.isEmpty { targets.insert(reusablePayload(index, byteCount: count * size), at: 0) }
-            let encoded = targets[0]
+            let shared = updateTargets.shared.map { $0.update(index, byteCount: count * 4) }
+            let frame = updateTargets.frames || shared.isEmpty ? reusablePayload(index, byteCount: count * wireType.size) : nil
             if applyOptimizer { optimizer.update(p, range: 0..<0) }  // creates its state before threads share it
-            scratch.withUnsafeMutableBufferPointer { scratch in
-                p.tensor.withUnsafeBufferPointer { master in withReplica(index) { held in
-                    ParallelChunks.forEach(count: count, chunk: Self.chunk) { range, slot in
+            p.tensor.withUnsafeBufferPointer { master in withReplica(index) { held in
+                ParallelChunks.forEach(count: count, chunk: Self.chunk) { range, _ in
                         let start = range.lowerBound
                         if applyOptimizer { optimizer.update(p, range: range) }
-                        if let held {
-                            let delta = UnsafeMutableBufferPointer(rebasing: scratch[2 * slot * Self.chunk..<(2 * slot + 1) * Self.chunk])
-                            let rounded = UnsafeMutableBufferPointer(rebasing: scratch[(2 * slot + 1) * Self.chunk..<(2 * slot + 2) * Self.chunk])
-                            for i in range { delta[i - start] = master[i] - held[i] }
-                            TensorEncoding.write(UnsafeBufferPointer(rebasing: delta[0..<range.count]), as: wireType, into: encoded, at: start)
-                            TensorEncoding.withFloats(encoded, dtype: wireType, range: range, scratch: rounded) { r in
-                                for i in 0..<r.count { held[start + i] += r[i] }
-                            }
+                        let values: UnsafeBufferPointer<Float>  // what the workers hold from now on
+                        if let held {  // the replica moves by the rounded change, as a worker decoding it does
+                            TensorEncoding.advance(held.baseAddress! + start, toward: master.baseAddress! + start, count: range.count,
+                                                   dtype: wireType, encodingInto: frame, at: start)
+                            values = UnsafeBufferPointer(rebasing: held[range])
                         } else {
-                            TensorEncoding.write(UnsafeBufferPointer(rebasing: master[range]), as: .f32, into: encoded, at: start)
+                            values = UnsafeBufferPointer(rebasing: master[range])
+                            if let frame { TensorEncoding.write(values, as: .f32, into: frame, at: start) }
                         }
-                        encoded.withUnsafeBytes { source in  // the chunk, still in cache, to the other targets
-                            for target in targets.dropFirst() {
-                                target.withUnsafeMutableBytes {
-                                    ($0.baseAddress! + start * size).copyMemory(from: source.baseAddress! + start * size, byteCount: range.count * size)
-                                }
-                            }
-                        }
+                        for target in shared { TensorEncoding.write(values, as: .f32, into: target, at: start) }  // in cache
                     }
-                } }
-            }
+            } }
             bucket.append(index)
-            bucketBytes += count * size
+            bucketBytes += count * wireType.size
             let last = index == owned.last
             if last || (spec.bucketKB > 0 && bucketBytes >= spec.bucketKB * 1024) {
                 emit(bucket, last)
@@ -889,6 +878,10 @@ public final class Coordinator {
             }
         }
     }
+
+    /// The element type of `rank`'s pushes: f32 from a worker sharing memory (the coordinator rounds them
+    /// to the wire type when averaging, as if they had been sent as it), else the job's wire type.
+    func pushType(of rank: Int32) -> DType { members[rank]?.shared != nil ? .f32 : wireType }
 
     /// Calls `body` with the storage of parameter `index`'s replica, or nil with an f32 wire.
     func withReplica<R>(_ index: Int, _ body: (UnsafeMutableBufferPointer<Float>?) -> R) -> R {
@@ -1001,14 +994,15 @@ public final class Coordinator {
         produce { indices, last in
             for (shard, member) in live.enumerated() where members[member.rank]?.isLive == true {
                 let update = ParameterUpdate(
-                    learningRate: optimizer.learningRate, fullCopy: replica == nil, epoch: UInt64(step / stepsPerEpoch),
+                    learningRate: optimizer.learningRate, fullCopy: replica == nil || member.shared != nil, epoch: UInt64(step / stepsPerEpoch),
                     worldSize: UInt32(live.count), shardIndex: Int32(shard), trainLoss: trainLoss, attempt: attempt,
                     part: part, moreParts: !last)
                 let tensors = indices.map { index in
                     let p = parameters[index]
-                    let byteCount = p.tensor.count * wireType.size
-                    let payload = member.shared?.update(index, byteCount: byteCount) ?? (replica == nil ? parameterPayloads : deltaPayloads)[index]
-                    return WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: payload)
+                    guard let area = member.shared else {
+                        return WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: (replica == nil ? parameterPayloads : deltaPayloads)[index])
+                    }
+                    return WireTensor(name: p.name, shape: p.tensor.shape, dtype: .f32, payload: area.update(index, byteCount: p.tensor.count * 4))
                 }
                 do {
                     try reply(member.identity, .parameterUpdate(update), step: UInt64(step), rank: member.rank, tensors: tensors)

@@ -221,7 +221,7 @@ public final class Worker {
     private func sharedMemoryOffer() -> SharedMemoryOffer? {
         guard let spec = setup?.spec, spec.sharedMemory else { return nil }
         let counts = setup!.model.parameters.map(\.tensor.count)
-        let pushes = SharedLayout(start: SharedSegment.headerBytes, byteCounts: counts.map { $0 * (DType(rawValue: spec.wireDtype) ?? .f32).size })
+        let pushes = SharedLayout(start: SharedSegment.headerBytes, byteCounts: counts.map { $0 * 4 })
         let updates = SharedLayout(start: pushes.end, byteCounts: counts.map { $0 * 4 })
         if sharedSegment?.byteCount != updates.end {
             do {
@@ -292,11 +292,12 @@ public final class Worker {
                                         "tensors_via": "\(sharing ? "shared memory" : "frames")"])
     }
 
-    /// With an f32 wire through shared memory, the parameters live where the coordinator writes their
-    /// updates and gradients are computed where it reads them: nothing is copied on this side.
+    /// Through shared memory the parameters live where the coordinator writes them (as f32, whatever the
+    /// wire type) and gradients are computed, as f32, where it reads them (it rounds them to the wire type):
+    /// nothing is copied or converted on this side.
     private func placeTensorsInSharedMemory() {
         for (index, p) in parameters.enumerated() {
-            guard sharing, wireType == .f32, let segment = sharedSegment, let pushLayout, let updateLayout,
+            guard sharing, let segment = sharedSegment, let pushLayout, let updateLayout,
                   let values = segment.region(offset: updateLayout.offsets[index], count: p.tensor.count * 4),
                   let gradient = segment.region(offset: pushLayout.offsets[index], count: p.tensor.count * 4)
             else {
@@ -411,23 +412,23 @@ public final class Worker {
     private func gradientTensor(_ index: Int) -> WireTensor {
         let p = parameters[index]
         let shared = plan.owner[index] == 0 ? sharing : shardSharing[plan.owner[index] - 1]
-        if shared, let region = sharedSegment?.region(offset: pushLayout!.offsets[index], count: p.tensor.count * wireType.size) {
-            if p.tensor.grad == nil || p.tensor.grad !== p.tensor.gradientDestination { write(p.tensor.grad, into: region) }
-            return WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: region)
+        if shared, let region = sharedSegment?.region(offset: pushLayout!.offsets[index], count: p.tensor.count * 4) {
+            if p.tensor.grad == nil || p.tensor.grad !== p.tensor.gradientDestination { write(p.tensor.grad, as: .f32, into: region) }
+            return WireTensor(name: p.name, shape: p.tensor.shape, dtype: .f32, payload: region)
         }
         if wireType == .f32, let grad = p.tensor.grad {
             let payload = grad.withUnsafeBufferPointer { Payload(borrowing: UnsafeRawBufferPointer($0), owner: grad) }
             return WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: payload)
         }
         if gradientPayloads[index].isInFlight { gradientPayloads[index] = Payload(byteCount: p.tensor.count * wireType.size) }
-        write(p.tensor.grad, into: gradientPayloads[index])
+        write(p.tensor.grad, as: wireType, into: gradientPayloads[index])
         return WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: gradientPayloads[index])
     }
 
-    /// Encodes a gradient (zeros for a parameter the loss does not reach) in the wire type.
-    private func write(_ gradient: Tensor?, into payload: Payload) {
+    /// Encodes a gradient (zeros for a parameter the loss does not reach) as `dtype`.
+    private func write(_ gradient: Tensor?, as dtype: DType, into payload: Payload) {
         if let gradient {
-            gradient.withUnsafeBufferPointer { TensorEncoding.write($0, as: wireType, into: payload) }
+            gradient.withUnsafeBufferPointer { TensorEncoding.write($0, as: dtype, into: payload) }
         } else {
             payload.withUnsafeMutableBytes { _ = $0.initializeMemory(as: UInt8.self, repeating: 0) }
         }

@@ -20,9 +20,10 @@ public enum TensorEncoding {
 
     /// Calls `body` with the elements `range` of the payload as float32: in place when they are aligned
     /// f32, otherwise converted into `scratch` (which must hold `range.count` floats). For walking a large
-    /// tensor chunk by chunk without a whole-size temporary.
+    /// tensor chunk by chunk without a whole-size temporary. f32 values with `roundedTo` f16 or bf16 come
+    /// rounded to that type (exactly what encoding them as it and decoding would give).
     public static func withFloats<R>(
-        _ payload: Payload, dtype: DType, range: Range<Int>, scratch: UnsafeMutableBufferPointer<Float>,
+        _ payload: Payload, dtype: DType, range: Range<Int>, scratch: UnsafeMutableBufferPointer<Float>, roundedTo: DType = .f32,
         _ body: (UnsafeBufferPointer<Float>) throws -> R
     ) rethrows -> R {
         try payload.withUnsafeBytes { raw in
@@ -30,6 +31,18 @@ public enum TensorEncoding {
                          "TensorEncoding.withFloats: range out of bounds")
             let start = raw.baseAddress! + range.lowerBound * dtype.size
             switch dtype {
+            case .f32 where roundedTo != .f32:
+                let out = scratch.baseAddress!
+                if Int(bitPattern: start) % 4 == 0 {
+                    let values = start.assumingMemoryBound(to: Float.self)
+                    switch roundedTo {
+                    case .bf16: for i in 0..<range.count { out[i] = roundedBFloat16(values[i]) }  // vectorises
+                    default: for i in 0..<range.count { out[i] = Float(Float16(values[i])) }
+                    }
+                } else {
+                    for i in 0..<range.count { out[i] = start.loadUnaligned(fromByteOffset: 4 * i, as: Float.self) }
+                    round(UnsafeMutableBufferPointer(rebasing: scratch[0..<range.count]), to: roundedTo)
+                }
             case .f32 where Int(bitPattern: start) % MemoryLayout<Float>.alignment == 0:
                 return try body(UnsafeBufferPointer(start: start.assumingMemoryBound(to: Float.self), count: range.count))
             case .f32:
@@ -70,11 +83,29 @@ public enum TensorEncoding {
         }
     }
 
-    /// The index of the first NaN or infinite element, if any.
-    public static func firstNonFinite(_ payload: Payload, dtype: DType) -> Int? {
+    /// Rounds `values` in place to the nearest values of `dtype` (bf16: to nearest even; f16: as Float16
+    /// conversion does, overflowing to infinity), as encoding and decoding them would.
+    public static func round(_ values: UnsafeMutableBufferPointer<Float>, to dtype: DType) {
+        switch dtype {
+        case .f32: break
+        case .bf16: for i in values.indices { values[i] = roundedBFloat16(values[i]) }  // vectorises
+        case .f16: for i in values.indices { values[i] = Float(Float16(values[i])) }
+        }
+    }
+
+    /// The index of the first NaN or infinite element, if any; with `roundedTo`, of f32 values once rounded
+    /// to that type (a large f32 value can round to an f16 infinity).
+    public static func firstNonFinite(_ payload: Payload, dtype: DType, roundedTo: DType = .f32) -> Int? {
         payload.withUnsafeBytes { raw in
             switch dtype {
-            case .f32:
+            case .f32 where roundedTo == .f16:
+                for i in 0..<raw.count / 4 where !Float(Float16(raw.loadUnaligned(fromByteOffset: 4 * i, as: Float.self))).isFinite { return i }
+            case .f32:  // bf16 has f32's exponent: only values already infinite or NaN, or that round up past the largest, are not finite
+                for i in 0..<raw.count / 4 {
+                    let value = raw.loadUnaligned(fromByteOffset: 4 * i, as: Float.self)
+                    let bits = (roundedTo == .bf16 ? Float(bitPattern: UInt32(bfloat16(value)) << 16) : value).bitPattern
+                    if bits & 0x7F80_0000 == 0x7F80_0000 { return i }
+                }
                 for i in 0..<raw.count / 4 {
                     let bits = UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: 4 * i, as: UInt32.self))
                     if bits & 0x7F80_0000 == 0x7F80_0000 { return i }
@@ -91,6 +122,44 @@ public enum TensorEncoding {
             return nil
         }
     }
+
+    /// Moves each of `count` values of `held` toward `target` by their difference rounded to `dtype`
+    /// (f16 or bf16), writing the encoded differences into `frame` from element `offset` when there is
+    /// one: one pass for what a coordinator sends against the replica every worker holds.
+    public static func advance(
+        _ held: UnsafeMutablePointer<Float>, toward target: UnsafePointer<Float>, count: Int, dtype: DType, encodingInto frame: Payload?, at offset: Int
+    ) {
+        precondition(dtype != .f32, "TensorEncoding.advance: for half-precision wires")
+        guard let frame else {
+            switch dtype {
+            case .bf16: for i in 0..<count { held[i] += roundedBFloat16(target[i] - held[i]) }
+            default: for i in 0..<count { held[i] += Float(Float16(target[i] - held[i])) }
+            }
+            return
+        }
+        precondition(offset >= 0 && (offset + count) * 2 <= frame.byteCount, "TensorEncoding.advance: out of bounds")
+        frame.withUnsafeMutableBytes { raw in
+            let out = (raw.baseAddress! + 2 * offset).assumingMemoryBound(to: UInt16.self)
+            switch dtype {
+            case .bf16:
+                for i in 0..<count {
+                    let bits = bfloat16(target[i] - held[i])
+                    out[i] = bits.littleEndian
+                    held[i] += Float(bitPattern: UInt32(bits) << 16)
+                }
+            default:
+                for i in 0..<count {
+                    let half = Float16(target[i] - held[i])
+                    out[i] = half.bitPattern.littleEndian
+                    held[i] += Float(half)
+                }
+            }
+        }
+    }
+
+    /// `x` rounded to the nearest bfloat16 value (as encoding and decoding it would give).
+    @inline(__always)
+    public static func roundedBFloat16(_ x: Float) -> Float { Float(bitPattern: UInt32(bfloat16(x)) << 16) }
 
     /// The bfloat16 bits of `x`, rounded to nearest even (NaN stays a quiet NaN), without branches.
     @inline(__always)

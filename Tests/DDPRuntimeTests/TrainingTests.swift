@@ -91,7 +91,7 @@ struct TrainingTests {
 
     /// Workers on the coordinator's host use shared memory (f32: parameters and gradients in place), and
     /// train bit for bit what workers sending every tensor in frames train.
-    @Test(arguments: ["f32", "bf16"]) func sharedMemoryTrainsBitwiseLikeFrames(wire: String) throws {
+    @Test(arguments: ["f32", "bf16", "f16"]) func sharedMemoryTrainsBitwiseLikeFrames(wire: String) throws {
         let jobs = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: jobs) }
         var runs: [String: JobSummary] = [:]

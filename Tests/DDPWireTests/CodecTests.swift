@@ -83,6 +83,45 @@ struct CodecTests {
         }
     }
 
+    /// Rounding f32 values to a half type in place, reading them rounded, and moving a replica by rounded
+    /// changes give exactly what encoding and decoding gives (a coordinator rounds what workers sharing
+    /// memory push as f32, and those workers hold its replica).
+    @Test(arguments: [DType.f16, .bf16]) func roundingIsEncodingThenDecoding(dtype: DType) {
+        var generator = SystemRandomNumberGenerator()
+        var values = (0..<4099).map { _ in Float(bitPattern: UInt32.random(in: 0...UInt32.max, using: &generator)) }
+        values += [0, -0, 1e-40, 65504, 65520, 1e5, .infinity, -.infinity, .nan, Float.greatestFiniteMagnitude]
+        let encoded = Payload(byteCount: values.count * 2)
+        values.withUnsafeBufferPointer { TensorEncoding.write($0, as: dtype, into: encoded) }
+        let decoded = TensorEncoding.floats(encoded, dtype: dtype)
+        func same(_ a: [Float], _ b: [Float]) -> Bool { a.elementsEqual(b) { $0.bitPattern == $1.bitPattern || ($0.isNaN && $1.isNaN) } }
+
+        var rounded = values
+        rounded.withUnsafeMutableBufferPointer { TensorEncoding.round($0, to: dtype) }
+        #expect(same(rounded, decoded))
+        let f32 = Payload(floats: values)
+        var scratch = [Float](repeating: 0, count: values.count)
+        let read = scratch.withUnsafeMutableBufferPointer { s in
+            TensorEncoding.withFloats(f32, dtype: .f32, range: 0..<values.count, scratch: s, roundedTo: dtype) { Array($0) }
+        }
+        #expect(same(read, decoded))
+        let firstBad = TensorEncoding.firstNonFinite(encoded, dtype: dtype)
+        #expect(TensorEncoding.firstNonFinite(f32, dtype: .f32, roundedTo: dtype) == firstBad)
+
+        // advance: held moves by the rounded change, and the frame holds the encoded change.
+        let target = (0..<1000).map { Float($0) * 0.37 - 90 }
+        var held = (0..<1000).map { Float($0) * 0.11 }
+        var expected = held
+        let frame = Payload(byteCount: 2000)
+        let change = zip(target, held).map { $0 - $1 }
+        let changeFrame = Payload(byteCount: 2000)
+        change.withUnsafeBufferPointer { TensorEncoding.write($0, as: dtype, into: changeFrame) }
+        for (i, c) in TensorEncoding.floats(changeFrame, dtype: dtype).enumerated() { expected[i] += c }
+        target.withUnsafeBufferPointer { t in held.withUnsafeMutableBufferPointer { h in
+            TensorEncoding.advance(h.baseAddress!, toward: t.baseAddress!, count: 1000, dtype: dtype, encodingInto: frame, at: 0)
+        } }
+        #expect(same(held, expected) && frame.bytes == changeFrame.bytes)
+    }
+
     @Test func chunksReadAndWriteLikeTheWhole() {
         let values = (0..<1000).map { Float($0) * 0.37 - 150 }
         var scratch = [Float](repeating: .nan, count: 300)

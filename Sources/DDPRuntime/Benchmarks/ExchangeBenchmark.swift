@@ -52,7 +52,7 @@ public struct ExchangeBenchmark {
             if let offer = join.sharedMemory {
                 let segment = try SharedSegment(opening: offer.path, byteCount: offer.byteCount, nonce: offer.nonce)
                 segments[identity] = segment
-                updateRegions[identity] = segment.region(offset: offer.updateOffset, count: byteCount)
+                updateRegions[identity] = segment.region(offset: offer.updateOffset, count: elements * 4)
             }
             try router.send([.bytes(identity)] + WireCodec.encode(WireMessage(
                 jobID: "", step: 0, body: .welcome(Welcome(rank: Int32(identities.count - 1), worldSize: UInt32(workers), jobSpecJSON: "{}",
@@ -60,21 +60,22 @@ public struct ExchangeBenchmark {
         }
         let framed = identities.contains { updateRegions[$0] == nil }
         var sum = [Float](repeating: 0, count: elements), scratch = [Float](repeating: 0, count: WeightedMean.chunk * ParallelChunks.threads)
+        var replica = dtype == .f32 ? [] : [Float](repeating: 0, count: elements)  // what the workers hold, with a half-precision wire
         var update = Payload(byteCount: byteCount)
         var times: [Double] = []
         for round in -3..<rounds {
             let t = try Measure.seconds {
                 if update.isInFlight { update = Payload(byteCount: byteCount) }
-                let targets = (framed ? [update] : []) + identities.compactMap { updateRegions[$0] }
-                Self.encode(sum, as: dtype, into: targets)
+                Self.encode(sum, as: dtype, replica: &replica, frame: framed ? update : nil, shared: identities.compactMap { updateRegions[$0] })
                 for identity in identities {
-                    let tensor = WireTensor(name: "x", shape: [elements], dtype: dtype, payload: updateRegions[identity] ?? update)
+                    let shared = updateRegions[identity]
+                    let tensor = WireTensor(name: "x", shape: [elements], dtype: shared == nil ? dtype : .f32, payload: shared ?? update)
                     try router.send([.bytes(identity)] + WireCodec.encode(WireMessage(
-                        jobID: "", step: UInt64(round + 3), body: .parameterUpdate(ParameterUpdate(learningRate: 0, fullCopy: true, epoch: 0, worldSize: UInt32(workers),
-                                                                                                  shardIndex: 0, trainLoss: 0)),
+                        jobID: "", step: UInt64(round + 3), body: .parameterUpdate(ParameterUpdate(
+                            learningRate: 0, fullCopy: dtype == .f32 || shared != nil, epoch: 0, worldSize: UInt32(workers), shardIndex: 0, trainLoss: 0)),
                         tensors: [tensor])))
                 }
-                var received: [[UInt8]: Payload] = [:]
+                var received: [[UInt8]: WireTensor] = [:]
                 while received.count < workers {
                     guard let frames = try router.receive(timeoutMilliseconds: 30_000) else {
                         throw WireBenchmarkError.invalid("a worker did not answer within 30 s")
@@ -82,11 +83,11 @@ public struct ExchangeBenchmark {
                     let identity = frames[0].bytes
                     let message = try WireCodec.decode(Array(frames.dropFirst()), sharedMemory: segments[identity])
                     guard case .gradientPush = message.body, message.tensors.count == 1 else { throw WireBenchmarkError.invalid("a worker answered with something else") }
-                    received[identity] = message.tensors[0].payload
+                    received[identity] = message.tensors[0]
                 }
-                let terms = identities.map { (weight: 1 / Float(workers), payload: received[$0]!) }
+                let terms = identities.map { (weight: 1 / Float(workers), payload: received[$0]!.payload, dtype: received[$0]!.dtype) }
                 sum.withUnsafeMutableBufferPointer { mean in
-                    scratch.withUnsafeMutableBufferPointer { _ = WeightedMean.writeInParallel(terms, dtype: dtype, into: mean, scratch: $0) }
+                    scratch.withUnsafeMutableBufferPointer { _ = WeightedMean.writeInParallel(terms, wire: dtype, into: mean, scratch: $0) }
                 }
             }
             if round >= 0 { times.append(t) }
@@ -104,30 +105,35 @@ public struct ExchangeBenchmark {
         ]
     }
 
-    /// Encodes `values` into every target, a chunk at a time (on `ParallelChunks.threads` threads, as the
-    /// coordinator does): into the first, then copied from it while in cache.
-    static func encode(_ values: [Float], as dtype: DType, into targets: [Payload]) {
-        values.withUnsafeBufferPointer { values in
+    /// The coordinator's update, as it makes it, a chunk at a time on `ParallelChunks.threads` threads: in
+    /// f32 the values; with a half-precision wire the change from `replica` encoded into the frame, and the
+    /// replica moved by the rounded change. Sharing workers get the f32 values they hold (`values` or the
+    /// replica) written into their segments.
+    static func encode(
+        _ values: [Float], as dtype: DType, replica: inout [Float], frame: Payload?, shared: [Payload]
+    ) {
+        values.withUnsafeBufferPointer { values in replica.withUnsafeMutableBufferPointer { replica in
             ParallelChunks.forEach(count: values.count, chunk: WeightedMean.chunk) { range, _ in
                 let start = range.lowerBound
-                TensorEncoding.write(UnsafeBufferPointer(rebasing: values[range]), as: dtype, into: targets[0], at: start)
-                targets[0].withUnsafeBytes { source in
-                    for target in targets.dropFirst() {
-                        target.withUnsafeMutableBytes {
-                            ($0.baseAddress! + start * dtype.size).copyMemory(from: source.baseAddress! + start * dtype.size, byteCount: range.count * dtype.size)
-                        }
-                    }
+                var held = UnsafeBufferPointer(rebasing: values[range])
+                if dtype != .f32 {
+                    TensorEncoding.advance(replica.baseAddress! + start, toward: values.baseAddress! + start, count: range.count, dtype: dtype,
+                                           encodingInto: frame, at: start)
+                    held = UnsafeBufferPointer(rebasing: replica[range])
+                } else if let frame {
+                    TensorEncoding.write(held, as: .f32, into: frame, at: start)
                 }
+                for target in shared { TensorEncoding.write(held, as: .f32, into: target, at: start) }
             }
-        }
+        } }
     }
 
     /// One worker of the benchmark: takes every update into its parameters and answers with a gradient
-    /// of the same size, as the real worker does. Through shared memory in f32 its parameters and its
-    /// gradient live in the segment (the coordinator writes the update in place; backward would write
-    /// the gradient in place), so nothing is copied on this side; in f16/bf16 the update is decoded into
-    /// its parameters and the gradient encoded into the segment. In frames, the f32 gradient goes out from
-    /// its own storage, a half-precision one converted into a reused buffer.
+    /// of the same size, as the real worker does. Through shared memory its parameters and its gradient
+    /// live in the segment as f32 whatever the wire type (the coordinator writes the parameters in place
+    /// and rounds the gradient; backward would write the gradient in place), so nothing is copied on this
+    /// side. In frames the update is decoded into its parameters (added, for half-precision changes); the
+    /// f32 gradient goes out from its own storage, a half-precision one converted into a reused buffer.
     public static func worker(endpoint: String, elements: Int, dtype: DType, sharedMemory: Bool) throws {
         BLAS.threads = 1
         let context = ZMQContext()
@@ -135,7 +141,7 @@ public struct ExchangeBenchmark {
         try socket.setHighWaterMarks(send: 0, receive: 0)
         try socket.connect(endpoint)
         let byteCount = elements * dtype.size
-        let pushes = SharedLayout(start: SharedSegment.headerBytes, byteCounts: [byteCount])
+        let pushes = SharedLayout(start: SharedSegment.headerBytes, byteCounts: [elements * 4])
         let updates = SharedLayout(start: pushes.end, byteCounts: [elements * 4])
         let segment = sharedMemory ? try SharedSegment(creating: updates.end) : nil
         var join = Join(workerID: "exchange-\(getpid())", host: ProcessInfo.processInfo.hostName, pid: UInt32(getpid()), modelFingerprint: "")
@@ -146,44 +152,43 @@ public struct ExchangeBenchmark {
         var parameters = [Float](repeating: 0, count: elements), scratch = [Float](repeating: 0, count: WeightedMean.chunk)
         var encoded = Payload(byteCount: byteCount)
         var sharing = false
-        let gradientRegion = segment?.region(offset: pushes.offsets[0], count: byteCount)
+        let gradientRegion = segment?.region(offset: pushes.offsets[0], count: elements * 4)
         let parameterRegion = segment?.region(offset: updates.offsets[0], count: elements * 4)
         while let frames = try socket.receive(timeoutMilliseconds: 60_000) {
             let message = try WireCodec.decode(frames, sharedMemory: sharing ? segment : nil)
             switch message.body {
             case .welcome(let welcome):
                 sharing = welcome.sharedMemory
-                if sharing, dtype == .f32, let gradientRegion {  // as if backward had written it there
+                if sharing, let gradientRegion {  // as if backward had written it there
                     gradient.values.withUnsafeBufferPointer { TensorEncoding.write($0, as: .f32, into: gradientRegion) }
                 }
-            case .parameterUpdate:
+            case .parameterUpdate(let header):
                 guard let update = message.tensors.first, update.elementCount == elements else { throw WireBenchmarkError.invalid("bad update") }
-                let inPlace = sharing && dtype == .f32 && update.payload.withUnsafeBytes { $0.baseAddress } == parameterRegion?.withUnsafeBytes { $0.baseAddress }
+                let inPlace = sharing && update.payload.withUnsafeBytes { $0.baseAddress } == parameterRegion?.withUnsafeBytes { $0.baseAddress }
                 if !inPlace {
                     parameters.withUnsafeMutableBufferPointer { dst in
                         scratch.withUnsafeMutableBufferPointer { scratch in
                             for start in stride(from: 0, to: elements, by: scratch.count) {
-                                TensorEncoding.withFloats(update.payload, dtype: dtype, range: start..<min(start + scratch.count, elements), scratch: scratch) {
-                                    (dst.baseAddress! + start).update(from: $0.baseAddress!, count: $0.count)
+                                TensorEncoding.withFloats(update.payload, dtype: update.dtype, range: start..<min(start + scratch.count, elements), scratch: scratch) {
+                                    let out = dst.baseAddress! + start
+                                    if header.fullCopy { out.update(from: $0.baseAddress!, count: $0.count) } else { for i in 0..<$0.count { out[i] += $0[i] } }
                                 }
                             }
                         }
                     }
                 }
-                let payload: Payload
+                let tensor: WireTensor
                 if sharing, let gradientRegion {
-                    payload = gradientRegion
-                    if dtype != .f32 { gradient.values.withUnsafeBufferPointer { TensorEncoding.write($0, as: dtype, into: gradientRegion) } }
+                    tensor = WireTensor(name: "x", shape: [elements], dtype: .f32, payload: gradientRegion)
                 } else if dtype == .f32 {
-                    payload = gradient.values.withUnsafeBytes { Payload(borrowing: $0, owner: gradient) }
+                    tensor = WireTensor(name: "x", shape: [elements], payload: gradient.values.withUnsafeBytes { Payload(borrowing: $0, owner: gradient) })
                 } else {
                     if encoded.isInFlight { encoded = Payload(byteCount: byteCount) }
                     gradient.values.withUnsafeBufferPointer { TensorEncoding.write($0, as: dtype, into: encoded) }
-                    payload = encoded
+                    tensor = WireTensor(name: "x", shape: [elements], dtype: dtype, payload: encoded)
                 }
                 try socket.send(WireCodec.encode(WireMessage(
-                    jobID: "", step: message.step, body: .gradientPush(GradientPush(sampleCount: 1, localLoss: 0)),
-                    tensors: [WireTensor(name: "x", shape: [elements], dtype: dtype, payload: payload)])))
+                    jobID: "", step: message.step, body: .gradientPush(GradientPush(sampleCount: 1, localLoss: 0)), tensors: [tensor])))
             default:
                 return
             }
