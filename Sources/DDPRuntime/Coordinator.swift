@@ -18,8 +18,9 @@ public final class Coordinator {
     public enum Role: Equatable, Sendable {
         /// The coordinator, or with shards the leader.
         case leader
-        /// Follower shard `index` (1..K-1) of the leader at `leader` (its worker endpoint).
-        case follower(index: Int, leader: String)
+        /// Follower shard `index` (1..K-1) of the leader at `leader` (its worker endpoint), reached by
+        /// workers at `advertise` (default: the bound endpoint, a wildcard address replaced by the host name).
+        case follower(index: Int, leader: String, advertise: String? = nil)
     }
 
     /// A follower shard as the leader knows it.
@@ -239,7 +240,7 @@ public final class Coordinator {
         monitor = try ZMQMonitor(context: context, monitoring: workerSocket)
         self.workerEndpoint = try workerSocket.bind(workerEndpoint)
         self.controlEndpoint = try controlSocket.bind(controlEndpoint)
-        if case .follower(_, let leader) = role {
+        if case .follower(_, let leader, _) = role {
             let socket = try ZMQSocket(context: context, kind: .dealer)
             try keys?.secureClient(socket)
             try socket.setHighWaterMarks(send: 0, receive: 0)

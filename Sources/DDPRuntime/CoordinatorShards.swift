@@ -6,7 +6,7 @@ import Logging
 extension Coordinator.Role {
     /// The shard this process is: 0 for the leader.
     var shardIndex: Int {
-        if case .follower(let index, _) = self { return index }
+        if case .follower(let index, _, _) = self { return index }
         return 0
     }
 }
@@ -188,11 +188,11 @@ extension Coordinator {
     /// A follower's loop: serve the workers' pushes for its tensors and the leader's commands until the
     /// leader stops it, or fails when the leader stays silent.
     func runFollower() throws -> JobSummary {
-        guard let leaderSocket, case .follower(let index, let leaderEndpoint) = role else { preconditionFailure("runFollower: not a follower") }
+        guard let leaderSocket, case .follower(let index, let leaderEndpoint, let advertise) = role else { preconditionFailure("runFollower: not a follower") }
         let interval = Double(spec.heartbeatIntervalMs) / 1000, timeout = Double(spec.heartbeatTimeoutMs) / 1000
         var hello = ShardMessage(.hello)
         hello.shard = UInt32(index)
-        hello.endpoint = workerEndpoint
+        hello.endpoint = advertise ?? Self.reachable(workerEndpoint)
         func sayHello() throws { try leaderSocket.send(WireCodec.encode(WireMessage(jobID: spec.jobID, step: 0, body: .shard(hello)))) }
         try sayHello()
         var lastHello = Self.now(), lastBeat = Self.now()
@@ -228,6 +228,14 @@ extension Coordinator {
             state: phase.rawValue, jobID: spec.jobID, workers: spec.workers, epochs: step / stepsPerEpoch, steps: step, trainLoss: 0,
             testLoss: 0, testAccuracy: 0, wallSeconds: Self.now() - started, samplesPerSecond: 0, modelPath: "", message: message,
             rejectedMessages: rejected, lostWorkers: [], task: spec.task)
+    }
+
+    /// `endpoint` with a wildcard host (bound to every address) replaced by this host's name.
+    static func reachable(_ endpoint: String) -> String {
+        for wildcard in ["tcp://0.0.0.0:", "tcp://*:", "tcp://[::]:"] where endpoint.hasPrefix(wildcard) {
+            return "tcp://\(ProcessInfo.processInfo.hostName):" + endpoint.dropFirst(wildcard.count)
+        }
+        return endpoint
     }
 
     /// Tells the leader that `rank`'s push of this step and attempt is complete or was refused (and why).

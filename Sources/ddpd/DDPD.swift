@@ -45,6 +45,8 @@ struct CoordinatorCommand: ParsableCommand {
     @Flag(help: "Allow plain-text traffic on endpoints other hosts can reach (without keys_dir).") var insecure = false
     @Option(help: "Run follower shard N (1...coordinator_shards-1) of the leader at --leader instead of the leader.") var shard: Int?
     @Option(help: "The leader coordinator's worker endpoint (with --shard).") var leader: String?
+    @Option(help: "The endpoint workers reach this shard at (default: --bind, a wildcard address replaced by this host's name).")
+    var advertise: String?
     @OptionGroup var logging: LoggingOptions
 
     func validate() throws {
@@ -55,7 +57,7 @@ struct CoordinatorCommand: ParsableCommand {
         try logging.bootstrap()
         var spec = try JobSpec.load(path: config, overrides: try JobSpec.overrides(assignments))
         if let jobDir { spec.output = jobDir }
-        let role: Coordinator.Role = shard.map { .follower(index: $0, leader: leader!) } ?? .leader
+        let role: Coordinator.Role = shard.map { .follower(index: $0, leader: leader!, advertise: advertise) } ?? .leader
         let directory = spec.output.isEmpty || role != .leader ? nil : JobDirectory(path: spec.output)
         try directory?.create()
         let coordinator = try Coordinator(

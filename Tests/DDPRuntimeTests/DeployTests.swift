@@ -73,14 +73,18 @@ struct DeployTests {
         defer { _ = try? runCommand(netns, ["down", prefix, "3"]) }
 
         #expect(try runCommand(Binaries.ddpctl, ["keygen", "--out", dir + "/keys"]).status == 0)
-        try "epochs: 150\nkeys_dir: \(dir)/keys\n".write(toFile: dir + "/job.yaml", atomically: true, encoding: .utf8)
+        // The namespaces share this machine's memory; shared_memory off makes every tensor cross their links,
+        // as between real hosts.
+        try "epochs: 150\nkeys_dir: \(dir)/keys\nshared_memory: false\n".write(toFile: dir + "/job.yaml", atomically: true, encoding: .utf8)
         let ssh = dir + "/netns-ssh"
         try "#!/bin/sh\nhost=\"$1\"; shift\nexec ip netns exec \"$host\" sh -c \"$*\"\n".write(toFile: ssh, atomically: true, encoding: .utf8)
         chmod(ssh, 0o755)
         let jobDir = dir + "/job"
         let launcherPath = "\(Self.root)/deploy/ssh/launch.sh"
         let environment = ProcessInfo.processInfo.environment.merging(["DDP_SSH": ssh]) { $1 }
-        let hosts = ["--coordinator", "\(prefix)0", "--address", "\(subnet).10", "--workers", "\(prefix)1,\(prefix)2", "--job-dir", jobDir]
+        // A coordinator shard beside the leader, reached by the workers at the leader host's address.
+        let hosts = ["--coordinator", "\(prefix)0", "--address", "\(subnet).10", "--workers", "\(prefix)1,\(prefix)2", "--job-dir", jobDir,
+                     "--shards", "\(prefix)0", "--shard-addresses", "\(subnet).10"]
         let started = try runCommand(launcherPath, ["start"] + hosts + ["--config", dir + "/job.yaml", "--keys", dir + "/keys", "--ddpd", Binaries.ddpd, "--no-wait"],
                                      timeout: 60, environment: environment)
         #expect(started.status == 0, "\(started.stdout)\(started.stderr)")
@@ -97,6 +101,9 @@ struct DeployTests {
         #expect(summary.lostWorkers == [1], "\(log.split(separator: "\n").filter { !$0.contains("epoch") }.suffix(8).joined(separator: "\n"))")
         #expect(summary.testAccuracy >= 0.95)
         #expect(log.contains("security=CURVE") && log.contains("worker lost"))
+        #expect(log.contains("coordinator shard joined endpoint=tcp://\(subnet).10:5557"), "\(log)")
+        let shardLog = (try? String(contentsOfFile: jobDir + "/shard-1.log", encoding: .utf8)) ?? ""
+        #expect(shardLog.contains("follower shard completed"), "\(shardLog)")
     }
 
     @Test(.enabled(if: isRoot && which("slurmctld") != nil && which("munged") != nil, "needs root, slurm-wlm and munge"))
