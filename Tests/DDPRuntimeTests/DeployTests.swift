@@ -115,13 +115,17 @@ struct DeployTests {
         #expect(up.status == 0, "\(up.stderr)")
         defer { _ = try? runCommand(cluster, ["down", dir + "/slurm"]) }
         try "epochs: 5\n".write(toFile: dir + "/job.yaml", atomically: true, encoding: .utf8)
-        let environment = ProcessInfo.processInfo.environment.merging(["SLURM_CONF": dir + "/slurm/slurm.conf", "DDPD": Binaries.ddpd]) { $1 }
+        let environment = ProcessInfo.processInfo.environment.merging(
+            ["SLURM_CONF": dir + "/slurm/slurm.conf", "DDPD": Binaries.ddpd, "DDP_SHARDS": "2"]) { $1 }
         let sbatch = try runCommand(Self.which("sbatch")!, ["--ntasks=2", "--wait", "--chdir", dir, "\(Self.root)/deploy/slurm/swiftddp.sbatch", dir + "/job.yaml"],
                                     timeout: 180, environment: environment)
         #expect(sbatch.status == 0, "\(sbatch.stderr)")
         let jobDirs = try FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.hasPrefix("swiftddp-") && !$0.hasSuffix(".out") }
         let summary = try #require(jobDirs.first.flatMap { JobDirectory(path: "\(dir)/\($0)").summary() })
         #expect(summary.state == "completed" && summary.workers == 2 && summary.jobID.hasPrefix("slurm-"))
+        let output = try FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.hasSuffix(".out") }
+            .map { (try? String(contentsOfFile: "\(dir)/\($0)", encoding: .utf8)) ?? "" }.joined()
+        #expect(output.contains("coordinator-shard-1: follower shard completed"), "\(output)")
     }
 
     @Test(.enabled(if: which("python3") != nil, "python3 is not installed"))
