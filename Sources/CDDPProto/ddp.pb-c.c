@@ -1785,7 +1785,7 @@ const ProtobufCMessageDescriptor ddp__v1__worker_status__descriptor =
   (ProtobufCMessageInit) ddp__v1__worker_status__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor ddp__v1__status_reply__field_descriptors[14] =
+static const ProtobufCFieldDescriptor ddp__v1__status_reply__field_descriptors[15] =
 {
   {
     "job_state",
@@ -1955,8 +1955,21 @@ static const ProtobufCFieldDescriptor ddp__v1__status_reply__field_descriptors[1
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "coordinator_shards",
+    15,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_STRING,
+    offsetof(Ddp__V1__StatusReply, n_coordinator_shards),
+    offsetof(Ddp__V1__StatusReply, coordinator_shards),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned ddp__v1__status_reply__field_indices_by_name[] = {
+  14,   /* field[14] = coordinator_shards */
   5,   /* field[5] = elapsed_seconds */
   3,   /* field[3] = epoch */
   0,   /* field[0] = job_state */
@@ -1975,7 +1988,7 @@ static const unsigned ddp__v1__status_reply__field_indices_by_name[] = {
 static const ProtobufCIntRange ddp__v1__status_reply__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 14 }
+  { 0, 15 }
 };
 const ProtobufCMessageDescriptor ddp__v1__status_reply__descriptor =
 {
@@ -1985,7 +1998,7 @@ const ProtobufCMessageDescriptor ddp__v1__status_reply__descriptor =
   "Ddp__V1__StatusReply",
   "ddp.v1",
   sizeof(Ddp__V1__StatusReply),
-  14,
+  15,
   ddp__v1__status_reply__field_descriptors,
   ddp__v1__status_reply__field_indices_by_name,
   1,  ddp__v1__status_reply__number_ranges,

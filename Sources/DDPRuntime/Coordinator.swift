@@ -655,12 +655,14 @@ public final class Coordinator {
         }
         let last = history.last
         let elapsed = trainingStarted > 0 ? now - trainingStarted : 0
-        return StatusReply(
+        var reply = StatusReply(
             jobState: phase.rawValue, step: UInt64(step), totalSteps: UInt64(setup.totalSteps),
             epoch: UInt64(step / stepsPerEpoch), totalEpochs: UInt64(spec.epochs), elapsedSeconds: now - started,
             trainLoss: recentLosses.last ?? 0, testLoss: last?.testLoss ?? 0, testAccuracy: last?.testAccuracy ?? 0,
             samplesPerSecond: elapsed > 0 ? Double(samplesTrained) / elapsed : 0, workers: workers,
             rejectedMessages: rejected, recentLosses: Array(recentLosses.suffix(64)), message: message)
+        reply.coordinatorShards = followers.keys.sorted().map { followers[$0]!.endpoint }
+        return reply
     }
 
     // MARK: Steps

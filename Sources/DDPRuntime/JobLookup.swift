@@ -89,9 +89,11 @@ public struct JobStatus: Codable, Sendable {
     public var recentLosses: [Float]
     public var message: String
     public var workers: [Worker]
+    /// The worker endpoints of coordinator shards 1..K-1, while the job runs (empty with one coordinator).
+    public var coordinatorShards: [String]
 
     enum CodingKeys: String, CodingKey {
-        case state, source, step, epoch, message, workers
+        case state, source, step, epoch, message, workers, coordinatorShards = "coordinator_shards"
         case jobID = "job_id", jobDir = "job_dir", totalSteps = "total_steps", totalEpochs = "total_epochs"
         case elapsedSeconds = "elapsed_seconds", etaSeconds = "eta_seconds", trainLoss = "train_loss", testLoss = "test_loss"
         case testAccuracy = "test_accuracy", samplesPerSecond = "samples_per_second", rejectedMessages = "rejected_messages"
@@ -118,6 +120,7 @@ public struct JobStatus: Codable, Sendable {
         rejectedMessages = s.rejectedMessages
         recentLosses = s.recentLosses
         message = s.message
+        coordinatorShards = s.coordinatorShards
         workers = s.workers.map {
             Worker(rank: $0.rank, host: $0.host, pid: $0.pid, state: $0.state, step: $0.step, lastHeartbeatMs: $0.lastSeenMillisecondsAgo,
                    lastStepSeconds: $0.lastStepSeconds, lagging: $0.lagging, restarts: $0.restarts)
@@ -147,6 +150,7 @@ public struct JobStatus: Codable, Sendable {
         recentLosses = history.map(\.trainLoss)
         message = summary?.message ?? fallbackMessage
         workers = []
+        coordinatorShards = []
     }
 
     /// Whether the job has ended.

@@ -193,6 +193,8 @@ public enum WireCodec {
             m.pointee.n_recent_losses = s.recentLosses.count
             m.pointee.recent_losses = arena.array(s.recentLosses)
             m.pointee.message = arena.string(s.message)
+            m.pointee.n_coordinator_shards = s.coordinatorShards.count
+            m.pointee.coordinator_shards = arena.array(s.coordinatorShards.map { Optional(arena.string($0)) })
             e.body_case = DDP__V1__ENVELOPE__BODY_STATUS_REPLY
             e.status_reply = m
         case .stop(let reason, let graceful):
@@ -392,13 +394,15 @@ public enum WireCodec {
                     lastSeenMillisecondsAgo: w.last_seen_ms_ago, lastStepSeconds: w.last_step_seconds,
                     lagging: w.lagging != 0, restarts: w.restarts)
             }
-            return .statusReply(StatusReply(
+            var reply = StatusReply(
                 jobState: text(m.job_state), step: m.step, totalSteps: m.total_steps, epoch: m.epoch,
                 totalEpochs: m.total_epochs, elapsedSeconds: m.elapsed_seconds, trainLoss: m.train_loss,
                 testLoss: m.test_loss, testAccuracy: m.test_accuracy, samplesPerSecond: m.samples_per_second,
                 workers: workers, rejectedMessages: m.rejected_messages,
                 recentLosses: Array(UnsafeBufferPointer(start: m.recent_losses, count: m.n_recent_losses)),
-                message: text(m.message)))
+                message: text(m.message))
+            reply.coordinatorShards = (0..<m.n_coordinator_shards).map { text(m.coordinator_shards[$0]) }
+            return .statusReply(reply)
         case DDP__V1__ENVELOPE__BODY_STOP:
             guard let m = e.stop?.pointee else { return nil }
             return .stop(reason: text(m.reason), graceful: m.graceful != 0)

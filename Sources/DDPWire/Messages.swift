@@ -247,6 +247,8 @@ public struct StatusReply: Equatable, Sendable, Codable {
     public var rejectedMessages: UInt64
     public var recentLosses: [Float]
     public var message: String
+    /// The worker endpoints of coordinator shards 1..K-1 (empty with one coordinator).
+    public var coordinatorShards: [String] = []
 
     public init(
         jobState: String, step: UInt64 = 0, totalSteps: UInt64 = 0, epoch: UInt64 = 0, totalEpochs: UInt64 = 0,

@@ -89,6 +89,9 @@ enum StatusText {
             }
             lines += table(rows)
         }
+        if !s.coordinatorShards.isEmpty {
+            lines.append("coordinator shards: " + s.coordinatorShards.enumerated().map { "\($0.offset + 1) at \($0.element)" }.joined(separator: ", "))
+        }
         if !s.jobDir.isEmpty { lines.append("directory \(s.jobDir)") }
         return lines.joined(separator: "\n")
     }

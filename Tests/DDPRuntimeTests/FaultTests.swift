@@ -102,6 +102,8 @@ struct FaultTests {
         defer { try? FileManager.default.removeItem(atPath: jobs) }
         let job = try startDetachedJob(["--workers", "2", "--epochs", "400", "--coordinator-shards", "3", "--checkpoint-every", "50"], jobsDir: jobs)
         #expect(waitUntil(timeout: 60) { currentStep(job) >= 120 })
+        let shards = try job.status().coordinatorShards  // status names the followers while the job runs
+        #expect(shards == ["ipc://\(job.path)/shard-1.sock", "ipc://\(job.path)/shard-2.sock"], "\(shards)")
         let processes = JobLookup.processes(of: job)
         let victim = try #require(processes["coordinator-shard-2"])
         kill(victim, SIGKILL)

@@ -506,10 +506,15 @@ struct  Ddp__V1__StatusReply
    * a human-readable note, e.g. why the job failed
    */
   char *message;
+  /*
+   * the worker endpoints of follower shards 1..K-1 (none with one)
+   */
+  size_t n_coordinator_shards;
+  char **coordinator_shards;
 };
 #define DDP__V1__STATUS_REPLY__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&ddp__v1__status_reply__descriptor) \
-    , (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,NULL, 0, 0,NULL, (char *)protobuf_c_empty_string }
+    , (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,NULL, 0, 0,NULL, (char *)protobuf_c_empty_string, 0,NULL }
 
 
 /*
