@@ -279,6 +279,9 @@ public final class Worker {
         gradientPayloads = parameters.map { Payload(byteCount: $0.tensor.count * wireType.size) }
         sharing = welcome.sharedMemory && sharedSegment != nil && pushLayout?.offsets.count == parameters.count
         if welcome.sharedMemory && !sharing { throw WorkerError.modelMismatch("the coordinator took a shared-memory segment this worker did not offer") }
+        // A coordinator on another host (without shards that might share it) does not need the segment: its
+        // memory is released (tensors already placed in it keep their regions alive).
+        if !welcome.sharedMemory && welcome.shardEndpoints.isEmpty { sharedSegment = nil }
         var received = Set<Int>()
         try load(message.tensors, into: &received)
         guard received.count == parameters.count else {
