@@ -94,9 +94,7 @@ public final class Worker {
             let retrying = shardJoinRetry.contains { $0 > 0 }
             let ready = try ZMQSocket.poll([socket] + shardSockets, timeoutMilliseconds: retrying ? 50 : Int(heartbeatInterval * 1000))
             for j in shardSockets.indices where ready.contains(j + 1) {
-                while let frames = try shardSockets[j].receive(timeoutMilliseconds: 0) {
-                    if let computed = try handleShardFrames(frames, shard: j + 1) { return computed }
-                }
+                while let frames = try shardSockets[j].receive(timeoutMilliseconds: 0) { try handleShardFrames(frames, shard: j + 1) }
             }
             try retryShardJoins()
             guard ready.contains(0), let frames = try socket.receive(timeoutMilliseconds: 0) else {
@@ -152,14 +150,14 @@ public final class Worker {
             WireCodec.encode(WireMessage(jobID: jobID, step: step, rank: rank, body: body, tensors: tensors)))
     }
 
-    /// A message from follower coordinator shard `shard`.
-    private func handleShardFrames(_ frames: [Payload], shard: Int) throws -> Outcome? {
+    /// A message from follower coordinator shard `shard` (its Stop is ignored: the leader's ends the job).
+    private func handleShardFrames(_ frames: [Payload], shard: Int) throws {
         let message: WireMessage
         do {
             message = try WireCodec.decode(frames, expectedJobID: jobID, sharedMemory: shardSharing[shard - 1] ? sharedSegment : nil)
         } catch {
             log.warning("dropped a malformed message from coordinator shard \(shard): \(error)")
-            return nil
+            return
         }
         switch message.body {
         case .welcome(let welcome):
@@ -175,7 +173,6 @@ public final class Worker {
         default:
             break
         }
-        return nil
     }
 
     /// Joins the follower shards that have not welcomed this worker yet and asked it to retry.
