@@ -110,18 +110,8 @@ extension Coordinator {
         sendToFollowers(request)
         guard let answers = awaitFollowers(.snapshotReply) else { return false }
         var state: [String: Tensor] = [:]
-        for (index, answer) in answers {
-            for tensor in answer.tensors {
-                let values = Tensor(shape: tensor.shape, values: TensorEncoding.floats(tensor.payload))
-                if tensor.name.hasPrefix("optimizer/") {
-                    state[String(tensor.name.dropFirst("optimizer/".count))] = values
-                } else if tensor.name.hasPrefix("replica/"), let i = indexOfParameter[String(tensor.name.dropFirst("replica/".count))],
-                          plan.owner[i] == index, parameters[i].tensor.shape == tensor.shape {
-                    replica?[i].assign(values)
-                } else if let i = indexOfParameter[tensor.name], plan.owner[i] == index, parameters[i].tensor.shape == tensor.shape {
-                    parameters[i].tensor.assign(values)
-                }
-            }
+        for (index, answer) in answers {  // a tensor not of that shard is skipped
+            state.merge(load(shardTensors: answer.tensors, of: index).state) { $1 }
         }
         if withState {
             do { try optimizer.restoreState(state) } catch { log.error("optimizer state from the coordinator shards: \(error)") }
@@ -166,19 +156,51 @@ extension Coordinator {
         var command = ShardMessage(.assign)
         command.jobSpecJSON = spec.json()
         command.optimizerSteps = UInt64(optimizer.stepCount)
-        let mine = Set(plan.indices(of: index).map { parameters[$0].name })
+        sendToFollower(index, body: .shard(command), tensors: shardTensors(plan.indices(of: index), withState: true))
+    }
+}
+
+// MARK: Tensors between shards
+
+extension Coordinator {
+    /// The values of parameters `indices`, their replica with a half-precision wire and, with
+    /// `withState`, their optimizer state, as ASSIGN and SNAPSHOT_REPLY carry them: "NAME",
+    /// "replica/NAME" and "optimizer/PARAMETER.SLOT".
+    func shardTensors(_ indices: [Int], withState: Bool) -> [WireTensor] {
+        func tensor(_ name: String, _ t: Tensor) -> WireTensor { WireTensor(name: name, shape: t.shape, payload: Payload(floats: t.scalars)) }
         var tensors: [WireTensor] = []
-        for i in plan.indices(of: index) {
-            let p = parameters[i]
-            tensors.append(WireTensor(name: p.name, shape: p.tensor.shape, payload: Payload(floats: p.tensor.scalars)))
-            if let held = replica?[i] {
-                tensors.append(WireTensor(name: "replica/" + p.name, shape: p.tensor.shape, payload: Payload(floats: held.scalars)))
+        for i in indices {
+            tensors.append(tensor(parameters[i].name, parameters[i].tensor))
+            if let held = replica?[i] { tensors.append(tensor("replica/" + parameters[i].name, held)) }
+        }
+        guard withState else { return tensors }
+        let names = Set(indices.map { parameters[$0].name })
+        for slot in optimizer.state where names.contains(where: { slot.name.hasPrefix($0 + ".") }) {
+            tensors.append(tensor("optimizer/" + slot.name, slot.tensor))
+        }
+        return tensors
+    }
+
+    /// Loads tensors named as `shardTensors` names them into the parameters (and replica) of `shard`;
+    /// returns the optimizer state they carry, and the first tensor that is not one of that shard's (with
+    /// its shape), which is left alone.
+    func load(shardTensors tensors: [WireTensor], of shard: Int) -> (state: [String: Tensor], foreign: WireTensor?) {
+        var state: [String: Tensor] = [:], foreign: WireTensor?
+        for tensor in tensors {
+            let values = Tensor(shape: tensor.shape, values: TensorEncoding.floats(tensor.payload))
+            if tensor.name.hasPrefix("optimizer/") {
+                state[String(tensor.name.dropFirst("optimizer/".count))] = values
+                continue
             }
+            let isReplica = tensor.name.hasPrefix("replica/")
+            guard let i = indexOfParameter[isReplica ? String(tensor.name.dropFirst("replica/".count)) : tensor.name],
+                  plan.owner[i] == shard, parameters[i].tensor.shape == tensor.shape else {
+                foreign = foreign ?? tensor
+                continue
+            }
+            (isReplica ? replica?[i] : parameters[i].tensor)?.assign(values)
         }
-        for slot in optimizer.state where mine.contains(where: { slot.name.hasPrefix($0 + ".") }) {  // named "PARAMETER.SLOT"
-            tensors.append(WireTensor(name: "optimizer/" + slot.name, shape: slot.tensor.shape, payload: Payload(floats: slot.tensor.scalars)))
-        }
-        sendToFollower(index, body: .shard(command), tensors: tensors)
+        return (state, foreign)
     }
 }
 
@@ -317,19 +339,12 @@ extension Coordinator {
         let atStep = message.step == UInt64(step) && command.attempt == attempt
         switch command.kind {
         case .assign:
-            for tensor in message.tensors {
-                let values = Tensor(shape: tensor.shape, values: TensorEncoding.floats(tensor.payload))
-                let name = tensor.name.hasPrefix("replica/") ? String(tensor.name.dropFirst("replica/".count)) : tensor.name
-                if tensor.name.hasPrefix("optimizer/") { continue }
-                guard let i = indexOfParameter[name], isOwned[i], parameters[i].tensor.shape == tensor.shape else {
-                    fail("the leader assigned '\(tensor.name)' \(tensor.shape), which is not a tensor of this shard")
-                    return
-                }
-                (tensor.name.hasPrefix("replica/") ? replica?[i] : parameters[i].tensor)?.assign(values)
+            let (state, foreign) = load(shardTensors: message.tensors, of: role.shardIndex)
+            if let foreign {
+                fail("the leader assigned '\(foreign.name)' \(foreign.shape), which is not a tensor of this shard")
+                return
             }
-            try optimizer.restoreState(Dictionary(uniqueKeysWithValues: message.tensors.filter { $0.name.hasPrefix("optimizer/") }.map {
-                (String($0.name.dropFirst("optimizer/".count)), Tensor(shape: $0.shape, values: TensorEncoding.floats($0.payload)))
-            }))
+            try optimizer.restoreState(state)
             optimizer.stepCount = Int(command.optimizerSteps)
             spec.jobID = message.jobID
             step = Int(message.step)
@@ -371,18 +386,8 @@ extension Coordinator {
         case .snapshot:
             var answer = ShardMessage(.snapshotReply)
             answer.optimizerSteps = UInt64(optimizer.stepCount)
-            var tensors: [WireTensor] = []
-            for i in owned {
-                let p = parameters[i]
-                tensors.append(WireTensor(name: p.name, shape: p.tensor.shape, payload: Payload(floats: p.tensor.scalars)))
-                if let held = replica?[i] { tensors.append(WireTensor(name: "replica/" + p.name, shape: p.tensor.shape, payload: Payload(floats: held.scalars))) }
-            }
-            if command.withState {
-                for slot in optimizer.state {
-                    tensors.append(WireTensor(name: "optimizer/" + slot.name, shape: slot.tensor.shape, payload: Payload(floats: slot.tensor.scalars)))
-                }
-            }
-            try leaderSocket?.send(WireCodec.encode(WireMessage(jobID: spec.jobID, step: message.step, body: .shard(answer), tensors: tensors)))
+            try leaderSocket?.send(WireCodec.encode(WireMessage(
+                jobID: spec.jobID, step: message.step, body: .shard(answer), tensors: shardTensors(owned, withState: command.withState))))
         default:
             log.debug("leader command \(command.kind) for step \(message.step) ignored at step \(step)")
         }
