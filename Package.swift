@@ -50,6 +50,9 @@ let package = Package(
         .testTarget(name: "AutodiffTests", dependencies: ["Autodiff"]),
         .testTarget(name: "DDPDataTests", dependencies: ["DDPData", "Autodiff"]),
         .testTarget(name: "DDPWireTests", dependencies: ["DDPWire"]),
-        .testTarget(name: "DDPRuntimeTests", dependencies: ["DDPRuntime", "DDPWire", "Autodiff"]),
+        .testTarget(
+            name: "DDPRuntimeTests",
+            dependencies: ["DDPRuntime", "DDPWire", "Autodiff", .product(name: "Logging", package: "swift-log")]
+        ),
     ]
 )

@@ -974,7 +974,7 @@ const ProtobufCMessageDescriptor ddp__v1__envelope__descriptor =
   (ProtobufCMessageInit) ddp__v1__envelope__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor ddp__v1__join__field_descriptors[9] =
+static const ProtobufCFieldDescriptor ddp__v1__join__field_descriptors[10] =
 {
   {
     "worker_id",
@@ -1084,11 +1084,24 @@ static const ProtobufCFieldDescriptor ddp__v1__join__field_descriptors[9] =
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "rank_token",
+    10,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BYTES,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__Join, rank_token),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned ddp__v1__join__field_indices_by_name[] = {
   1,   /* field[1] = host */
   3,   /* field[3] = model_fingerprint */
   2,   /* field[2] = pid */
+  9,   /* field[9] = rank_token */
   4,   /* field[4] = requested_rank */
   7,   /* field[7] = shared_memory_bytes */
   6,   /* field[6] = shared_memory_nonce */
@@ -1099,7 +1112,7 @@ static const unsigned ddp__v1__join__field_indices_by_name[] = {
 static const ProtobufCIntRange ddp__v1__join__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 9 }
+  { 0, 10 }
 };
 const ProtobufCMessageDescriptor ddp__v1__join__descriptor =
 {
@@ -1109,14 +1122,14 @@ const ProtobufCMessageDescriptor ddp__v1__join__descriptor =
   "Ddp__V1__Join",
   "ddp.v1",
   sizeof(Ddp__V1__Join),
-  9,
+  10,
   ddp__v1__join__field_descriptors,
   ddp__v1__join__field_indices_by_name,
   1,  ddp__v1__join__number_ranges,
   (ProtobufCMessageInit) ddp__v1__join__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor ddp__v1__welcome__field_descriptors[9] =
+static const ProtobufCFieldDescriptor ddp__v1__welcome__field_descriptors[10] =
 {
   {
     "rank",
@@ -1226,6 +1239,18 @@ static const ProtobufCFieldDescriptor ddp__v1__welcome__field_descriptors[9] =
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "rank_token",
+    10,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BYTES,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__Welcome, rank_token),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned ddp__v1__welcome__field_indices_by_name[] = {
   4,   /* field[4] = epoch */
@@ -1233,6 +1258,7 @@ static const unsigned ddp__v1__welcome__field_indices_by_name[] = {
   6,   /* field[6] = heartbeat_timeout_ms */
   2,   /* field[2] = job_spec_json */
   0,   /* field[0] = rank */
+  9,   /* field[9] = rank_token */
   8,   /* field[8] = shard_endpoints */
   7,   /* field[7] = shared_memory */
   3,   /* field[3] = start_step */
@@ -1241,7 +1267,7 @@ static const unsigned ddp__v1__welcome__field_indices_by_name[] = {
 static const ProtobufCIntRange ddp__v1__welcome__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 9 }
+  { 0, 10 }
 };
 const ProtobufCMessageDescriptor ddp__v1__welcome__descriptor =
 {
@@ -1251,7 +1277,7 @@ const ProtobufCMessageDescriptor ddp__v1__welcome__descriptor =
   "Ddp__V1__Welcome",
   "ddp.v1",
   sizeof(Ddp__V1__Welcome),
-  9,
+  10,
   ddp__v1__welcome__field_descriptors,
   ddp__v1__welcome__field_indices_by_name,
   1,  ddp__v1__welcome__number_ranges,
@@ -1643,7 +1669,7 @@ const ProtobufCMessageDescriptor ddp__v1__status_request__descriptor =
   (ProtobufCMessageInit) ddp__v1__status_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor ddp__v1__worker_status__field_descriptors[9] =
+static const ProtobufCFieldDescriptor ddp__v1__worker_status__field_descriptors[11] =
 {
   {
     "rank",
@@ -1753,12 +1779,38 @@ static const ProtobufCFieldDescriptor ddp__v1__worker_status__field_descriptors[
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "gradient_norm",
+    10,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_DOUBLE,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__WorkerStatus, gradient_norm),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "outlier_steps",
+    11,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__WorkerStatus, outlier_steps),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned ddp__v1__worker_status__field_indices_by_name[] = {
+  9,   /* field[9] = gradient_norm */
   1,   /* field[1] = host */
   7,   /* field[7] = lagging */
   5,   /* field[5] = last_seen_ms_ago */
   6,   /* field[6] = last_step_seconds */
+  10,   /* field[10] = outlier_steps */
   2,   /* field[2] = pid */
   0,   /* field[0] = rank */
   8,   /* field[8] = restarts */
@@ -1768,7 +1820,7 @@ static const unsigned ddp__v1__worker_status__field_indices_by_name[] = {
 static const ProtobufCIntRange ddp__v1__worker_status__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 9 }
+  { 0, 11 }
 };
 const ProtobufCMessageDescriptor ddp__v1__worker_status__descriptor =
 {
@@ -1778,7 +1830,7 @@ const ProtobufCMessageDescriptor ddp__v1__worker_status__descriptor =
   "Ddp__V1__WorkerStatus",
   "ddp.v1",
   sizeof(Ddp__V1__WorkerStatus),
-  9,
+  11,
   ddp__v1__worker_status__field_descriptors,
   ddp__v1__worker_status__field_indices_by_name,
   1,  ddp__v1__worker_status__number_ranges,
@@ -2309,7 +2361,7 @@ const ProtobufCMessageDescriptor ddp__v1__stop__descriptor =
   (ProtobufCMessageInit) ddp__v1__stop__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCEnumValue ddp__v1__error_reply__code__enum_values_by_number[8] =
+static const ProtobufCEnumValue ddp__v1__error_reply__code__enum_values_by_number[9] =
 {
   { "CODE_UNSPECIFIED", "DDP__V1__ERROR_REPLY__CODE__CODE_UNSPECIFIED", 0 },
   { "MALFORMED", "DDP__V1__ERROR_REPLY__CODE__MALFORMED", 1 },
@@ -2319,17 +2371,19 @@ static const ProtobufCEnumValue ddp__v1__error_reply__code__enum_values_by_numbe
   { "JOB_FULL", "DDP__V1__ERROR_REPLY__CODE__JOB_FULL", 5 },
   { "UNAUTHORIZED", "DDP__V1__ERROR_REPLY__CODE__UNAUTHORIZED", 6 },
   { "NOT_READY", "DDP__V1__ERROR_REPLY__CODE__NOT_READY", 7 },
+  { "PUSH_REFUSED", "DDP__V1__ERROR_REPLY__CODE__PUSH_REFUSED", 8 },
 };
 static const ProtobufCIntRange ddp__v1__error_reply__code__value_ranges[] = {
-{0, 0},{0, 8}
+{0, 0},{0, 9}
 };
-static const ProtobufCEnumValueIndex ddp__v1__error_reply__code__enum_values_by_name[8] =
+static const ProtobufCEnumValueIndex ddp__v1__error_reply__code__enum_values_by_name[9] =
 {
   { "CODE_UNSPECIFIED", 0 },
   { "JOB_FULL", 5 },
   { "MALFORMED", 1 },
   { "MODEL_MISMATCH", 4 },
   { "NOT_READY", 7 },
+  { "PUSH_REFUSED", 8 },
   { "UNAUTHORIZED", 6 },
   { "VERSION_MISMATCH", 2 },
   { "WRONG_JOB", 3 },
@@ -2341,9 +2395,9 @@ const ProtobufCEnumDescriptor ddp__v1__error_reply__code__descriptor =
   "Code",
   "Ddp__V1__ErrorReply__Code",
   "ddp.v1",
-  8,
+  9,
   ddp__v1__error_reply__code__enum_values_by_number,
-  8,
+  9,
   ddp__v1__error_reply__code__enum_values_by_name,
   1,
   ddp__v1__error_reply__code__value_ranges,

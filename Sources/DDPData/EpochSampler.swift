@@ -31,12 +31,21 @@ public struct EpochSampler: Sendable {
         return permutation[start..<min(start + globalBatchSize, sampleCount)]
     }
 
+    /// The number of samples in global batch `step` (0-based within the epoch).
+    public func globalBatchCount(step: Int) -> Int { max(0, min(globalBatchSize, sampleCount - step * globalBatchSize)) }
+
+    /// How many samples rank `rank`'s share of a batch of `count` split over `worldSize` ranks holds
+    /// (the size of `shard`'s slice).
+    public static func shardCount(_ count: Int, rank: Int, worldSize: Int) -> Int {
+        count / worldSize + (rank < count % worldSize ? 1 : 0)
+    }
+
     /// Rank `rank`'s contiguous share of a batch split over `worldSize` ranks; the first
     /// `count % worldSize` ranks take one extra sample.
     public static func shard(_ batch: ArraySlice<Int>, rank: Int, worldSize: Int) -> ArraySlice<Int> {
         precondition(worldSize > 0 && rank >= 0 && rank < worldSize, "shard: rank \(rank) of \(worldSize)")
         let base = batch.count / worldSize, extra = batch.count % worldSize
         let start = batch.startIndex + rank * base + min(rank, extra)
-        return batch[start..<start + base + (rank < extra ? 1 : 0)]
+        return batch[start..<start + shardCount(batch.count, rank: rank, worldSize: worldSize)]
     }
 }

@@ -11,12 +11,14 @@ public struct Checkpoint {
     public let optimizerState: [String: Tensor]
     public let specJSON: String
     public let path: String
+    /// Each rank's secret (Welcome.rank_token), so that a resumed coordinator gives ranks back to their holders.
+    let rankTokens: [Int32: [UInt8]]
 
     /// Writes a checkpoint of the current state into `directory/checkpoints` (atomically) and keeps the
     /// newest `keep`; returns its path.
     static func save(
         step: Int, stepsPerEpoch: Int, parameters: [NamedParameter], optimizer: any Optimizer, spec: JobSpec,
-        history: [EpochRecord], in directory: JobDirectory, keep: Int
+        history: [EpochRecord], rankTokens: [Int32: [UInt8]] = [:], in directory: JobDirectory, keep: Int
     ) throws -> String {
         try FileManager.default.createDirectory(atPath: directory.checkpointsPath, withIntermediateDirectories: true)
         let path = directory.checkpointsPath + String(format: "/step-%08d.safetensors", step)
@@ -25,6 +27,9 @@ public struct Checkpoint {
             "format": "pt", "step": "\(step)", "epoch": "\(step / max(stepsPerEpoch, 1))",
             "sampler_position": "\(step % max(stepsPerEpoch, 1))", "sampler_seed": "\(spec.seed)",
             "optimizer_steps": "\(optimizer.stepCount)", "job_spec": spec.json(), "history": historyJSON,
+            "rank_tokens": String(decoding: try JSONEncoder().encode(Dictionary(uniqueKeysWithValues: rankTokens.map {
+                ("\($0.key)", $0.value.map { String(format: "%02x", $0) }.joined())
+            })), as: UTF8.self),
         ]
         try SafeTensors.write(
             parameters.map { ($0.name, $0.tensor) } + optimizer.state.map { ("optimizer/\($0.name)", $0.tensor) },
@@ -57,8 +62,17 @@ public struct Checkpoint {
         for (name, tensor) in contents.tensors {
             if name.hasPrefix("optimizer/") { state[String(name.dropFirst("optimizer/".count))] = tensor } else { parameters[name] = tensor }
         }
+        var rankTokens: [Int32: [UInt8]] = [:]
+        let savedTokens = contents.metadata["rank_tokens"].flatMap { try? JSONDecoder().decode([String: String].self, from: Data($0.utf8)) } ?? [:]
+        for (rank, hex) in savedTokens {
+            let bytes = stride(from: 0, to: hex.count - 1, by: 2).compactMap { i -> UInt8? in
+                let start = hex.index(hex.startIndex, offsetBy: i)
+                return UInt8(hex[start..<hex.index(start, offsetBy: 2)], radix: 16)
+            }
+            if let rank = Int32(rank), bytes.count == 16 { rankTokens[rank] = bytes }
+        }
         return Checkpoint(step: step, epoch: epoch, optimizerSteps: optimizerSteps, parameters: parameters,
-                          optimizerState: state, specJSON: spec, path: path)
+                          optimizerState: state, specJSON: spec, path: path, rankTokens: rankTokens)
     }
 
     /// The per-epoch history stored with the checkpoint.

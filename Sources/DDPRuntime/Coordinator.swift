@@ -1,4 +1,5 @@
 import Autodiff
+import DDPData
 import DDPWire
 import Foundation
 import Logging
@@ -46,6 +47,10 @@ public final class Coordinator {
         var lastPushedStep: UInt64 = 0
         var lastStepSeconds: Double = 0
         var restarts: UInt32 = 0
+        /// The estimated norm of its last accepted gradient, and the steps at which it stood far above the
+        /// others' (a broken or hostile worker shows here).
+        var gradientNorm = 0.0
+        var outlierSteps: UInt32 = 0
         /// The connection its messages arrive on (for disconnect events); -1 before the first.
         var connection: Int32 = -1
         /// The shared-memory segment it offered and this coordinator mapped (a worker on this host).
@@ -111,7 +116,9 @@ public final class Coordinator {
     let workerSocket: ZMQSocket
     let controlSocket: ZMQSocket
     let monitor: ZMQMonitor
-    let authenticator: Authenticator?
+    /// Admits peers (CURVE keys with `keys_dir`; anyone otherwise) while few enough wait to join.
+    let authenticator: Authenticator
+    let pendingConnections: PendingConnections
     /// The endpoints actually bound (ports filled in).
     public let workerEndpoint: String
     public let controlEndpoint: String
@@ -129,12 +136,21 @@ public final class Coordinator {
     /// The attempt of the current step, and whether it must be sent again (a worker was lost mid-step).
     var attempt: UInt32 = 0
     var redoStep = false
+    /// The samples each worker was assigned in the current step's update (its shard of the global
+    /// batch); a push must declare exactly these, and is weighted by them.
+    var assignedSamples: [Int32: UInt64] = [:]
+    /// Each rank's secret (Welcome.rank_token), kept in checkpoints; after a resume, until
+    /// `ranksReservedUntil`, a rank whose holder has not rejoined goes only to a Join that proves it.
+    var rankTokens: [Int32: [UInt8]] = [:]
+    var ranksReservedUntil = 0.0
     var stepStarted = 0.0
     var recentStepSeconds: [Double] = []
     var recentLosses: [Float] = []
     var epochLoss = (sum: 0.0, correct: 0, samples: 0)
     var history: [EpochRecord] = []
     var rejected: UInt64 = 0
+    /// Rejections are logged rate-limited: a flood of junk must not fill the disk.
+    var rejectionLog = RejectionLog()
     var stopRequested = false
     var lostRanks: [Int32] = []
     let started = Coordinator.now()
@@ -221,14 +237,19 @@ public final class Coordinator {
 
         let keys = try spec.keys()
         if keys == nil && !allowPlainText {
-            for endpoint in [workerEndpoint, controlEndpoint] where !isLocalEndpoint(endpoint) {
+            for endpoint in [workerEndpoint, controlEndpoint] where !isPrivateEndpoint(endpoint) {
                 throw SecurityError.insecureEndpoint(endpoint)
             }
         }
         let context = self.context
-        authenticator = try keys.map { try Authenticator(context: context, authorized: $0.authorized) }
+        let pending = PendingConnections(limit: 2 * (spec.workers + spec.coordinatorShards) + 32)
+        pendingConnections = pending
+        authenticator = try Authenticator(context: context, authorized: keys?.authorized) { pending.admits }
         workerSocket = try ZMQSocket(context: context, kind: .router)
-        try keys?.secureServer(workerSocket)
+        if let keys { try keys.secureServer(workerSocket) } else { try workerSocket.setZAPDomain("swiftddp") }
+        // What peers may legitimately send: a tensor frame of the largest parameter, or an envelope.
+        try workerSocket.setMaximumMessageSize(bytes: Int64((parameters.map(\.tensor.count).max() ?? 0) * 4 + (1 << 20)))
+        try workerSocket.setHandshakeInterval(milliseconds: 10_000)
         try workerSocket.setRouterMandatory(true)
         try workerSocket.setSendTimeout(milliseconds: 2000)
         try workerSocket.setHighWaterMarks(send: 0, receive: 0)
@@ -237,6 +258,8 @@ public final class Coordinator {
         controlSocket = try ZMQSocket(context: context, kind: .router)
         try keys?.secureServer(controlSocket)
         try controlSocket.setSendTimeout(milliseconds: 1000)
+        try controlSocket.setMaximumMessageSize(bytes: Int64(Self.largestEcho + (1 << 20)))  // ddpctl doctor's echo
+        try controlSocket.setHandshakeInterval(milliseconds: 10_000)
         monitor = try ZMQMonitor(context: context, monitoring: workerSocket)
         self.workerEndpoint = try workerSocket.bind(workerEndpoint)
         self.controlEndpoint = try controlSocket.bind(controlEndpoint)
@@ -275,7 +298,12 @@ public final class Coordinator {
         step = checkpoint.step
         history = checkpoint.history()
         metrics.steps = step
+        rankTokens = checkpoint.rankTokens
+        ranksReservedUntil = Self.now() + 3 * Double(spec.heartbeatTimeoutMs) / 1000
     }
+
+    /// The largest tensor a control client may have echoed (ddpctl doctor's bandwidth check).
+    static let largestEcho = 64 << 20
 
     static func now() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }
 
@@ -288,17 +316,13 @@ public final class Coordinator {
             let waiting = deferred
             deferred = []
             for (frames, connection) in waiting { try handleWorkerFrames(frames, connection: connection) }
-            let ready = try ZMQSocket.poll([workerSocket, controlSocket, monitor.socket] + (authenticator.map { [$0.socket] } ?? []),
-                                           timeoutMilliseconds: 50)
-            if ready.contains(3), let authenticator {
-                for address in try authenticator.handle() {
-                    reject("refused a client without an authorised key from \(address.isEmpty ? "an unknown address" : address)", from: nil)
-                }
-            }
+            let ready = try ZMQSocket.poll([workerSocket, controlSocket, monitor.socket, authenticator.socket], timeoutMilliseconds: 50)
             if ready.contains(0) { try drain(workerSocket) { try handleWorkerFrames($0, connection: workerSocket.lastConnection) } }
             if ready.contains(1) { try drain(controlSocket, handleControlFrames) }
             if ready.contains(2) || !disconnectedWhileWaiting.isEmpty { try handleConnectionEvents() }
+            if ready.contains(3) { try authenticate() }
             let now = Self.now()
+            rejectionLog.tick(now: now, to: log)
             switch phase {
             case .waiting where followers.count < spec.coordinatorShards - 1:
                 if now > joinDeadline {
@@ -385,10 +409,17 @@ public final class Coordinator {
         }
     }
 
+    /// Answers the pending authentication requests, each refusal counted and logged.
+    func authenticate() throws {
+        for (address, reason) in try authenticator.handle() {
+            reject("refused a connection from \(address.isEmpty ? "an unknown address" : address): \(reason)", from: nil)
+        }
+    }
+
     func reject(_ reason: String, from rank: Int32?) {
         rejected += 1
         metrics.rejectedMessages = rejected
-        log.warning("rejected message: \(reason)", metadata: rank.map { ["rank": "\($0)"] } ?? [:])
+        rejectionLog.record(reason, metadata: rank.map { ["rank": "\($0)"] } ?? [:], now: Self.now(), to: log)
     }
 
     func reply(_ identity: [UInt8], _ body: WireMessage.Body, step: UInt64 = 0, rank: Int32 = -1, tensors: [WireTensor] = []) throws {
@@ -413,23 +444,30 @@ public final class Coordinator {
             log.info("duplicate join ignored", metadata: ["rank": "\(existing)"])
             return
         }
-        guard !isFinished, phase != .stopping, let rank = freeRank(requested: join.requestedRank) else {
+        guard !isFinished, phase != .stopping, let rank = freeRank(requested: join.requestedRank, token: join.rankToken) else {
             let ending = isFinished || phase == .stopping
+            let reserved = Self.now() < ranksReservedUntil
             // A restarted worker asking for its old rank may arrive before its predecessor is declared
-            // lost: it is told to retry, not refused.
-            let retry = !ending && join.requestedRank >= 0 && join.requestedRank < spec.workers
+            // lost, and after a coordinator restart ranks are kept a while for their holders: it is told to
+            // retry, not refused.
+            let retry = !ending && (reserved || (join.requestedRank >= 0 && join.requestedRank < spec.workers))
             let reason = ending ? "the job is ending"
+                : reserved ? "the free ranks are kept for their holders for \(Int(ranksReservedUntil - Self.now()) + 1) s after a coordinator restart; retry"
                 : retry ? "rank \(join.requestedRank) is still held by a live worker; retry" : "all \(spec.workers) ranks are taken"
             reject("join of \(join.workerID) refused: \(reason)", from: nil)
             try? reply(identity, .error(ErrorReply(code: retry ? .notReady : .jobFull, reason: reason)))
             return
         }
         let restarts = members[rank].map { $0.restarts + 1 } ?? 0
+        if join.rankToken.isEmpty || rankTokens[rank] != join.rankToken {
+            rankTokens[rank] = (0..<16).map { _ in UInt8.random(in: 0...255) }
+        }
         if let old = members[rank] { rankOfIdentity[old.identity] = nil }
         members[rank] = Member(rank: rank, identity: identity, workerID: join.workerID, host: join.host, pid: join.pid,
                                state: "joining", lastSeen: Self.now(), restarts: restarts, shared: join.sharedMemory.flatMap(mapSharedMemory))
         rankOfIdentity[identity] = rank
         members[rank]?.connection = connection
+        pendingConnections.joined(connection)
         if firstJoin == 0 { firstJoin = Self.now() }
         sendRoster()
         // A worker joining a running sharded job gets the followers' current values too.
@@ -441,6 +479,7 @@ public final class Coordinator {
             epoch: UInt64(step / stepsPerEpoch), heartbeatIntervalMilliseconds: UInt64(spec.heartbeatIntervalMs),
             heartbeatTimeoutMilliseconds: UInt64(spec.heartbeatTimeoutMs), sharedMemory: members[rank]?.shared != nil)
         welcome.shardEndpoints = followers.keys.sorted().map { followers[$0]!.endpoint }
+        welcome.rankToken = rankTokens[rank] ?? []
         do {
             try reply(identity, .welcome(welcome), step: UInt64(step), rank: rank, tensors: parameterTensors())
         } catch {
@@ -467,8 +506,13 @@ public final class Coordinator {
     }
 
     /// The requested rank if it is free (or held by a lost or departed worker), else the lowest free one.
-    func freeRank(requested: Int32) -> Int32? {
-        func free(_ r: Int32) -> Bool { members[r].map { $0.state == "lost" || $0.state == "left" } ?? true }
+    /// Shortly after a resume, a rank nobody has rejoined yet is free only for the `token` it was given.
+    func freeRank(requested: Int32, token: [UInt8]) -> Int32? {
+        let reserving = Self.now() < ranksReservedUntil
+        func free(_ r: Int32) -> Bool {
+            guard let member = members[r] else { return !reserving || rankTokens[r] == nil || rankTokens[r] == token }
+            return member.state == "lost" || member.state == "left"
+        }
         if requested >= 0 && requested < spec.workers { return free(requested) ? requested : nil }
         return (0..<Int32(spec.workers)).first(where: free)
     }
@@ -493,7 +537,10 @@ public final class Coordinator {
         guard contributions[rank] == nil else { reject("duplicate push for step \(step)", from: rank); return }
         members[rank]?.lastPushedStep = message.step
         var partial = partialPushes[rank] ?? PartialPush(sampleCount: push.sampleCount, gradients: Array(repeating: nil, count: parameters.count))
-        let problem = push.part != partial.nextPart ? "part \(push.part) of the push arrived where part \(partial.nextPart) was due"
+        let assigned = role == .leader ? assignedSamples[rank] : nil
+        let problem = assigned.map { $0 != push.sampleCount } == true
+            ? "it declares \(push.sampleCount) samples, but \(assigned!) were assigned to rank \(rank) for step \(step)"
+            : push.part != partial.nextPart ? "part \(push.part) of the push arrived where part \(partial.nextPart) was due"
             : push.sampleCount != partial.sampleCount ? "its parts disagree on the sample count (\(partial.sampleCount), then \(push.sampleCount))"
             : validate(message.tensors, alreadyReceived: partial.gradients, rank: rank)
         if let problem {
@@ -521,8 +568,12 @@ public final class Coordinator {
     }
 
     /// Refuses the rest of `rank`'s push for this step: it counts as answered, with no samples.
+    /// The worker is told why (a `PUSH_REFUSED` error), and keeps its rank.
     func refuse(_ rank: Int32, _ problem: String) {
         reject("gradient of rank \(rank) at step \(step) skipped: \(problem)", from: rank)
+        if let identity = members[rank]?.identity {
+            try? reply(identity, .error(ErrorReply(code: .pushRefused, reason: "push for step \(step) refused: \(problem)")), step: UInt64(step), rank: rank)
+        }
         partialPushes[rank] = nil
         contributions[rank] = .rejected(rank: rank)
         reportToLeader(rank, refused: problem)
@@ -582,7 +633,13 @@ public final class Coordinator {
         disconnectedWhileWaiting = []
         while let event = try monitor.next() {
             log.debug("connection event \(event)")
-            if case .disconnected(let connection) = event { dropped.append(connection) }
+            switch event {
+            case .accepted(let connection): pendingConnections.accepted(connection)
+            case .disconnected(let connection):
+                pendingConnections.dropped(connection)
+                dropped.append(connection)
+            case .authenticationFailed, .other: break
+            }
         }
         for connection in dropped {
             for (index, follower) in followers where follower.connection == connection {
@@ -620,7 +677,7 @@ public final class Coordinator {
         do {
             request = try WireCodec.decode(Array(frames.dropFirst()), expectedJobID: spec.jobID)
         } catch {
-            rejected += 1
+            reject("control message: \(error)", from: nil)
             answer(.error(ErrorReply(code: error.replyCode, reason: "\(error)")))
             return
         }
@@ -628,7 +685,7 @@ public final class Coordinator {
         case .statusRequest:
             answer(.statusReply(status()))
         case .heartbeat(let beat):  // an echo, for round-trip and bandwidth checks (ddpctl doctor)
-            let echoed = request.tensors.filter { $0.payload.byteCount <= 64 << 20 }
+            let echoed = request.tensors.filter { $0.payload.byteCount <= Self.largestEcho }
             try? controlSocket.send([.bytes(identity)] + WireCodec.encode(WireMessage(
                 jobID: spec.jobID, body: .heartbeat(Heartbeat(sentUnixMilliseconds: beat.sentUnixMilliseconds, state: phase.rawValue)),
                 tensors: echoed)))
@@ -651,7 +708,8 @@ public final class Coordinator {
             // Lagging: clearly slower than the typical live worker in its last step.
             WorkerStatus(rank: m.rank, host: m.host, pid: m.pid, state: m.state, step: m.lastPushedStep,
                          lastSeenMillisecondsAgo: UInt64(max(0, now - m.lastSeen) * 1000), lastStepSeconds: m.lastStepSeconds,
-                         lagging: m.isLive && m.lastStepSeconds > 2 * median && m.lastStepSeconds - median > 0.005, restarts: m.restarts)
+                         lagging: m.isLive && m.lastStepSeconds > 2 * median && m.lastStepSeconds - median > 0.005, restarts: m.restarts,
+                         gradientNorm: m.gradientNorm, outlierSteps: m.outlierSteps)
         }
         let last = history.last
         let elapsed = trainingStarted > 0 ? now - trainingStarted : 0
@@ -757,6 +815,7 @@ public final class Coordinator {
             }
         }
         if samples > 0 {
+            recordGradientNorms(used)
             if spec.clipNorm > 0 { clipGradientNorm(parameters, maxNorm: spec.clipNorm) }
             optimizer.learningRate = schedule.rate(base: spec.learningRate, at: step)
             for c in used { loss += c.loss * Float(c.sampleCount) / Float(samples); correct += Int(c.correct) }
@@ -805,6 +864,27 @@ public final class Coordinator {
         } else if stopRequested {
             phase = .stopped
             message = "stopped by request after step \(step)"
+        }
+    }
+
+    /// Estimates each used contribution's gradient norm over this shard's tensors and counts a step at
+    /// which one stands over 10x the median of the others' as an outlier of that worker (logged, in status).
+    func recordGradientNorms(_ used: [Contribution]) {
+        let norms = used.map { c in
+            c.gradients.isEmpty ? 0 : owned.reduce(0.0) { $0 + TensorEncoding.sampledSumOfSquares(c.gradients[$1]!, dtype: c.dtype) }.squareRoot()
+        }
+        for (c, norm) in zip(used, norms) where !c.gradients.isEmpty {
+            members[c.rank]?.gradientNorm = norm
+            let others = zip(used, norms).filter { $0.0.rank != c.rank && !$0.0.gradients.isEmpty }.map(\.1).sorted()
+            guard !others.isEmpty else { continue }
+            let median = others[others.count / 2]
+            if norm > 10 * median && norm - median > 1e-12 {
+                members[c.rank]?.outlierSteps += 1
+                if members[c.rank]!.outlierSteps <= 3 || members[c.rank]!.outlierSteps.isMultiple(of: 100) {
+                    log.warning("gradient of rank \(c.rank) at step \(step) is an outlier", metadata: [
+                        "norm": "\(norm)", "median_of_others": "\(median)", "outlier_steps": "\(members[c.rank]!.outlierSteps)"])
+                }
+            }
         }
     }
 
@@ -918,7 +998,7 @@ public final class Coordinator {
         do {
             let path = try Checkpoint.save(
                 step: step, stepsPerEpoch: stepsPerEpoch, parameters: parameters, optimizer: optimizer, spec: spec,
-                history: history, in: directory, keep: spec.keepCheckpoints)
+                history: history, rankTokens: rankTokens, in: directory, keep: spec.keepCheckpoints)
             log.debug("checkpoint written", metadata: ["path": "\(path)", "step": "\(step)"])
         } catch {
             log.error("checkpoint at step \(step) failed: \(error)")
@@ -993,6 +1073,10 @@ public final class Coordinator {
         updateTargets = (live.contains { $0.shared == nil }, live.compactMap(\.shared))
         defer { updateTargets = (true, []) }
         stepStarted = Self.now()
+        let batch = setup.sampler.globalBatchCount(step: step % stepsPerEpoch)
+        assignedSamples = Dictionary(uniqueKeysWithValues: live.enumerated().map { shard, member in
+            (member.rank, UInt64(EpochSampler.shardCount(batch, rank: shard, worldSize: live.count)))
+        })
         var part: UInt32 = 0
         produce { indices, last in
             for (shard, member) in live.enumerated() where members[member.rank]?.isLive == true {
@@ -1027,6 +1111,7 @@ public final class Coordinator {
         let elapsed = trainingStarted > 0 ? Self.now() - trainingStarted : 0
         var modelPath = ""
         if step > 0 && phase != .failed { writeCheckpoint() }
+        rejectionLog.flush(to: log)
         writeMetrics()
         // With followers, the model is whole only when they could send their tensors.
         let whole = followers.isEmpty || refreshFromFollowers(withState: false)

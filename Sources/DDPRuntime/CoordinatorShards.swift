@@ -138,6 +138,7 @@ extension Coordinator {
             }
             followers[index] = Follower(identity: identity, endpoint: shard.endpoint, connection: connection, lastSeen: Self.now())
             followerOfIdentity[identity] = index
+            pendingConnections.joined(connection)
             log.info("coordinator shard joined", metadata: ["shard": "\(index)", "endpoint": "\(shard.endpoint)",
                                                             "tensors": "\(plan.indices(of: index).count)"])
             assign(index)
@@ -220,16 +221,22 @@ extension Coordinator {
         var lastHello = Self.now(), lastBeat = Self.now()
         leaderLastHeard = Self.now()
         while !isFinished {
-            let ready = try ZMQSocket.poll([workerSocket, leaderSocket, monitor.socket] + (authenticator.map { [$0.socket] } ?? []),
-                                           timeoutMilliseconds: 50)
-            if ready.contains(3), let authenticator {
-                for address in try authenticator.handle() { reject("refused a client without an authorised key from \(address)", from: nil) }
-            }
+            let ready = try ZMQSocket.poll([workerSocket, leaderSocket, monitor.socket, authenticator.socket], timeoutMilliseconds: 50)
             if ready.contains(0) { try drain(workerSocket) { try handleFollowerWorkerFrames($0, connection: workerSocket.lastConnection) } }
             if ready.contains(1) { try drain(leaderSocket) { try handleLeaderFrames($0) } }
-            if ready.contains(2) { while try monitor.next() != nil {} }
+            if ready.contains(2) {
+                while let event = try monitor.next() {
+                    switch event {
+                    case .accepted(let connection): pendingConnections.accepted(connection)
+                    case .disconnected(let connection): pendingConnections.dropped(connection)
+                    case .authenticationFailed, .other: break
+                    }
+                }
+            }
+            if ready.contains(3) { try authenticate() }
             if let pending = pendingApply { try apply(pending.message, step: pending.step, deadline: pending.deadline) }
             let now = Self.now()
+            rejectionLog.tick(now: now, to: log)
             if now - lastBeat > interval {
                 try? leaderSocket.send(WireCodec.encode(WireMessage(
                     jobID: spec.jobID, body: .heartbeat(Heartbeat(sentUnixMilliseconds: Self.unixMilliseconds(), state: phase.rawValue)))))
@@ -243,6 +250,7 @@ extension Coordinator {
                 lastHello = now
             }
         }
+        rejectionLog.flush(to: log)
         workerSocket.close()
         leaderSocket.close()
         log.info("follower shard \(phase.rawValue)", metadata: ["shard": "\(index)", "message": "\(message)"])
@@ -301,6 +309,7 @@ extension Coordinator {
             members[join.requestedRank] = Member(
                 rank: join.requestedRank, identity: identity, workerID: join.workerID, host: join.host, pid: join.pid, state: "training",
                 lastSeen: Self.now(), connection: connection, shared: join.sharedMemory.flatMap(mapSharedMemory))
+            pendingConnections.joined(connection)
             rankOfIdentity[identity] = join.requestedRank
             try reply(identity, .welcome(Welcome(rank: join.requestedRank, worldSize: 0, jobSpecJSON: "", startStep: UInt64(step), epoch: 0,
                                                  sharedMemory: members[join.requestedRank]?.shared != nil)), rank: join.requestedRank)

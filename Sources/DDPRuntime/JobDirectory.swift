@@ -1,3 +1,4 @@
+import DDPWire
 import Foundation
 
 /// The files of one job in its directory: the resolved spec, endpoints, process ids, logs, the final
@@ -17,10 +18,15 @@ public struct JobDirectory: Sendable {
     public var checkpointsPath: String { path + "/checkpoints" }
     public var metricsPath: String { path + "/metrics.prom" }
     public var stepLogPath: String { path + "/steps.jsonl" }
+    /// CURVE keys made for a job over TCP that was given none.
+    public var keysPath: String { path + "/keys" }
     public func logPath(_ process: String) -> String { "\(logsPath)/\(process).log" }
 
-    /// Creates the directory and its `logs` folder.
+    /// Creates the directory, private to its owner (0700: the model, checkpoints with optimizer state,
+    /// logs and endpoints are no other user's business; `chmod -R g+rX DIR` shares one), and its
+    /// `logs` folder.
     public func create() throws {
+        try PrivateFolder.create(path)
         try FileManager.default.createDirectory(atPath: logsPath, withIntermediateDirectories: true)
     }
 

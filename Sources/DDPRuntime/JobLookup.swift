@@ -62,10 +62,14 @@ public struct JobStatus: Codable, Sendable {
         public var lastStepSeconds: Double
         public var lagging: Bool
         public var restarts: UInt32
+        /// The norm of its last accepted gradient, and the steps at which it was far above the others'.
+        public var gradientNorm: Double
+        public var outlierSteps: UInt32
 
         enum CodingKeys: String, CodingKey {
             case rank, host, pid, state, step, lagging, restarts
             case lastHeartbeatMs = "last_heartbeat_ms", lastStepSeconds = "last_step_seconds"
+            case gradientNorm = "gradient_norm", outlierSteps = "outlier_steps"
         }
     }
 
@@ -123,7 +127,8 @@ public struct JobStatus: Codable, Sendable {
         coordinatorShards = s.coordinatorShards
         workers = s.workers.map {
             Worker(rank: $0.rank, host: $0.host, pid: $0.pid, state: $0.state, step: $0.step, lastHeartbeatMs: $0.lastSeenMillisecondsAgo,
-                   lastStepSeconds: $0.lastStepSeconds, lagging: $0.lagging, restarts: $0.restarts)
+                   lastStepSeconds: $0.lastStepSeconds, lagging: $0.lagging, restarts: $0.restarts,
+                   gradientNorm: $0.gradientNorm, outlierSteps: $0.outlierSteps)
         }
     }
 

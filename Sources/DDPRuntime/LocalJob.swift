@@ -5,7 +5,7 @@ import Logging
 /// A job run on this host: a coordinator and `workers` worker processes of the `ddpd` executable,
 /// with their logs and process ids in the job directory.
 public final class LocalJob {
-    public let spec: JobSpec
+    public private(set) var spec: JobSpec
     public let directory: JobDirectory
     private let ddpd: String
     private let transport: String
@@ -39,9 +39,14 @@ public final class LocalJob {
     }
 
     /// Writes the job directory, starts the coordinator, waits (at most 10 s) for its endpoints, then
-    /// starts the workers.
+    /// starts the workers. Over TCP without `keys_dir` the job gets CURVE keys of its own in the (private)
+    /// job directory: a loopback port is open to every user of the host, a key folder only to its owner.
     public func start() throws {
         try directory.create()
+        if transport == "tcp" && spec.keysDir.isEmpty {
+            try JobKeys.generate(into: directory.keysPath)
+            spec.keysDir = directory.keysPath
+        }
         try AtomicFile.write(spec.json(), to: directory.specPath)
         let (workerEndpoint, controlEndpoint) = transport == "ipc"
             ? ("ipc://\(directory.path)/workers.sock", "ipc://\(directory.path)/control.sock")

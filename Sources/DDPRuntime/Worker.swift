@@ -21,6 +21,8 @@ public final class Worker {
     private let monitor: ZMQMonitor
     private var jobID: String
     private var rank: Int32 = -1
+    /// The secret of `rank` from its Welcome, sent in every later Join (see Welcome.rank_token).
+    private var rankToken: [UInt8] = []
     private var parameters: [NamedParameter] = []
     private var gradientPayloads: [Payload] = []
     private var indexOfParameter: [ObjectIdentifier: Int] = [:]
@@ -133,6 +135,8 @@ public final class Worker {
             case .stop(let reason, _):
                 log.info("stopped by the coordinator: \(reason)")
                 return .stopped(reason: reason)
+            case .error(let error) where error.code == .pushRefused:
+                log.warning("the coordinator refused this worker's push: \(error.reason)", metadata: ["step": "\(message.step)"])
             case .error(let error):
                 throw WorkerError.refused(error.reason)
             case .welcome(let welcome):
@@ -166,6 +170,8 @@ public final class Worker {
             log.info("joined coordinator shard", metadata: ["shard": "\(shard)", "tensors_via": "\(shardSharing[shard - 1] ? "shared memory" : "frames")"])
         case .error(let error) where error.code == .notReady:
             shardJoinRetry[shard - 1] = Coordinator.now() + 0.1
+        case .error(let error) where error.code == .pushRefused:
+            log.warning("coordinator shard \(shard) refused this worker's push: \(error.reason)", metadata: ["step": "\(message.step)"])
         case .error(let error):
             throw WorkerError.refused("coordinator shard \(shard): \(error.reason)")
         case .parameterUpdate(let update):
@@ -209,6 +215,7 @@ public final class Worker {
         var join = Join(workerID: workerID, host: ProcessInfo.processInfo.hostName, pid: UInt32(getpid()),
                         modelFingerprint: setup?.modelFingerprint ?? "", requestedRank: rank)
         join.sharedMemory = sharedMemoryOffer()
+        if rank == self.rank { join.rankToken = rankToken }
         return join
     }
 
@@ -266,6 +273,7 @@ public final class Worker {
         if setup == nil { setup = try TrainingSetup(spec: spec) }
         jobID = message.jobID
         rank = welcome.rank
+        rankToken = welcome.rankToken
         heartbeatInterval = Double(welcome.heartbeatIntervalMilliseconds) / 1000
         heartbeatTimeout = Double(welcome.heartbeatTimeoutMilliseconds) / 1000
         coordinatorTimeout = max(30, 6 * Double(welcome.heartbeatTimeoutMilliseconds) / 1000)

@@ -100,6 +100,7 @@ public enum WireCodec {
             m.pointee.pid = j.pid
             m.pointee.model_fingerprint = arena.string(j.modelFingerprint)
             m.pointee.requested_rank = j.requestedRank
+            m.pointee.rank_token = ProtobufCBinaryData(len: j.rankToken.count, data: arena.array(j.rankToken))
             if let offer = j.sharedMemory {
                 m.pointee.shared_memory_path = arena.string(offer.path)
                 m.pointee.shared_memory_nonce = ProtobufCBinaryData(len: offer.nonce.count, data: arena.array(offer.nonce))
@@ -120,6 +121,7 @@ public enum WireCodec {
             m.pointee.shared_memory = w.sharedMemory ? 1 : 0
             m.pointee.n_shard_endpoints = w.shardEndpoints.count
             m.pointee.shard_endpoints = arena.array(w.shardEndpoints.map { Optional(arena.string($0)) })
+            m.pointee.rank_token = ProtobufCBinaryData(len: w.rankToken.count, data: arena.array(w.rankToken))
             e.body_case = DDP__V1__ENVELOPE__BODY_WELCOME
             e.welcome = m
         case .gradientPush(let g):
@@ -185,6 +187,8 @@ public enum WireCodec {
                 p.pointee.last_step_seconds = w.lastStepSeconds
                 p.pointee.lagging = w.lagging ? 1 : 0
                 p.pointee.restarts = w.restarts
+                p.pointee.gradient_norm = w.gradientNorm
+                p.pointee.outlier_steps = w.outlierSteps
                 return p
             }
             m.pointee.n_workers = workers.count
@@ -334,6 +338,7 @@ public enum WireCodec {
                 workerID: text(m.worker_id), host: text(m.host), pid: m.pid,
                 modelFingerprint: text(m.model_fingerprint), requestedRank: m.requested_rank)
             join.protocolVersion = e.protocol_version
+            join.rankToken = Array(UnsafeBufferPointer(start: m.rank_token.data, count: m.rank_token.len))
             if let path = m.shared_memory_path, path.pointee != 0 {
                 join.sharedMemory = SharedMemoryOffer(
                     path: text(path), nonce: Array(UnsafeBufferPointer(start: m.shared_memory_nonce.data, count: m.shared_memory_nonce.len)),
@@ -347,6 +352,7 @@ public enum WireCodec {
                 epoch: m.epoch, heartbeatIntervalMilliseconds: m.heartbeat_interval_ms,
                 heartbeatTimeoutMilliseconds: m.heartbeat_timeout_ms, sharedMemory: m.shared_memory != 0)
             welcome.shardEndpoints = (0..<m.n_shard_endpoints).map { text(m.shard_endpoints[$0]) }
+            welcome.rankToken = Array(UnsafeBufferPointer(start: m.rank_token.data, count: m.rank_token.len))
             return .welcome(welcome)
         case DDP__V1__ENVELOPE__BODY_SHARD:
             guard let m = e.shard?.pointee else { return nil }
@@ -392,7 +398,7 @@ public enum WireCodec {
                 return WorkerStatus(
                     rank: w.rank, host: text(w.host), pid: w.pid, state: text(w.state), step: w.step,
                     lastSeenMillisecondsAgo: w.last_seen_ms_ago, lastStepSeconds: w.last_step_seconds,
-                    lagging: w.lagging != 0, restarts: w.restarts)
+                    lagging: w.lagging != 0, restarts: w.restarts, gradientNorm: w.gradient_norm, outlierSteps: w.outlier_steps)
             }
             var reply = StatusReply(
                 jobState: text(m.job_state), step: m.step, totalSteps: m.total_steps, epoch: m.epoch,

@@ -87,6 +87,8 @@ public struct Join: Equatable, Sendable {
     public var protocolVersion: UInt32 = wireProtocolVersion
     /// A shared-memory segment the worker offers for tensors, or nil.
     public var sharedMemory: SharedMemoryOffer?
+    /// The rank token of the Welcome that gave it `requestedRank` (empty on a first join).
+    public var rankToken: [UInt8] = []
 
     public init(workerID: String, host: String, pid: UInt32, modelFingerprint: String, requestedRank: Int32 = -1) {
         self.workerID = workerID
@@ -125,6 +127,8 @@ public struct Welcome: Equatable, Sendable {
     public var sharedMemory: Bool
     /// The worker endpoints of coordinator shards 1..K-1 (empty with one coordinator).
     public var shardEndpoints: [String] = []
+    /// The rank's secret, sent back in later Joins to get the rank back after a coordinator restart.
+    public var rankToken: [UInt8] = []
 
     public init(
         rank: Int32, worldSize: UInt32, jobSpecJSON: String, startStep: UInt64, epoch: UInt64,
@@ -215,10 +219,14 @@ public struct WorkerStatus: Equatable, Sendable, Codable {
     public var lastStepSeconds: Double
     public var lagging: Bool
     public var restarts: UInt32
+    /// The L2 norm of its last accepted gradient (estimated from a fixed sample of elements).
+    public var gradientNorm: Double
+    /// Steps at which its gradient norm was over 10x the median of the others'.
+    public var outlierSteps: UInt32
 
     public init(
         rank: Int32, host: String, pid: UInt32, state: String, step: UInt64, lastSeenMillisecondsAgo: UInt64,
-        lastStepSeconds: Double, lagging: Bool, restarts: UInt32 = 0
+        lastStepSeconds: Double, lagging: Bool, restarts: UInt32 = 0, gradientNorm: Double = 0, outlierSteps: UInt32 = 0
     ) {
         self.rank = rank
         self.host = host
@@ -229,6 +237,8 @@ public struct WorkerStatus: Equatable, Sendable, Codable {
         self.lastStepSeconds = lastStepSeconds
         self.lagging = lagging
         self.restarts = restarts
+        self.gradientNorm = gradientNorm
+        self.outlierSteps = outlierSteps
     }
 }
 
@@ -276,6 +286,8 @@ public struct StatusReply: Equatable, Sendable, Codable {
 public struct ErrorReply: Equatable, Sendable, Error {
     public enum Code: Int32, Sendable {
         case unspecified = 0, malformed, versionMismatch, wrongJob, modelMismatch, jobFull, unauthorized, notReady
+        /// A push was refused for this step; the worker keeps its rank and goes on with the next update.
+        case pushRefused
     }
     public var code: Code
     public var reason: String

@@ -11,9 +11,11 @@ public struct JobKeys: Sendable, Equatable {
     public var authorized: Set<String>
 
     /// Writes a new server pair, `clients` client pairs (the first as `client.key`, others as
-    /// `client-N.key`) and an `authorized_keys` listing every client.
+    /// `client-N.key`) and an `authorized_keys` listing every client. The folder is made 0700 (an
+    /// existing one is made so) and every secret is 0600 from its first byte: no other user can read
+    /// a key while it is written.
     public static func generate(into folder: String, clients: Int = 1) throws {
-        try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+        try PrivateFolder.create(folder)
         let server = try CurveKeyPair.generate()
         try write(server.publicKey + "\n" + server.secretKey + "\n", to: folder + "/server.key", secret: true)
         try write(server.publicKey + "\n", to: folder + "/server.pub", secret: false)
@@ -26,9 +28,21 @@ public struct JobKeys: Sendable, Equatable {
         try write(authorized, to: folder + "/authorized_keys", secret: false)
     }
 
+    /// Writes `text` to a new temporary file created with its final mode (0600 for a secret), then
+    /// renames it into place.
     private static func write(_ text: String, to path: String, secret: Bool) throws {
-        guard FileManager.default.createFile(atPath: path, contents: Data(text.utf8), attributes: [.posixPermissions: secret ? 0o600 : 0o644]) else {
-            throw SecurityError.keys(path, "cannot be written")
+        let temporary = path + ".tmp-\(getpid())"
+        unlink(temporary)
+        let fd = open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, secret ? 0o600 : 0o644)
+        guard fd >= 0 else { throw SecurityError.keys(path, "cannot be written: \(String(cString: strerror(errno)))") }
+        let bytes = Array(text.utf8)
+        let written = bytes.withUnsafeBytes { Foundation.write(fd, $0.baseAddress, $0.count) }
+        let synced = fsync(fd) == 0
+        close(fd)
+        guard written == bytes.count, synced, rename(temporary, path) == 0 else {
+            let reason = String(cString: strerror(errno))
+            unlink(temporary)
+            throw SecurityError.keys(path, "cannot be written: \(reason)")
         }
     }
 
@@ -83,24 +97,27 @@ public struct JobKeys: Sendable, Equatable {
     }
 }
 
-/// Answers ZeroMQ's authentication requests (ZAP, RFC 27) for one context: CURVE clients whose public
-/// key is authorised pass, everyone else is refused. Poll `socket` and call `handle()` when readable.
+/// Answers ZeroMQ's authentication requests (ZAP, RFC 27) for one context. With keys, CURVE clients
+/// whose public key is authorised pass and everyone else is refused; without (`authorized` nil), any
+/// plain (NULL mechanism) peer passes. Either way a peer is refused while `admit` says no (too many
+/// connections are waiting to join): a refused connection is closed, so a flood cannot exhaust the
+/// process's descriptors. Poll `socket` and call `handle()` when readable.
 public final class Authenticator {
     public let socket: ZMQSocket
-    private let authorized: Set<String>
-    /// Refusals so far, with the peer address.
-    public private(set) var refusals: [String] = []
+    private let authorized: Set<String>?
+    private let admit: () -> Bool
 
-    public init(context: ZMQContext, authorized: Set<String>) throws {
+    public init(context: ZMQContext, authorized: Set<String>?, admit: @escaping () -> Bool = { true }) throws {
         self.authorized = authorized
+        self.admit = admit
         socket = try ZMQSocket(context: context, kind: .reply)
         try socket.bind("inproc://zeromq.zap.01")
     }
 
-    /// Answers the pending requests; returns the addresses refused by this call.
+    /// Answers the pending requests; returns the peers refused by this call, with the reason.
     @discardableResult
-    public func handle() throws -> [String] {
-        var refused: [String] = []
+    public func handle() throws -> [(address: String, reason: String)] {
+        var refused: [(address: String, reason: String)] = []
         while let frames = try socket.receive(timeoutMilliseconds: 0) {
             guard frames.count >= 6 else { continue }
             let text = frames.map { String(decoding: $0.bytes, as: UTF8.self) }
@@ -112,34 +129,58 @@ public final class Authenticator {
                 _ = zmq_z85_encode(&encoded, raw, 32)
                 clientKey = String(decoding: encoded.prefix(40).map { UInt8(bitPattern: $0) }, as: UTF8.self)
             }
-            let allowed = mechanism == "CURVE" && authorized.contains(clientKey)
-            if !allowed {
-                refused.append(address)
-                refusals.append(address)
+            let reason: String? = if let authorized {
+                mechanism == "CURVE" && authorized.contains(clientKey) ? nil : "key not authorised"
+            } else {
+                mechanism == "NULL" ? nil : "mechanism \(mechanism) not expected"
             }
-            try socket.send([.bytes(version), .bytes(requestID), .bytes(Array((allowed ? "200" : "400").utf8)),
-                             .bytes(Array((allowed ? "OK" : "key not authorised").utf8)), .bytes(Array(clientKey.utf8)), .bytes([])])
+            let refusal = reason ?? (admit() ? nil : "too many connections waiting to join")
+            if let refusal { refused.append((address, refusal)) }
+            try socket.send([.bytes(version), .bytes(requestID), .bytes(Array((refusal == nil ? "200" : "400").utf8)),
+                             .bytes(Array((refusal ?? "OK").utf8)), .bytes(Array(clientKey.utf8)), .bytes([])])
         }
         return refused
     }
 }
 
+/// Folders only their owner may enter: key folders and job directories.
+public enum PrivateFolder {
+    /// Creates `folder` (and missing parents, with the usual mode) with mode 0700, or makes an existing
+    /// one 0700. Whatever is written inside it afterwards is out of other users' reach.
+    public static func create(_ folder: String) throws {
+        let parent = (folder as NSString).deletingLastPathComponent
+        if !parent.isEmpty && !FileManager.default.fileExists(atPath: parent) {
+            do { try FileManager.default.createDirectory(atPath: parent, withIntermediateDirectories: true) } catch {
+                throw SecurityError.folder(parent, "cannot be created: \((error as NSError).localizedFailureReason ?? "\(error)")")
+            }
+        }
+        if mkdir(folder, 0o700) != 0 && errno != EEXIST {
+            throw SecurityError.folder(folder, "cannot be created: \(String(cString: strerror(errno)))")
+        }
+        var status = stat()
+        guard stat(folder, &status) == 0, status.st_mode & S_IFMT == S_IFDIR else { throw SecurityError.folder(folder, "is not a folder") }
+        guard chmod(folder, 0o700) == 0 else { throw SecurityError.folder(folder, "cannot be made private: \(String(cString: strerror(errno)))") }
+    }
+}
+
 public enum SecurityError: Error, CustomStringConvertible, Equatable {
     case keys(String, String)
+    case folder(String, String)
     case insecureEndpoint(String)
     public var description: String {
         switch self {
         case .keys(let path, let why): "key file \(path): \(why)"
+        case .folder(let path, let why): "folder \(path) \(why)"
         case .insecureEndpoint(let endpoint):
-            "\(endpoint) is reachable from other hosts: give the job keys (ddpctl keygen, keys_dir) or pass --insecure to send plain text"
+            "\(endpoint) is reachable by every user of this host\(endpoint.hasPrefix("tcp://127.") || endpoint.hasPrefix("tcp://localhost") || endpoint.hasPrefix("tcp://[::1]") ? "" : " and by other hosts"): "
+                + "give the job keys (ddpctl keygen, keys_dir), bind ipc://PATH, or pass --insecure to accept anyone in plain text"
         }
     }
 }
 
-/// Whether an endpoint can only be reached from this host (loopback, ipc, inproc).
-public func isLocalEndpoint(_ endpoint: String) -> Bool {
-    if endpoint.hasPrefix("ipc://") || endpoint.hasPrefix("inproc://") { return true }
-    guard endpoint.hasPrefix("tcp://") else { return false }
-    let host = endpoint.dropFirst(6).split(separator: ":").dropLast().joined(separator: ":")
-    return host.hasPrefix("127.") || host == "localhost" || host == "[::1]"
+/// Whether only this host's processes that may open its socket file can reach an endpoint (ipc, whose
+/// file lives in a private job directory; inproc). Every TCP port, loopback included, can be reached by
+/// any user of the host, and so needs keys (or an explicit --insecure).
+public func isPrivateEndpoint(_ endpoint: String) -> Bool {
+    endpoint.hasPrefix("ipc://") || endpoint.hasPrefix("inproc://")
 }

@@ -93,6 +93,27 @@ public enum TensorEncoding {
         }
     }
 
+    /// An estimate of the sum of the squares of the elements: every k-th of them (at most about `samples`,
+    /// at fixed positions) squared, summed and scaled by k. Cheap enough for every push of every step.
+    public static func sampledSumOfSquares(_ payload: Payload, dtype: DType, samples: Int = 256) -> Double {
+        let count = payload.byteCount / dtype.size
+        guard count > 0 else { return 0 }
+        let stride = max(1, count / max(samples, 1))
+        return payload.withUnsafeBytes { raw in
+            var sum = 0.0
+            for i in Swift.stride(from: 0, to: count, by: stride) {
+                let value: Float
+                switch dtype {
+                case .f32: value = raw.loadUnaligned(fromByteOffset: 4 * i, as: Float.self)
+                case .f16: value = Float(Float16(bitPattern: UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self))))
+                case .bf16: value = Float(bitPattern: UInt32(UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self))) << 16)
+                }
+                sum += Double(value) * Double(value)
+            }
+            return sum * Double(stride)
+        }
+    }
+
     /// The index of the first NaN or infinite element, if any; with `roundedTo`, of f32 values once rounded
     /// to that type (a large f32 value can round to an f16 infinity).
     public static func firstNonFinite(_ payload: Payload, dtype: DType, roundedTo: DType = .f32) -> Int? {

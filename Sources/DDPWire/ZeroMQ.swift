@@ -297,6 +297,9 @@ public final class ZMQSocket {
         var v = bytes
         guard zmq_setsockopt(try open, ZMQ_MAXMSGSIZE, &v, 8) == 0 else { throw ZMQError.last("setsockopt maxmsgsize") }
     }
+    /// How long a new connection may take to complete its handshake before it is closed (a peer that
+    /// connects and says nothing holds a descriptor no longer than this).
+    public func setHandshakeInterval(milliseconds: Int) throws { try setOption(ZMQ_HANDSHAKE_IVL, Int32(milliseconds), "handshake_ivl") }
     /// A send blocks at most this long before failing with a timeout (-1: forever).
     public func setSendTimeout(milliseconds: Int) throws { try setOption(ZMQ_SNDTIMEO, Int32(milliseconds), "sndtimeo") }
     /// ZMTP heartbeats: a PING every `interval`; the connection is dropped after `timeout` without traffic.

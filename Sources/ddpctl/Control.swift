@@ -83,9 +83,10 @@ enum StatusText {
                             s.trainLoss, s.testLoss, s.testAccuracy * 100, s.samplesPerSecond, Int(s.rejectedMessages)))
         if !s.recentLosses.isEmpty { lines.append("loss " + sparkline(Array(s.recentLosses.suffix(60)))) }
         if !s.workers.isEmpty {
-            let rows = [["RANK", "HOST", "PID", "STATE", "STEP", "HEARTBEAT", "LAST STEP", "LAGS", "RESTARTS"]] + s.workers.map { w in
+            let rows = [["RANK", "HOST", "PID", "STATE", "STEP", "HEARTBEAT", "LAST STEP", "LAGS", "RESTARTS", "GRAD NORM", "OUTLIERS"]] + s.workers.map { w in
                 ["\(w.rank)", w.host, "\(w.pid)", w.state, "\(w.step)", "\(w.lastHeartbeatMs) ms",
-                 String(format: "%.2f ms", w.lastStepSeconds * 1000), w.lagging ? "yes" : "no", "\(w.restarts)"]
+                 String(format: "%.2f ms", w.lastStepSeconds * 1000), w.lagging ? "yes" : "no", "\(w.restarts)",
+                 String(format: "%.3g", w.gradientNorm), "\(w.outlierSteps)"]
             }
             lines += table(rows)
         }

@@ -42,7 +42,7 @@ struct CoordinatorCommand: ParsableCommand {
     @Option(help: "Endpoint for control clients (ddpctl status/stop).") var control = "tcp://127.0.0.1:0"
     @Option(help: "The job directory for the model, summary, history and checkpoints.") var jobDir: String?
     @Flag(help: "Continue from the newest checkpoint in the job directory.") var resume = false
-    @Flag(help: "Allow plain-text traffic on endpoints other hosts can reach (without keys_dir).") var insecure = false
+    @Flag(help: "Accept plain-text traffic from anyone on TCP endpoints (without keys_dir); ipc:// needs no keys.") var insecure = false
     @Option(help: "Run follower shard N (1...coordinator_shards-1) of the leader at --leader instead of the leader.") var shard: Int?
     @Option(help: "The leader coordinator's worker endpoint (with --shard).") var leader: String?
     @Option(help: "The endpoint workers reach this shard at (default: --bind, a wildcard address replaced by this host's name).")
@@ -55,6 +55,7 @@ struct CoordinatorCommand: ParsableCommand {
 
     func run() throws {
         try logging.bootstrap()
+        ProcessLimits.raiseOpenFiles()
         var spec = try JobSpec.load(path: config, overrides: try JobSpec.overrides(assignments))
         if let jobDir { spec.output = jobDir }
         let role: Coordinator.Role = shard.map { .follower(index: $0, leader: leader!, advertise: advertise) } ?? .leader

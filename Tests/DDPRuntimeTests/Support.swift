@@ -123,13 +123,14 @@ func finalParameters(_ job: JobDirectory) throws -> [(name: String, values: [Flo
 }
 
 /// A coordinator process for a job with `overrides`, in `dir` (spec at dir/spec.json, standard error in
-/// dir/coordinator.log); returns once it listens.
+/// dir/coordinator.log), on loopback TCP (plain text unless the overrides give keys_dir: `--insecure`,
+/// as these tests speak to it with sockets of their own); returns once it listens.
 func launchCoordinator(_ overrides: [String: Any], in dir: String) throws -> (process: ChildProcess, job: JobDirectory, endpoints: Endpoints) {
     var spec = try JobSpec.load(path: nil, overrides: overrides)
     spec.output = dir
     try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
     try spec.json().write(toFile: dir + "/spec.json", atomically: true, encoding: .utf8)
-    let process = try ChildProcess(Binaries.ddpd, ["coordinator", "--config", dir + "/spec.json", "--job-dir", dir],
+    let process = try ChildProcess(Binaries.ddpd, ["coordinator", "--config", dir + "/spec.json", "--job-dir", dir, "--insecure"],
                                    standardError: dir + "/coordinator.log")
     let job = JobDirectory(path: dir)
     guard waitUntil(timeout: 10, { job.endpoints() != nil }), let endpoints = job.endpoints() else {

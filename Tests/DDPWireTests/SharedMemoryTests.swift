@@ -29,6 +29,39 @@ struct SharedMemoryTests {
         #expect(created.region(offset: 4092, count: 4) != nil)
     }
 
+    /// A peer offering anything but a SwiftDDP memfd (a regular file whose first bytes it could read, by
+    /// path or through /proc/PID/fd, or another program's memfd) is refused before anything is mapped, and
+    /// the file is left as it was.
+    @Test func onlyASwiftDDPMemfdIsMapped() throws {
+        let path = "/tmp/ddp-victim-\(getpid())"
+        let original = (0..<4096).map { UInt8(truncatingIfNeeded: $0 * 7) }
+        try Data(original).write(to: URL(fileURLWithPath: path))
+        defer { unlink(path) }
+        let nonce = Array(original.prefix(32))
+        let reader = open(path, O_RDONLY)
+        defer { close(reader) }
+        for offered in [path, "/proc/\(getpid())/fd/\(reader)", "/proc/self/../\(getpid())/fd/\(reader)", "/etc/../\(path)"] {
+            #expect(throws: SharedMemoryError.self) { try SharedSegment(opening: offered, byteCount: 4096, nonce: nonce) }
+        }
+        #expect(throws: SharedMemoryError.notASegment(path: path, reason: "only /proc/PID/fd/N of a worker's memfd is accepted")) {
+            try SharedSegment(opening: path, byteCount: 4096, nonce: nonce)
+        }
+        #expect(try Data(contentsOf: URL(fileURLWithPath: path)) == Data(original))
+
+        // Another program's anonymous memory, even with the right bytes in front: refused by its name.
+        typealias MemfdCreate = @convention(c) (UnsafePointer<CChar>, UInt32) -> Int32
+        let memfdCreate = unsafeBitCast(try #require(dlsym(UnsafeMutableRawPointer(bitPattern: 0), "memfd_create")), to: MemfdCreate.self)
+        let foreign = memfdCreate("someone-else", 1)
+        defer { close(foreign) }
+        #expect(original.withUnsafeBytes { write(foreign, $0.baseAddress, 4096) } == 4096)
+        #expect { try SharedSegment(opening: "/proc/\(getpid())/fd/\(foreign)", byteCount: 4096, nonce: nonce) } throws: {
+            "\($0)".contains("is not a SwiftDDP memfd (/memfd:someone-else")
+        }
+        // A genuine segment still opens.
+        let genuine = try SharedSegment(creating: 4096)
+        #expect(try SharedSegment(opening: genuine.path, byteCount: 4096, nonce: genuine.nonce).byteCount == 4096)
+    }
+
     @Test func sharedTensorsTravelWithoutFrames() throws {
         let segment = try SharedSegment(creating: 1 << 16)
         let layout = SharedLayout(start: SharedSegment.headerBytes, byteCounts: [12 * 4, 5 * 2])

@@ -100,7 +100,13 @@ typedef enum _Ddp__V1__ErrorReply__Code {
    */
   DDP__V1__ERROR_REPLY__CODE__JOB_FULL = 5,
   DDP__V1__ERROR_REPLY__CODE__UNAUTHORIZED = 6,
-  DDP__V1__ERROR_REPLY__CODE__NOT_READY = 7
+  DDP__V1__ERROR_REPLY__CODE__NOT_READY = 7,
+  /*
+   * A GradientPush (or one of its parts) was refused for this step: the reason names the rule broken
+   * (e.g. a sample count other than the one assigned). The worker keeps its rank; its share of the step
+   * counts as answered with no samples, and it goes on with the next ParameterUpdate.
+   */
+  DDP__V1__ERROR_REPLY__CODE__PUSH_REFUSED = 8
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(DDP__V1__ERROR_REPLY__CODE)
 } Ddp__V1__ErrorReply__Code;
 /*
@@ -264,10 +270,16 @@ struct  Ddp__V1__Join
    * where the coordinator's area begins
    */
   uint64_t shared_update_offset;
+  /*
+   * The `rank_token` of the Welcome that gave this worker `requested_rank`, when it asks for it again
+   * (empty on a first join). After a coordinator restart a rank is kept for the worker that proves it
+   * held it (see Welcome.rank_token).
+   */
+  ProtobufCBinaryData rank_token;
 };
 #define DDP__V1__JOIN__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&ddp__v1__join__descriptor) \
-    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, (char *)protobuf_c_empty_string, 0, (char *)protobuf_c_empty_string, {0,NULL}, 0, 0 }
+    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, (char *)protobuf_c_empty_string, 0, (char *)protobuf_c_empty_string, {0,NULL}, 0, 0, {0,NULL} }
 
 
 /*
@@ -304,10 +316,16 @@ struct  Ddp__V1__Welcome
    */
   size_t n_shard_endpoints;
   char **shard_endpoints;
+  /*
+   * A secret of this rank (16 random bytes), to send back in Join.rank_token on every later join. The
+   * coordinator keeps it in its checkpoints; after a restart it keeps each rank for its holder for three
+   * heartbeat timeouts, refusing other joiners meanwhile with NOT_READY.
+   */
+  ProtobufCBinaryData rank_token;
 };
 #define DDP__V1__WELCOME__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&ddp__v1__welcome__descriptor) \
-    , 0, 0, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, 0,NULL }
+    , 0, 0, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, 0,NULL, {0,NULL} }
 
 
 /*
@@ -469,10 +487,16 @@ struct  Ddp__V1__WorkerStatus
    */
   protobuf_c_boolean lagging;
   uint32_t restarts;
+  /*
+   * The L2 norm of its last accepted gradient (estimated from a fixed sample of the elements of this
+   * coordinator's tensors), and the steps at which that norm was over 10x the median of the step's others.
+   */
+  double gradient_norm;
+  uint32_t outlier_steps;
 };
 #define DDP__V1__WORKER_STATUS__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&ddp__v1__worker_status__descriptor) \
-    , 0, (char *)protobuf_c_empty_string, 0, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0 }
+    , 0, (char *)protobuf_c_empty_string, 0, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, 0, 0 }
 
 
 /*
