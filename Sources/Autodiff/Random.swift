@@ -21,6 +21,16 @@ public struct SeededGenerator: RandomNumberGenerator, Sendable {
         return z ^ (z >> 31)
     }
 
+    /// An integer uniform in `0..<n` without bias, as SAMPLES in proto/ddp.proto defines it: draw x, take
+    /// r = x mod n, and draw again while x - r > 2^64 - n.
+    public mutating func uniform(below n: UInt64) -> UInt64 {
+        precondition(n > 0, "uniform(below: 0)")
+        while true {
+            let x = next(), r = x % n
+            if x &- r <= 0 &- n { return r }
+        }
+    }
+
     /// A float uniform in [0, 1).
     public mutating func nextUnit() -> Float {
         Float(next() >> 40) * (1.0 / Float(1 << 24))

@@ -277,6 +277,51 @@ void   ddp__v1__parameter_update__free_unpacked
   assert(message->base.descriptor == &ddp__v1__parameter_update__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+void   ddp__v1__sample_range__init
+                     (Ddp__V1__SampleRange         *message)
+{
+  static const Ddp__V1__SampleRange init_value = DDP__V1__SAMPLE_RANGE__INIT;
+  *message = init_value;
+}
+size_t ddp__v1__sample_range__get_packed_size
+                     (const Ddp__V1__SampleRange *message)
+{
+  assert(message->base.descriptor == &ddp__v1__sample_range__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t ddp__v1__sample_range__pack
+                     (const Ddp__V1__SampleRange *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &ddp__v1__sample_range__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t ddp__v1__sample_range__pack_to_buffer
+                     (const Ddp__V1__SampleRange *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &ddp__v1__sample_range__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Ddp__V1__SampleRange *
+       ddp__v1__sample_range__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Ddp__V1__SampleRange *)
+     protobuf_c_message_unpack (&ddp__v1__sample_range__descriptor,
+                                allocator, len, data);
+}
+void   ddp__v1__sample_range__free_unpacked
+                     (Ddp__V1__SampleRange *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &ddp__v1__sample_range__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 void   ddp__v1__heartbeat__init
                      (Ddp__V1__Heartbeat         *message)
 {
@@ -1451,18 +1496,6 @@ static const ProtobufCFieldDescriptor ddp__v1__parameter_update__field_descripto
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
   {
-    "shard_index",
-    5,
-    PROTOBUF_C_LABEL_NONE,
-    PROTOBUF_C_TYPE_SINT32,
-    0,   /* quantifier_offset */
-    offsetof(Ddp__V1__ParameterUpdate, shard_index),
-    NULL,
-    NULL,
-    0,             /* flags */
-    0,NULL,NULL    /* reserved1,reserved2, etc */
-  },
-  {
     "train_loss",
     6,
     PROTOBUF_C_LABEL_NONE,
@@ -1510,21 +1543,34 @@ static const ProtobufCFieldDescriptor ddp__v1__parameter_update__field_descripto
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "samples",
+    10,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Ddp__V1__ParameterUpdate, n_samples),
+    offsetof(Ddp__V1__ParameterUpdate, samples),
+    &ddp__v1__sample_range__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned ddp__v1__parameter_update__field_indices_by_name[] = {
-  6,   /* field[6] = attempt */
+  5,   /* field[5] = attempt */
   2,   /* field[2] = epoch */
   1,   /* field[1] = full_copy */
   0,   /* field[0] = learning_rate */
-  8,   /* field[8] = more_parts */
-  7,   /* field[7] = part */
-  4,   /* field[4] = shard_index */
-  5,   /* field[5] = train_loss */
+  7,   /* field[7] = more_parts */
+  6,   /* field[6] = part */
+  8,   /* field[8] = samples */
+  4,   /* field[4] = train_loss */
   3,   /* field[3] = world_size */
 };
-static const ProtobufCIntRange ddp__v1__parameter_update__number_ranges[1 + 1] =
+static const ProtobufCIntRange ddp__v1__parameter_update__number_ranges[2 + 1] =
 {
   { 1, 0 },
+  { 6, 4 },
   { 0, 9 }
 };
 const ProtobufCMessageDescriptor ddp__v1__parameter_update__descriptor =
@@ -1538,8 +1584,59 @@ const ProtobufCMessageDescriptor ddp__v1__parameter_update__descriptor =
   9,
   ddp__v1__parameter_update__field_descriptors,
   ddp__v1__parameter_update__field_indices_by_name,
-  1,  ddp__v1__parameter_update__number_ranges,
+  2,  ddp__v1__parameter_update__number_ranges,
   (ProtobufCMessageInit) ddp__v1__parameter_update__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor ddp__v1__sample_range__field_descriptors[2] =
+{
+  {
+    "start",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__SampleRange, start),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "count",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__SampleRange, count),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned ddp__v1__sample_range__field_indices_by_name[] = {
+  1,   /* field[1] = count */
+  0,   /* field[0] = start */
+};
+static const ProtobufCIntRange ddp__v1__sample_range__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 2 }
+};
+const ProtobufCMessageDescriptor ddp__v1__sample_range__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "ddp.v1.SampleRange",
+  "SampleRange",
+  "Ddp__V1__SampleRange",
+  "ddp.v1",
+  sizeof(Ddp__V1__SampleRange),
+  2,
+  ddp__v1__sample_range__field_descriptors,
+  ddp__v1__sample_range__field_indices_by_name,
+  1,  ddp__v1__sample_range__number_ranges,
+  (ProtobufCMessageInit) ddp__v1__sample_range__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
 static const ProtobufCFieldDescriptor ddp__v1__heartbeat__field_descriptors[2] =
@@ -2361,7 +2458,7 @@ const ProtobufCMessageDescriptor ddp__v1__stop__descriptor =
   (ProtobufCMessageInit) ddp__v1__stop__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCEnumValue ddp__v1__error_reply__code__enum_values_by_number[9] =
+static const ProtobufCEnumValue ddp__v1__error_reply__code__enum_values_by_number[10] =
 {
   { "CODE_UNSPECIFIED", "DDP__V1__ERROR_REPLY__CODE__CODE_UNSPECIFIED", 0 },
   { "MALFORMED", "DDP__V1__ERROR_REPLY__CODE__MALFORMED", 1 },
@@ -2372,16 +2469,18 @@ static const ProtobufCEnumValue ddp__v1__error_reply__code__enum_values_by_numbe
   { "UNAUTHORIZED", "DDP__V1__ERROR_REPLY__CODE__UNAUTHORIZED", 6 },
   { "NOT_READY", "DDP__V1__ERROR_REPLY__CODE__NOT_READY", 7 },
   { "PUSH_REFUSED", "DDP__V1__ERROR_REPLY__CODE__PUSH_REFUSED", 8 },
+  { "NOT_JOINED", "DDP__V1__ERROR_REPLY__CODE__NOT_JOINED", 9 },
 };
 static const ProtobufCIntRange ddp__v1__error_reply__code__value_ranges[] = {
-{0, 0},{0, 9}
+{0, 0},{0, 10}
 };
-static const ProtobufCEnumValueIndex ddp__v1__error_reply__code__enum_values_by_name[9] =
+static const ProtobufCEnumValueIndex ddp__v1__error_reply__code__enum_values_by_name[10] =
 {
   { "CODE_UNSPECIFIED", 0 },
   { "JOB_FULL", 5 },
   { "MALFORMED", 1 },
   { "MODEL_MISMATCH", 4 },
+  { "NOT_JOINED", 9 },
   { "NOT_READY", 7 },
   { "PUSH_REFUSED", 8 },
   { "UNAUTHORIZED", 6 },
@@ -2395,9 +2494,9 @@ const ProtobufCEnumDescriptor ddp__v1__error_reply__code__descriptor =
   "Code",
   "Ddp__V1__ErrorReply__Code",
   "ddp.v1",
-  9,
+  10,
   ddp__v1__error_reply__code__enum_values_by_number,
-  9,
+  10,
   ddp__v1__error_reply__code__enum_values_by_name,
   1,
   ddp__v1__error_reply__code__value_ranges,

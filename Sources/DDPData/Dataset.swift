@@ -94,13 +94,14 @@ public struct Dataset: Sendable {
         return subset
     }
 
-    /// A seeded random split into a training and a held-out part.
+    /// A seeded random split into a training and a held-out part (SAMPLES in proto/ddp.proto): with
+    /// `order = Permutation.of(count, seed)` and `t = max(1, round(count * testFraction))` (halves away from
+    /// zero), the held-out samples are rows `order[0..<t]` and training sample i is row `order[t + i]`.
     public func split(testFraction: Double, seed: UInt64) throws -> (train: Dataset, test: Dataset) {
         guard testFraction > 0 && testFraction < 1 else {
             throw DataError.invalidOption("test fraction \(testFraction) must be between 0 and 1")
         }
-        var generator = SeededGenerator(seed: seed)
-        let order = Array(0..<count).shuffled(using: &generator)
+        let order = Permutation.of(count: count, seed: seed)
         let testCount = max(1, Int((Double(count) * testFraction).rounded()))
         guard testCount < count else { throw DataError.invalidOption("\(count) samples are too few to split") }
         return (subset(order[testCount...], name: "train"), subset(order[..<testCount], name: "test"))

@@ -19,10 +19,23 @@ public struct EpochSampler: Sendable {
     /// Steps per epoch; the last batch of an epoch may be smaller.
     public var stepsPerEpoch: Int { (sampleCount + globalBatchSize - 1) / globalBatchSize }
 
-    /// The order of samples in `epoch`.
+    /// The order of samples in `epoch` (see `Permutation`).
     public func permutation(epoch: Int) -> [Int] {
-        var generator = SeededGenerator(seed: seed &+ 0x5DEE_CE66 &* UInt64(epoch + 1))
-        return Array(0..<sampleCount).shuffled(using: &generator)
+        Permutation.of(count: sampleCount, seed: Permutation.epochSeed(seed, epoch: epoch))
+    }
+
+    /// The positions in the epoch's permutation of global batch `step` (0-based within the epoch).
+    public func batchRange(step: Int) -> Range<Int> {
+        let start = min(step * globalBatchSize, sampleCount)
+        return start..<min(start + globalBatchSize, sampleCount)
+    }
+
+    /// Rank `rank`'s contiguous share of the positions `batch` split over `worldSize` ranks: the first
+    /// `count % worldSize` ranks take one extra sample.
+    public static func shard(_ batch: Range<Int>, rank: Int, worldSize: Int) -> Range<Int> {
+        let base = batch.count / worldSize, extra = batch.count % worldSize
+        let start = batch.lowerBound + rank * base + min(rank, extra)
+        return start..<start + shardCount(batch.count, rank: rank, worldSize: worldSize)
     }
 
     /// The samples of global batch `step` (0-based within the epoch) given that epoch's permutation.
@@ -31,21 +44,15 @@ public struct EpochSampler: Sendable {
         return permutation[start..<min(start + globalBatchSize, sampleCount)]
     }
 
-    /// The number of samples in global batch `step` (0-based within the epoch).
-    public func globalBatchCount(step: Int) -> Int { max(0, min(globalBatchSize, sampleCount - step * globalBatchSize)) }
-
     /// How many samples rank `rank`'s share of a batch of `count` split over `worldSize` ranks holds
     /// (the size of `shard`'s slice).
     public static func shardCount(_ count: Int, rank: Int, worldSize: Int) -> Int {
         count / worldSize + (rank < count % worldSize ? 1 : 0)
     }
 
-    /// Rank `rank`'s contiguous share of a batch split over `worldSize` ranks; the first
-    /// `count % worldSize` ranks take one extra sample.
+    /// Rank `rank`'s contiguous share of a batch split over `worldSize` ranks (as for positions).
     public static func shard(_ batch: ArraySlice<Int>, rank: Int, worldSize: Int) -> ArraySlice<Int> {
         precondition(worldSize > 0 && rank >= 0 && rank < worldSize, "shard: rank \(rank) of \(worldSize)")
-        let base = batch.count / worldSize, extra = batch.count % worldSize
-        let start = batch.startIndex + rank * base + min(rank, extra)
-        return batch[start..<start + shardCount(batch.count, rank: rank, worldSize: worldSize)]
-    }
+        return batch[shard(batch.indices, rank: rank, worldSize: worldSize)]
+}
 }

@@ -47,6 +47,8 @@ public final class Coordinator {
         var lastPushedStep: UInt64 = 0
         var lastStepSeconds: Double = 0
         var restarts: UInt32 = 0
+        /// Why it was declared lost or left (empty while it takes part).
+        var goneReason = ""
         /// The estimated norm of its last accepted gradient, and the steps at which it stood far above the
         /// others' (a broken or hostile worker shows here).
         var gradientNorm = 0.0
@@ -190,6 +192,8 @@ public final class Coordinator {
     var leaderSocket: ZMQSocket?
     var roster: [Int32: String] = [:]
     var leaderLastHeard = 0.0
+    /// Follower: when it last said HELLO to the leader.
+    var lastHello = 0.0
     /// Follower: an APPLY waiting for recipients that have not joined this shard yet.
     var pendingApply: (message: ShardMessage, step: Int, deadline: Double)?
     /// Follower: a SNAPSHOT that arrived while an APPLY was pending, answered after it.
@@ -392,14 +396,22 @@ public final class Coordinator {
                                            sharedMemory: rank.flatMap { members[$0]?.shared?.segment })
         } catch {
             reject("\(error)", from: rank)
-            try? reply(identity, .error(ErrorReply(code: error.replyCode, reason: "\(error)")))
+            // A peer that is no longer a member (a worker woken after it was declared lost, or whose pushes
+            // outlived a coordinator restart) is told to join again; a stranger's junk gets the same answer.
+            let member = isMember(rank) || followerOfIdentity[identity] != nil
+            let code = member || [.versionMismatch, .wrongJob].contains(error.replyCode) ? error.replyCode : .notJoined
+            try? reply(identity, .error(ErrorReply(code: code, reason: "\(error)" + (code == .notJoined ? notJoinedReason(rank) : ""))))
             return
         }
         switch message.body {
         case .join(let join): try handleJoin(join, identity: identity, connection: connection)
-        case .gradientPush(let push): handlePush(push, message: message, rank: rank)
+        case .gradientPush(let push):
+            handlePush(push, message: message, rank: rank)
+            if !isMember(rank) { try? reply(identity, .error(ErrorReply(code: .notJoined, reason: "push refused" + notJoinedReason(rank)))) }
         case .heartbeat:
-            if rank != nil { try? reply(identity, .heartbeat(Heartbeat(sentUnixMilliseconds: Self.unixMilliseconds(), state: phase.rawValue))) }
+            let answer: WireMessage.Body = isMember(rank) ? .heartbeat(Heartbeat(sentUnixMilliseconds: Self.unixMilliseconds(), state: phase.rawValue))
+                : .error(ErrorReply(code: .notJoined, reason: "heartbeat" + notJoinedReason(rank)))
+            try? reply(identity, answer)
         case .leave(let reason):
             if let rank { markGone(rank, state: "left", reason: "left the job: \(reason)") }
         case .shard(let shard):
@@ -407,6 +419,18 @@ public final class Coordinator {
         default:
             reject("unexpected \(message.body.kind) on the worker socket", from: rank)
         }
+    }
+
+    /// Whether `rank` is a worker that takes part (joining or training).
+    func isMember(_ rank: Int32?) -> Bool {
+        guard let rank, let member = members[rank] else { return false }
+        return member.isLive || member.state == "joining"
+    }
+
+    /// Why a peer is not a member, for a NOT_JOINED reply.
+    func notJoinedReason(_ rank: Int32?) -> String {
+        guard let rank, let member = members[rank] else { return ": this peer has not joined; join first" }
+        return ": rank \(rank) \(member.state == "left" ? "left" : "was declared lost") (\(member.goneReason)); join again"
     }
 
     /// Answers the pending authentication requests, each refusal counted and logged.
@@ -657,6 +681,7 @@ public final class Coordinator {
         // A live worker gone before the step completed: the step is sent again to the others, re-divided.
         if member.isLive && (phase == .training || phase == .stopping) { redoStep = true }
         member.state = state
+        member.goneReason = reason
         members[rank] = member
         contributions[rank] = nil
         partialPushes[rank] = nil
@@ -1073,17 +1098,21 @@ public final class Coordinator {
         updateTargets = (live.contains { $0.shared == nil }, live.compactMap(\.shared))
         defer { updateTargets = (true, []) }
         stepStarted = Self.now()
-        let batch = setup.sampler.globalBatchCount(step: step % stepsPerEpoch)
-        assignedSamples = Dictionary(uniqueKeysWithValues: live.enumerated().map { shard, member in
-            (member.rank, UInt64(EpochSampler.shardCount(batch, rank: shard, worldSize: live.count)))
+        // The leader assigns the samples: the step's global batch cut into contiguous shards, one per live
+        // worker in rank order (the first batch % workers take one more).
+        let batch = setup.sampler.batchRange(step: step % stepsPerEpoch)
+        let assignments: [Int32: [SampleRange]] = role != .leader ? [:] : Dictionary(uniqueKeysWithValues: live.enumerated().map { shard, member in
+            let positions = EpochSampler.shard(batch, rank: shard, worldSize: live.count)
+            return (member.rank, positions.isEmpty ? [] : [SampleRange(start: UInt64(positions.lowerBound), count: UInt64(positions.count))])
         })
+        assignedSamples = assignments.mapValues { $0.reduce(0) { $0 + $1.count } }
         var part: UInt32 = 0
         produce { indices, last in
-            for (shard, member) in live.enumerated() where members[member.rank]?.isLive == true {
+            for member in live where members[member.rank]?.isLive == true {
                 let update = ParameterUpdate(
                     learningRate: optimizer.learningRate, fullCopy: replica == nil || member.shared != nil, epoch: UInt64(step / stepsPerEpoch),
-                    worldSize: UInt32(live.count), shardIndex: Int32(shard), trainLoss: trainLoss, attempt: attempt,
-                    part: part, moreParts: !last)
+                    worldSize: UInt32(live.count), trainLoss: trainLoss, attempt: attempt,
+                    part: part, moreParts: !last, samples: assignments[member.rank] ?? [])
                 let tensors = indices.map { index in
                     let p = parameters[index]
                     guard let area = member.shared else {

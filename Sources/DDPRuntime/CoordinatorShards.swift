@@ -213,12 +213,8 @@ extension Coordinator {
     func runFollower() throws -> JobSummary {
         guard let leaderSocket, case .follower(let index, let leaderEndpoint, let advertise) = role else { preconditionFailure("runFollower: not a follower") }
         let interval = Double(spec.heartbeatIntervalMs) / 1000, timeout = Double(spec.heartbeatTimeoutMs) / 1000
-        var hello = ShardMessage(.hello)
-        hello.shard = UInt32(index)
-        hello.endpoint = advertise ?? Self.reachable(workerEndpoint)
-        func sayHello() throws { try leaderSocket.send(WireCodec.encode(WireMessage(jobID: spec.jobID, step: 0, body: .shard(hello)))) }
-        try sayHello()
-        var lastHello = Self.now(), lastBeat = Self.now()
+        try sayHello(index: index, advertise: advertise)
+        var lastBeat = Self.now()
         leaderLastHeard = Self.now()
         while !isFinished {
             let ready = try ZMQSocket.poll([workerSocket, leaderSocket, monitor.socket, authenticator.socket], timeoutMilliseconds: 50)
@@ -246,8 +242,7 @@ extension Coordinator {
             if silent > max(30, 6 * timeout) {
                 fail("the leader coordinator at \(leaderEndpoint) has been silent for \(Int(silent)) s")
             } else if silent > timeout && now - lastHello > timeout {
-                try sayHello()  // a restarted leader assigns this shard again
-                lastHello = now
+                try sayHello(index: index, advertise: advertise)  // a restarted leader assigns this shard again
             }
         }
         rejectionLog.flush(to: log)
@@ -258,6 +253,15 @@ extension Coordinator {
             state: phase.rawValue, jobID: spec.jobID, workers: spec.workers, epochs: step / stepsPerEpoch, steps: step, trainLoss: 0,
             testLoss: 0, testAccuracy: 0, wallSeconds: Self.now() - started, samplesPerSecond: 0, modelPath: "", message: message,
             rejectedMessages: rejected, lostWorkers: [], task: spec.task)
+    }
+
+    /// HELLO to the leader: this shard's index and the endpoint workers reach it at.
+    func sayHello(index: Int, advertise: String?) throws {
+        var hello = ShardMessage(.hello)
+        hello.shard = UInt32(index)
+        hello.endpoint = advertise ?? Self.reachable(workerEndpoint)
+        try leaderSocket?.send(WireCodec.encode(WireMessage(jobID: spec.jobID, step: 0, body: .shard(hello))))
+        lastHello = Self.now()
     }
 
     /// `endpoint` with a wildcard host (bound to every address) replaced by this host's name.
@@ -336,6 +340,8 @@ extension Coordinator {
         case .stop(let reason, _):
             phase = .completed
             self.message = reason
+        case .error(let error) where error.code == .notJoined:  // a restarted leader that has not assigned this shard yet
+            if case .follower(let index, _, let advertise) = role, Self.now() - lastHello > 0.25 { try sayHello(index: index, advertise: advertise) }
         case .error(let error):
             fail("the leader refused this coordinator shard: \(error.reason)")
         default:

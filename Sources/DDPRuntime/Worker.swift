@@ -92,8 +92,14 @@ public final class Worker {
     public func run() throws -> Outcome {
         try join()
         var lastHeard = Coordinator.now(), lastJoin = 0.0
+        var rejoinDue = false  // the coordinator said this worker is not a member (or to retry): join again
         while true {
-            let retrying = shardJoinRetry.contains { $0 > 0 }
+            if rejoinDue && Coordinator.now() - lastJoin > 0.25 {
+                try send(.join(joinRequest(rank: rank)))
+                lastJoin = Coordinator.now()
+                rejoinDue = false
+            }
+            let retrying = rejoinDue || shardJoinRetry.contains { $0 > 0 }
             let ready = try ZMQSocket.poll([socket] + shardSockets, timeoutMilliseconds: retrying ? 50 : Int(heartbeatInterval * 1000))
             for j in shardSockets.indices where ready.contains(j + 1) {
                 while let frames = try shardSockets[j].receive(timeoutMilliseconds: 0) { try handleShardFrames(frames, shard: j + 1) }
@@ -127,8 +133,7 @@ public final class Worker {
             case .parameterUpdate(let update):
                 let resent = update.attempt > 0 && message.tensors.isEmpty && !update.moreParts  // keeps the parameters
                 if resent {
-                    try computeAndPush(step: Int(message.step), shard: Int(update.shardIndex), worldSize: Int(update.worldSize),
-                                       attempt: update.attempt)
+                    try computeAndPush(step: Int(message.step), assignment: update)
                 } else {
                     try receiveUpdatePart(update, step: message.step, tensors: message.tensors, from: 0)
                 }
@@ -137,6 +142,11 @@ public final class Worker {
                 return .stopped(reason: reason)
             case .error(let error) where error.code == .pushRefused:
                 log.warning("the coordinator refused this worker's push: \(error.reason)", metadata: ["step": "\(message.step)"])
+            case .error(let error) where error.code == .notJoined || error.code == .notReady:
+                // Dropped (e.g. paused past the step deadline) or the coordinator restarted: join again.
+                updateInProgress = nil
+                if !rejoinDue { log.warning("joining again: \(error.reason)", metadata: ["rank": "\(rank)"]) }
+                rejoinDue = true
             case .error(let error):
                 throw WorkerError.refused(error.reason)
             case .welcome(let welcome):
@@ -340,7 +350,7 @@ public final class Worker {
         guard progress.received.count == parameters.count else {
             throw WorkerError.modelMismatch("the update for step \(step) set \(progress.received.count) of \(parameters.count) parameters")
         }
-        try computeAndPush(step: Int(step), shard: Int(header.shardIndex), worldSize: Int(header.worldSize), attempt: header.attempt)
+        try computeAndPush(step: Int(step), assignment: header)
     }
 
     /// Replaces parameters of the replica with the coordinator's, or adds the changes it sent, adding
@@ -369,16 +379,12 @@ public final class Worker {
     /// Computes the gradient of this worker's shard of `step`'s batch and pushes it: in buckets of about
     /// `bucket_kb` sent from inside the backward pass as the tape completes them (last layers first), the
     /// rest in a final part; or whole.
-    private func computeAndPush(step: Int, shard: Int, worldSize: Int, attempt: UInt32) throws {
+    private func computeAndPush(step: Int, assignment: ParameterUpdate) throws {
         let setup = setup!
         let start = Coordinator.now()
-        let stepsPerEpoch = setup.sampler.stepsPerEpoch
-        let epoch = step / stepsPerEpoch
-        if permutation?.epoch != epoch { permutation = (epoch, setup.sampler.permutation(epoch: epoch)) }
-        let batch = setup.sampler.globalBatch(step: step % stepsPerEpoch, of: permutation!.order)
-        let mine = EpochSampler.shard(batch, rank: shard, worldSize: worldSize)
+        let mine = try assignedSamples(assignment)
         setup.model.zeroGrad()
-        var header = GradientPush(sampleCount: UInt64(mine.count), localLoss: 0, attempt: attempt)
+        var header = GradientPush(sampleCount: UInt64(mine.count), localLoss: 0, attempt: assignment.attempt)
         var unsent = Set(parameters.indices)
         var nextPart = [UInt32](repeating: 0, count: plan.shards)
         // Each coordinator shard gets the tensors it owns, in its own numbered parts, and a last part.
@@ -412,6 +418,22 @@ public final class Worker {
         }
         header.computeSeconds = Coordinator.now() - start
         try pushPart(unsent.sorted(), more: false)
+    }
+
+    /// The training samples an update assigns: its ranges of positions in its epoch's permutation. A range
+    /// outside the training set is refused (a coordinator of another data set).
+    private func assignedSamples(_ update: ParameterUpdate) throws -> [Int] {
+        let sampler = setup!.sampler
+        let epoch = Int(clamping: update.epoch)
+        if permutation?.epoch != epoch { permutation = (epoch, sampler.permutation(epoch: epoch)) }
+        var samples: [Int] = []
+        for range in update.samples {
+            guard range.start <= UInt64(sampler.sampleCount), range.count <= UInt64(sampler.sampleCount) - range.start else {
+                throw WorkerError.modelMismatch("samples \(range.start)..<\(range.start &+ range.count) lie outside the \(sampler.sampleCount) training samples")
+            }
+            samples += permutation!.order[Int(range.start)..<Int(range.start + range.count)]
+        }
+        return samples
     }
 
     /// The wire tensor of parameter `index`'s gradient: written into its region of the shared segment;

@@ -141,11 +141,17 @@ public enum WireCodec {
             m.pointee.full_copy = u.fullCopy ? 1 : 0
             m.pointee.epoch = u.epoch
             m.pointee.world_size = u.worldSize
-            m.pointee.shard_index = u.shardIndex
             m.pointee.train_loss = u.trainLoss
             m.pointee.attempt = u.attempt
             m.pointee.part = u.part
             m.pointee.more_parts = u.moreParts ? 1 : 0
+            m.pointee.n_samples = u.samples.count
+            m.pointee.samples = arena.array(u.samples.map { range -> UnsafeMutablePointer<Ddp__V1__SampleRange>? in
+                let r = arena.make(Ddp__V1__SampleRange.self, ddp__v1__sample_range__init)
+                r.pointee.start = range.start
+                r.pointee.count = range.count
+                return r
+            })
             e.body_case = DDP__V1__ENVELOPE__BODY_PARAMETER_UPDATE
             e.parameter_update = m
         case .heartbeat(let h):
@@ -379,9 +385,10 @@ public enum WireCodec {
                 computeSeconds: m.compute_seconds, attempt: m.attempt, part: m.part, moreParts: m.more_parts != 0))
         case DDP__V1__ENVELOPE__BODY_PARAMETER_UPDATE:
             guard let m = e.parameter_update?.pointee else { return nil }
+            let samples = (0..<m.n_samples).compactMap { i in m.samples[i].map { SampleRange(start: $0.pointee.start, count: $0.pointee.count) } }
             return .parameterUpdate(ParameterUpdate(
                 learningRate: m.learning_rate, fullCopy: m.full_copy != 0, epoch: m.epoch, worldSize: m.world_size,
-                shardIndex: m.shard_index, trainLoss: m.train_loss, attempt: m.attempt, part: m.part, moreParts: m.more_parts != 0))
+                trainLoss: m.train_loss, attempt: m.attempt, part: m.part, moreParts: m.more_parts != 0, samples: samples))
         case DDP__V1__ENVELOPE__BODY_HEARTBEAT:
             guard let m = e.heartbeat?.pointee else { return nil }
             return .heartbeat(Heartbeat(sentUnixMilliseconds: m.sent_unix_ms, state: text(m.state)))

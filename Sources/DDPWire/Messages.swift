@@ -176,27 +176,38 @@ public struct ParameterUpdate: Equatable, Sendable {
     public var fullCopy: Bool
     public var epoch: UInt64
     public var worldSize: UInt32
-    public var shardIndex: Int32
     public var trainLoss: Float
     /// 0 normally; higher when the step is sent again after a worker was lost (then without tensors).
     public var attempt: UInt32
     /// For an update sent in parts: this part's index, and whether more parts follow.
     public var part: UInt32
     public var moreParts: Bool
+    /// The samples the receiver computes: runs of positions in epoch `epoch`'s permutation.
+    public var samples: [SampleRange]
 
     public init(
-        learningRate: Float, fullCopy: Bool, epoch: UInt64, worldSize: UInt32, shardIndex: Int32, trainLoss: Float, attempt: UInt32 = 0,
-        part: UInt32 = 0, moreParts: Bool = false
+        learningRate: Float, fullCopy: Bool, epoch: UInt64, worldSize: UInt32, trainLoss: Float, attempt: UInt32 = 0,
+        part: UInt32 = 0, moreParts: Bool = false, samples: [SampleRange] = []
     ) {
+        self.samples = samples
         self.learningRate = learningRate
         self.fullCopy = fullCopy
         self.epoch = epoch
         self.worldSize = worldSize
-        self.shardIndex = shardIndex
         self.trainLoss = trainLoss
         self.attempt = attempt
         self.part = part
         self.moreParts = moreParts
+    }
+}
+
+/// `count` consecutive positions from `start` in an epoch's permutation of the training samples.
+public struct SampleRange: Equatable, Sendable {
+    public var start: UInt64
+    public var count: UInt64
+    public init(start: UInt64, count: UInt64) {
+        self.start = start
+        self.count = count
     }
 }
 
@@ -288,6 +299,8 @@ public struct ErrorReply: Equatable, Sendable, Error {
         case unspecified = 0, malformed, versionMismatch, wrongJob, modelMismatch, jobFull, unauthorized, notReady
         /// A push was refused for this step; the worker keeps its rank and goes on with the next update.
         case pushRefused
+        /// The sender is not (or no longer) a member: it joins again.
+        case notJoined
     }
     public var code: Code
     public var reason: String

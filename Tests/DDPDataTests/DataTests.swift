@@ -82,6 +82,63 @@ struct DataTests {
         }
     }
 
+    /// The permutations and the split follow SAMPLES in proto/ddp.proto to the letter: an implementation
+    /// written from that text alone (Python, below) computes the same orders.
+    @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/python3"), "needs /usr/bin/python3"))
+    func permutationsFollowTheProtocolText() throws {
+        let script = """
+            import sys
+            M = (1 << 64) - 1
+            class SplitMix64:
+                def __init__(self, seed): self.state = seed & M
+                def next(self):
+                    self.state = (self.state + 0x9E3779B97F4A7C15) & M
+                    z = self.state
+                    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M
+                    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M
+                    return z ^ (z >> 31)
+                def uniform(self, n):
+                    while True:
+                        x = self.next(); r = x % n
+                        if x - r <= (1 << 64) - n: return r
+            def permutation(count, seed):
+                g = SplitMix64(seed); order = list(range(count))
+                for i in range(count - 1, 0, -1):
+                    j = g.uniform(i + 1); order[i], order[j] = order[j], order[i]
+                return order
+            count, seed, epoch = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+            print(" ".join(map(str, permutation(count, seed))))
+            print(" ".join(map(str, permutation(count, (seed + 0x5DEECE66 * (epoch + 1)) & M))))
+            """
+        for (count, seed, epoch) in [(10, 0, 0), (1797, 9, 3), (257, UInt64.max - 3, 41)] {
+            let result = try runPython(script, ["\(count)", "\(seed)", "\(epoch)"])
+            let lines = result.split(separator: "\n").map { $0.split(separator: " ").map { Int($0)! } }
+            #expect(lines.first == Permutation.of(count: count, seed: seed))
+            let sampler = try EpochSampler(sampleCount: count, globalBatchSize: 7, seed: seed)
+            #expect(lines.last == sampler.permutation(epoch: epoch))
+        }
+        // The split: held-out rows first in the order, then training sample i is row order[t + i].
+        let rows = try Dataset(name: "rows", featureShape: [1], features: (0..<20).map(Float.init), labels: Array(repeating: 0, count: 20), classCount: 1)
+        let (train, test) = try rows.split(testFraction: 0.25, seed: 5)
+        let order = Permutation.of(count: 20, seed: 5)
+        #expect(test.features == order.prefix(5).map(Float.init) && train.features == order.dropFirst(5).map(Float.init))
+    }
+
+    func runPython(_ script: String, _ arguments: [String]) throws -> String {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+        process.arguments = ["-c", script] + arguments
+        let output = FileManager.default.temporaryDirectory.appendingPathComponent("perm-\(UUID().uuidString)")
+        FileManager.default.createFile(atPath: output.path, contents: nil)
+        defer { try? FileManager.default.removeItem(at: output) }
+        process.standardOutput = try FileHandle(forWritingTo: output)
+        try process.run()
+        let deadline = Date().addingTimeInterval(30)
+        while process.isRunning && Date() < deadline { usleep(10_000) }
+        if process.isRunning { process.terminate() }
+        return try String(contentsOf: output, encoding: .utf8)
+    }
+
     @Test func syntheticIsSeeded() throws {
         let a = try BundledData.synthetic(samples: 50, features: 4, classes: 3, seed: 1)
         let b = try BundledData.synthetic(samples: 50, features: 4, classes: 3, seed: 1)

@@ -121,7 +121,7 @@ struct BadInputTests {
         let tensors = parameters.map { WireTensor(name: $0.name, shape: $0.tensor.shape, payload: Payload(floats: $0.tensor.scalars)) }
         let welcome = Welcome(rank: 0, worldSize: 1, jobSpecJSON: spec.json(), startStep: 0, epoch: 0)
         try router.send([.bytes(identity)] + WireCodec.encode(WireMessage(jobID: "parts-job", rank: 0, body: .welcome(welcome), tensors: tensors)))
-        let secondPart = ParameterUpdate(learningRate: 0.1, fullCopy: true, epoch: 0, worldSize: 1, shardIndex: 0, trainLoss: 0, part: 1, moreParts: true)
+        let secondPart = ParameterUpdate(learningRate: 0.1, fullCopy: true, epoch: 0, worldSize: 1, trainLoss: 0, part: 1, moreParts: true)
         try router.send([.bytes(identity)] + WireCodec.encode(WireMessage(jobID: "parts-job", step: 0, rank: 0, body: .parameterUpdate(secondPart),
                                                                           tensors: Array(tensors.prefix(1)))))
         #expect(worker.wait(timeout: 30) != 0)

@@ -96,6 +96,32 @@ struct FaultTests {
     }
 
     /// A follower shard killed mid-job fails the job at once, naming it; no process is left behind and the
+    /// A worker paused (SIGSTOP) past the step deadline is declared lost; once resumed (SIGCONT) it is told
+    /// it is no longer a member, joins again with its rank and takes part: the same process, no restart.
+    @Test(arguments: [true, false])
+    func aPausedWorkerLearnsItWasDroppedAndRejoins(sharedMemory: Bool) throws {
+        let jobs = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: jobs) }
+        try "epochs: 3000\nstep_timeout_seconds: 1\nheartbeat_interval_ms: 200\nheartbeat_timeout_ms: 1000\nshared_memory: \(sharedMemory)\n"
+            .write(toFile: jobs + "/job.yaml", atomically: true, encoding: .utf8)
+        let job = try startDetachedJob(["--config", jobs + "/job.yaml", "--max-restarts", "0"], jobsDir: jobs)
+        defer { _ = try? runCommand(Binaries.ddpctl, ["stop", "--job", job.path, "--timeout", "10"], timeout: 30) }
+        #expect(waitUntil(timeout: 60) { currentStep(job) >= 50 })
+        let paused = try #require(JobLookup.processes(of: job)["worker-1"])
+        kill(paused, SIGSTOP)
+        #expect(waitUntil(timeout: 20) { (try? job.status(timeoutSeconds: 1))?.workers.first { $0.rank == 1 }?.state == "lost" })
+        let stepWhileLost = currentStep(job)
+        #expect(waitUntil(timeout: 20) { currentStep(job) > stepWhileLost + 20 }, "the job goes on with one worker")
+        kill(paused, SIGCONT)
+        #expect(waitUntil(timeout: 20) {
+            guard let w = (try? job.status(timeoutSeconds: 1))?.workers.first(where: { $0.rank == 1 }) else { return false }
+            return w.state == "training" && w.pid == UInt32(paused) && w.restarts == 1
+        }, "the woken worker rejoins with its rank")
+        #expect(JobLookup.isAlive(paused) && JobLookup.processes(of: job)["worker-1"] == paused)
+        let log = try String(contentsOfFile: job.logPath("worker-1"), encoding: .utf8)
+        #expect(log.contains("joining again"), "\(log.suffix(2000))")
+    }
+
     /// checkpoints written so far stay.
     @Test func killedFollowerShardFailsTheJobNamingIt() throws {
         let jobs = try temporaryDirectory()

@@ -21,6 +21,7 @@ typedef struct Ddp__V1__Join Ddp__V1__Join;
 typedef struct Ddp__V1__Welcome Ddp__V1__Welcome;
 typedef struct Ddp__V1__GradientPush Ddp__V1__GradientPush;
 typedef struct Ddp__V1__ParameterUpdate Ddp__V1__ParameterUpdate;
+typedef struct Ddp__V1__SampleRange Ddp__V1__SampleRange;
 typedef struct Ddp__V1__Heartbeat Ddp__V1__Heartbeat;
 typedef struct Ddp__V1__Leave Ddp__V1__Leave;
 typedef struct Ddp__V1__StatusRequest Ddp__V1__StatusRequest;
@@ -106,7 +107,13 @@ typedef enum _Ddp__V1__ErrorReply__Code {
    * (e.g. a sample count other than the one assigned). The worker keeps its rank; its share of the step
    * counts as answered with no samples, and it goes on with the next ParameterUpdate.
    */
-  DDP__V1__ERROR_REPLY__CODE__PUSH_REFUSED = 8
+  DDP__V1__ERROR_REPLY__CODE__PUSH_REFUSED = 8,
+  /*
+   * The sender is not (or no longer) a member: it was declared lost (e.g. silent past the step deadline),
+   * or the coordinator restarted. The worker joins again (its rank and rank token) and waits for a
+   * Welcome; it sends no Join more often than every 250 ms.
+   */
+  DDP__V1__ERROR_REPLY__CODE__NOT_JOINED = 9
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(DDP__V1__ERROR_REPLY__CODE)
 } Ddp__V1__ErrorReply__Code;
 /*
@@ -384,13 +391,9 @@ struct  Ddp__V1__ParameterUpdate
    */
   uint64_t epoch;
   /*
-   * live workers; the batch of the next step is split this many ways
+   * live workers taking part in this step (information; `samples` is what counts)
    */
   uint32_t world_size;
-  /*
-   * the receiver's shard of the global batch (its position among live ranks)
-   */
-  int32_t shard_index;
   /*
    * the global mean loss of the step just completed
    */
@@ -408,10 +411,32 @@ struct  Ddp__V1__ParameterUpdate
    */
   uint32_t part;
   protobuf_c_boolean more_parts;
+  /*
+   * The samples the receiver computes this step on (see SAMPLES): positions in epoch `epoch`'s
+   * permutation of the training samples, in order. Empty: this worker has no share of the step (it pushes
+   * a gradient of zeros with sample_count 0). Repeated in every part; from a follower shard always empty
+   * (the leader's counts).
+   */
+  size_t n_samples;
+  Ddp__V1__SampleRange **samples;
 };
 #define DDP__V1__PARAMETER_UPDATE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&ddp__v1__parameter_update__descriptor) \
-    , 0, 0, 0, 0, 0, 0, 0, 0, 0 }
+    , 0, 0, 0, 0, 0, 0, 0, 0, 0,NULL }
+
+
+/*
+ * A contiguous run of `count` positions from `start` in an epoch's permutation (see SAMPLES).
+ */
+struct  Ddp__V1__SampleRange
+{
+  ProtobufCMessage base;
+  uint64_t start;
+  uint64_t count;
+};
+#define DDP__V1__SAMPLE_RANGE__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&ddp__v1__sample_range__descriptor) \
+    , 0, 0 }
 
 
 /*
@@ -728,6 +753,25 @@ Ddp__V1__ParameterUpdate *
 void   ddp__v1__parameter_update__free_unpacked
                      (Ddp__V1__ParameterUpdate *message,
                       ProtobufCAllocator *allocator);
+/* Ddp__V1__SampleRange methods */
+void   ddp__v1__sample_range__init
+                     (Ddp__V1__SampleRange         *message);
+size_t ddp__v1__sample_range__get_packed_size
+                     (const Ddp__V1__SampleRange   *message);
+size_t ddp__v1__sample_range__pack
+                     (const Ddp__V1__SampleRange   *message,
+                      uint8_t             *out);
+size_t ddp__v1__sample_range__pack_to_buffer
+                     (const Ddp__V1__SampleRange   *message,
+                      ProtobufCBuffer     *buffer);
+Ddp__V1__SampleRange *
+       ddp__v1__sample_range__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   ddp__v1__sample_range__free_unpacked
+                     (Ddp__V1__SampleRange *message,
+                      ProtobufCAllocator *allocator);
 /* Ddp__V1__Heartbeat methods */
 void   ddp__v1__heartbeat__init
                      (Ddp__V1__Heartbeat         *message);
@@ -900,6 +944,9 @@ typedef void (*Ddp__V1__GradientPush_Closure)
 typedef void (*Ddp__V1__ParameterUpdate_Closure)
                  (const Ddp__V1__ParameterUpdate *message,
                   void *closure_data);
+typedef void (*Ddp__V1__SampleRange_Closure)
+                 (const Ddp__V1__SampleRange *message,
+                  void *closure_data);
 typedef void (*Ddp__V1__Heartbeat_Closure)
                  (const Ddp__V1__Heartbeat *message,
                   void *closure_data);
@@ -937,6 +984,7 @@ extern const ProtobufCMessageDescriptor ddp__v1__join__descriptor;
 extern const ProtobufCMessageDescriptor ddp__v1__welcome__descriptor;
 extern const ProtobufCMessageDescriptor ddp__v1__gradient_push__descriptor;
 extern const ProtobufCMessageDescriptor ddp__v1__parameter_update__descriptor;
+extern const ProtobufCMessageDescriptor ddp__v1__sample_range__descriptor;
 extern const ProtobufCMessageDescriptor ddp__v1__heartbeat__descriptor;
 extern const ProtobufCMessageDescriptor ddp__v1__leave__descriptor;
 extern const ProtobufCMessageDescriptor ddp__v1__status_request__descriptor;

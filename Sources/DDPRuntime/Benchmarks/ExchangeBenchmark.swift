@@ -72,7 +72,7 @@ public struct ExchangeBenchmark {
                     let tensor = WireTensor(name: "x", shape: [elements], dtype: shared == nil ? dtype : .f32, payload: shared ?? update)
                     try router.send([.bytes(identity)] + WireCodec.encode(WireMessage(
                         jobID: "", step: UInt64(round + 3), body: .parameterUpdate(ParameterUpdate(
-                            learningRate: 0, fullCopy: dtype == .f32 || shared != nil, epoch: 0, worldSize: UInt32(workers), shardIndex: 0, trainLoss: 0)),
+                            learningRate: 0, fullCopy: dtype == .f32 || shared != nil, epoch: 0, worldSize: UInt32(workers), trainLoss: 0)),
                         tensors: [tensor])))
                 }
                 var received: [[UInt8]: WireTensor] = [:]
