@@ -24,9 +24,10 @@ public final class ControlClient {
         try request(.statusRequest(detail: true), timeoutSeconds: timeoutSeconds)
     }
 
-    /// Asks the coordinator to end the job (gracefully: it finishes the current step first).
-    public func stop(reason: String, timeoutSeconds: Double = 2) throws -> StatusReply {
-        try request(.stop(reason: reason, graceful: true), timeoutSeconds: timeoutSeconds)
+    /// Asks the coordinator to end the job: `graceful`, after finishing the current step; otherwise at
+    /// once, the step in progress dropped.
+    public func stop(reason: String, graceful: Bool = true, timeoutSeconds: Double = 2) throws -> StatusReply {
+        try request(.stop(reason: reason, graceful: graceful), timeoutSeconds: timeoutSeconds)
     }
 
     private func request(_ body: WireMessage.Body, timeoutSeconds: Double) throws -> StatusReply {
@@ -45,7 +46,7 @@ public final class ControlClient {
             switch reply.body {
             case .statusReply(let status): return status
             case .error(let error): throw ControlError.refused(error.reason)
-            default: continue
+            case .heartbeat, .join, .welcome, .gradientPush, .parameterUpdate, .leave, .statusRequest, .stop, .shard: continue
             }
         }
     }

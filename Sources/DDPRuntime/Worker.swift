@@ -11,7 +11,22 @@ public final class Worker {
     public enum Outcome: Equatable, Sendable {
         /// The coordinator ended the job (normally or not) and said why.
         case stopped(reason: String)
+        /// This worker left on its own (`requestLeave`), after telling the coordinator.
+        case left(reason: String)
     }
+
+    /// A leave asked for from another thread (a signal handler), taken up by the loop.
+    private final class LeaveRequest: @unchecked Sendable {
+        private let lock = NSLock()
+        private var reason: String?
+        func set(_ why: String) { lock.withLock { reason = reason ?? why } }
+        var value: String? { lock.withLock { reason } }
+    }
+    private let leaveRequest = LeaveRequest()
+
+    /// Asks the worker to leave the job (safe from any thread): at the next chance, between steps, it
+    /// sends `Leave` with `reason`, so that its share is re-divided at once, and `run` returns.
+    public func requestLeave(_ reason: String) { leaveRequest.set(reason) }
 
     private let endpoint: String
     private var setup: TrainingSetup?
@@ -94,6 +109,12 @@ public final class Worker {
         var lastHeard = Coordinator.now(), lastJoin = 0.0
         var rejoinDue = false  // the coordinator said this worker is not a member (or to retry): join again
         while true {
+            if let reason = leaveRequest.value {
+                log.info("leaving the job: \(reason)", metadata: ["rank": "\(rank)"])
+                try? send(.leave(reason: reason))
+                for j in shardSockets.indices { try? send(.leave(reason: reason), to: j + 1) }
+                return .left(reason: reason)
+            }
             if rejoinDue && Coordinator.now() - lastJoin > 0.25 {
                 try send(.join(joinRequest(rank: rank)))
                 lastJoin = Coordinator.now()
@@ -153,7 +174,7 @@ public final class Worker {
                 try accept(welcome, message: message)
             case .heartbeat:
                 break
-            default:
+            case .join, .gradientPush, .leave, .statusRequest, .statusReply, .shard:
                 log.warning("unexpected \(message.body.kind) from the coordinator")
             }
         }
@@ -178,7 +199,8 @@ public final class Worker {
             shardWelcomed[shard - 1] = true
             shardSharing[shard - 1] = welcome.sharedMemory && sharedSegment != nil
             log.info("joined coordinator shard", metadata: ["shard": "\(shard)", "tensors_via": "\(shardSharing[shard - 1] ? "shared memory" : "frames")"])
-        case .error(let error) where error.code == .notReady:
+        case .error(let error) where error.code == .notReady || error.code == .notJoined:
+            shardWelcomed[shard - 1] = false
             shardJoinRetry[shard - 1] = Coordinator.now() + 0.1
         case .error(let error) where error.code == .pushRefused:
             log.warning("coordinator shard \(shard) refused this worker's push: \(error.reason)", metadata: ["step": "\(message.step)"])
@@ -186,8 +208,10 @@ public final class Worker {
             throw WorkerError.refused("coordinator shard \(shard): \(error.reason)")
         case .parameterUpdate(let update):
             try receiveUpdatePart(update, step: message.step, tensors: message.tensors, from: shard)
-        default:
-            break
+        case .stop, .heartbeat:
+            break  // the leader's Stop ends the job
+        case .join, .gradientPush, .leave, .statusRequest, .statusReply, .shard:
+            log.warning("unexpected \(message.body.kind) from coordinator shard \(shard)")
         }
     }
 
@@ -265,14 +289,16 @@ public final class Worker {
             case .welcome(let welcome):
                 try accept(welcome, message: message)
                 return
-            case .error(let error) where error.code == .notReady:
+            case .error(let error) where error.code == .notReady || error.code == .notJoined:
                 log.info("the coordinator asks to retry: \(error.reason)")
                 usleep(250_000)
                 try send(.join(joinRequest(rank: requestedRank)))
             case .error(let error):
                 throw WorkerError.refused(error.reason)
-            default:
-                continue
+            case .heartbeat, .parameterUpdate, .stop:
+                continue  // before its Welcome a worker takes no part
+            case .join, .gradientPush, .leave, .statusRequest, .statusReply, .shard:
+                log.warning("unexpected \(message.body.kind) from the coordinator while joining")
             }
         }
         throw WorkerError.joinTimedOut(endpoint: endpoint, seconds: joinTimeout)

@@ -35,7 +35,8 @@ public enum WireError: Error, Equatable, CustomStringConvertible {
         switch self {
         case .versionMismatch: .versionMismatch
         case .wrongJob: .wrongJob
-        default: .malformed
+        case .emptyMessage, .malformedEnvelope, .missingBody, .frameCountMismatch, .badDescriptor, .byteLengthMismatch, .tooLarge,
+             .nonFinite: .malformed
         }
     }
 }
@@ -268,7 +269,7 @@ public enum WireCodec {
             let anonymousAllowed: Bool
             switch body {
             case .join, .statusRequest, .stop, .heartbeat: anonymousAllowed = jobID.isEmpty
-            default: anonymousAllowed = false
+            case .welcome, .gradientPush, .parameterUpdate, .leave, .statusReply, .error, .shard: anonymousAllowed = false
             }
             if !anonymousAllowed { throw .wrongJob(expected: expectedJobID, got: jobID) }
         }

@@ -133,9 +133,13 @@ struct Watch: ParsableCommand {
 struct Stop: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Stop a job: finish the current step, write a checkpoint, end the workers; kill after a deadline.",
-        discussion: "Example: ddpctl stop --job job-20261127-063000-4f2a --timeout 30")
+        discussion: """
+            With --now the step in progress is dropped instead of finished (the checkpoint is of the last step
+            completed; resuming computes the dropped step again). Example: ddpctl stop --job job-20261127-063000-4f2a --timeout 30
+            """)
     @OptionGroup var selection: JobSelection
     @Option(help: "Seconds to wait for a graceful stop before killing the job's processes.") var timeout = 30.0
+    @Flag(help: "Stop at once: drop the step in progress instead of finishing it.") var now = false
 
     func run() throws {
         let directory = try selection.directory()
@@ -147,7 +151,7 @@ struct Stop: ParsableCommand {
         var graceful = false
         if let endpoints = directory.endpoints(), JobLookup.isAlive(endpoints.pid) {
             let spec = try JobSpec.fromJSON(try String(contentsOfFile: directory.specPath, encoding: .utf8))
-            if let reply = try? ControlClient(endpoint: endpoints.control, jobID: spec.jobID, keys: try spec.keys()).stop(reason: "ddpctl stop") {
+            if let reply = try? ControlClient(endpoint: endpoints.control, jobID: spec.jobID, keys: try spec.keys()).stop(reason: "ddpctl stop", graceful: !now) {
                 print("asked the coordinator to stop at step \(reply.step)")
                 let deadline = Date().addingTimeInterval(timeout)
                 while JobLookup.isAlive(endpoints.pid) && Date() < deadline { usleep(50_000) }

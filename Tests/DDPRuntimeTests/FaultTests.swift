@@ -96,6 +96,25 @@ struct FaultTests {
     }
 
     /// A follower shard killed mid-job fails the job at once, naming it; no process is left behind and the
+    /// A worker sent SIGTERM leaves cleanly: it says Leave, its rank is `left` at once (no deadline
+    /// waited out) and the job goes on with the others.
+    @Test func aTerminatedWorkerLeavesAndTheJobGoesOn() throws {
+        let jobs = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: jobs) }
+        let job = try startDetachedJob(["--workers", "3", "--epochs", "3000", "--max-restarts", "0"], jobsDir: jobs)
+        defer { _ = try? runCommand(Binaries.ddpctl, ["stop", "--job", job.path, "--timeout", "10"], timeout: 30) }
+        #expect(waitUntil(timeout: 60) { currentStep(job) >= 50 })
+        let worker = try #require(JobLookup.processes(of: job)["worker-2"])
+        kill(worker, SIGTERM)
+        let sent = Date()
+        #expect(waitUntil(timeout: 10) { (try? job.status(timeoutSeconds: 1))?.workers.first { $0.rank == 2 }?.state == "left" })
+        #expect(Date().timeIntervalSince(sent) < 3, "left at once, not after a deadline")
+        let step = currentStep(job)
+        #expect(waitUntil(timeout: 20) { currentStep(job) > step + 20 })
+        let log = try String(contentsOfFile: job.logPath("coordinator"), encoding: .utf8)
+        #expect(log.contains("worker left") && log.contains("SIGTERM received"))
+    }
+
     /// A worker paused (SIGSTOP) past the step deadline is declared lost; once resumed (SIGCONT) it is told
     /// it is no longer a member, joins again with its rank and takes part: the same process, no restart.
     @Test(arguments: [true, false])

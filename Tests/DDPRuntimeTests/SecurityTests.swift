@@ -284,37 +284,6 @@ struct SecurityTests {
         #expect(residentMB() - before < 8, "RSS grew from \(before) to \(residentMB()) MB")
     }
 
-    /// A contribution whose gradient norm stands far above the others' is counted against its worker and
-    /// shown in status (in-process: the coordinator's rule on three contributions).
-    @Test func anOutlyingGradientIsNamedInStatus() throws {
-        let dir = try temporaryDirectory()
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        let spec = try JobSpec.load(path: nil, overrides: ["workers": 3, "job_id": "norms"])
-        let coordinator = try Coordinator(spec: spec, workerEndpoint: "ipc://\(dir)/w.sock", controlEndpoint: "ipc://\(dir)/c.sock",
-                                          directory: nil, logger: Logger(label: "test") { _ in LogLines() })
-        for rank in Int32(0)..<3 {
-            coordinator.members[rank] = Coordinator.Member(rank: rank, identity: [UInt8(rank)], workerID: "w\(rank)", host: "h", pid: 1,
-                                                           state: "training", lastSeen: Coordinator.now())
-        }
-        func contribution(_ rank: Int32, scale: Float) -> Coordinator.Contribution {
-            let gradients = coordinator.parameters.map { p in
-                Optional(Payload(floats: (0..<p.tensor.count).map { Float($0 % 7) * scale - 3 * scale }))
-            }
-            return Coordinator.Contribution(rank: rank, sampleCount: 42, loss: 0, correct: 0, gradients: gradients)
-        }
-        for _ in 0..<3 {
-            coordinator.recordGradientNorms([contribution(0, scale: 0.01), contribution(1, scale: 0.012), contribution(2, scale: 5)])
-        }
-        let workers = coordinator.status().workers
-        #expect(workers.map(\.outlierSteps) == [0, 0, 3])
-        #expect(workers[2].gradientNorm > 100 * workers[0].gradientNorm && workers[0].gradientNorm > 0)
-        // The estimate is the norm to within a few percent.
-        let exact = coordinator.parameters.reduce(0.0) { sum, p in
-            sum + (0..<p.tensor.count).reduce(0.0) { let v = Double(Float($1 % 7) * 0.01 - 0.03); return $0 + v * v }
-        }.squareRoot()
-        #expect(abs(workers[0].gradientNorm - exact) / exact < 0.05, "\(workers[0].gradientNorm) vs \(exact)")
-    }
-
     /// The rate limit: the first `burst` of a window one line each, the rest summed up in one line.
     @Test func rejectionLogSumsUpWhatItDoesNotLog() {
         let lines = LogLines()

@@ -475,6 +475,9 @@ struct  Ddp__V1__Leave
 struct  Ddp__V1__StatusRequest
 {
   ProtobufCMessage base;
+  /*
+   * false: the reply leaves out `workers` and `recent_losses` (a cheap poll)
+   */
   protobuf_c_boolean detail;
 };
 #define DDP__V1__STATUS_REQUEST__INIT \
@@ -613,6 +616,10 @@ struct  Ddp__V1__ShardMessage
 /*
  * Ends the receiver's part in the job. From a control client: stop the job (graceful: finish the step
  * and checkpoint first). From the coordinator to a worker: exit now.
+ * control -> coordinator: end the job. graceful = true: finish the step in progress, checkpoint, stop;
+ * false: stop at once, the step in progress dropped (the checkpoint is of the last completed step).
+ * coordinator -> worker: the job is over, exit. graceful = true when it completed or was stopped by
+ * request, false when it failed.
  */
 struct  Ddp__V1__Stop
 {

@@ -1,0 +1,674 @@
+import Autodiff
+import DDPData
+import DDPWire
+import Foundation
+import Logging
+
+/// The coordinator of a job (with coordinator shards, shard 0, the leader): admits workers, assigns
+/// each step's samples, collects every live worker's gradient, averages them by sample count in rank
+/// order, steps the optimizer, sends the update, evaluates after each epoch, answers control requests,
+/// drives the follower shards, and ends the job with a model and a summary.
+///
+/// One thread: `run` polls the transport and hands each event to one handler; every wait has a deadline
+/// whose expiry names who was waited for.
+final class Leader: ShardServer {
+    let spec: JobSpec
+    let setup: TrainingSetup
+    let log: Logger
+    let transport: any CoordinatorTransport
+    let shard: ShardState
+    var membership: Membership
+    var round = StepRound()
+    var recorder: Recorder
+    var phase = Phase.waiting
+    var message = ""
+    let now: () -> Double
+    let schedule: LearningRateSchedule
+    let directory: JobDirectory?
+    var stopRequested = false
+    let started: Double
+    var trainingStarted = 0.0
+    var firstJoin = 0.0
+    var belowMinimumSince = 0.0
+    /// Events that arrived while the leader waited for its followers, for the main loop.
+    var deferred: [TransportEvent] = []
+
+    /// A follower shard as the leader knows it.
+    struct Follower {
+        var peer: PeerID
+        var endpoint: String
+        var lastSeen: Double
+    }
+    /// The followers by shard index, their peers, and their RECEIVED reports for the current step and
+    /// attempt (rank -> why refused, "" when accepted).
+    var followers: [Int: Follower] = [:]
+    var followerOfPeer: [PeerID: Int] = [:]
+    var followerReports: [Int: [Int32: String]] = [:]
+    /// A follower was lost (the job has failed; nothing more is asked of them).
+    var followersLost = false
+
+    var stepsPerEpoch: Int { setup.sampler.stepsPerEpoch }
+
+    /// A leader for `spec` on `transport`; with `resume`, the newest checkpoint in `directory` supplies
+    /// parameters, optimizer state, step, history and rank tokens.
+    init(spec: JobSpec, setup: TrainingSetup, transport: any CoordinatorTransport, directory: JobDirectory?, resume: Bool,
+         logger: Logger, clock: @escaping () -> Double = Coordinator.now) throws {
+        self.spec = spec
+        self.setup = setup
+        self.transport = transport
+        self.directory = directory
+        log = logger
+        now = clock
+        started = clock()
+        schedule = setup.schedule
+        shard = ShardState(parameters: setup.model.parameters, optimizer: try setup.makeOptimizer(), shards: spec.coordinatorShards, shard: 0,
+                           wireType: DType(rawValue: spec.wireDtype) ?? .f32)
+        membership = Membership(workers: spec.workers)
+        recorder = Recorder(directory: directory, log: logger)
+        try directory?.write(Endpoints(workers: transport.workerEndpoint, control: transport.controlEndpoint, pid: getpid()),
+                             to: directory!.endpointsPath)
+        if resume, let directory, let checkpoint = try Checkpoint.latest(in: directory) {
+            try shard.restore(checkpoint)
+            round.step = checkpoint.step
+            recorder.history = checkpoint.history()
+            recorder.metrics.steps = checkpoint.step
+            membership.rankTokens = checkpoint.rankTokens
+            membership.reservedUntil = clock() + 3 * Double(spec.heartbeatTimeoutMs) / 1000
+            log.info("resumed from checkpoint", metadata: ["path": "\(checkpoint.path)", "step": "\(checkpoint.step)"])
+        }
+    }
+
+    /// Runs the job to its end and returns the summary (also written to the job directory).
+    func run() throws -> JobSummary {
+        while !phase.isFinished {
+            let events = deferred + (try transport.poll(timeoutMilliseconds: 50))
+            deferred = []
+            try process(events)
+            try tick()
+        }
+        return try finish()
+    }
+
+    /// Hands each event to its handler.
+    func process(_ events: [TransportEvent]) throws {
+        for event in events {
+            switch event {
+            case .fromPeer(let peer, let frames): try handlePeer(peer, frames)
+            case .control(let peer, let frames): handleControl(peer, frames)
+            case .disconnected(let peers): peersGone(peers)
+            case .refused(let address, let reason):
+                reject("refused a connection from \(address.isEmpty ? "an unknown address" : address): \(reason)", from: nil)
+            case .fromLeader: reject("a message from a leader reached the leader", from: nil)
+            }
+        }
+    }
+
+    /// What time alone decides: starting, deadlines, resending and completing the step.
+    func tick() throws {
+        let now = now()
+        recorder.tick(now: now)
+        switch phase {
+        case .waiting where followers.count < spec.coordinatorShards - 1:
+            if now > started + spec.joinTimeoutSeconds {
+                fail("only \(followers.count) of \(spec.coordinatorShards - 1) coordinator shards said hello within \(spec.joinTimeoutSeconds) s")
+            }
+        case .waiting:
+            let present = membership.liveCount + membership.joiningCount
+            if present >= spec.workers || (present >= spec.minWorkers && firstJoin > 0 && now - firstJoin > joinGrace) {
+                startTraining()
+            } else if now > started + spec.joinTimeoutSeconds {
+                fail("only \(present) of \(spec.workers) workers joined within \(spec.joinTimeoutSeconds) s")
+            } else if stopRequested {
+                phase = .stopped
+                message = "stopped before training started"
+            }
+        case .training, .stopping:
+            checkLiveness(now: now)
+            if round.mustRedo && !phase.isFinished { resendStep() }
+            if !phase.isFinished { try completeStepIfReady() }
+        case .completed, .stopped, .failed:
+            break
+        }
+    }
+
+    /// How long after the first join the job waits for the rest before starting with `min_workers`.
+    var joinGrace: Double { min(spec.joinTimeoutSeconds, 2 * Double(spec.heartbeatTimeoutMs) / 1000) }
+
+    // MARK: Workers and followers
+
+    func handlePeer(_ peer: PeerID, _ frames: [Payload]) throws {
+        let follower = followerOfPeer[peer]
+        if let follower { followers[follower]?.lastSeen = now() }
+        let rank = membership.rank(of: peer)
+        guard let message = decode(frames, from: peer, isKnownPeer: membership.isMember(rank) || follower != nil) else { return }
+        switch message.body {
+        case .join(let join):
+            try handleJoin(join, from: peer)
+        case .gradientPush(let push):
+            intake(push, message: message, rank: rank)
+            if !membership.isMember(rank) {
+                try? send(.error(ErrorReply(code: .notJoined, reason: "push refused" + notJoinedReason(rank))), to: peer)
+            }
+        case .heartbeat:
+            guard follower == nil else { break }
+            let answer: WireMessage.Body = membership.isMember(rank)
+                ? .heartbeat(Heartbeat(sentUnixMilliseconds: Coordinator.unixMilliseconds(), state: phase.rawValue))
+                : .error(ErrorReply(code: .notJoined, reason: "heartbeat" + notJoinedReason(rank)))
+            try? send(answer, to: peer)
+        case .leave(let reason):
+            if let rank, membership.isMember(rank) { markGone(rank, as: .left, reason: "left the job: \(reason)") }
+        case .shard(let command):
+            try handleFollowerMessage(command, message: message, peer: peer)
+        case .welcome, .parameterUpdate, .statusRequest, .statusReply, .stop, .error:
+            reject("unexpected \(message.body.kind) on the worker socket", from: rank)
+        }
+    }
+
+    /// Dropped connections: a worker is declared lost at once (a killed process closes its sockets); a
+    /// follower's fails the job.
+    func peersGone(_ peers: [PeerID]) {
+        for peer in peers {
+            if let index = followerOfPeer[peer], let follower = followers[index] {
+                followersLost = true
+                fail("coordinator shard \(index) (\(follower.endpoint)) lost its connection")
+            }
+            if let rank = membership.rank(of: peer), membership.isMember(rank) { markGone(rank, as: .lost, reason: "its connection dropped") }
+        }
+    }
+
+    func handleJoin(_ join: Join, from peer: PeerID) throws {
+        guard followers.count == spec.coordinatorShards - 1 else {
+            try? send(.error(ErrorReply(code: .notReady, reason: "the coordinator shards are still starting; retry")), to: peer)
+            return
+        }
+        let fingerprint = setup.modelFingerprint
+        if !join.modelFingerprint.isEmpty && join.modelFingerprint != fingerprint {
+            let reason = "model fingerprint \(join.modelFingerprint) of worker \(join.workerID) on \(join.host) differs from the job's \(fingerprint)"
+            reject(reason, from: nil)
+            try? send(.error(ErrorReply(code: .modelMismatch, reason: reason)), to: peer)
+            return
+        }
+        if let existing = membership.rank(of: peer), membership[existing]?.state != .lost {
+            log.info("duplicate join ignored", metadata: ["rank": "\(existing)"])
+            return
+        }
+        let ending = phase.isFinished || phase == .stopping
+        guard !ending, let rank = membership.freeRank(requested: join.requestedRank, token: join.rankToken, now: now()) else {
+            let reserved = now() < membership.reservedUntil
+            // A restarted worker asking for its old rank may arrive before its predecessor is declared
+            // lost, and after a coordinator restart ranks are kept a while for their holders: it is told to
+            // retry, not refused.
+            let retry = !ending && (reserved || (join.requestedRank >= 0 && join.requestedRank < spec.workers))
+            let reason = ending ? "the job is ending"
+                : reserved ? "the free ranks are kept for their holders for \(Int(membership.reservedUntil - now()) + 1) s after a coordinator restart; retry"
+                : retry ? "rank \(join.requestedRank) is still held by a live worker; retry" : "all \(spec.workers) ranks are taken"
+            reject("join of \(join.workerID) refused: \(reason)", from: nil)
+            try? send(.error(ErrorReply(code: retry ? .notReady : .jobFull, reason: reason)), to: peer)
+            return
+        }
+        let shared = spec.sharedMemory ? join.sharedMemory.flatMap { shard.mapSharedMemory($0, log: log) } : nil
+        let member = membership.admit(join, from: peer, rank: rank, shared: shared, now: now())
+        transport.joined(peer)
+        if firstJoin == 0 { firstJoin = now() }
+        sendRoster()
+        // A worker joining a running sharded job gets the followers' current values too.
+        if phase != .waiting && !followers.isEmpty && !refreshFromFollowers(withState: false) { return }
+        log.info("worker joined", metadata: ["rank": "\(rank)", "host": "\(join.host)", "pid": "\(join.pid)", "restarts": "\(member.restarts)"])
+        var welcome = Welcome(
+            rank: rank, worldSize: UInt32(spec.workers), jobSpecJSON: spec.json(), startStep: UInt64(round.step),
+            epoch: UInt64(round.step / stepsPerEpoch), heartbeatIntervalMilliseconds: UInt64(spec.heartbeatIntervalMs),
+            heartbeatTimeoutMilliseconds: UInt64(spec.heartbeatTimeoutMs), sharedMemory: shared != nil)
+        welcome.shardEndpoints = followers.keys.sorted().map { followers[$0]!.endpoint }
+        welcome.rankToken = membership.rankTokens[rank] ?? []
+        do {
+            try send(.welcome(welcome), to: peer, step: UInt64(round.step), rank: rank, tensors: shard.parameterTensors())
+        } catch {
+            markGone(rank, as: .lost, reason: "could not be welcomed: \(error)")
+        }
+    }
+
+    func pushAnswered(_ rank: Int32, refused: String) {}
+
+    func memberGone(_ member: Member, as state: WorkerState, reason: String) {
+        // A live worker gone before the step completed: the step is sent again to the others, re-divided.
+        if member.isLive && (phase == .training || phase == .stopping) { round.mustRedo = true }
+        sendRoster()
+    }
+
+    // MARK: Control
+
+    func handleControl(_ peer: PeerID, _ frames: [Payload]) {
+        func answer(_ body: WireMessage.Body, tensors: [WireTensor] = []) {
+            transport.answerControl(WireCodec.encode(WireMessage(jobID: spec.jobID, step: UInt64(round.step), body: body, tensors: tensors)), to: peer)
+        }
+        let request: WireMessage
+        do {
+            request = try WireCodec.decode(frames, expectedJobID: spec.jobID)
+        } catch {
+            reject("control message: \(error)", from: nil)
+            answer(.error(ErrorReply(code: error.replyCode, reason: "\(error)")))
+            return
+        }
+        switch request.body {
+        case .statusRequest(let detail):
+            answer(.statusReply(status(detail: detail)))
+        case .heartbeat(let beat):  // an echo, for round-trip and bandwidth checks (ddpctl doctor)
+            answer(.heartbeat(Heartbeat(sentUnixMilliseconds: beat.sentUnixMilliseconds, state: phase.rawValue)),
+                   tensors: request.tensors.filter { $0.payload.byteCount <= ZeroMQTransport.largestEcho })
+        case .stop(let reason, let graceful):
+            log.info("stop requested: \(reason)", metadata: ["graceful": "\(graceful)"])
+            stopRequested = true
+            if graceful {
+                if phase == .training { phase = .stopping }
+            } else if !phase.isFinished {  // at once: the step in progress is dropped (a resume computes it again)
+                phase = .stopped
+                message = "stopped at once by request at step \(round.step) (the step in progress was dropped)"
+            }
+            answer(.statusReply(status(detail: true)))
+        case .join, .welcome, .gradientPush, .parameterUpdate, .leave, .statusReply, .error, .shard:
+            answer(.error(ErrorReply(code: .malformed, reason: "unexpected \(request.body.kind) on the control socket")))
+        }
+    }
+
+    /// The job's state as a status reply; without `detail`, without the workers and recent losses.
+    func status(detail: Bool = true) -> StatusReply {
+        let now = now()
+        let computeTimes = membership.live.map(\.lastStepSeconds).sorted()
+        let median = computeTimes.isEmpty ? 0 : computeTimes[computeTimes.count / 2]
+        let workers = detail ? membership.byRank.map { m in
+            // Lagging: clearly slower than the typical live worker in its last step.
+            WorkerStatus(rank: m.rank, host: m.host, pid: m.pid, state: m.state.rawValue, step: m.lastPushedStep,
+                         lastSeenMillisecondsAgo: UInt64(max(0, now - m.lastSeen) * 1000), lastStepSeconds: m.lastStepSeconds,
+                         lagging: m.isLive && m.lastStepSeconds > 2 * median && m.lastStepSeconds - median > 0.005, restarts: m.restarts,
+                         gradientNorm: m.gradientNorm, outlierSteps: m.outlierSteps)
+        } : []
+        let last = recorder.history.last
+        let elapsed = trainingStarted > 0 ? now - trainingStarted : 0
+        var reply = StatusReply(
+            jobState: phase.rawValue, step: UInt64(round.step), totalSteps: UInt64(setup.totalSteps),
+            epoch: UInt64(round.step / stepsPerEpoch), totalEpochs: UInt64(spec.epochs), elapsedSeconds: now - started,
+            trainLoss: recorder.recentLosses.last ?? 0, testLoss: last?.testLoss ?? 0, testAccuracy: last?.testAccuracy ?? 0,
+            samplesPerSecond: elapsed > 0 ? Double(recorder.samplesTrained) / elapsed : 0, workers: workers,
+            rejectedMessages: recorder.rejected, recentLosses: detail ? Array(recorder.recentLosses.suffix(64)) : [], message: message)
+        reply.coordinatorShards = followers.keys.sorted().map { followers[$0]!.endpoint }
+        return reply
+    }
+
+    // MARK: Steps
+
+    func startTraining() {
+        phase = .training
+        trainingStarted = now()
+        log.info("training started", metadata: ["workers": "\(membership.liveCount + membership.joiningCount)", "steps": "\(setup.totalSteps)",
+                                                 "steps_per_epoch": "\(stepsPerEpoch)"])
+        var apply = ShardMessage(.apply)  // the followers send their tensors' current values
+        apply.ranks = membership.takingPart
+        sendToFollowers(apply)
+        broadcastUpdate(trainLoss: 0) { send in shard.stepAndEncode(applyOptimizer: false, bucketKB: spec.bucketKB, emit: send) }
+    }
+
+    var stepTimeout: Double { recorder.stepTimeout(configured: spec.stepTimeoutSeconds) }
+
+    func checkLiveness(now: Double) {
+        let heartbeatTimeout = Double(spec.heartbeatTimeoutMs) / 1000
+        for (index, follower) in followers where now - follower.lastSeen > 2 * heartbeatTimeout {
+            followersLost = true
+            fail("coordinator shard \(index) (\(follower.endpoint)) has been silent for \(Int(now - follower.lastSeen)) s")
+            return
+        }
+        let overdue = membership.overdue(now: now, step: round.step, stepStarted: round.started, stepTimeout: stepTimeout, heartbeatTimeout: heartbeatTimeout) {
+            !self.round.hasAnswered($0) || !self.everyFollowerAnswered($0)
+        }
+        for (rank, reason) in overdue { markGone(rank, as: .lost, reason: reason) }
+        // Below min_workers the job waits a grace period for restarted workers to rejoin, then fails.
+        let present = membership.liveCount + membership.joiningCount
+        if present < spec.minWorkers && phase != .failed {
+            if belowMinimumSince == 0 {
+                belowMinimumSince = now
+                log.warning("\(membership.liveCount) live workers, below min_workers \(spec.minWorkers); waiting \(Int(joinGrace)) s for workers to rejoin")
+            } else if now - belowMinimumSince > joinGrace {
+                let lost = membership.byRank.filter { $0.state == .lost }.map { "rank \($0.rank) (\($0.host), pid \($0.pid))" }
+                fail("\(membership.liveCount) live workers, below min_workers \(spec.minWorkers) for \(Int(joinGrace)) s; lost: \(lost.joined(separator: ", "))")
+            }
+        } else {
+            belowMinimumSince = 0
+        }
+        // With no live worker left, workers that (re)joined take up the interrupted step at once.
+        if membership.liveCount == 0 && membership.joiningCount >= spec.minWorkers { round.mustRedo = true }
+    }
+
+    /// Completes the step once every live worker's push is in (and every follower reported it): averages
+    /// (again without non-finite contributions where needed), steps, sends the next update, and records.
+    func completeStepIfReady() throws {
+        let live = membership.live.map(\.rank)
+        guard !live.isEmpty, live.allSatisfy({ round.hasAnswered($0) && everyFollowerAnswered($0) }) else { return }
+        refuseWhatFollowersRefused(live)
+        guard let used = averageContributions(round.contributions(of: live)) else { return }  // a follower failed
+        let samples = used.reduce(0) { $0 + Int($1.sampleCount) }
+        var loss: Float = 0, correct = 0
+        if samples > 0 {
+            recordGradientNorms(used)
+            if spec.clipNorm > 0 { clipGradientNorm(shard.parameters, maxNorm: spec.clipNorm) }
+            shard.optimizer.learningRate = schedule.rate(base: spec.learningRate, at: round.step)
+            for c in used { loss += c.loss * Float(c.sampleCount) / Float(samples); correct += Int(c.correct) }
+        } else {
+            log.warning("step \(round.step) had no usable gradient; parameters unchanged")
+        }
+        let seconds = now() - round.started
+        recorder.recordStep(round.step, seconds: seconds, loss: loss, samples: samples, correct: correct,
+                            workerSeconds: used.isEmpty ? [] : membership.live.map { ($0.rank, $0.lastStepSeconds) },
+                            liveWorkers: membership.liveCount, jobID: spec.jobID, now: now())
+        followerReports.removeAll(keepingCapacity: true)
+        round.begin(step: round.step + 1, attempt: 0)
+        let step = round.step
+        let more = step < setup.totalSteps && !stopRequested
+        var apply = ShardMessage(.apply)
+        apply.learningRate = shard.optimizer.learningRate
+        apply.applyOptimizer = samples > 0
+        apply.ranks = more ? membership.takingPart : []
+        sendToFollowers(apply)
+        // The update leaves bucket by bucket as it is computed; evaluation and checkpoints come after it.
+        if more {
+            broadcastUpdate(trainLoss: loss) { send in shard.stepAndEncode(applyOptimizer: samples > 0, bucketKB: spec.bucketKB, emit: send) }
+        } else {
+            shard.stepAndEncode(applyOptimizer: samples > 0, bucketKB: spec.bucketKB) { _, _ in }
+        }
+        if step % stepsPerEpoch == 0 { endEpoch() }
+        let checkpointDue = spec.checkpointEvery > 0 ? step % spec.checkpointEvery == 0 : step % stepsPerEpoch == 0
+        if checkpointDue && more { writeCheckpoint() }
+        if step >= setup.totalSteps {
+            phase = .completed
+            message = "trained \(spec.epochs) epochs"
+        } else if stopRequested {
+            phase = .stopped
+            message = "stopped by request after step \(step)"
+        }
+    }
+
+    /// A push a follower refused is refused as a whole, as one coordinator would.
+    func refuseWhatFollowersRefused(_ live: [Int32]) {
+        for rank in live {
+            guard let (index, why) = followerReports.sorted(by: { $0.key < $1.key }).lazy
+                .compactMap({ index, reports in reports[rank].flatMap { $0.isEmpty ? nil : (index, $0) } }).first else { continue }
+            reject("gradient of rank \(rank) at step \(round.step) skipped by coordinator shard \(index): \(why)", from: rank)
+            round.refuse(rank)
+        }
+    }
+
+    /// Every shard averages its tensors (reusing the early average where it covers the contributions);
+    /// contributions with a value that is not finite anywhere are dropped everywhere and the rest averaged
+    /// again. Returns the contributions used, or nil when a follower did not answer (the job failed).
+    func averageContributions(_ contributions: [Contribution]) -> [Contribution]? {
+        var used = contributions
+        let samples = used.reduce(0) { $0 + Int($1.sampleCount) }
+        guard samples > 0 else { return used }
+        let early = round.early
+        round.early = EarlyAverage()
+        sendToFollowers(averageCommand(used))
+        let finite = early.covers(used, owned: shard.owned) ? early.finite : shard.average(used, samples: samples)
+        guard let answers = awaitFollowers(.averaged) else { return nil }
+        guard !finite || answers.values.contains(where: { !$0.message.finite }) else { return used }
+        var skipped = Set<Int32>()
+        for (rank, bad) in shard.nonFinite(used).sorted(by: { $0.key < $1.key }) {
+            reject("gradient of rank \(rank) at step \(round.step) skipped: tensor '\(bad.tensor)' element \(bad.element) is NaN or infinite", from: rank)
+            skipped.insert(rank)
+        }
+        for (index, answer) in answers.sorted(by: { $0.key < $1.key }) {
+            for rank in answer.message.ranks where skipped.insert(rank).inserted {
+                reject("gradient of rank \(rank) at step \(round.step) skipped: a tensor of coordinator shard \(index) is NaN or infinite", from: rank)
+            }
+        }
+        used = used.filter { !skipped.contains($0.rank) }
+        let remaining = used.reduce(0) { $0 + Int($1.sampleCount) }
+        if remaining > 0 {
+            sendToFollowers(averageCommand(used))
+            _ = shard.average(used, samples: remaining)
+            guard awaitFollowers(.averaged) != nil else { return nil }
+        }
+        return used
+    }
+
+    /// Estimates each used contribution's gradient norm over this shard's tensors and counts a step at
+    /// which one stands over 10x the median of the others' as an outlier of that worker (logged, in status).
+    func recordGradientNorms(_ used: [Contribution]) {
+        let norms = shard.gradientNorms(used)
+        for (c, norm) in zip(used, norms) where !c.wasRefused {
+            membership.update(c.rank) { $0.gradientNorm = norm }
+            let others = zip(used, norms).filter { $0.0.rank != c.rank && !$0.0.wasRefused }.map(\.1).sorted()
+            guard !others.isEmpty else { continue }
+            let median = others[others.count / 2]
+            guard norm > 10 * median && norm - median > 1e-12 else { continue }
+            membership.update(c.rank) { $0.outlierSteps += 1 }
+            let count = membership[c.rank]?.outlierSteps ?? 0
+            if count <= 3 || count.isMultiple(of: 100) {
+                log.warning("gradient of rank \(c.rank) at step \(round.step) is an outlier", metadata: [
+                    "norm": "\(norm)", "median_of_others": "\(median)", "outlier_steps": "\(count)"])
+            }
+        }
+    }
+
+    func endEpoch() {
+        guard refreshFromFollowers(withState: false) else { return }
+        recorder.endEpoch(round.step / stepsPerEpoch, step: round.step, test: setup.evaluate(on: setup.test), elapsed: now() - trainingStarted,
+                          liveWorkers: membership.liveCount, totalEpochs: spec.epochs, jobID: spec.jobID, now: now())
+    }
+
+    func writeCheckpoint() {
+        guard directory != nil, refreshFromFollowers(withState: true) else { return }
+        recorder.writeCheckpoint(step: round.step, stepsPerEpoch: stepsPerEpoch, shard: shard, spec: spec, rankTokens: membership.rankTokens)
+    }
+
+    /// Sends the current step again, with the next attempt, to the live workers: its whole global batch
+    /// re-divided among them, parameters unchanged (no tensors), earlier pushes dropped.
+    func resendStep() {
+        round.mustRedo = false
+        round.begin(step: round.step, attempt: round.attempt + 1)
+        followerReports.removeAll(keepingCapacity: true)
+        var abort = ShardMessage(.abort)
+        abort.attempt = round.attempt
+        sendToFollowers(abort)
+        log.warning("step \(round.step) sent again to \(membership.liveCount) live workers", metadata: ["attempt": "\(round.attempt)"])
+        broadcastUpdate(trainLoss: recorder.recentLosses.last ?? 0) { send in send([], true) }
+    }
+
+    /// Sends the update for the round's step to every live worker (joiners begin training with it) with
+    /// the samples it computes: the step's global batch cut into contiguous shards, one per live worker in
+    /// rank order (the first `batch mod workers` take one more).
+    func broadcastUpdate(trainLoss: Float, produce: (_ send: (_ indices: [Int], _ last: Bool) -> Void) -> Void) {
+        membership.startJoiners()
+        let live = membership.live
+        let batch = setup.sampler.batchRange(step: round.step % stepsPerEpoch)
+        let assignments = Dictionary(uniqueKeysWithValues: live.enumerated().map { position, member in
+            let positions = EpochSampler.shard(batch, rank: position, worldSize: live.count)
+            return (member.rank, positions.isEmpty ? [] : [SampleRange(start: UInt64(positions.lowerBound), count: UInt64(positions.count))])
+        })
+        round.assigned = assignments.mapValues { $0.reduce(0) { $0 + $1.count } }
+        broadcast(to: live, trainLoss: trainLoss, learningRate: shard.optimizer.learningRate, assignments: assignments, produce: produce)
+    }
+
+    // MARK: End
+
+    func finish() throws -> JobSummary {
+        for member in membership.byRank where member.takesPart {
+            try? send(.stop(reason: message, graceful: phase != .failed), to: member.peer)
+        }
+        let last = recorder.history.last
+        let elapsed = trainingStarted > 0 ? now() - trainingStarted : 0
+        var modelPath = ""
+        if round.step > 0 && phase != .failed { writeCheckpoint() }
+        recorder.flushRejections()
+        recorder.writeMetrics(liveWorkers: membership.liveCount, jobID: spec.jobID, now: now())
+        // With followers, the model is whole only when they could send their tensors.
+        let whole = followers.isEmpty || refreshFromFollowers(withState: false)
+        for index in followers.keys.sorted() { sendToFollower(index, body: .stop(reason: message, graceful: phase != .failed)) }
+        if let directory, whole {
+            do {  // a failed write is reported in the summary, which is still written
+                try SafeTensors.write(shard.parameters.map { ($0.name, $0.tensor) },
+                                      metadata: ["job_id": spec.jobID, "step": "\(round.step)", "format": "pt"], to: directory.modelPath)
+                modelPath = directory.modelPath
+            } catch {
+                log.error("the model could not be written: \(error)")
+                message += "; the model could not be written: \(error)"
+            }
+        }
+        let summary = JobSummary(
+            state: phase.rawValue, jobID: spec.jobID, workers: spec.workers, epochs: round.step / stepsPerEpoch, steps: round.step,
+            trainLoss: last?.trainLoss ?? recorder.recentLosses.last ?? 0, testLoss: last?.testLoss ?? 0,
+            testAccuracy: last?.testAccuracy ?? 0, wallSeconds: now() - started,
+            samplesPerSecond: elapsed > 0 ? Double(recorder.samplesTrained) / elapsed : 0, modelPath: modelPath, message: message,
+            rejectedMessages: recorder.rejected, lostWorkers: membership.lostRanks, task: spec.task)
+        if let directory { try directory.write(summary, to: directory.summaryPath) }
+        log.info("job \(phase.rawValue)", metadata: ["steps": "\(round.step)", "test_accuracy": "\(summary.testAccuracy)", "message": "\(message)"])
+        transport.close()
+        return summary
+    }
+}
+
+// MARK: Driving the follower shards
+
+extension Leader {
+    /// Whether every follower has reported `rank`'s push of this step and attempt (always, without followers).
+    func everyFollowerAnswered(_ rank: Int32) -> Bool {
+        followers.keys.allSatisfy { followerReports[$0]?[rank] != nil }
+    }
+
+    func sendToFollower(_ index: Int, body: WireMessage.Body, tensors: [WireTensor] = []) {
+        guard let follower = followers[index] else { return }
+        do {
+            try send(body, to: follower.peer, step: UInt64(round.step), tensors: tensors)
+        } catch {
+            followersLost = true
+            fail("coordinator shard \(index) (\(follower.endpoint)) is unreachable: \(error)")
+        }
+    }
+
+    func sendToFollowers(_ message: ShardMessage) {
+        var message = message
+        message.attempt = message.kind == .abort ? message.attempt : round.attempt
+        for index in followers.keys.sorted() { sendToFollower(index, body: .shard(message)) }
+    }
+
+    /// AVERAGE: the contributions to average, in rank order, with their weights.
+    func averageCommand(_ used: [Contribution]) -> ShardMessage {
+        var command = ShardMessage(.average)
+        command.ranks = used.map(\.rank)
+        command.sampleCounts = used.map(\.sampleCount)
+        return command
+    }
+
+    /// Tells the followers which workers take part (after every change, before a new worker is welcomed).
+    func sendRoster() {
+        guard !followers.isEmpty else { return }
+        var roster = ShardMessage(.roster)
+        let current = membership.byRank.filter(\.takesPart)
+        roster.ranks = current.map(\.rank)
+        roster.workerIDs = current.map(\.workerID)
+        sendToFollowers(roster)
+    }
+
+    /// Waits for every follower's answer of `kind` to the command just sent (for this step), handling the
+    /// followers' other messages and putting every other event aside for the main loop. Nil (and the job
+    /// failed, naming the follower) when one does not answer within the step deadline or its connection drops.
+    func awaitFollowers(_ kind: ShardMessage.Kind) -> [Int: (message: ShardMessage, tensors: [WireTensor])]? {
+        var answers: [Int: (message: ShardMessage, tensors: [WireTensor])] = [:]
+        let deadline = now() + max(10, stepTimeout)
+        while answers.count < followers.count {
+            guard !followersLost, now() < deadline else {
+                let missing = followers.keys.sorted().filter { answers[$0] == nil }.map { "\($0) (\(followers[$0]!.endpoint))" }
+                if !followersLost { fail("coordinator shard \(missing.joined(separator: ", ")) did not answer \(kind) within \(Int(max(10, stepTimeout))) s") }
+                return nil
+            }
+            for event in (try? transport.poll(timeoutMilliseconds: 50)) ?? [] {
+                switch event {
+                case .fromPeer(let peer, let frames):
+                    guard let index = followerOfPeer[peer] else {
+                        deferred.append(event)
+                        continue
+                    }
+                    followers[index]?.lastSeen = now()
+                    guard let message = try? WireCodec.decode(frames, expectedJobID: spec.jobID) else {
+                        reject("a malformed message from coordinator shard \(index)", from: nil)
+                        continue
+                    }
+                    if case .shard(let answer) = message.body, answer.kind == kind, message.step == UInt64(round.step) {
+                        answers[index] = (answer, message.tensors)
+                    } else if case .shard(let other) = message.body {
+                        try? handleFollowerMessage(other, message: message, peer: peer)
+                    }
+                case .disconnected(let peers):
+                    if let index = peers.lazy.compactMap({ self.followerOfPeer[$0] }).first {
+                        followersLost = true
+                        fail("coordinator shard \(index) (\(followers[index]!.endpoint)) lost its connection")
+                        return nil
+                    }
+                    deferred.append(event)
+                case .control, .refused, .fromLeader:
+                    deferred.append(event)
+                }
+            }
+        }
+        return answers
+    }
+
+    /// Copies the followers' current values (and with `withState` their optimizer state) into this
+    /// process, for evaluation, checkpoints, the final model and welcoming a worker. False when a follower
+    /// failed to answer (the job has failed then).
+    func refreshFromFollowers(withState: Bool) -> Bool {
+        guard !followers.isEmpty else { return true }
+        var request = ShardMessage(.snapshot)
+        request.withState = withState
+        sendToFollowers(request)
+        guard let answers = awaitFollowers(.snapshotReply) else { return false }
+        var state: [String: Tensor] = [:]
+        for (index, answer) in answers {  // a tensor not of that shard is skipped
+            state.merge(shard.load(shardTensors: answer.tensors, of: index).state) { $1 }
+        }
+        if withState {
+            do { try shard.optimizer.restoreState(state) } catch { log.error("optimizer state from the coordinator shards: \(error)") }
+        }
+        return true
+    }
+
+    /// A follower's message on the worker socket.
+    func handleFollowerMessage(_ command: ShardMessage, message: WireMessage, peer: PeerID) throws {
+        switch command.kind {
+        case .hello:
+            let index = Int(command.shard)
+            guard index >= 1 && index < spec.coordinatorShards else {
+                reject("hello from coordinator shard \(index), but this job has shards 1...\(spec.coordinatorShards - 1)", from: nil)
+                return
+            }
+            if let known = followers[index] {
+                if known.peer == peer { return }  // said again while this leader was busy
+                guard phase == .waiting else {
+                    fail("coordinator shard \(index) started again during training; the state of its tensors is lost")
+                    return
+                }
+                followerOfPeer[known.peer] = nil
+            }
+            followers[index] = Follower(peer: peer, endpoint: command.endpoint, lastSeen: now())
+            followerOfPeer[peer] = index
+            transport.joined(peer)
+            log.info("coordinator shard joined", metadata: ["shard": "\(index)", "endpoint": "\(command.endpoint)",
+                                                            "tensors": "\(shard.plan.indices(of: index).count)"])
+            assign(index)
+            sendRoster()
+        case .received:
+            guard let index = followerOfPeer[peer], message.step == UInt64(round.step), command.attempt == round.attempt,
+                  let rank = command.ranks.first else { return }
+            followerReports[index, default: [:]][rank] = command.refused
+        case .averaged, .snapshotReply:
+            log.debug("coordinator shard answer \(command.kind) outside its exchange ignored")
+        case .assign, .roster, .average, .apply, .abort, .snapshot:
+            reject("a leader's command \(command.kind) sent to the leader", from: nil)
+        }
+    }
+
+    /// ASSIGN: the job, the step, and the values and optimizer state of follower `index`'s tensors.
+    func assign(_ index: Int) {
+        var command = ShardMessage(.assign)
+        command.jobSpecJSON = spec.json()
+        command.optimizerSteps = UInt64(shard.optimizer.stepCount)
+        sendToFollower(index, body: .shard(command), tensors: shard.shardTensors(shard.plan.indices(of: index), withState: true))
+    }
+}

@@ -1,0 +1,223 @@
+import Autodiff
+@testable import DDPWire
+import Foundation
+import Logging
+import Testing
+@testable import DDPRuntime
+
+/// The coordinator's logic in-process, against an in-memory transport: no sockets, no processes, a
+/// clock the test moves.
+@Suite struct CoordinatorLogicTests {
+    final class Clock: @unchecked Sendable { var now = 1000.0 }
+
+    /// A leader for a small digits job, and the test in the workers' (and followers') place.
+    final class Harness {
+        let transport = InMemoryTransport()
+        let clock = Clock()
+        let leader: Leader
+        let lines = LogLines()
+
+        init(_ overrides: [String: Any] = [:]) throws {
+            let spec = try JobSpec.load(path: nil, overrides: ["job_id": "logic", "workers": 2, "batch_size": 64, "epochs": 2].merging(overrides) { $1 })
+            let clock = clock, lines = lines
+            leader = try Leader(spec: spec, setup: try TrainingSetup(spec: spec), transport: transport, directory: nil, resume: false,
+                                logger: Logger(label: "leader") { _ in lines }, clock: { clock.now })
+        }
+
+        var parameters: [NamedParameter] { leader.shard.parameters }
+
+        /// Delivers what the peers sent and lets the leader act on it.
+        func run() throws {
+            try leader.process(try transport.poll(timeoutMilliseconds: 0))
+            try leader.tick()
+        }
+
+        func send(_ body: WireMessage.Body, from peer: PeerID, step: UInt64 = 0, rank: Int32 = -1, tensors: [WireTensor] = []) {
+            transport.deliver(WireMessage(jobID: "logic", step: step, rank: rank, body: body, tensors: tensors), from: peer)
+        }
+
+        func join(_ peer: PeerID, rank: Int32 = -1, token: [UInt8] = []) throws -> Welcome? {
+            var join = Join(workerID: "w\(peer)", host: "h", pid: 1, modelFingerprint: "", requestedRank: rank)
+            join.rankToken = token
+            send(.join(join), from: peer)
+            try run()
+            return transport.sent.filter { $0.peer == peer }.reversed().lazy.compactMap { if case .welcome(let w) = $0.message.body { w } else { nil } }.first
+        }
+
+        /// The last update part `peer` got, with its step.
+        func lastUpdate(_ peer: PeerID, in messages: [WireMessage]) -> (step: UInt64, update: ParameterUpdate)? {
+            messages.reversed().lazy.compactMap { m -> (UInt64, ParameterUpdate)? in if case .parameterUpdate(let u) = m.body { (m.step, u) } else { nil } }.first
+        }
+
+        /// A push of `value` everywhere for `samples` samples, in `parts` parts (tensor order split evenly).
+        func push(from peer: PeerID, rank: Int32, step: UInt64, attempt: UInt32 = 0, samples: UInt64, value: Float, parts: Int = 1) {
+            let tensors = parameters.map { WireTensor(name: $0.name, shape: $0.tensor.shape, payload: Payload(floats: [Float](repeating: value, count: $0.tensor.count))) }
+            let size = (tensors.count + parts - 1) / parts
+            for part in 0..<parts {
+                let mine = Array(tensors[min(part * size, tensors.count)..<min((part + 1) * size, tensors.count)])
+                send(.gradientPush(GradientPush(sampleCount: samples, localLoss: 0.5, attempt: attempt, part: UInt32(part), moreParts: part < parts - 1)),
+                     from: peer, step: step, rank: rank, tensors: mine)
+            }
+        }
+
+        func samples(_ update: ParameterUpdate) -> UInt64 { update.samples.reduce(0) { $0 + $1.count } }
+    }
+
+    let a: PeerID = [1], b: PeerID = [2], c: PeerID = [3]
+
+    @Test func joinedWorkersGetDisjointSamplesThatCoverTheBatch() throws {
+        let h = try Harness(["workers": 3])
+        for peer in [a, b, c] { #expect(try h.join(peer) != nil) }
+        #expect(h.leader.phase == .training)
+        var covered: [UInt64] = []
+        for peer in [a, b, c] {
+            let (step, update) = try #require(h.lastUpdate(peer, in: h.transport.take(for: peer)))
+            #expect(step == 0 && update.epoch == 0 && update.worldSize == 3)
+            for range in update.samples { covered += Array(range.start..<range.start + range.count) }
+        }
+        #expect(covered == Array(0..<64), "the three shards are the batch's positions 0..<64, in rank order")
+    }
+
+    /// A worker lost mid-step: the step is sent again (attempt 1) with the whole batch to the other;
+    /// a push of the old attempt is dropped; the step completes on the new one.
+    @Test func aLossMidStepReDividesTheStep() throws {
+        let h = try Harness()
+        _ = try h.join(a)
+        _ = try h.join(b)
+        _ = h.transport.take(for: a)
+        _ = h.transport.take(for: b)
+        h.push(from: a, rank: 0, step: 0, samples: 32, value: 1)
+        try h.run()
+        h.transport.inbox.append(.disconnected([b]))
+        try h.run()
+        #expect(h.leader.membership[1]?.state == .lost)
+        let (step, resent) = try #require(h.lastUpdate(a, in: h.transport.take(for: a)))
+        #expect(step == 0 && resent.attempt == 1 && h.samples(resent) == 64 && resent.worldSize == 1)
+        h.push(from: a, rank: 0, step: 0, attempt: 0, samples: 32, value: 1)  // stale attempt
+        try h.run()
+        #expect(h.leader.round.step == 0)
+        h.push(from: a, rank: 0, step: 0, attempt: 1, samples: 64, value: 1)
+        try h.run()
+        #expect(h.leader.round.step == 1 && h.leader.membership.lostRanks == [1])
+    }
+
+    /// Stale, future and duplicate pushes are dropped and counted; a push that declares other samples
+    /// than assigned is refused and told why; the step waits for a good one.
+    @Test func stalePushesAreDroppedAndWrongOnesRefused() throws {
+        let h = try Harness()
+        _ = try h.join(a)
+        _ = try h.join(b)
+        _ = h.transport.take(for: a)
+        _ = h.transport.take(for: b)
+        h.push(from: a, rank: 0, step: 5, samples: 32, value: 1)  // future
+        h.push(from: a, rank: 1, step: 0, samples: 32, value: 1)  // names another rank
+        h.push(from: b, rank: 1, step: 0, samples: 33, value: 1)  // not the assigned count
+        try h.run()
+        let refusal = h.transport.take(for: b).compactMap { if case .error(let e) = $0.body { e } else { nil } }
+        #expect(refusal.map(\.code) == [.pushRefused] && refusal.first?.reason.contains("declares 33 samples, but 32 were assigned") == true)
+        h.push(from: a, rank: 0, step: 0, samples: 32, value: 1)
+        h.push(from: a, rank: 0, step: 0, samples: 32, value: 1)  // duplicate
+        try h.run()
+        #expect(h.leader.round.step == 1, "b's refused push counts as answered")
+        #expect(h.leader.recorder.rejected == 4)
+        h.push(from: a, rank: 0, step: 0, samples: 32, value: 1)  // now stale
+        try h.run()
+        #expect(h.leader.recorder.rejected == 5 && h.leader.round.step == 1)
+    }
+
+    /// Pushes in parts are averaged tensor by tensor as soon as both workers sent them, and the step's
+    /// result is bitwise that of whole pushes.
+    @Test func earlyAveragingWithPartsGivesTheSameStep() throws {
+        func parameters(afterPushingIn parts: Int) throws -> [[Float]] {
+            let h = try Harness()
+            _ = try h.join(a)
+            _ = try h.join(b)
+            h.push(from: a, rank: 0, step: 0, samples: 32, value: 0.25, parts: parts)
+            h.push(from: b, rank: 1, step: 0, samples: 32, value: -0.75, parts: parts)
+            try h.leader.process(try h.transport.poll(timeoutMilliseconds: 0))
+            if parts > 1 { #expect(h.leader.round.early.averaged.filter { $0 }.count == h.parameters.count) }
+            try h.leader.tick()
+            #expect(h.leader.round.step == 1)
+            return h.parameters.map(\.tensor.scalars)
+        }
+        #expect(try parameters(afterPushingIn: 2) == parameters(afterPushingIn: 1))
+    }
+
+    /// A worker that was lost and comes back with its rank token gets its rank again and takes part from
+    /// the next update; its stale heartbeat before that is answered NOT_JOINED.
+    @Test func aLostWorkerRejoinsWithItsRank() throws {
+        let h = try Harness(["step_timeout_seconds": 1.0])
+        let token = try #require(try h.join(a)?.rankToken)
+        _ = try h.join(b)
+        _ = h.transport.take(for: a)
+        h.push(from: b, rank: 1, step: 0, samples: 32, value: 1)
+        h.clock.now += 11  // a is silent past the step deadline
+        try h.run()
+        #expect(h.leader.membership[0]?.state == .lost)
+        h.send(.heartbeat(Heartbeat(sentUnixMilliseconds: 0, state: "waiting")), from: a)
+        try h.run()
+        let told = h.transport.take(for: a).compactMap { if case .error(let e) = $0.body { e } else { nil } }
+        #expect(told.first?.code == .notJoined && told.first?.reason.contains("rank 0 was declared lost") == true)
+        let rejoin: PeerID = [9]  // a new connection of the same worker
+        let welcome = try #require(try h.join(rejoin, rank: 0, token: token))
+        #expect(welcome.rank == 0 && welcome.rankToken == token)
+        #expect(h.leader.membership[0]?.restarts == 1 && h.leader.membership[0]?.state == .joining)
+        _ = h.transport.take(for: b)
+        h.push(from: b, rank: 1, step: 0, attempt: 1, samples: 64, value: 1)
+        try h.run()
+        let (step, update) = try #require(h.lastUpdate(rejoin, in: h.transport.take(for: rejoin)))
+        #expect(step == 1 && h.samples(update) == 32)
+    }
+
+    /// With a follower shard: it says hello and is assigned its tensors; when its connection drops the
+    /// job fails at once, naming it.
+    @Test func aLostFollowerShardFailsTheJob() throws {
+        let h = try Harness(["coordinator_shards": 2])
+        let follower: PeerID = [77]
+        var hello = ShardMessage(.hello)
+        hello.shard = 1
+        hello.endpoint = "inmemory://shard-1"
+        h.send(.shard(hello), from: follower)
+        try h.run()
+        let assigned = h.transport.take(for: follower).compactMap { if case .shard(let s) = $0.body { s.kind } else { nil } }
+        #expect(assigned.first == .assign)
+        #expect(try h.join(a)?.shardEndpoints == ["inmemory://shard-1"])
+        h.transport.inbox.append(.disconnected([follower]))
+        try h.run()
+        #expect(h.leader.phase == .failed && h.leader.message.contains("coordinator shard 1 (inmemory://shard-1) lost its connection"))
+    }
+
+    /// A contribution whose gradient norm stands far above the others' is counted against its worker and
+    /// shown in status.
+    @Test func anOutlyingGradientIsNamedInStatus() throws {
+        let h = try Harness(["workers": 3])
+        for peer in [a, b, c] { _ = try h.join(peer) }
+        for step in UInt64(0)..<3 {
+            h.push(from: a, rank: 0, step: step, samples: 22, value: 0.01)
+            h.push(from: b, rank: 1, step: step, samples: 21, value: 0.012)
+            h.push(from: c, rank: 2, step: step, samples: 21, value: 5)
+            try h.run()
+        }
+        let workers = h.leader.status().workers
+        #expect(workers.map(\.outlierSteps) == [0, 0, 3])
+        let exact = h.parameters.reduce(0.0) { $0 + Double($1.tensor.count) * 0.01 * 0.01 }.squareRoot()
+        #expect(abs(workers[0].gradientNorm - exact) / exact < 0.01, "\(workers[0].gradientNorm) vs \(exact)")
+        #expect(workers[2].gradientNorm > 100 * workers[0].gradientNorm)
+        #expect(h.lines.messages.contains { $0.contains("gradient of rank 2 at step 0 is an outlier") })
+    }
+
+    /// Stop: graceful finishes the step in progress; at once drops it.
+    @Test func stopAtOnceDropsTheStepInProgress() throws {
+        let h = try Harness()
+        _ = try h.join(a)
+        _ = try h.join(b)
+        h.transport.control(WireMessage(jobID: "logic", body: .stop(reason: "now", graceful: false)), from: [50])
+        try h.run()
+        #expect(h.leader.phase == .stopped && h.leader.round.step == 0 && h.leader.message.contains("stopped at once"))
+        let brief = try Harness()
+        brief.transport.control(WireMessage(jobID: "logic", body: .statusRequest(detail: false)), from: [51])
+        _ = try brief.join(a)
+        let replies = brief.transport.take(for: [51]).compactMap { if case .statusReply(let s) = $0.body { s } else { nil } }
+        #expect(replies.count == 1 && replies[0].workers.isEmpty)
+    }
+}
