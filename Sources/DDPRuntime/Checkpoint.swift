@@ -1,8 +1,11 @@
 import Autodiff
 import Foundation
 
-/// A resumable snapshot of a job: parameters, optimizer state, step, epoch, sampler position and the job
-/// spec, in safetensors (parameters under their names, optimizer state under `optimizer/NAME`).
+/// A resumable snapshot of a job: parameters, optimizer state, step, epoch, sampler position, the job
+/// spec, the samples trained so far and the rank tokens, in safetensors (parameters under their names,
+/// optimizer state under `optimizer/NAME`), with a checksum of the data that loading verifies. The
+/// per-epoch history is not in it (its size would grow with the job): it is `history.jsonl`, cut back to
+/// the checkpoint's step on resume.
 public struct Checkpoint {
     public let step: Int
     public let epoch: Int
@@ -13,20 +16,21 @@ public struct Checkpoint {
     public let path: String
     /// Each rank's secret (Welcome.rank_token), so that a resumed coordinator gives ranks back to their holders.
     let rankTokens: [Int32: [UInt8]]
+    /// Training samples processed up to the checkpoint's step.
+    let samplesTrained: Int
 
     /// Writes a checkpoint of the current state into `directory/checkpoints` (atomically) and keeps the
     /// newest `keep`; returns its path.
     static func save(
         step: Int, stepsPerEpoch: Int, parameters: [NamedParameter], optimizer: any Optimizer, spec: JobSpec,
-        history: [EpochRecord], rankTokens: [Int32: [UInt8]] = [:], in directory: JobDirectory, keep: Int
+        samplesTrained: Int = 0, rankTokens: [Int32: [UInt8]] = [:], in directory: JobDirectory, keep: Int
     ) throws -> String {
         try FileManager.default.createDirectory(atPath: directory.checkpointsPath, withIntermediateDirectories: true)
         let path = directory.checkpointsPath + String(format: "/step-%08d.safetensors", step)
-        let historyJSON = String(decoding: try JobJSON.encoder([]).encode(history), as: UTF8.self)
         let metadata = [
             "format": "pt", "step": "\(step)", "epoch": "\(step / max(stepsPerEpoch, 1))",
             "sampler_position": "\(step % max(stepsPerEpoch, 1))", "sampler_seed": "\(spec.seed)",
-            "optimizer_steps": "\(optimizer.stepCount)", "job_spec": spec.json(), "history": historyJSON,
+            "optimizer_steps": "\(optimizer.stepCount)", "job_spec": spec.json(), "samples_trained": "\(samplesTrained)",
             "rank_tokens": String(decoding: try JSONEncoder().encode(Dictionary(uniqueKeysWithValues: rankTokens.map {
                 ("\($0.key)", $0.value.map { String(format: "%02x", $0) }.joined())
             })), as: UTF8.self),
@@ -46,10 +50,14 @@ public struct Checkpoint {
             .map { directory.checkpointsPath + "/" + $0 }
     }
 
-    /// The newest checkpoint of a job, if any.
-    public static func latest(in directory: JobDirectory) throws -> Checkpoint? {
-        guard let path = list(in: directory).last else { return nil }
-        return try load(path: path)
+    /// The newest checkpoint of a job that loads and verifies, if any, and the newer ones skipped with
+    /// why (truncated, corrupt, not a checkpoint).
+    public static func latest(in directory: JobDirectory) -> (checkpoint: Checkpoint?, skipped: [(path: String, reason: String)]) {
+        var skipped: [(String, String)] = []
+        for path in list(in: directory).reversed() {
+            do { return (try load(path: path), skipped) } catch { skipped.append((path, "\(error)")) }
+        }
+        return (nil, skipped)
     }
 
     /// Reads a checkpoint file.
@@ -72,12 +80,7 @@ public struct Checkpoint {
             if let rank = Int32(rank), bytes.count == 16 { rankTokens[rank] = bytes }
         }
         return Checkpoint(step: step, epoch: epoch, optimizerSteps: optimizerSteps, parameters: parameters,
-                          optimizerState: state, specJSON: spec, path: path, rankTokens: rankTokens)
-    }
-
-    /// The per-epoch history stored with the checkpoint.
-    func history() -> [EpochRecord] {
-        guard let contents = try? SafeTensors.read(path: path), let text = contents.metadata["history"] else { return [] }
-        return (try? JobJSON.decoder().decode([EpochRecord].self, from: Data(text.utf8))) ?? []
+                          optimizerState: state, specJSON: spec, path: path, rankTokens: rankTokens,
+                          samplesTrained: contents.metadata["samples_trained"].flatMap(Int.init) ?? 0)
     }
 }

@@ -11,13 +11,21 @@ public struct JobDirectory: Sendable {
     public var specPath: String { path + "/spec.json" }
     public var endpointsPath: String { path + "/endpoints.json" }
     public var summaryPath: String { path + "/summary.json" }
-    public var historyPath: String { path + "/history.json" }
+    /// One JSON record per finished epoch, appended (a line per epoch; never rewritten but on resume).
+    public var historyPath: String { path + "/history.jsonl" }
     public var modelPath: String { path + "/model.safetensors" }
     public var processesPath: String { path + "/processes.json" }
     public var logsPath: String { path + "/logs" }
     public var checkpointsPath: String { path + "/checkpoints" }
     public var metricsPath: String { path + "/metrics.prom" }
     public var stepLogPath: String { path + "/steps.jsonl" }
+    /// Written by `ddpctl stop` (and Ctrl-C): a stop is final, the supervisor restarts nothing after it.
+    public var stopRequestPath: String { path + "/stop-requested" }
+    /// Present while the supervisor restarts a coordinator that was killed.
+    public var restartingPath: String { path + "/restarting" }
+    public var isStopRequested: Bool { FileManager.default.fileExists(atPath: stopRequestPath) }
+    /// Records that the job's user asked it to stop (best effort).
+    public func recordStopRequest(_ reason: String) { SafeOutput.append(reason + "\n", to: stopRequestPath) }
     /// CURVE keys made for a job over TCP that was given none.
     public var keysPath: String { path + "/keys" }
     public func logPath(_ process: String) -> String { "\(logsPath)/\(process).log" }
@@ -42,10 +50,52 @@ public struct JobDirectory: Sendable {
         return try? JobJSON.decoder().decode(JobSummary.self, from: data)
     }
 
-    /// The epochs finished so far.
+    /// The epochs finished so far (a line that does not decode, e.g. cut by a crash, is skipped).
     public func history() -> [EpochRecord] {
         guard let data = FileManager.default.contents(atPath: historyPath) else { return [] }
-        return (try? JobJSON.decoder().decode([EpochRecord].self, from: data)) ?? []
+        let decoder = JobJSON.decoder()
+        return data.split(separator: UInt8(ascii: "\n")).compactMap { try? decoder.decode(EpochRecord.self, from: Data($0)) }
+    }
+
+    /// Cuts the history and the step log back to what a checkpoint at `step` had seen (a resumed job
+    /// computes the later steps again); returns the history kept.
+    func cutBack(toStep step: Int) throws -> [EpochRecord] {
+        let kept = history().filter { $0.step <= step }
+        let encoder = JobJSON.encoder([.sortedKeys])
+        let lines = try kept.map { String(decoding: try encoder.encode($0), as: UTF8.self) + "\n" }.joined()
+        if FileManager.default.fileExists(atPath: historyPath) { try AtomicFile.write(lines, to: historyPath) }
+        if let log = FileManager.default.contents(atPath: stepLogPath) {
+            let steps = log.split(separator: UInt8(ascii: "\n")).filter { line in
+                guard let object = try? JSONSerialization.jsonObject(with: Data(line)) as? [String: Any], let s = object["step"] as? Int else { return false }
+                return s < step
+            }
+            try AtomicFile.write(Data(steps.map { Data($0) + Data([UInt8(ascii: "\n")]) }.joined()), to: stepLogPath)
+        }
+        return kept
+    }
+
+    /// Writes (best effort) and returns the summary of a job whose coordinator ended without one: failed,
+    /// with `message`, the progress its history shows.
+    @discardableResult
+    public func writeFailedSummary(spec: JobSpec, message: String) -> JobSummary {
+        let last = history().last
+        let summary = JobSummary(
+            state: "failed", jobID: spec.jobID, workers: spec.workers, epochs: last?.epoch ?? 0, steps: last?.step ?? 0,
+            trainLoss: last?.trainLoss ?? 0, testLoss: last?.testLoss ?? 0, testAccuracy: last?.testAccuracy ?? 0, wallSeconds: 0,
+            samplesPerSecond: 0, modelPath: "", message: message, rejectedMessages: 0, lostWorkers: [], task: spec.task)
+        try? write(summary, to: summaryPath)
+        return summary
+    }
+
+    /// Removes temporary files (`NAME.tmp-PID`) that a process killed while writing left behind.
+    func removeStaleTemporaries() {
+        for folder in [path, checkpointsPath] {
+            for name in (try? FileManager.default.contentsOfDirectory(atPath: folder)) ?? [] {
+                guard let range = name.range(of: ".tmp-"), let pid = Int32(name[range.upperBound...]), pid != getpid(),
+                      kill(pid, 0) != 0 else { continue }
+                try? FileManager.default.removeItem(atPath: folder + "/" + name)
+            }
+        }
     }
 
     func write<T: Encodable>(_ value: T, to file: String) throws {

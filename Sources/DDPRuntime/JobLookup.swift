@@ -34,6 +34,16 @@ public enum JobLookup {
     }
 
     /// Whether a process with this id runs on this host (a zombie, dead but not yet reaped, does not).
+    /// Whether `pid` is still a process of the job in `directory` (its command line names the directory,
+    /// or it is the `ddpctl start` that supervises it): a recorded pid may since belong to another program.
+    public static func isProcess(_ pid: Int32, of directory: JobDirectory) -> Bool {
+        guard isAlive(pid), let raw = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { return false }
+        let arguments = raw.split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
+        let program = (arguments.first as NSString?)?.lastPathComponent ?? ""
+        guard program == "ddpd" || program == "ddpctl" else { return false }
+        return arguments.contains { $0.contains(directory.path) } || arguments.dropFirst().first == "start"
+    }
+
     public static func isAlive(_ pid: Int32) -> Bool {
         guard pid > 0, kill(pid, 0) == 0 || errno == EPERM else { return false }
         guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
@@ -177,6 +187,9 @@ extension JobDirectory {
             return JobStatus(directory: self, state: "dead", message: "the coordinator never started listening (see \(logPath("coordinator")))")
         }
         guard JobLookup.isAlive(endpoints.pid) else {
+            if FileManager.default.fileExists(atPath: restartingPath), JobLookup.isAlive(JobLookup.processes(of: self)["supervisor"] ?? -1) {
+                return JobStatus(directory: self, state: "restarting", message: "the supervisor restarts the coordinator from its newest checkpoint")
+            }
             return JobStatus(directory: self, state: "dead",
                              message: "the coordinator (pid \(endpoints.pid)) is not running and left no summary; see \(logPath("coordinator"))")
         }

@@ -58,6 +58,9 @@ public struct JobSpec: Codable, Equatable, Sendable {
     public var checkpointEvery = 0
     /// How many checkpoints to keep.
     public var keepCheckpoints = 3
+    /// The job fails after this many checkpoints in a row could not be written (a full disk: a coordinator
+    /// that died then would fall back far); 0 never fails for it. The failures show in status either way.
+    public var checkpointFailureLimit = 3
     /// A folder of CURVE keys (`ddpctl keygen`): with it all traffic is encrypted and only authorised
     /// workers can join.
     public var keysDir = ""
@@ -90,7 +93,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         case clipNorm = "clip_norm", seed, testFraction = "test_fraction", workers, minWorkers = "min_workers"
         case heartbeatIntervalMs = "heartbeat_interval_ms", heartbeatTimeoutMs = "heartbeat_timeout_ms"
         case joinTimeoutSeconds = "join_timeout_seconds", stepTimeoutSeconds = "step_timeout_seconds", output
-        case checkpointEvery = "checkpoint_every", keepCheckpoints = "keep_checkpoints", keysDir = "keys_dir", wireDtype = "wire_dtype", blasThreads = "blas_threads"
+        case checkpointEvery = "checkpoint_every", keepCheckpoints = "keep_checkpoints", checkpointFailureLimit = "checkpoint_failure_limit", keysDir = "keys_dir", wireDtype = "wire_dtype", blasThreads = "blas_threads"
         case bucketKB = "bucket_kb", sharedMemory = "shared_memory", coordinatorShards = "coordinator_shards"
     }
 
@@ -125,6 +128,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         try read(.heartbeatIntervalMs, &heartbeatIntervalMs); try read(.heartbeatTimeoutMs, &heartbeatTimeoutMs)
         try read(.joinTimeoutSeconds, &joinTimeoutSeconds); try read(.stepTimeoutSeconds, &stepTimeoutSeconds)
         try read(.output, &output); try read(.checkpointEvery, &checkpointEvery); try read(.keepCheckpoints, &keepCheckpoints)
+        try read(.checkpointFailureLimit, &checkpointFailureLimit)
         try read(.keysDir, &keysDir); try read(.wireDtype, &wireDtype); try read(.blasThreads, &blasThreads)
         try read(.bucketKB, &bucketKB); try read(.sharedMemory, &sharedMemory); try read(.coordinatorShards, &coordinatorShards)
     }
@@ -232,6 +236,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
                   "clip_norm needs the global gradient norm, which one coordinator sees only with coordinator_shards = 1")
         try check(DType(rawValue: wireDtype) != nil, "wire_dtype '\(wireDtype)' is unknown (f32, bf16, f16)")
         try check(checkpointEvery >= 0 && keepCheckpoints >= 1, "checkpoint_every must be >= 0 and keep_checkpoints >= 1")
+        try check(checkpointFailureLimit >= 0, "checkpoint_failure_limit must be >= 0, got \(checkpointFailureLimit)")
         try check(joinTimeoutSeconds > 0 && stepTimeoutSeconds > 0, "join_timeout_seconds and step_timeout_seconds must be positive")
     }
 

@@ -85,8 +85,13 @@ public final class LocalJob {
     /// Starts a coordinator that died without a summary again, from its newest checkpoint, on the same
     /// endpoints (the workers reconnect by themselves). Returns false when none is left to try.
     private func restartCoordinator() -> Bool {
-        guard let old = coordinator, let endpoints, directory.summary() == nil, coordinatorRestarts < maxRestarts else { return false }
+        // Only a coordinator killed by a signal is restarted: one that exited on its own decided to (a
+        // failed bind, or a summary it could not write on a full disk).
+        guard let old = coordinator, old.terminationReason == .uncaughtSignal, let endpoints, directory.summary() == nil,
+              !directory.isStopRequested, coordinatorRestarts < maxRestarts else { return false }
         coordinatorRestarts += 1
+        SafeOutput.append("\(coordinatorRestarts)\n", to: directory.restartingPath)  // status says "restarting" meanwhile
+        defer { try? FileManager.default.removeItem(atPath: directory.restartingPath) }
         let how = Self.exitDescription(old)
         appendLog("coordinator", "supervisor: the coordinator exited with \(how); restart \(coordinatorRestarts) of \(maxRestarts) from the newest checkpoint")
         try? FileManager.default.removeItem(atPath: directory.endpointsPath)
@@ -112,6 +117,7 @@ public final class LocalJob {
 
     /// Starts again each worker that died with an error while the coordinator runs.
     private func restartFailedWorkers() {
+        guard !directory.isStopRequested else { return }  // a stop is final: nothing is restarted after it
         for (rank, worker) in workers.enumerated() where !worker.isRunning && worker.terminationStatus != 0 {
             guard restarts[rank] < maxRestarts else { continue }
             restarts[rank] += 1
@@ -125,10 +131,7 @@ public final class LocalJob {
     }
 
     private func appendLog(_ process: String, _ line: String) {
-        guard let handle = FileHandle(forWritingAtPath: directory.logPath(process)) else { return }
-        handle.seekToEndOfFile()
-        handle.write(Data((line + "\n").utf8))
-        try? handle.close()
+        SafeOutput.append(line + "\n", to: directory.logPath(process))  // on a full disk the line is lost, nothing else
     }
 
     private func launch(_ arguments: [String], log name: String) throws -> Process {
@@ -192,18 +195,26 @@ public final class LocalJob {
             return summary
         }
         let how = Self.exitDescription(coordinator)
-        let summary = JobSummary(
-            state: "failed", jobID: spec.jobID, workers: spec.workers, epochs: directory.history().last?.epoch ?? 0,
-            steps: directory.history().last?.step ?? 0, trainLoss: 0, testLoss: 0, testAccuracy: directory.history().last?.testAccuracy ?? 0,
-            wallSeconds: 0, samplesPerSecond: 0, modelPath: "",
-            message: "the coordinator (pid \(coordinator.processIdentifier)) exited with \(how) without a summary: \(lastLines(of: "coordinator", count: 1))",
-            rejectedMessages: 0, lostWorkers: [])
-        try? directory.write(summary, to: directory.summaryPath)
-        return summary
+        let killed = coordinator.terminationReason == .uncaughtSignal
+        let lastWords = lastLines(of: "coordinator", count: 6).split(separator: "|").map { $0.trimmingCharacters(in: .whitespaces) }
+            .last { !$0.hasPrefix("workers=") && !$0.hasPrefix("control=") && !$0.hasPrefix("supervisor:") } ?? ""
+        if directory.isStopRequested {
+            let summary = directory.writeFailedSummary(spec: spec, message: "stopped by request; the coordinator (pid \(coordinator.processIdentifier)) ended with \(how) before writing its summary")
+            var stopped = summary
+            stopped.state = "stopped"
+            try? directory.write(stopped, to: directory.summaryPath)
+            return stopped
+        }
+        let message = killed
+            ? "the coordinator (pid \(coordinator.processIdentifier)) was killed by \(how) after \(coordinatorRestarts) restart(s): "
+                + "the restart budget (--max-restarts \(maxRestarts), shared by workers' and coordinator's restarts per process) is used up"
+            : "the coordinator (pid \(coordinator.processIdentifier)) exited with \(how) without writing a summary (a full disk?): \(lastWords)"
+        return directory.writeFailedSummary(spec: spec, message: message)
     }
 
     /// Asks the coordinator to stop the job gracefully.
     public func requestStop(reason: String) {
+        directory.recordStopRequest(reason)
         guard let endpoints, let client = try? ControlClient(endpoint: endpoints.control, jobID: spec.jobID, keys: try? spec.keys()) else { return }
         _ = try? client.stop(reason: reason)
     }

@@ -21,7 +21,7 @@ public struct LineLogHandler: LogHandler {
         let merged = metadata.merging(event.metadata ?? [:]) { $1 }
         let fields = merged.sorted { $0.key < $1.key }.map { " \($0.key)=\($0.value)" }.joined()
         let time = Date().formatted(.iso8601.year().month().day().dateSeparator(.dash).time(includingFractionalSeconds: true).timeSeparator(.colon))
-        FileHandle.standardError.write(Data("\(time) \(event.level) \(label): \(event.message)\(fields)\n".utf8))
+        SafeOutput.print("\(time) \(event.level) \(label): \(event.message)\(fields)\n", to: 2)  // a full disk loses the line, not the process
     }
 }
 

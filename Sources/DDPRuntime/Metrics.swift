@@ -10,6 +10,8 @@ struct Metrics {
     var rejectedMessages: UInt64 = 0
     var workersAlive = 0
     var workersLost = 0
+    var checkpointFailures = 0
+    var writeFailures = 0
     static let bucketBounds: [Double] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
     var bucketCounts = [Int](repeating: 0, count: bucketBounds.count)
     var stepSecondsSum = 0.0
@@ -36,6 +38,8 @@ struct Metrics {
         metric("ddp_rejected_messages_total", "counter", "Malformed, stale or refused messages dropped.", "\(rejectedMessages)")
         metric("ddp_workers_alive", "gauge", "Workers taking part in the current step.", "\(workersAlive)")
         metric("ddp_workers_lost_total", "counter", "Workers declared lost.", "\(workersLost)")
+        metric("ddp_checkpoint_failures_total", "counter", "Checkpoints that could not be written.", "\(checkpointFailures)")
+        metric("ddp_write_failures_total", "counter", "Writes of the job's files (metrics, step log, history) that failed.", "\(writeFailures)")
         lines += ["# HELP ddp_step_seconds Wall time of a synchronous step at the coordinator.", "# TYPE ddp_step_seconds histogram"]
         for (bound, count) in zip(Self.bucketBounds, bucketCounts) { lines.append("ddp_step_seconds_bucket{\(label),le=\"\(bound)\"} \(count)") }
         lines += ["ddp_step_seconds_bucket{\(label),le=\"+Inf\"} \(steps)", "ddp_step_seconds_sum{\(label)} \(stepSecondsSum)",

@@ -9,6 +9,10 @@ public enum SafeTensors {
     public static func write(_ tensors: [(name: String, tensor: Tensor)], metadata: [String: String] = [:], to path: String) throws {
         var header: [String: Any] = [:]
         var offset = 0
+        var checksum = DataChecksum()
+        for (_, tensor) in tensors { tensor.withUnsafeBufferPointer { checksum.add(UnsafeRawBufferPointer($0)) } }
+        var metadata = metadata
+        metadata[DataChecksum.key] = checksum.text
         for (name, tensor) in tensors {
             let bytes = tensor.count * 4
             header[name] = ["dtype": "F32", "shape": tensor.shape, "data_offsets": [offset, offset + bytes]]
@@ -60,6 +64,13 @@ public enum SafeTensors {
         }
         tensors.sort { $0.begin < $1.begin }
         let metadata = (header["__metadata__"] as? [String: String]) ?? [:]
+        if let expected = metadata[DataChecksum.key] {  // files SwiftDDP wrote carry one: corrupt data is refused
+            var checksum = DataChecksum()
+            for t in tensors { t.tensor.withUnsafeBufferPointer { checksum.add(UnsafeRawBufferPointer($0)) } }
+            guard checksum.text == expected else {
+                throw SafeTensorsError.invalid(path, "its tensor data does not match its checksum (\(checksum.text), \(expected) written): the file is corrupt")
+            }
+        }
         return Contents(tensors: tensors.map { ($0.name, $0.tensor) }, metadata: metadata)
     }
 }
@@ -70,24 +81,45 @@ public enum SafeTensorsError: Error, CustomStringConvertible {
 }
 
 /// Whole-file writes that never leave a half-written file behind.
+/// A 64-bit checksum of tensor bytes (FNV-1a, tensor by tensor in file order: its little-endian 8-byte
+/// words, then the 0-7 bytes left),
+/// kept in the metadata of every safetensors file SwiftDDP writes (`swiftddp_checksum`, 16 hex digits)
+/// and verified when one is read: flipped or truncated data is refused, not resumed from.
+struct DataChecksum {
+    static let key = "swiftddp_checksum"
+    private var hash: UInt64 = 0xCBF2_9CE4_8422_2325
+
+    mutating func add(_ bytes: UnsafeRawBufferPointer) {
+        let words = bytes.count / 8
+        for i in 0..<words { hash = (hash ^ UInt64(littleEndian: bytes.loadUnaligned(fromByteOffset: 8 * i, as: UInt64.self))) &* 0x100_0000_01B3 }
+        for i in (8 * words)..<bytes.count { hash = (hash ^ UInt64(bytes[i])) &* 0x100_0000_01B3 }
+    }
+
+    var text: String { String(format: "%016llx", hash) }
+}
+
+/// A job file that could not be written, and why.
+struct FileWriteError: Error, CustomStringConvertible {
+    let path: String
+    let reason: String
+    var description: String { "cannot write \(path): \(reason)" }
+}
+
 enum AtomicFile {
+    /// Writes `data` to a temporary file beside `path`, syncs it, and renames it into place: `path` holds
+    /// the old contents or the new, never a part. A failure (a full disk) leaves the old file, removes the
+    /// temporary one, and says what failed in plain words.
     static func write(_ data: Data, to path: String) throws {
         let temporary = path + ".tmp-\(getpid())"
-        guard FileManager.default.createFile(atPath: temporary, contents: nil) else {
-            throw SafeTensorsError.invalid(path, "cannot create \(temporary)")
-        }
-        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: temporary))
-        do {
-            try handle.write(contentsOf: data)
-            try handle.synchronize()
-            try handle.close()
-        } catch {
-            try? FileManager.default.removeItem(atPath: temporary)
-            throw error
-        }
-        guard rename(temporary, path) == 0 else {
-            try? FileManager.default.removeItem(atPath: temporary)
-            throw SafeTensorsError.invalid(path, "cannot rename into place: \(String(cString: strerror(errno)))")
+        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw FileWriteError(path: path, reason: "cannot create \(temporary): \(String(cString: strerror(errno)))") }
+        var failure = data.withUnsafeBytes { SafeOutput.write($0, to: fd) }
+        if failure == nil && fsync(fd) != 0 { failure = String(cString: strerror(errno)) }
+        close(fd)
+        if failure == nil && rename(temporary, path) != 0 { failure = "cannot rename into place: \(String(cString: strerror(errno)))" }
+        if let failure {
+            unlink(temporary)
+            throw FileWriteError(path: path, reason: failure)
         }
     }
 

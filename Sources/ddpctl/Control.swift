@@ -148,21 +148,38 @@ struct Stop: ParsableCommand {
             return
         }
         let processes = JobLookup.processes(of: directory)
+        directory.recordStopRequest("ddpctl stop")  // final: the supervisor restarts nothing after this
+        if let endpoints = directory.endpoints(), !JobLookup.isAlive(endpoints.pid), !FileManager.default.fileExists(atPath: directory.restartingPath) {
+            // A dead coordinator cannot stop anything: end what is left and say so in a summary.
+            var killed: [String] = []
+            for (name, pid) in processes.sorted(by: { $0.key < $1.key }) where JobLookup.isProcess(pid, of: directory) {
+                kill(pid, SIGKILL)
+                killed.append("\(name) (pid \(pid))")
+            }
+            let spec = (try? JobSpec.fromJSON(try String(contentsOfFile: directory.specPath, encoding: .utf8))) ?? JobSpec()
+            let summary = directory.writeFailedSummary(
+                spec: spec, message: "the coordinator (pid \(endpoints.pid)) was not running and left no summary; ended by ddpctl stop")
+            print("job \(summary.jobID): the coordinator was not running; the job is marked failed" + (killed.isEmpty ? "" : "; killed \(killed.joined(separator: ", "))"))
+            return
+        }
         var graceful = false
         if let endpoints = directory.endpoints(), JobLookup.isAlive(endpoints.pid) {
+            let deadline = Date().addingTimeInterval(timeout)
             let spec = try JobSpec.fromJSON(try String(contentsOfFile: directory.specPath, encoding: .utf8))
-            if let reply = try? ControlClient(endpoint: endpoints.control, jobID: spec.jobID, keys: try spec.keys()).stop(reason: "ddpctl stop", graceful: !now) {
+            let client = try ControlClient(endpoint: endpoints.control, jobID: spec.jobID, keys: try spec.keys())
+            if let reply = try? client.stop(reason: "ddpctl stop", graceful: !now, timeoutSeconds: min(2, timeout)) {
                 print("asked the coordinator to stop at step \(reply.step)")
-                let deadline = Date().addingTimeInterval(timeout)
-                while JobLookup.isAlive(endpoints.pid) && Date() < deadline { usleep(50_000) }
-                graceful = !JobLookup.isAlive(endpoints.pid)
+            } else {
+                print("the coordinator did not answer; waiting up to \(timeout) s for it to end")
             }
+            while JobLookup.isAlive(endpoints.pid) && Date() < deadline { usleep(50_000) }  // the whole --timeout
+            graceful = !JobLookup.isAlive(endpoints.pid) && directory.summary() != nil
         }
         var killed: [String] = []
         let deadline = Date().addingTimeInterval(graceful ? 5 : 0)
         for (name, pid) in processes.sorted(by: { $0.key < $1.key }) where name != "supervisor" {
-            while JobLookup.isAlive(pid) && Date() < deadline { usleep(50_000) }
-            if JobLookup.isAlive(pid) { kill(pid, SIGKILL); killed.append("\(name) (pid \(pid))") }
+            while JobLookup.isProcess(pid, of: directory) && Date() < deadline { usleep(50_000) }
+            if JobLookup.isProcess(pid, of: directory) { kill(pid, SIGKILL); killed.append("\(name) (pid \(pid))") }
         }
         let checkpoint = (try? FileManager.default.contentsOfDirectory(atPath: directory.checkpointsPath))?.sorted().last
         if graceful, let summary = directory.summary() {
@@ -186,11 +203,11 @@ struct Logs: ParsableCommand {
         let directory = try selection.directory()
         let path = directory.logPath(rank.map { "worker-\($0)" } ?? "coordinator")
         guard let handle = FileHandle(forReadingAtPath: path) else { throw CommandFailure.message(ControlError.failed("no log at \(path)")) }
-        FileHandle.standardOutput.write(handle.readDataToEndOfFile())
+        SafeOutput.write(handle.readDataToEndOfFile(), to: 1)
         guard follow else { return }
         while true {
             let chunk = handle.readDataToEndOfFile()
-            if !chunk.isEmpty { FileHandle.standardOutput.write(chunk) }
+            if !chunk.isEmpty { SafeOutput.write(chunk, to: 1) }
             if directory.summary() != nil, chunk.isEmpty { return }
             usleep(200_000)
         }

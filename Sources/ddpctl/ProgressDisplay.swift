@@ -3,16 +3,16 @@ import Foundation
 
 /// Live progress of a job: a redrawn bar on a terminal, one plain line per epoch otherwise.
 final class ProgressDisplay {
-    private let handle: FileHandle
+    private let descriptor: Int32
     private let isTerminal: Bool
     private var barShown = false
 
     init(toStandardError: Bool) {
-        handle = toStandardError ? .standardError : .standardOutput
+        descriptor = toStandardError ? 2 : 1
         isTerminal = isatty(toStandardError ? 2 : 1) == 1
     }
 
-    private func write(_ text: String) { handle.write(Data(text.utf8)) }
+    private func write(_ text: String) { SafeOutput.print(text, to: descriptor) }
 
     /// A message on a line of its own.
     func line(_ text: String) {

@@ -30,6 +30,7 @@ struct JobOptions: ParsableArguments {
     @Option(help: "Worker processes.") var workers: Int?
     @Option(help: "The job fails below this many live workers.") var minWorkers: Int?
     @Option(help: "Steps between checkpoints (0: every epoch).") var checkpointEvery: Int?
+    @Option(help: "Checkpoints failing in a row before the job fails (0: never; default 3).") var checkpointFailureLimit: Int?
     @Option(help: "Wire type of gradients and updates: f32, bf16 or f16.") var wireDtype: String?
     @Option(name: .customLong("bucket-kb"), help: "Gradient bucket size in KiB, pushed during the backward pass (0: one message).")
     var bucketKB: Int?
@@ -50,6 +51,7 @@ struct JobOptions: ParsableArguments {
         o["weight_decay"] = weightDecay.map { Double($0) }; o["schedule"] = schedule; o["warmup_steps"] = warmupSteps
         o["clip_norm"] = clipNorm.map { Double($0) }; o["seed"] = seed; o["test_fraction"] = testFraction
         o["workers"] = workers; o["min_workers"] = minWorkers; o["checkpoint_every"] = checkpointEvery
+        o["checkpoint_failure_limit"] = checkpointFailureLimit
         o["wire_dtype"] = wireDtype; o["bucket_kb"] = bucketKB; o["shared_memory"] = sharedMemory
         o["coordinator_shards"] = coordinatorShards
         o["keys_dir"] = keysDir.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
@@ -60,7 +62,7 @@ struct JobOptions: ParsableArguments {
     /// The job from the file and flags; an invalid one is reported in one line with exit status 64.
     func resolve() throws -> JobSpec {
         do { return try JobSpec.load(path: config, overrides: overrides) } catch let error as JobSpecError {
-            FileHandle.standardError.write(Data("Error: \(error)\n".utf8))
+            SafeOutput.print("Error: \(error)\n", to: 2)
             throw ExitCode(64)
         }
     }

@@ -64,9 +64,9 @@ struct CoordinatorCommand: ParsableCommand {
         let coordinator = try Coordinator(
             spec: spec, workerEndpoint: bind, controlEndpoint: control, directory: directory, resume: resume,
             allowPlainText: insecure, role: role, logger: Logger(label: shard.map { "coordinator-shard-\($0)" } ?? "coordinator"))
-        FileHandle.standardOutput.write(Data("workers=\(coordinator.workerEndpoint)\ncontrol=\(coordinator.controlEndpoint)\n".utf8))
+        SafeOutput.print("workers=\(coordinator.workerEndpoint)\ncontrol=\(coordinator.controlEndpoint)\n")
         let summary = try coordinator.run()
-        if role == .leader { FileHandle.standardOutput.write(Data((summary.jsonLine + "\n").utf8)) }
+        if role == .leader { SafeOutput.print(summary.jsonLine + "\n") }
         switch summary.state {
         case "completed": return
         case "stopped": throw ExitCode(2)

@@ -40,7 +40,7 @@ struct ControlTests {
         #expect(stop.stdout.contains("checkpoint") && stop.stdout.contains("stopped job"))
         let checkpoints = try FileManager.default.contentsOfDirectory(atPath: "\(jobs)/\(job)/checkpoints")
         #expect(!checkpoints.isEmpty)
-        let checkpoint = try Checkpoint.latest(in: JobDirectory(path: "\(jobs)/\(job)"))
+        let checkpoint = Checkpoint.latest(in: JobDirectory(path: "\(jobs)/\(job)")).checkpoint
         #expect(checkpoint?.parameters.count == 4)
 
         let list = try ddpctl(["list", "--jobs-dir", jobs])

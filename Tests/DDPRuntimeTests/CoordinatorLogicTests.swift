@@ -206,6 +206,61 @@ import Testing
         #expect(h.lines.messages.contains { $0.contains("gradient of rank 2 at step 0 is an outlier") })
     }
 
+    /// Below min_workers no step completes (training pauses); when a worker comes back the step is sent
+    /// again with it; if none does within the grace period, the job fails naming the lost.
+    @Test func belowMinWorkersTrainingPauses() throws {
+        let h = try Harness(["workers": 3, "min_workers": 2])
+        for peer in [a, b, c] { _ = try h.join(peer) }
+        h.transport.inbox.append(.disconnected([b, c]))
+        try h.run()
+        _ = h.transport.take(for: a)
+        h.push(from: a, rank: 0, step: 0, attempt: 1, samples: 64, value: 1)
+        try h.run()
+        #expect(h.leader.round.step == 0, "no step completes with 1 of min_workers 2")
+        _ = try h.join([8], rank: 1)  // rank 1 comes back
+        try h.run()
+        let (_, resent) = try #require(h.lastUpdate(a, in: h.transport.take(for: a)))
+        #expect(resent.attempt == 2 && resent.worldSize == 2 && h.samples(resent) == 32)
+        h.push(from: a, rank: 0, step: 0, attempt: 2, samples: 32, value: 1)
+        h.push(from: [8], rank: 1, step: 0, attempt: 2, samples: 32, value: 1)
+        try h.run()
+        #expect(h.leader.round.step == 1)
+        h.transport.inbox.append(.disconnected([[8]]))
+        try h.run()
+        h.clock.now += 11  // past the grace period (twice the heartbeat timeout)
+        try h.run()
+        #expect(h.leader.phase == .failed && h.leader.message.contains("below min_workers 2"), "\(h.leader.message)")
+    }
+
+    /// A resume takes the newest checkpoint that verifies: a corrupt one (flipped tensor bytes) and a
+    /// truncated one are skipped, each named with the reason.
+    @Test func resumeSkipsCheckpointsThatDoNotVerify() throws {
+        let dir = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let job = JobDirectory(path: dir)
+        try job.create()
+        let spec = try JobSpec.load(path: nil, overrides: ["job_id": "logic", "workers": 2])
+        let setup = try TrainingSetup(spec: spec)
+        let optimizer = try setup.makeOptimizer()
+        for step in [10, 20, 30] {
+            _ = try Checkpoint.save(step: step, stepsPerEpoch: 12, parameters: setup.model.parameters, optimizer: optimizer, spec: spec,
+                                    samplesTrained: step * 128, in: job, keep: 3)
+        }
+        let paths = Checkpoint.list(in: job)
+        var bytes = try Data(contentsOf: URL(fileURLWithPath: paths[2]))
+        for i in (bytes.count - 4096)..<bytes.count { bytes[i] ^= 0x5A }  // 4 KB of tensor data flipped
+        try bytes.write(to: URL(fileURLWithPath: paths[2]))
+        let (latest, skipped) = Checkpoint.latest(in: job)
+        #expect(latest?.step == 20 && skipped.count == 1 && skipped[0].reason.contains("does not match its checksum"))
+        let truncated = try Data(contentsOf: URL(fileURLWithPath: paths[1]))
+        try truncated.prefix(truncated.count / 2).write(to: URL(fileURLWithPath: paths[1]))
+        let lines = LogLines()
+        let leader = try Leader(spec: spec, setup: setup, transport: InMemoryTransport(), directory: job, resume: true,
+                                logger: Logger(label: "leader") { _ in lines })
+        #expect(leader.round.step == 10 && leader.recorder.metrics.samples == 1280)
+        #expect(lines.messages.filter { $0.hasPrefix("skipped checkpoint") }.count == 2, "\(lines.messages)")
+    }
+
     /// Stop: graceful finishes the step in progress; at once drops it.
     @Test func stopAtOnceDropsTheStepInProgress() throws {
         let h = try Harness()

@@ -139,7 +139,7 @@ struct DeployTests {
         defer { try? FileManager.default.removeItem(atPath: jobs) }
         let summary = try #require(try startJob(["--epochs", "2"], jobsDir: jobs).0)
         let job = JobDirectory(path: (summary.modelPath as NSString).deletingLastPathComponent)
-        let checkpoint = try #require(try Checkpoint.latest(in: job))
+        let checkpoint = try #require(Checkpoint.latest(in: job).checkpoint)
         let script = """
             import json, sys
             from safetensors import safe_open

@@ -61,9 +61,11 @@ struct FaultTests {
         #expect(waitUntil(timeout: 60) { currentStep(job) >= 20 })
         let victim = try #require(JobLookup.processes(of: job)["worker-1"])
         kill(victim, SIGKILL)
+        let atKill = currentStep(job)
         #expect(waitUntil(timeout: 60) { job.summary() != nil }, "the job hung below min_workers")
         let summary = try #require(job.summary())
         #expect(summary.state == "failed")
+        #expect(summary.steps <= atKill + 1, "no step is trained below min_workers (\(atKill) at the kill, \(summary.steps) at the end)")
         #expect(summary.message.contains("below min_workers 2 for 3 s") && summary.message.contains("rank 1"), "\(summary.message)")
         #expect(summary.message.contains("pid \(victim)"))
     }
@@ -86,6 +88,17 @@ struct FaultTests {
         #expect(summary.state == "completed" && summary.steps == cleanSummary.steps)
         let log = try String(contentsOfFile: job.logPath("coordinator"), encoding: .utf8)
         #expect(log.contains("resumed from checkpoint"))
+        // The counters carry on from the checkpoint and the step log holds each step once.
+        func samples(_ dir: JobDirectory) throws -> String? {
+            try String(contentsOfFile: dir.metricsPath, encoding: .utf8).split(separator: "\n").first { $0.hasPrefix("ddp_samples_total") }
+                .map { String($0.split(separator: " ").last!) }
+        }
+        let cleanJob = JobDirectory(path: (cleanSummary.modelPath as NSString).deletingLastPathComponent)
+        #expect(try samples(job) == samples(cleanJob) && samples(job) != nil)
+        let steps = try String(contentsOfFile: job.stepLogPath, encoding: .utf8).split(separator: "\n")
+            .compactMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }.compactMap { $0["step"] as? Int }
+        #expect(steps == Array(0..<cleanSummary.steps), "each step once, in order")
+        #expect(job.history().map(\.epoch) == Array(1...25))
         let resumed = try finalParameters(job)
         #expect(resumed.map(\.name) == clean.map(\.name))
         for (a, b) in zip(resumed, clean) { #expect(a.values == b.values, "\(a.name) differs from the uninterrupted run") }
@@ -96,6 +109,71 @@ struct FaultTests {
     }
 
     /// A follower shard killed mid-job fails the job at once, naming it; no process is left behind and the
+    /// A full disk under the jobs directory crashes no process: the job fails with the reason (the
+    /// checkpoints in a row it could not write), the exit status says so, no process is left behind.
+    @Test(.enabled(if: getuid() == 0, "mounting a small tmpfs needs root"))
+    func aFullDiskFailsTheJobWithTheReasonAndCrashesNothing() throws {
+        let dir = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let disk = dir + "/disk"
+        try FileManager.default.createDirectory(atPath: disk, withIntermediateDirectories: true)
+        #expect(try runCommand("/bin/mount", ["-t", "tmpfs", "-o", "size=300k", "tmpfs", disk]).status == 0)
+        defer { _ = try? runCommand("/bin/umount", ["-l", disk]) }
+        let result = try runCommand(Binaries.ddpctl, ["start", "--json", "--jobs-dir", disk + "/j", "--workers", "3", "--epochs", "300",
+                                                      "--batch-size", "32", "--seed", "3"], timeout: 180)
+        #expect(result.status == 1, "\(result.stderr.suffix(500))")
+        let summary = try #require(try? JobJSON.decoder().decode(JobSummary.self, from: Data((result.stdout.split(separator: "\n").last ?? "").utf8)))
+        #expect(summary.state == "failed" && summary.message.contains("checkpoints in a ro"), "\(summary.message)")
+        let leftover = try runCommand("/usr/bin/pgrep", ["-f", disk])
+        #expect(leftover.stdout.isEmpty, "processes left: \(leftover.stdout)")
+    }
+
+    /// With only checkpoints/ full and checkpoint_failure_limit 0, training goes on to the end and every
+    /// failed checkpoint shows: in status, the summary and the metrics.
+    @Test(.enabled(if: getuid() == 0, "mounting a small tmpfs needs root"))
+    func failedCheckpointsAreReported() throws {
+        let jobs = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: jobs) }
+        let checkpoints = jobs + "/cp-job/checkpoints"
+        try FileManager.default.createDirectory(atPath: checkpoints, withIntermediateDirectories: true)
+        #expect(try runCommand("/bin/mount", ["-t", "tmpfs", "-o", "size=16k", "tmpfs", checkpoints]).status == 0)
+        defer { _ = try? runCommand("/bin/umount", ["-l", checkpoints]) }
+        try "job_id: cp-job\ncheckpoint_failure_limit: 0\n".write(toFile: jobs + "/job.yaml", atomically: true, encoding: .utf8)
+        let (summary, result) = try startJob(["--config", jobs + "/job.yaml", "--epochs", "5"], jobsDir: jobs)
+        let s = try #require(summary, "\(result.stderr)")
+        #expect(s.state == "completed" && s.message.contains("checkpoint(s) could not be written"), "\(s.message)")
+        let metrics = try String(contentsOfFile: jobs + "/cp-job/metrics.prom", encoding: .utf8)
+        #expect(metrics.contains("ddp_checkpoint_failures_total{job=\"cp-job\"} 5"), "\(metrics)")
+        #expect(((try? FileManager.default.contentsOfDirectory(atPath: checkpoints)) ?? []).isEmpty, "no temporary file is left")
+    }
+
+    /// A stop sticks: with the coordinator frozen (SIGSTOP), `ddpctl stop --timeout 3` waits the 3 s, kills
+    /// the job's processes, and the supervisor restarts nothing: the job ends `stopped`. A pid in
+    /// processes.json that now belongs to another program is left alone.
+    @Test func aStopIsFinalAndKillsOnlyTheJobsProcesses() throws {
+        let jobs = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: jobs) }
+        let job = try startDetachedJob(["--epochs", "3000"], jobsDir: jobs)
+        #expect(waitUntil(timeout: 60) { currentStep(job) >= 50 })
+        let stranger = try ChildProcess("/bin/sleep", ["60"])
+        defer { stranger.terminate() }
+        var processes = JobLookup.processes(of: job)
+        processes["worker-9"] = stranger.pid
+        try JSONEncoder().encode(processes).write(to: URL(fileURLWithPath: job.processesPath))
+        let coordinator = try #require(job.endpoints()).pid
+        kill(coordinator, SIGSTOP)
+        let asked = Date()
+        let stop = try runCommand(Binaries.ddpctl, ["stop", "--job", job.path, "--timeout", "3"], timeout: 60)
+        #expect(Date().timeIntervalSince(asked) >= 3, "the whole timeout is waited")
+        #expect(stop.stdout.contains("killed") && stop.stdout.contains("coordinator"), "\(stop.stdout)")
+        #expect(waitUntil(timeout: 20) { job.summary() != nil })
+        #expect(job.summary()?.state == "stopped", "\(job.summary()?.message ?? "")")
+        #expect(waitUntil(timeout: 10) { (try? runCommand("/usr/bin/pgrep", ["-f", job.path]))?.stdout.isEmpty == true })
+        #expect(stranger.isRunning, "a pid that is no longer the job's is not signalled")
+        let log = try String(contentsOfFile: job.logPath("coordinator"), encoding: .utf8)
+        #expect(!log.contains("resumed from checkpoint"))
+    }
+
     /// A worker sent SIGTERM leaves cleanly: it says Leave, its rank is `left` at once (no deadline
     /// waited out) and the job goes on with the others.
     @Test func aTerminatedWorkerLeavesAndTheJobGoesOn() throws {
@@ -158,7 +236,7 @@ struct FaultTests {
         let summary = try #require(job.summary())
         #expect(summary.state == "failed" && summary.message.contains("coordinator shard 2"), "\(summary.message)")
         #expect(summary.modelPath.isEmpty, "a model without shard 2's current tensors was written")
-        #expect(try Checkpoint.latest(in: job) != nil)
+        #expect(Checkpoint.latest(in: job).checkpoint != nil)
         #expect(waitUntil(timeout: 15) { processes.values.allSatisfy { kill($0, 0) != 0 } }, "processes left: \(processes)")
     }
 

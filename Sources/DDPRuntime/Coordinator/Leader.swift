@@ -67,14 +67,27 @@ final class Leader: ShardServer {
         recorder = Recorder(directory: directory, log: logger)
         try directory?.write(Endpoints(workers: transport.workerEndpoint, control: transport.controlEndpoint, pid: getpid()),
                              to: directory!.endpointsPath)
-        if resume, let directory, let checkpoint = try Checkpoint.latest(in: directory) {
-            try shard.restore(checkpoint)
-            round.step = checkpoint.step
-            recorder.history = checkpoint.history()
-            recorder.metrics.steps = checkpoint.step
-            membership.rankTokens = checkpoint.rankTokens
-            membership.reservedUntil = clock() + 3 * Double(spec.heartbeatTimeoutMs) / 1000
-            log.info("resumed from checkpoint", metadata: ["path": "\(checkpoint.path)", "step": "\(checkpoint.step)"])
+        directory?.removeStaleTemporaries()
+        if resume, let directory {
+            let (latest, skipped) = Checkpoint.latest(in: directory)
+            for (path, reason) in skipped { log.warning("skipped checkpoint \(path): \(reason)") }
+            if let checkpoint = latest { try continueFrom(checkpoint) } else if !skipped.isEmpty {
+                throw SafeTensorsError.invalid(directory.checkpointsPath, "no checkpoint verifies (\(skipped.count) tried); cannot resume")
+            }
+        }
+    }
+
+    /// Continues from `checkpoint`: its parameters, optimizer state, step, counters and rank tokens.
+    private func continueFrom(_ checkpoint: Checkpoint) throws {
+        try shard.restore(checkpoint)
+        round.step = checkpoint.step
+        recorder.resume(from: checkpoint)
+        membership.rankTokens = checkpoint.rankTokens
+        membership.reservedUntil = now() + 3 * Double(spec.heartbeatTimeoutMs) / 1000
+        log.info("resumed from checkpoint", metadata: ["path": "\(checkpoint.path)", "step": "\(checkpoint.step)"])
+        if checkpoint.step >= setup.totalSteps {  // killed after its final checkpoint: only the end is left to do
+            phase = .completed
+            message = "trained \(spec.epochs) epochs (finished after a coordinator restart)"
         }
     }
 
@@ -289,7 +302,7 @@ final class Leader: ShardServer {
             epoch: UInt64(round.step / stepsPerEpoch), totalEpochs: UInt64(spec.epochs), elapsedSeconds: now - started,
             trainLoss: recorder.recentLosses.last ?? 0, testLoss: last?.testLoss ?? 0, testAccuracy: last?.testAccuracy ?? 0,
             samplesPerSecond: elapsed > 0 ? Double(recorder.samplesTrained) / elapsed : 0, workers: workers,
-            rejectedMessages: recorder.rejected, recentLosses: detail ? Array(recorder.recentLosses.suffix(64)) : [], message: message)
+            rejectedMessages: recorder.rejected, recentLosses: detail ? Array(recorder.recentLosses.suffix(64)) : [], message: messageWithProblems)
         reply.coordinatorShards = followers.keys.sorted().map { followers[$0]!.endpoint }
         return reply
     }
@@ -320,8 +333,10 @@ final class Leader: ShardServer {
             !self.round.hasAnswered($0) || !self.everyFollowerAnswered($0)
         }
         for (rank, reason) in overdue { markGone(rank, as: .lost, reason: reason) }
-        // Below min_workers the job waits a grace period for restarted workers to rejoin, then fails.
+        // Below min_workers the job pauses (no step completes) and waits a grace period for workers to
+        // rejoin, then fails.
         let present = membership.liveCount + membership.joiningCount
+        if membership.liveCount < spec.minWorkers && present >= spec.minWorkers { round.mustRedo = true }  // enough again: resend with them
         if present < spec.minWorkers && phase != .failed {
             if belowMinimumSince == 0 {
                 belowMinimumSince = now
@@ -333,15 +348,13 @@ final class Leader: ShardServer {
         } else {
             belowMinimumSince = 0
         }
-        // With no live worker left, workers that (re)joined take up the interrupted step at once.
-        if membership.liveCount == 0 && membership.joiningCount >= spec.minWorkers { round.mustRedo = true }
     }
 
     /// Completes the step once every live worker's push is in (and every follower reported it): averages
     /// (again without non-finite contributions where needed), steps, sends the next update, and records.
     func completeStepIfReady() throws {
         let live = membership.live.map(\.rank)
-        guard !live.isEmpty, live.allSatisfy({ round.hasAnswered($0) && everyFollowerAnswered($0) }) else { return }
+        guard live.count >= max(spec.minWorkers, 1), live.allSatisfy({ round.hasAnswered($0) && everyFollowerAnswered($0) }) else { return }
         refuseWhatFollowersRefused(live)
         guard let used = averageContributions(round.contributions(of: live)) else { return }  // a follower failed
         let samples = used.reduce(0) { $0 + Int($1.sampleCount) }
@@ -453,9 +466,21 @@ final class Leader: ShardServer {
                           liveWorkers: membership.liveCount, totalEpochs: spec.epochs, jobID: spec.jobID, now: now())
     }
 
+    /// Writes a checkpoint; after `checkpoint_failure_limit` failures in a row the job fails (the newest
+    /// checkpoint written stays for a resume).
     func writeCheckpoint() {
         guard directory != nil, refreshFromFollowers(withState: true) else { return }
         recorder.writeCheckpoint(step: round.step, stepsPerEpoch: stepsPerEpoch, shard: shard, spec: spec, rankTokens: membership.rankTokens)
+        if spec.checkpointFailureLimit > 0 && recorder.failedCheckpointsInARow >= spec.checkpointFailureLimit && !phase.isFinished {
+            fail("\(recorder.failedCheckpointsInARow) checkpoints in a row could not be written (last: \(recorder.lastCheckpointFailure)); "
+                 + "free space and resume (checkpoint_failure_limit \(spec.checkpointFailureLimit))")
+        }
+    }
+
+    /// The job's message with what went wrong with its files, if anything did.
+    var messageWithProblems: String {
+        let problems = recorder.problems
+        return problems.isEmpty ? message : message.isEmpty ? problems : message + "; " + problems
     }
 
     /// Sends the current step again, with the next attempt, to the live workers: its whole global batch
@@ -489,13 +514,15 @@ final class Leader: ShardServer {
     // MARK: End
 
     func finish() throws -> JobSummary {
+        // The final checkpoint before the workers are let go: a coordinator killed after that is resumed
+        // at the end and finishes without them.
+        if round.step > 0 && phase != .failed { writeCheckpoint() }
         for member in membership.byRank where member.takesPart {
             try? send(.stop(reason: message, graceful: phase != .failed), to: member.peer)
         }
         let last = recorder.history.last
         let elapsed = trainingStarted > 0 ? now() - trainingStarted : 0
         var modelPath = ""
-        if round.step > 0 && phase != .failed { writeCheckpoint() }
         recorder.flushRejections()
         recorder.writeMetrics(liveWorkers: membership.liveCount, jobID: spec.jobID, now: now())
         // With followers, the model is whole only when they could send their tensors.
@@ -515,9 +542,11 @@ final class Leader: ShardServer {
             state: phase.rawValue, jobID: spec.jobID, workers: spec.workers, epochs: round.step / stepsPerEpoch, steps: round.step,
             trainLoss: last?.trainLoss ?? recorder.recentLosses.last ?? 0, testLoss: last?.testLoss ?? 0,
             testAccuracy: last?.testAccuracy ?? 0, wallSeconds: now() - started,
-            samplesPerSecond: elapsed > 0 ? Double(recorder.samplesTrained) / elapsed : 0, modelPath: modelPath, message: message,
+            samplesPerSecond: elapsed > 0 ? Double(recorder.samplesTrained) / elapsed : 0, modelPath: modelPath, message: messageWithProblems,
             rejectedMessages: recorder.rejected, lostWorkers: membership.lostRanks, task: spec.task)
-        if let directory { try directory.write(summary, to: directory.summaryPath) }
+        if let directory {  // on a full disk the summary still reaches standard output and the exit status
+            do { try directory.write(summary, to: directory.summaryPath) } catch { log.error("the summary could not be written: \(error)") }
+        }
         log.info("job \(phase.rawValue)", metadata: ["steps": "\(round.step)", "test_accuracy": "\(summary.testAccuracy)", "message": "\(message)"])
         transport.close()
         return summary

@@ -19,10 +19,47 @@ struct Recorder {
     private(set) var samplesTrained = 0
     private var stepLog: [String] = []
     private var lastMetricsWrite = 0.0
+    /// Checkpoints that failed in a row (0 after one that was written), and the last failure.
+    private(set) var failedCheckpointsInARow = 0
+    private(set) var lastCheckpointFailure = ""
+    /// The job's files whose last write failed (file -> why): a full disk stops none of training.
+    private(set) var failedWrites: [String: String] = [:]
+
+    /// What went wrong with the job's files, for status and the summary (empty when nothing did).
+    var problems: String {
+        var parts: [String] = []
+        if metrics.checkpointFailures > 0 {
+            parts.append("\(metrics.checkpointFailures) checkpoint(s) could not be written (last: \(lastCheckpointFailure))")
+        }
+        if !failedWrites.isEmpty {
+            parts.append("\(metrics.writeFailures) write(s) failed: " + failedWrites.sorted { $0.key < $1.key }.map { "\($0.key): \($0.value)" }.joined(separator: ", "))
+        }
+        return parts.joined(separator: "; ")
+    }
+
+    /// Notes a failed or successful write of `file`.
+    private mutating func wrote(_ file: String, failure: String?) {
+        guard let failure else { failedWrites[file] = nil; return }
+        if failedWrites[file] == nil { log.error("could not write \(file): \(failure)") }
+        failedWrites[file] = failure
+        metrics.writeFailures += 1
+    }
 
     init(directory: JobDirectory?, log: Logger) {
         self.directory = directory
         self.log = log
+    }
+
+    /// Takes up a resumed job's record: the counters of its checkpoint, and the history and step log cut
+    /// back to its step.
+    mutating func resume(from checkpoint: Checkpoint) {
+        metrics.steps = checkpoint.step
+        metrics.samples = checkpoint.samplesTrained
+        guard let directory else { return }
+        do { history = try directory.cutBack(toStep: checkpoint.step) } catch {
+            history = directory.history().filter { $0.step <= checkpoint.step }
+            log.error("could not cut the history and step log back to step \(checkpoint.step): \(error)")
+        }
     }
 
     /// Counts a rejected message and logs it, rate-limited (a flood of junk must not fill the disk).
@@ -78,19 +115,27 @@ struct Recorder {
         ])
         metrics.testLoss = test.loss
         metrics.testAccuracy = test.accuracy
-        if let directory { try? directory.write(history, to: directory.historyPath) }
+        if let directory {
+            let line = (try? JobJSON.encoder([.sortedKeys]).encode(record)).map { String(decoding: $0, as: UTF8.self) + "\n" } ?? ""
+            wrote("history.jsonl", failure: SafeOutput.append(line, to: directory.historyPath))
+        }
         writeMetrics(liveWorkers: liveWorkers, jobID: jobID, now: now)
     }
 
-    /// Writes a checkpoint; a failure is logged and the job goes on.
-    func writeCheckpoint(step: Int, stepsPerEpoch: Int, shard: ShardState, spec: JobSpec, rankTokens: [Int32: [UInt8]]) {
+    /// Writes a checkpoint; a failure is logged, counted (status, summary, metrics) and the job goes on.
+    mutating func writeCheckpoint(step: Int, stepsPerEpoch: Int, shard: ShardState, spec: JobSpec, rankTokens: [Int32: [UInt8]]) {
         guard let directory else { return }
+        flushStepLog()  // the step log is whole up to every checkpoint, which a resume cuts it back to
         do {
             let path = try Checkpoint.save(
                 step: step, stepsPerEpoch: stepsPerEpoch, parameters: shard.parameters, optimizer: shard.optimizer, spec: spec,
-                history: history, rankTokens: rankTokens, in: directory, keep: spec.keepCheckpoints)
+                samplesTrained: metrics.samples, rankTokens: rankTokens, in: directory, keep: spec.keepCheckpoints)
+            failedCheckpointsInARow = 0
             log.debug("checkpoint written", metadata: ["path": "\(path)", "step": "\(step)"])
         } catch {
+            failedCheckpointsInARow += 1
+            metrics.checkpointFailures += 1
+            lastCheckpointFailure = "step \(step): \(error)"
             log.error("checkpoint at step \(step) failed: \(error)")
         }
     }
@@ -100,19 +145,27 @@ struct Recorder {
         lastMetricsWrite = now
         guard let directory else { return }
         metrics.workersAlive = liveWorkers
-        try? AtomicFile.write(metrics.text(jobID: jobID), to: directory.metricsPath)
-        guard !stepLog.isEmpty else { return }
-        let text = stepLog.joined(separator: "\n") + "\n"
+        let text = metrics.text(jobID: jobID)
+        wrote("metrics.prom", failure: Result { try AtomicFile.write(text, to: directory.metricsPath) }.failureText)
+        flushStepLog()
+    }
+
+    /// Appends the buffered per-step records to the step log.
+    private mutating func flushStepLog() {
+        guard let directory, !stepLog.isEmpty else { return }
+        let lines = stepLog.joined(separator: "\n") + "\n"
         stepLog.removeAll(keepingCapacity: true)
-        if let handle = FileHandle(forWritingAtPath: directory.stepLogPath) {
-            handle.seekToEndOfFile()
-            handle.write(Data(text.utf8))
-            try? handle.close()
-        } else {
-            _ = FileManager.default.createFile(atPath: directory.stepLogPath, contents: Data(text.utf8))
-        }
+        wrote("steps.jsonl", failure: SafeOutput.append(lines, to: directory.stepLogPath))
     }
 
     /// Logs the rejections not logged one by one; call at the end.
     mutating func flushRejections() { rejectionLog.flush(to: log) }
+}
+
+extension Result where Failure == any Error {
+    /// The error's text, or nil on success.
+    var failureText: String? {
+        if case .failure(let error) = self { return "\(error)" }
+        return nil
+    }
 }

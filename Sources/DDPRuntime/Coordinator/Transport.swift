@@ -24,8 +24,8 @@ protocol CoordinatorTransport: AnyObject {
     /// The bound endpoints (ports filled in).
     var workerEndpoint: String { get }
     var controlEndpoint: String { get }
-    /// What arrived, waiting at most `timeoutMilliseconds` for the first event. Disconnections come
-    /// before the messages read in the same call.
+    /// What arrived, waiting at most `timeoutMilliseconds` for the first event. A peer's disconnection
+    /// comes after the messages of it read in the same call (they were sent before it dropped).
     func poll(timeoutMilliseconds: Int) throws -> [TransportEvent]
     /// Sends to a worker or follower; throws when the peer is gone or does not take it in time.
     func send(_ frames: [OutgoingFrame], to peer: PeerID) throws
@@ -111,8 +111,8 @@ final class ZeroMQTransport: CoordinatorTransport {
         let sockets = [workerSocket, controlSocket, monitor.socket, authenticator.socket] + (leaderSocket.map { [$0] } ?? [])
         let ready = try ZMQSocket.poll(sockets, timeoutMilliseconds: timeoutMilliseconds)
         var events: [TransportEvent] = []
-        if ready.contains(2) {  // first: a drop seen now happened before any message read below on a reused descriptor
-            var gone: [PeerID] = []
+        var gone: [PeerID] = []
+        if ready.contains(2) {  // resolved first: a drop seen now happened before any message read below on a reused descriptor
             while let event = try monitor.next() {
                 switch event {
                 case .accepted(let connection): pending.accepted(connection)
@@ -125,7 +125,6 @@ final class ZeroMQTransport: CoordinatorTransport {
                 case .authenticationFailed, .other: break
                 }
             }
-            if !gone.isEmpty { events.append(.disconnected(gone)) }
         }
         if ready.contains(3) {
             for (address, reason) in try authenticator.handle() { events.append(.refused(address: address, reason: reason)) }
@@ -148,6 +147,7 @@ final class ZeroMQTransport: CoordinatorTransport {
         if let leaderSocket, ready.contains(4) {
             try drain(leaderSocket) { events.append(.fromLeader($0)) }
         }
+        if !gone.isEmpty { events.append(.disconnected(gone)) }  // after what those peers sent before they dropped
         return events
     }
 
