@@ -15,5 +15,5 @@ struct DDPCtl: ParsableCommand {
             Exit status: 0 success, 1 failure (a one-line reason), 64 bad arguments.
             """,
         subcommands: [Start.self, Status.self, Watch.self, Stop.self, Logs.self, List.self, Report.self,
-                      Metrics.self, Doctor.self, Keygen.self, Bench.self, Supervise.self])
+                      Metrics.self, Doctor.self, Keygen.self, Bench.self, Chaos.self, Supervise.self])
 }

@@ -254,11 +254,20 @@ import Testing
         #expect(latest?.step == 20 && skipped.count == 1 && skipped[0].reason.contains("does not match its checksum"))
         let truncated = try Data(contentsOf: URL(fileURLWithPath: paths[1]))
         try truncated.prefix(truncated.count / 2).write(to: URL(fileURLWithPath: paths[1]))
+        let stale = job.checkpointsPath + "/step-00000040.safetensors.tmp-999999"  // a killed writer's leftover
+        FileManager.default.createFile(atPath: stale, contents: Data(count: 1000))
         let lines = LogLines()
         let leader = try Leader(spec: spec, setup: setup, transport: InMemoryTransport(), directory: job, resume: true,
                                 logger: Logger(label: "leader") { _ in lines })
         #expect(leader.round.step == 10 && leader.recorder.metrics.samples == 1280)
         #expect(lines.messages.filter { $0.hasPrefix("skipped checkpoint") }.count == 2, "\(lines.messages)")
+        #expect(!FileManager.default.fileExists(atPath: stale))
+        // A coordinator killed after its final checkpoint is resumed at the end and finishes without workers.
+        _ = try Checkpoint.save(step: setup.totalSteps, stepsPerEpoch: setup.sampler.stepsPerEpoch, parameters: setup.model.parameters,
+                                optimizer: optimizer, spec: spec, in: job, keep: 3)
+        let finished = try Leader(spec: spec, setup: setup, transport: InMemoryTransport(), directory: job, resume: true,
+                                  logger: Logger(label: "leader") { _ in lines })
+        #expect(finished.phase == .completed && finished.message.contains("finished after a coordinator restart"))
     }
 
     /// Stop: graceful finishes the step in progress; at once drops it.

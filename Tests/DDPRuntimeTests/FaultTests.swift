@@ -174,6 +174,15 @@ struct FaultTests {
         #expect(!log.contains("resumed from checkpoint"))
     }
 
+    /// The chaos run's short form: two rounds of random faults on real jobs, each checked (complete, every
+    /// sample once, bitwise or within a point of the clean run, nothing left behind, no crash).
+    @Test func chaosRoundsPassTheirChecks() throws {
+        let dir = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let result = try runCommand(Binaries.ddpctl, ["chaos", "--rounds", "2", "--seed", "5", "--jobs-dir", dir + "/chaos"], timeout: 400)
+        #expect(result.status == 0 && result.stdout.contains("2/2 rounds passed"), "\(result.stdout)\n\(result.stderr.suffix(500))")
+    }
+
     /// A worker sent SIGTERM leaves cleanly: it says Leave, its rank is `left` at once (no deadline
     /// waited out) and the job goes on with the others.
     @Test func aTerminatedWorkerLeavesAndTheJobGoesOn() throws {
