@@ -49,11 +49,12 @@ public final class Tensor {
     }
 
     /// Moves this tensor's values into `memory` (as for `init(shape:external:owner:)`) and keeps them
-    /// there from now on: for a parameter that another process should read or write in place.
-    public func relocate(to memory: UnsafeMutableRawBufferPointer, owner: AnyObject) {
+    /// there from now on: for a parameter that another process should read or write in place. With
+    /// `keepingValues` false the tensor takes the values `memory` already holds (another process wrote them).
+    public func relocate(to memory: UnsafeMutableRawBufferPointer, owner: AnyObject, keepingValues: Bool = true) {
         precondition(memory.count >= count * 4 && Int(bitPattern: memory.baseAddress) % 4 == 0, "Tensor: external memory too small or misaligned")
         let moved = TensorStorage(external: memory.baseAddress!.assumingMemoryBound(to: Float.self), count: count, owner: owner)
-        if moved.pointer != storage.pointer { moved.pointer.update(from: storage.pointer, count: count) }
+        if keepingValues && moved.pointer != storage.pointer { moved.pointer.update(from: storage.pointer, count: count) }
         storage = moved
     }
 

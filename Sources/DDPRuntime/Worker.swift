@@ -105,7 +105,7 @@ public final class Worker {
     /// Joins and trains until the coordinator says stop; throws when refused or when the coordinator
     /// goes silent past its deadline.
     public func run() throws -> Outcome {
-        try join()
+        guard try join() else { return .left(reason: leaveRequest.value ?? "") }
         var lastHeard = Coordinator.now(), lastJoin = 0.0
         var rejoinDue = false  // the coordinator said this worker is not a member (or to retry): join again
         while true {
@@ -145,7 +145,7 @@ public final class Worker {
             lastHeard = Coordinator.now()
             let message: WireMessage
             do {
-                message = try WireCodec.decode(frames, expectedJobID: jobID, sharedMemory: sharing ? sharedSegment : nil)
+                message = try WireCodec.decode(frames, expectedJobID: jobID, sharedMemory: sharedSegment)
             } catch {
                 log.warning("dropped a malformed message from the coordinator: \(error)")
                 continue
@@ -275,20 +275,25 @@ public final class Worker {
         return sharedSegment.map { SharedMemoryOffer(path: $0.path, nonce: $0.nonce, byteCount: $0.byteCount, updateOffset: pushes.end) }
     }
 
-    private func join() throws {
+    /// Joins; false when a leave was asked for before a Welcome came (nothing to tell the coordinator).
+    private func join() throws -> Bool {
         try send(.join(joinRequest(rank: requestedRank)))
         log.info("joining", metadata: ["coordinator": "\(endpoint)"])
         let deadline = Coordinator.now() + joinTimeout
         while Coordinator.now() < deadline {
+            if let reason = leaveRequest.value {
+                log.info("gave up joining: \(reason)")
+                return false
+            }
             while let event = try monitor.next() {
                 if case .authenticationFailed = event { throw WorkerError.refused("the coordinator did not accept this worker's CURVE key") }
             }
             guard let frames = try socket.receive(timeoutMilliseconds: 200) else { continue }
-            let message = try WireCodec.decode(frames)
+            let message = try WireCodec.decode(frames, sharedMemory: sharedSegment)  // a Welcome may name its tensors in it
             switch message.body {
             case .welcome(let welcome):
                 try accept(welcome, message: message)
-                return
+                return true
             case .error(let error) where error.code == .notReady || error.code == .notJoined:
                 log.info("the coordinator asks to retry: \(error.reason)")
                 usleep(250_000)
@@ -323,13 +328,16 @@ public final class Worker {
         // A coordinator on another host (without shards that might share it) does not need the segment: its
         // memory is released (tensors already placed in it keep their regions alive).
         if !welcome.sharedMemory && welcome.shardEndpoints.isEmpty { sharedSegment = nil }
+        // Through shared memory the coordinator wrote the parameters into this worker's segment before its
+        // Welcome, and may since have written the next update there: the tensors take what is there and
+        // nothing is copied over it. In frames the Welcome's values are copied in.
+        placeTensorsInSharedMemory()
         var received = Set<Int>()
         try load(message.tensors, into: &received)
         guard received.count == parameters.count else {
             throw WorkerError.modelMismatch("the welcome holds \(received.count) of the model's \(parameters.count) parameters")
         }
         updateInProgress = nil
-        placeTensorsInSharedMemory()
         plan = ShardPlan(elementCounts: parameters.map(\.tensor.count), shards: welcome.shardEndpoints.count + 1)
         try joinShards(welcome.shardEndpoints)
         log.info("welcomed", metadata: ["rank": "\(rank)", "job": "\(jobID)", "step": "\(welcome.startStep)",
@@ -348,7 +356,7 @@ public final class Worker {
                 p.tensor.gradientDestination = nil
                 continue
             }
-            values.withUnsafeMutableBytes { p.tensor.relocate(to: $0, owner: values) }
+            values.withUnsafeMutableBytes { p.tensor.relocate(to: $0, owner: values, keepingValues: false) }
             p.tensor.gradientDestination = gradient.withUnsafeMutableBytes { Tensor(shape: p.tensor.shape, external: $0, owner: gradient) }
         }
     }

@@ -270,6 +270,30 @@ import Testing
         #expect(finished.phase == .completed && finished.message.contains("finished after a coordinator restart"))
     }
 
+    /// A worker on this host joins through shared memory: its Welcome's parameters are written into its
+    /// segment before the Welcome leaves (described there, not sent in frames), so a late-reading joiner
+    /// never copies them over the newer update the coordinator writes in the same place.
+    @Test func aWelcomeThroughSharedMemoryIsWrittenInPlace() throws {
+        let h = try Harness(["workers": 1])
+        let counts = h.parameters.map { $0.tensor.count * 4 }
+        let pushes = SharedLayout(start: SharedSegment.headerBytes, byteCounts: counts)
+        let updates = SharedLayout(start: pushes.end, byteCounts: counts)
+        let segment = try SharedSegment(creating: updates.end)
+        var join = Join(workerID: "local", host: "h", pid: 1, modelFingerprint: "")
+        join.sharedMemory = SharedMemoryOffer(path: segment.path, nonce: segment.nonce, byteCount: segment.byteCount, updateOffset: pushes.end)
+        h.transport.segments[a] = segment
+        h.send(.join(join), from: a)
+        try h.run()
+        let frames = h.transport.sent.filter { $0.peer == a }.map(\.message)
+        guard case .welcome(let welcome) = try #require(frames.first).body else { Issue.record("no welcome"); return }
+        #expect(welcome.sharedMemory)
+        for (index, p) in h.parameters.enumerated() {
+            let region = try #require(segment.region(offset: updates.offsets[index], count: counts[index]))
+            #expect(TensorEncoding.floats(region) == p.tensor.scalars, "\(p.name) is in the segment before the Welcome is read")
+        }
+        #expect(h.leader.phase == .training)
+    }
+
     /// Stop: graceful finishes the step in progress; at once drops it.
     @Test func stopAtOnceDropsTheStepInProgress() throws {
         let h = try Harness()

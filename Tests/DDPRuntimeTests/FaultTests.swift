@@ -387,7 +387,7 @@ struct FaultTests {
         try JobKeys.generate(into: dir + "/keys")
         func captured(secure: Bool) throws -> Data {
             let jobDir = dir + "/job-\(secure)"
-            var overrides: [String: Any] = ["workers": 1, "epochs": 1, "job_id": "visible-job-name"]
+            var overrides: [String: Any] = ["workers": 1, "epochs": 1, "job_id": "visible-job-name", "shared_memory": false]  // every tensor through the relay
             if secure { overrides["keys_dir"] = dir + "/keys" }
             let (coordinator, _, endpoints) = try launchCoordinator(overrides, in: jobDir)
             defer { coordinator.terminate() }

@@ -234,9 +234,21 @@ final class Leader: ShardServer {
         welcome.shardEndpoints = followers.keys.sorted().map { followers[$0]!.endpoint }
         welcome.rankToken = membership.rankTokens[rank] ?? []
         do {
-            try send(.welcome(welcome), to: peer, step: UInt64(round.step), rank: rank, tensors: shard.parameterTensors())
+            try send(.welcome(welcome), to: peer, step: UInt64(round.step), rank: rank, tensors: welcomeTensors(for: shared))
         } catch {
             markGone(rank, as: .lost, reason: "could not be welcomed: \(error)")
+        }
+    }
+
+    /// The parameters a Welcome carries: in frames, or written into the joiner's shared segment (before
+    /// any update can be, so that the worker never copies an older value over a newer one there).
+    func welcomeTensors(for shared: SharedArea?) -> [WireTensor] {
+        let tensors = shard.parameterTensors()
+        guard let shared else { return tensors }
+        return tensors.enumerated().map { index, t in
+            let region = shared.update(index, byteCount: t.payload.byteCount)
+            region.withUnsafeMutableBytes { target in t.payload.withUnsafeBytes { target.copyMemory(from: $0) } }
+            return WireTensor(name: t.name, shape: t.shape, dtype: .f32, payload: region)
         }
     }
 
@@ -311,6 +323,7 @@ final class Leader: ShardServer {
 
     func startTraining() {
         phase = .training
+        membership.reservedUntil = 0  // from now on a free rank is free (the holders that came back have it)
         trainingStarted = now()
         log.info("training started", metadata: ["workers": "\(membership.liveCount + membership.joiningCount)", "steps": "\(setup.totalSteps)",
                                                  "steps_per_epoch": "\(stepsPerEpoch)"])

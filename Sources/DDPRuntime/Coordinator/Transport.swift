@@ -187,6 +187,8 @@ final class InMemoryTransport: CoordinatorTransport {
     private(set) var sent: [(peer: PeerID, message: WireMessage)] = []
     /// Messages to the leader (for a follower shard under test).
     private(set) var toLeader: [WireMessage] = []
+    /// The shared-memory segment of a peer (a test's worker on this host), to decode what is sent to it.
+    var segments: [PeerID: SharedSegment] = [:]
     /// Peers a send to fails (gone), and the peers said to have joined.
     var unreachable: Set<PeerID> = []
     private(set) var joinedPeers: Set<PeerID> = []
@@ -211,7 +213,7 @@ final class InMemoryTransport: CoordinatorTransport {
 
     func send(_ frames: [OutgoingFrame], to peer: PeerID) throws {
         guard !unreachable.contains(peer) else { throw Unreachable() }
-        sent.append((peer, try WireCodec.decode(Self.frames(frames))))
+        sent.append((peer, try WireCodec.decode(Self.frames(frames), sharedMemory: segments[peer])))
     }
 
     func answerControl(_ frames: [OutgoingFrame], to peer: PeerID) {
