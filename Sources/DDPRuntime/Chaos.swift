@@ -14,14 +14,21 @@ public struct ChaosRun {
         case killCoordinator = "SIGKILL coordinator"
         case pauseCoordinator = "SIGSTOP/SIGCONT coordinator (under the heartbeat timeout)"
         case corruptCheckpoint = "corrupt the newest checkpoint, then SIGKILL coordinator"
+        case pauseSupervisor = "SIGSTOP/SIGCONT supervisor"
+        case killSupervisor = "SIGKILL supervisor (the round's last fault: nothing restarts after it)"
+        case fullDisk = "a full disk under the job (a round of its own; needs root)"
 
         /// Whether a run with only such faults must end bitwise like a clean one.
         var keepsBitwise: Bool {
             switch self {
-            case .killCoordinator, .pauseCoordinator, .corruptCheckpoint: true
-            case .killWorker, .pauseWorker: false
+            case .killCoordinator, .pauseCoordinator, .corruptCheckpoint, .pauseSupervisor, .killSupervisor: true
+            case .killWorker, .pauseWorker, .fullDisk: false
             }
         }
+
+        /// The faults drawn within a running job.
+        static let inJob: [Fault] = [.killWorker, .pauseWorker, .killCoordinator, .pauseCoordinator, .corruptCheckpoint,
+                                     .pauseSupervisor, .killSupervisor]
     }
 
     /// One round's outcome.
@@ -88,9 +95,10 @@ public struct ChaosRun {
     }
 
     private mutating func runRound(clean: Clean) throws -> Round {
+        if getuid() == 0 && generator.next() % 8 == 0 { return try fullDiskRound() }
         let started = Coordinator.now()
         let count = 1 + Int(generator.next() % 3)
-        var faults = (0..<count).map { _ in Fault.allCases[Int(generator.next() % UInt64(Fault.allCases.count))] }
+        var faults = (0..<count).map { _ in Fault.inJob[Int(generator.next() % UInt64(Fault.inJob.count))] }
         let result = try Self.run(ddpctl, ["start", "--detach", "--json"] + arguments, timeout: 30)
         guard let object = try? JSONSerialization.jsonObject(with: Data(result.output.utf8)) as? [String: Any],
               let path = object["job_dir"] as? String else {
@@ -105,6 +113,7 @@ public struct ChaosRun {
             guard Self.waitUntil(seconds: 120, { Self.step(job) >= at || job.summary() != nil }), job.summary() == nil else { break }
             inject(fault, into: job)
             injected.append(fault)
+            if fault == .killSupervisor { break }
         }
         faults = injected
         if !Self.waitUntil(seconds: 240, { job.summary() != nil }) { failures.append("no summary within 240 s (hung)") }
@@ -135,6 +144,34 @@ public struct ChaosRun {
         return Round(faults: faults, failures: failures, seconds: Coordinator.now() - started)
     }
 
+    /// A job whose jobs directory is a small tmpfs that fills while it trains: it must fail with the
+    /// reason, crash nothing and leave nothing behind.
+    private mutating func fullDiskRound() throws -> Round {
+        let started = Coordinator.now()
+        let disk = jobsDir + "/disk-\(generator.next() % 1_000_000)"
+        try FileManager.default.createDirectory(atPath: disk, withIntermediateDirectories: true)
+        guard try Self.run("/bin/mount", ["-t", "tmpfs", "-o", "size=320k", "tmpfs", disk], timeout: 30).status == 0 else {
+            return Round(faults: [.fullDisk], failures: ["could not mount a tmpfs at \(disk)"], seconds: 0)
+        }
+        defer { _ = try? Self.run("/bin/umount", ["-l", disk], timeout: 30) }
+        var failures: [String] = []
+        let args = ["start", "--json", "--config", jobsDir + "/chaos-job.yaml", "--workers", "\(workers)", "--epochs", "\(epochs)",
+                    "--jobs-dir", disk + "/j"]
+        let result = try Self.run(ddpctl, args, timeout: 240)
+        let summary = try? JobJSON.decoder().decode(JobSummary.self, from: Data((result.output.split(separator: "\n").last ?? "").utf8))
+        if ![0, 1].contains(result.status) { failures.append("ddpctl start exited with \(result.status) (a crash?)") }
+        if let summary {
+            if summary.state == "failed" && !summary.message.contains("could not be written") && !summary.message.contains("summary") {
+                failures.append("failed without naming the disk: \(summary.message)")
+            }
+        } else {
+            failures.append("no summary printed: \(result.output.suffix(300))")
+        }
+        let leftover = try Self.run("/usr/bin/pgrep", ["-f", disk], timeout: 10)
+        if !leftover.output.isEmpty { failures.append("processes left behind: \(leftover.output)") }
+        return Round(faults: [.fullDisk], failures: failures, seconds: Coordinator.now() - started)
+    }
+
     private mutating func inject(_ fault: Fault, into job: JobDirectory) {
         let processes = JobLookup.processes(of: job)
         let worker = processes["worker-\(generator.next() % UInt64(workers))"] ?? -1
@@ -160,6 +197,14 @@ public struct ChaosRun {
             }
             kill(coordinator, SIGKILL)
             _ = Self.waitUntil(seconds: 30) { Self.step(job) > 0 || job.summary() != nil }
+        case .pauseSupervisor:
+            kill(processes["supervisor"] ?? -1, SIGSTOP)
+            usleep(1_000_000)
+            kill(processes["supervisor"] ?? -1, SIGCONT)
+        case .killSupervisor:
+            kill(processes["supervisor"] ?? -1, SIGKILL)
+        case .fullDisk:
+            break  // a round of its own
         }
     }
 
