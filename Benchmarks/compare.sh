@@ -32,6 +32,7 @@ ours exchange_small exchange --elements 9610 --workers 2 --dtype f32 --rounds 20
 peer torch_allreduce "$peers/torch_allreduce.py" --world-sizes 2 --sizes 9610,10000000 --repeats 10
 ours train_digits train --workload digits --workers 2 --epochs 20
 ours train_mnist train --workload mnist --workers 2 --epochs 1
+ours train_long train --workload digits --workers 2 --epochs 1500
 peer torch_ddp "$peers/torch_ddp_train.py" --epochs 5 --datasets digits --world-sizes 2
 peer torch_ddp "$peers/torch_ddp_train.py" --epochs 2 --datasets mnist-synth --world-sizes 2
 ours wire wire --elements 10000000
@@ -76,4 +77,7 @@ w = first("wire")
 if w: print(f"wire: 40 MB one way {w['gbytes_per_second']:.2f} GB/s; 9,610-float round trip {w['small_round_trip_ms']:.3f} ms")
 t = first("train_digits")
 if t: print(f"time from start to first step (digits): {t['first_step_seconds']:.2f} s")
+l = first("train_long")
+if l: print(f"long job (digits, 1500 epochs): {1e3 * l['epoch_seconds_first_tenth']:.2f} ms an epoch over the first tenth, "
+            f"{1e3 * l['epoch_seconds_last_tenth']:.2f} ms over the last ({l['late_over_early']:.2f}x; target: constant)")
 PY

@@ -4,11 +4,12 @@
 #
 #   scripts/netns-hosts.sh up PREFIX N SUBNET   # namespaces PREFIX0..PREFIX(N-1), addresses SUBNET.10+i/24
 #   scripts/netns-hosts.sh cut PREFIXi          # take host i's link down (it drops off the network)
+#   scripts/netns-hosts.sh restore PREFIXi      # bring it back
 #   scripts/netns-hosts.sh down PREFIX N
 # Each link gets 1 ms of delay (netem) and a 1 Gbit/s limit; where the kernel lacks netem, tbf limits the
 # bandwidth alone (said on standard error).
 set -euo pipefail
-action="${1:?usage: netns-hosts.sh up|cut|down ...}"
+action="${1:?usage: netns-hosts.sh up|cut|restore|down ...}"
 case "$action" in
   up)
     prefix="$2"; count="$3"; subnet="$4"
@@ -34,10 +35,13 @@ case "$action" in
   cut)
     ip -n "$2" link set eth0 down
     ;;
+  restore)
+    ip -n "$2" link set eth0 up
+    ;;
   down)
     prefix="$2"; count="$3"
     for i in $(seq 0 $((count - 1))); do ip netns del "$prefix$i" 2>/dev/null || true; ip link del "${prefix}v$i" 2>/dev/null || true; done
     ip link del "${prefix}br" 2>/dev/null || true
     ;;
-  *) echo "usage: netns-hosts.sh up|cut|down ..." >&2; exit 64 ;;
+  *) echo "usage: netns-hosts.sh up|cut|restore|down ..." >&2; exit 64 ;;
 esac

@@ -36,8 +36,15 @@ public enum Detach {
             posix_spawn_file_actions_adddup2(&actions, 1, 2)
         }
         closeInheritedDescriptors(&actions)
+        // A new session, with no signal blocked or ignored: whatever the caller masked (a test runner, a
+        // shell's background job) must not keep a job's processes from hearing SIGTERM.
         let setSession: Int16 = 0x80  // POSIX_SPAWN_SETSID (glibc)
-        posix_spawnattr_setflags(&attributes, setSession)
+        var none = sigset_t(), all = sigset_t()
+        sigemptyset(&none)
+        sigfillset(&all)
+        posix_spawnattr_setsigmask(&attributes, &none)
+        posix_spawnattr_setsigdefault(&attributes, &all)
+        posix_spawnattr_setflags(&attributes, setSession | Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
         let argv = ([executable] + arguments).map { strdup($0) } + [nil]
         let envp = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
         defer { for p in argv + envp { free(p) } }

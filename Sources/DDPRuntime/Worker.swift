@@ -4,6 +4,9 @@ import DDPWire
 import Foundation
 import Logging
 
+/// The termination signal this process received (0: none), set by the handler `Worker.leaveOnTerminationSignals` installs.
+nonisolated(unsafe) private var terminationSignal: Int32 = 0
+
 /// A worker: joins a coordinator, then for every parameter update computes the gradient of its
 /// shard of that step's global batch with the autodiff core and pushes it, until told to stop.
 public final class Worker {
@@ -27,6 +30,29 @@ public final class Worker {
     /// Asks the worker to leave the job (safe from any thread): at the next chance, between steps, it
     /// sends `Leave` with `reason`, so that its share is re-divided at once, and `run` returns.
     public func requestLeave(_ reason: String) { leaveRequest.set(reason) }
+
+    /// Makes SIGTERM and SIGINT ask every worker of this process to leave (a plain handler that sets a
+    /// flag the loop reads: async-signal-safe, and whichever thread the signal lands on).
+    /// Call it before the first worker starts its threads: they inherit the unblocked signals.
+    public static func leaveOnTerminationSignals() {
+        signal(SIGTERM) { _ in terminationSignal = SIGTERM }
+        signal(SIGINT) { _ in terminationSignal = SIGINT }
+        var signals = sigset_t()
+        sigemptyset(&signals)
+        sigaddset(&signals, SIGTERM)
+        sigaddset(&signals, SIGINT)
+        pthread_sigmask(SIG_UNBLOCK, &signals, nil)  // a parent may have left them blocked
+    }
+
+    /// The reason to leave: asked for, or a termination signal received.
+    private var leaveReason: String? {
+        if let reason = leaveRequest.value { return reason }
+        switch terminationSignal {
+        case SIGTERM: return "SIGTERM received"
+        case SIGINT: return "SIGINT received"
+        default: return nil
+        }
+    }
 
     private let endpoint: String
     private var setup: TrainingSetup?
@@ -105,14 +131,17 @@ public final class Worker {
     /// Joins and trains until the coordinator says stop; throws when refused or when the coordinator
     /// goes silent past its deadline.
     public func run() throws -> Outcome {
-        guard try join() else { return .left(reason: leaveRequest.value ?? "") }
+        guard try join() else { return .left(reason: leaveReason ?? "") }
         var lastHeard = Coordinator.now(), lastJoin = 0.0
         var rejoinDue = false  // the coordinator said this worker is not a member (or to retry): join again
         while true {
-            if let reason = leaveRequest.value {
+            if let reason = leaveReason {
                 log.info("leaving the job: \(reason)", metadata: ["rank": "\(rank)"])
                 try? send(.leave(reason: reason))
                 for j in shardSockets.indices { try? send(.leave(reason: reason), to: j + 1) }
+                // The Leave must leave before the process does: close everything and wait for it to be sent.
+                for s in [socket, monitor.socket] + shardSockets { s.close() }
+                context.terminate()
                 return .left(reason: reason)
             }
             if rejoinDue && Coordinator.now() - lastJoin > 0.25 {
@@ -281,7 +310,7 @@ public final class Worker {
         log.info("joining", metadata: ["coordinator": "\(endpoint)"])
         let deadline = Coordinator.now() + joinTimeout
         while Coordinator.now() < deadline {
-            if let reason = leaveRequest.value {
+            if let reason = leaveReason {
                 log.info("gave up joining: \(reason)")
                 return false
             }

@@ -45,7 +45,17 @@ public final class ZMQContext: @unchecked Sendable {
         #endif
     }()
 
-    deinit { zmq_ctx_term(handle) }
+    private var terminated = false
+
+    /// Ends the context now: waits (up to each socket's linger) until what its sockets queued has left.
+    /// Every socket of it must be closed first.
+    public func terminate() {
+        guard !terminated else { return }
+        terminated = true
+        zmq_ctx_term(handle)
+    }
+
+    deinit { terminate() }
 
     /// The libzmq version as "major.minor.patch".
     public static var libraryVersion: String {

@@ -94,18 +94,9 @@ struct WorkerCommand: ParsableCommand {
         let spec = try config.map { try JobSpec.load(path: $0, overrides: try JobSpec.overrides(assignments)) }
         let folder = keys ?? spec.flatMap { $0.keysDir.isEmpty ? nil : $0.keysDir }
         let jobKeys = try folder.map { try JobKeys.load(from: $0, clientKey: clientKey.map { "\($0.hasPrefix("/") ? "" : folder! + "/")\($0)" }) }
+        Worker.leaveOnTerminationSignals()  // SIGTERM or SIGINT: leave cleanly, the share re-divided at once
         let worker = try Worker(endpoint: connect, spec: spec, keys: jobKeys, requestedRank: rank, joinTimeoutSeconds: joinTimeout,
                                 logger: Logger(label: "worker"))
-        // SIGTERM or SIGINT: leave the job cleanly (the coordinator re-divides this worker's share at once).
-        var sources: [DispatchSourceSignal] = []
-        for (number, name) in [(SIGTERM, "SIGTERM"), (SIGINT, "SIGINT")] {
-            signal(number, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
-            source.setEventHandler { worker.requestLeave("\(name) received") }
-            source.resume()
-            sources.append(source)
-        }
-        defer { for source in sources { source.cancel() } }
         _ = try worker.run()
     }
 }

@@ -106,6 +106,43 @@ struct DeployTests {
         #expect(shardLog.contains("follower shard completed"), "\(shardLog)")
     }
 
+    /// A worker host's link cut and restored: the worker is declared lost, and once its link is back it
+    /// joins again with its rank (told NOT_JOINED, or after the coordinator's silence) and the job completes.
+    @Test(.enabled(if: isRoot && which("ip") != nil, "needs root and iproute2 for network namespaces"))
+    func aWorkerWhoseLinkIsRestoredRejoins() throws {
+        let dir = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let prefix = "dr" + String(UInt16.random(in: 0...0xFFF), radix: 16)
+        let subnet = "10.\(Int.random(in: 200...250)).\(Int.random(in: 1...254))"
+        let netns = "\(Self.root)/scripts/netns-hosts.sh"
+        #expect(try runCommand(netns, ["up", prefix, "3", subnet]).status == 0)
+        defer { _ = try? runCommand(netns, ["down", prefix, "3"]) }
+        try "epochs: 400\nshared_memory: false\nstep_timeout_seconds: 2\nheartbeat_interval_ms: 300\nheartbeat_timeout_ms: 1500\n"
+            .write(toFile: dir + "/job.yaml", atomically: true, encoding: .utf8)
+        let ssh = dir + "/netns-ssh"
+        try "#!/bin/sh\nhost=\"$1\"; shift\nexec ip netns exec \"$host\" sh -c \"$*\"\n".write(toFile: ssh, atomically: true, encoding: .utf8)
+        chmod(ssh, 0o755)
+        let jobDir = dir + "/job"
+        let launcherPath = "\(Self.root)/deploy/ssh/launch.sh"
+        let environment = ProcessInfo.processInfo.environment.merging(["DDP_SSH": ssh]) { $1 }
+        let hosts = ["--coordinator", "\(prefix)0", "--address", "\(subnet).10", "--workers", "\(prefix)1,\(prefix)2", "--job-dir", jobDir]
+        let started = try runCommand(launcherPath, ["start"] + hosts + ["--config", dir + "/job.yaml", "--ddpd", Binaries.ddpd, "--no-wait"],
+                                     timeout: 60, environment: environment)
+        #expect(started.status == 0, "\(started.stdout)\(started.stderr)")
+        defer { _ = try? runCommand(launcherPath, ["stop"] + hosts, timeout: 60, environment: environment) }
+        let job = JobDirectory(path: jobDir)
+        func log() -> String { (try? String(contentsOfFile: jobDir + "/coordinator.log", encoding: .utf8)) ?? "" }
+        #expect(waitUntil(timeout: 120) { job.history().count >= 5 }, "the job did not train across the namespaces")
+        #expect(try runCommand(netns, ["cut", "\(prefix)2"]).status == 0)
+        #expect(waitUntil(timeout: 60) { log().contains("worker lost") }, "the cut-off worker was not declared lost")
+        #expect(try runCommand(netns, ["restore", "\(prefix)2"]).status == 0)
+        #expect(waitUntil(timeout: 60) { log().contains("restarts=1") }, "the worker did not rejoin: \(log().suffix(1500))")
+        #expect(waitUntil(timeout: 240) { job.summary() != nil }, "the job hung after the link came back")
+        let summary = try #require(job.summary())
+        #expect(summary.state == "completed" && summary.epochs == 400 && summary.lostWorkers == [1])
+        #expect(summary.testAccuracy >= 0.95)
+    }
+
     @Test(.enabled(if: isRoot && which("slurmctld") != nil && which("munged") != nil, "needs root, slurm-wlm and munge"))
     func slurmScriptRunsUnderRealSlurm() throws {
         let dir = try temporaryDirectory()

@@ -194,7 +194,8 @@ struct FaultTests {
         let worker = try #require(JobLookup.processes(of: job)["worker-2"])
         kill(worker, SIGTERM)
         let sent = Date()
-        #expect(waitUntil(timeout: 10) { (try? job.status(timeoutSeconds: 1))?.workers.first { $0.rank == 2 }?.state == "left" })
+        let left = waitUntil(timeout: 10) { (try? job.status(timeoutSeconds: 1))?.workers.first { $0.rank == 2 }?.state == "left" }
+        #expect(left, "worker-2: \(((try? String(contentsOfFile: job.logPath("worker-2"), encoding: .utf8)) ?? "").suffix(1500))")
         #expect(Date().timeIntervalSince(sent) < 3, "left at once, not after a deadline")
         let step = currentStep(job)
         #expect(waitUntil(timeout: 20) { currentStep(job) > step + 20 })

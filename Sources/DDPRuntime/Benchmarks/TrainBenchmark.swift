@@ -55,7 +55,17 @@ public struct TrainBenchmark {
         guard summary.state == "completed" else { throw ControlError.failed("bench train: the job \(summary.state): \(summary.message)") }
         let stepSeconds = JobReport.stepSeconds(directory)
         let median = Measure.median(Array(stepSeconds.dropFirst(min(20, stepSeconds.count / 10))))
+        // A long job's cost per epoch must stay constant (checkpoints and history do not grow with it):
+        // the mean wall time of an epoch over the last tenth of the epochs against the first tenth.
+        let ends = directory.history().map(\.elapsedSeconds)
+        let tenth = max(ends.count / 10, 1)
+        func epochSeconds(_ range: Range<Int>) -> Double {
+            guard range.lowerBound >= 1, range.upperBound <= ends.count, !range.isEmpty else { return 0 }
+            return (ends[range.upperBound - 1] - ends[range.lowerBound - 1]) / Double(range.count)
+        }
+        let early = epochSeconds(1..<(1 + tenth)), late = epochSeconds((ends.count - tenth)..<ends.count)
         return [
+            "epoch_seconds_first_tenth": early, "epoch_seconds_last_tenth": late, "late_over_early": early > 0 ? late / early : 0,
             "benchmark": "train", "workload": workload, "workers": workers, "epochs": epochs, "steps": summary.steps, "bucket_kb": spec.bucketKB,
             "coordinator_shards": spec.coordinatorShards,
             "ms_per_step": median * 1e3, "samples_per_second": 128 / median, "first_step_seconds": firstStep ?? -1,

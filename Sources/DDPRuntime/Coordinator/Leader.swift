@@ -456,12 +456,13 @@ final class Leader: ShardServer {
 
     /// Estimates each used contribution's gradient norm over this shard's tensors and counts a step at
     /// which one stands over 10x the median of the others' as an outlier of that worker (logged, in status).
+    /// It takes at least two others to say which one is off.
     func recordGradientNorms(_ used: [Contribution]) {
         let norms = shard.gradientNorms(used)
         for (c, norm) in zip(used, norms) where !c.wasRefused {
             membership.update(c.rank) { $0.gradientNorm = norm }
             let others = zip(used, norms).filter { $0.0.rank != c.rank && !$0.0.wasRefused }.map(\.1).sorted()
-            guard !others.isEmpty else { continue }
+            guard others.count >= 2 else { continue }
             let median = others[others.count / 2]
             guard norm > 10 * median && norm - median > 1e-12 else { continue }
             membership.update(c.rank) { $0.outlierSteps += 1 }

@@ -25,7 +25,7 @@ protocol CoordinatorTransport: AnyObject {
     var workerEndpoint: String { get }
     var controlEndpoint: String { get }
     /// What arrived, waiting at most `timeoutMilliseconds` for the first event. A peer's disconnection
-    /// comes after the messages of it read in the same call (they were sent before it dropped).
+    /// comes after every message it sent before it dropped.
     func poll(timeoutMilliseconds: Int) throws -> [TransportEvent]
     /// Sends to a worker or follower; throws when the peer is gone or does not take it in time.
     func send(_ frames: [OutgoingFrame], to peer: PeerID) throws
@@ -56,6 +56,10 @@ final class ZeroMQTransport: CoordinatorTransport {
     /// the peers on each connection.
     private var connectionOfPeer: [PeerID: Int32] = [:]
     private var peersOnConnection: [Int32: [PeerID]] = [:]
+    /// Peers whose drop was seen, and when: reported a little later, after the last messages they sent
+    /// (the monitor can tell of a drop before the socket shows the message that came just before it).
+    private var droppedPeers: [(peer: PeerID, seen: Double)] = []
+    private static let dropDelay = 0.01
 
     /// Binds both endpoints for `spec` (CURVE with its keys, else plain with `allowPlainText` or on ipc),
     /// and with `leader` connects to the leader's worker endpoint as a follower shard.
@@ -109,9 +113,11 @@ final class ZeroMQTransport: CoordinatorTransport {
 
     func poll(timeoutMilliseconds: Int) throws -> [TransportEvent] {
         let sockets = [workerSocket, controlSocket, monitor.socket, authenticator.socket] + (leaderSocket.map { [$0] } ?? [])
-        let ready = try ZMQSocket.poll(sockets, timeoutMilliseconds: timeoutMilliseconds)
+        let ready = try ZMQSocket.poll(sockets, timeoutMilliseconds: droppedPeers.isEmpty ? timeoutMilliseconds : min(timeoutMilliseconds, 10))
         var events: [TransportEvent] = []
-        var gone: [PeerID] = []
+        let now = Coordinator.now()
+        let due = droppedPeers.filter { now - $0.seen >= Self.dropDelay }.map(\.peer)
+        droppedPeers.removeAll { now - $0.seen >= Self.dropDelay }
         if ready.contains(2) {  // resolved first: a drop seen now happened before any message read below on a reused descriptor
             while let event = try monitor.next() {
                 switch event {
@@ -120,7 +126,7 @@ final class ZeroMQTransport: CoordinatorTransport {
                     pending.dropped(connection)
                     for peer in peersOnConnection.removeValue(forKey: connection) ?? [] {
                         connectionOfPeer[peer] = nil
-                        gone.append(peer)
+                        droppedPeers.append((peer, now))
                     }
                 case .authenticationFailed, .other: break
                 }
@@ -147,7 +153,7 @@ final class ZeroMQTransport: CoordinatorTransport {
         if let leaderSocket, ready.contains(4) {
             try drain(leaderSocket) { events.append(.fromLeader($0)) }
         }
-        if !gone.isEmpty { events.append(.disconnected(gone)) }  // after what those peers sent before they dropped
+        if !due.isEmpty { events.append(.disconnected(due)) }  // after what those peers sent before they dropped
         return events
     }
 
