@@ -65,23 +65,17 @@ struct DeployTests {
     func jobAcrossNetworkNamespacesSurvivesACutHost() throws {
         let dir = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let prefix = "dd" + String(UInt16.random(in: 0...0xFFF), radix: 16)
-        let subnet = "10.\(Int.random(in: 200...250)).\(Int.random(in: 1...254))"
-        let netns = "\(Self.root)/scripts/netns-hosts.sh"
-        let up = try runCommand(netns, ["up", prefix, "3", subnet])
-        #expect(up.status == 0, "\(up.stderr)")
-        defer { _ = try? runCommand(netns, ["down", prefix, "3"]) }
+        let hosts3 = try NetnsHosts(prefix: "dd", count: 3)
+        defer { hosts3.down() }
+        let (prefix, subnet, netns) = (hosts3.prefix, hosts3.subnet, NetnsHosts.script)
 
         #expect(try runCommand(Binaries.ddpctl, ["keygen", "--out", dir + "/keys"]).status == 0)
         // The namespaces share this machine's memory; shared_memory off makes every tensor cross their links,
         // as between real hosts.
         try "epochs: 150\nkeys_dir: \(dir)/keys\nshared_memory: false\n".write(toFile: dir + "/job.yaml", atomically: true, encoding: .utf8)
-        let ssh = dir + "/netns-ssh"
-        try "#!/bin/sh\nhost=\"$1\"; shift\nexec ip netns exec \"$host\" sh -c \"$*\"\n".write(toFile: ssh, atomically: true, encoding: .utf8)
-        chmod(ssh, 0o755)
         let jobDir = dir + "/job"
         let launcherPath = "\(Self.root)/deploy/ssh/launch.sh"
-        let environment = ProcessInfo.processInfo.environment.merging(["DDP_SSH": ssh]) { $1 }
+        let environment = try hosts3.sshEnvironment(in: dir)
         // A coordinator shard beside the leader, reached by the workers at the leader host's address.
         let hosts = ["--coordinator", "\(prefix)0", "--address", "\(subnet).10", "--workers", "\(prefix)1,\(prefix)2", "--job-dir", jobDir,
                      "--shards", "\(prefix)0", "--shard-addresses", "\(subnet).10"]
@@ -112,19 +106,14 @@ struct DeployTests {
     func aWorkerWhoseLinkIsRestoredRejoins() throws {
         let dir = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let prefix = "dr" + String(UInt16.random(in: 0...0xFFF), radix: 16)
-        let subnet = "10.\(Int.random(in: 200...250)).\(Int.random(in: 1...254))"
-        let netns = "\(Self.root)/scripts/netns-hosts.sh"
-        #expect(try runCommand(netns, ["up", prefix, "3", subnet]).status == 0)
-        defer { _ = try? runCommand(netns, ["down", prefix, "3"]) }
+        let hosts3 = try NetnsHosts(prefix: "dr", count: 3)
+        defer { hosts3.down() }
+        let (prefix, subnet, netns) = (hosts3.prefix, hosts3.subnet, NetnsHosts.script)
         try "epochs: 400\nshared_memory: false\nstep_timeout_seconds: 2\nheartbeat_interval_ms: 300\nheartbeat_timeout_ms: 1500\n"
             .write(toFile: dir + "/job.yaml", atomically: true, encoding: .utf8)
-        let ssh = dir + "/netns-ssh"
-        try "#!/bin/sh\nhost=\"$1\"; shift\nexec ip netns exec \"$host\" sh -c \"$*\"\n".write(toFile: ssh, atomically: true, encoding: .utf8)
-        chmod(ssh, 0o755)
         let jobDir = dir + "/job"
         let launcherPath = "\(Self.root)/deploy/ssh/launch.sh"
-        let environment = ProcessInfo.processInfo.environment.merging(["DDP_SSH": ssh]) { $1 }
+        let environment = try hosts3.sshEnvironment(in: dir)
         let hosts = ["--coordinator", "\(prefix)0", "--address", "\(subnet).10", "--workers", "\(prefix)1,\(prefix)2", "--job-dir", jobDir]
         let started = try runCommand(launcherPath, ["start"] + hosts + ["--config", dir + "/job.yaml", "--ddpd", Binaries.ddpd, "--no-wait"],
                                      timeout: 60, environment: environment)
@@ -195,5 +184,32 @@ struct DeployTests {
         #expect(object["step"] as? String == "\(summary.steps)")
         let swiftSum = try SafeTensors.read(path: summary.modelPath).tensors.reduce(0.0) { $0 + $1.tensor.scalars.reduce(0.0) { $0 + Double($1) } }
         #expect(abs((object["sum"] as? Double ?? 0) - swiftSum) < 1e-3)
+    }
+}
+
+/// Test hosts on this machine (`scripts/netns-hosts.sh`): `count` network namespaces PREFIX0.. on a
+/// random private subnet, taken down by `down()`.
+struct NetnsHosts {
+    static let script = "\(DeployTests.root)/scripts/netns-hosts.sh"
+    let prefix: String
+    let subnet: String
+    let count: Int
+
+    init(prefix base: String, count: Int) throws {
+        prefix = base + String(UInt16.random(in: 0...0xFFF), radix: 16)
+        subnet = "10.\(Int.random(in: 200...250)).\(Int.random(in: 1...254))"
+        self.count = count
+        let up = try runCommand(Self.script, ["up", prefix, "\(count)", subnet])
+        guard up.status == 0 else { throw ControlError.failed("netns-hosts.sh up: \(up.stderr)") }
+    }
+
+    func down() { _ = try? runCommand(Self.script, ["down", prefix, "\(count)"]) }
+
+    /// The environment for deploy/ssh/launch.sh to reach the hosts: an "ssh" that runs in the namespace.
+    func sshEnvironment(in dir: String) throws -> [String: String] {
+        let ssh = dir + "/netns-ssh"
+        try "#!/bin/sh\nhost=\"$1\"; shift\nexec ip netns exec \"$host\" sh -c \"$*\"\n".write(toFile: ssh, atomically: true, encoding: .utf8)
+        chmod(ssh, 0o755)
+        return ProcessInfo.processInfo.environment.merging(["DDP_SSH": ssh]) { $1 }
     }
 }
