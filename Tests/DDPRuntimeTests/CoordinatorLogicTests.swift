@@ -302,6 +302,12 @@ import Testing
         h.transport.control(WireMessage(jobID: "logic", body: .stop(reason: "now", graceful: false)), from: [50])
         try h.run()
         #expect(h.leader.phase == .stopped && h.leader.round.step == 0 && h.leader.message.contains("stopped at once"))
+        // At the end every worker is told, one declared lost too (paused, it reads it when it wakes).
+        h.transport.inbox.append(.disconnected([b]))
+        try h.run()
+        _ = h.transport.take(for: b)
+        _ = try h.leader.finish()
+        #expect(h.transport.take(for: b).contains { if case .stop = $0.body { true } else { false } })
         let brief = try Harness()
         brief.transport.control(WireMessage(jobID: "logic", body: .statusRequest(detail: false)), from: [51])
         _ = try brief.join(a)

@@ -531,7 +531,9 @@ final class Leader: ShardServer {
         // The final checkpoint before the workers are let go: a coordinator killed after that is resumed
         // at the end and finishes without them.
         if round.step > 0 && phase != .failed { writeCheckpoint() }
-        for member in membership.byRank where member.takesPart {
+        // Every worker ever admitted is told, those declared lost too: one that was only paused (its
+        // connection alive) gets it when it wakes, instead of trying to rejoin a coordinator that is gone.
+        for member in membership.byRank where member.state != .left {
             try? send(.stop(reason: message, graceful: phase != .failed), to: member.peer)
         }
         let last = recorder.history.last
