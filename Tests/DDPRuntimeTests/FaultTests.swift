@@ -195,7 +195,10 @@ struct FaultTests {
         kill(worker, SIGTERM)
         let sent = Date()
         let left = waitUntil(timeout: 10) { (try? job.status(timeoutSeconds: 1))?.workers.first { $0.rank == 2 }?.state == "left" }
-        #expect(left, "worker-2: \(((try? String(contentsOfFile: job.logPath("worker-2"), encoding: .utf8)) ?? "").suffix(1500))")
+        let workerLog = ((try? String(contentsOfFile: job.logPath("worker-2"), encoding: .utf8)) ?? "").suffix(1500)
+        let coordinatorLog = ((try? String(contentsOfFile: job.logPath("coordinator"), encoding: .utf8)) ?? "").split(separator: "\n")
+            .filter { !$0.contains("epoch") }.suffix(12).joined(separator: "\n")
+        #expect(left, "worker-2: \(workerLog)\ncoordinator: \(coordinatorLog)")
         #expect(Date().timeIntervalSince(sent) < 3, "left at once, not after a deadline")
         let step = currentStep(job)
         #expect(waitUntil(timeout: 20) { currentStep(job) > step + 20 })

@@ -169,7 +169,12 @@ final class Leader: ShardServer {
                 : .error(ErrorReply(code: .notJoined, reason: "heartbeat" + notJoinedReason(rank)))
             try? send(answer, to: peer)
         case .leave(let reason):
-            if let rank, membership.isMember(rank) { markGone(rank, as: .left, reason: "left the job: \(reason)") }
+            if let rank, membership.isMember(rank) {
+                markGone(rank, as: .left, reason: "left the job: \(reason)")
+            } else if let rank, membership.lostThenLeft(rank, peer: peer, reason: "left the job: \(reason)") {
+                recorder.metrics.workersLost -= 1
+                log.warning("worker left", metadata: ["rank": "\(rank)", "reason": "left the job: \(reason) (its Leave came after its connection dropped)"])
+            }
         case .shard(let command):
             try handleFollowerMessage(command, message: message, peer: peer)
         case .welcome, .parameterUpdate, .statusRequest, .statusReply, .stop, .error:

@@ -138,6 +138,17 @@ struct Membership {
         return before
     }
 
+    /// `rank`, declared lost when its connection dropped, turns out to have left (its Leave came after
+    /// the drop was seen): it is recorded as left, not lost. Returns whether it was so.
+    mutating func lostThenLeft(_ rank: Int32, peer: PeerID, reason: String) -> Bool {
+        guard var member = members[rank], member.state == .lost, member.peer == peer else { return false }
+        member.state = .left
+        member.goneReason = reason
+        members[rank] = member
+        if let last = lostRanks.lastIndex(of: rank) { lostRanks.remove(at: last) }
+        return true
+    }
+
     /// Joining members begin training (the update that goes out now includes them).
     mutating func startJoiners() {
         for (rank, member) in members where member.state == .joining { members[rank]!.state = .training }
