@@ -45,9 +45,6 @@ final class ShardState {
         indexOfParameter = Dictionary(uniqueKeysWithValues: parameters.enumerated().map { ($1.name, $0) })
     }
 
-    /// Bytes of the largest parameter as f32 (what one tensor frame may hold).
-    var largestTensorBytes: Int { (parameters.map(\.tensor.count).max() ?? 0) * 4 }
-
     /// Loads a checkpoint's parameters and optimizer state (the replica follows the parameters).
     func restore(_ checkpoint: Checkpoint) throws {
         for p in parameters {

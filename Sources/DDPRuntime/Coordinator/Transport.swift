@@ -195,9 +195,6 @@ final class InMemoryTransport: CoordinatorTransport {
     private(set) var toLeader: [WireMessage] = []
     /// The shared-memory segment of a peer (a test's worker on this host), to decode what is sent to it.
     var segments: [PeerID: SharedSegment] = [:]
-    /// Peers a send to fails (gone), and the peers said to have joined.
-    var unreachable: Set<PeerID> = []
-    private(set) var joinedPeers: Set<PeerID> = []
 
     /// Queues `message` as sent by `peer` to the worker socket.
     func deliver(_ message: WireMessage, from peer: PeerID) { inbox.append(.fromPeer(peer, Self.frames(WireCodec.encode(message)))) }
@@ -218,7 +215,6 @@ final class InMemoryTransport: CoordinatorTransport {
     }
 
     func send(_ frames: [OutgoingFrame], to peer: PeerID) throws {
-        guard !unreachable.contains(peer) else { throw Unreachable() }
         sent.append((peer, try WireCodec.decode(Self.frames(frames), sharedMemory: segments[peer])))
     }
 
@@ -228,11 +224,9 @@ final class InMemoryTransport: CoordinatorTransport {
 
     func sendToLeader(_ frames: [OutgoingFrame]) throws { toLeader.append(try WireCodec.decode(Self.frames(frames))) }
 
-    func joined(_ peer: PeerID) { joinedPeers.insert(peer) }
+    func joined(_ peer: PeerID) {}  // no connections to bound in memory
 
     func close() {}
-
-    struct Unreachable: Error, CustomStringConvertible { var description: String { "the peer is unreachable" } }
 
     /// Frames as a receiver gets them (copied: the sender may reuse its payloads).
     static func frames(_ outgoing: [OutgoingFrame]) -> [Payload] {
