@@ -4,14 +4,18 @@
 #
 #   Benchmarks/compare.sh [OUT_DIR]
 #
-# The peer needs a Python with torch (CPU), numpy, scikit-learn: PEER_PYTHON=/path/to/python (default
-# $HOME/peer/bin/python; make it with: python3 -m venv ~/peer && ~/peer/bin/pip install torch numpy scikit-learn).
-# PEERS points at the peer scripts (default ../shared/peers beside the project). Raw JSON lines go to OUT_DIR.
+# The peer needs a Python with torch (CPU) and numpy: PEER_PYTHON=/path/to/python (default
+# $HOME/peer/bin/python, which scripts/setup-peer.sh makes). PEERS points at the peer scripts (default
+# Benchmarks/peers in this repository). Raw JSON lines go to OUT_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out="${1:-$(mktemp -d)}"
 peer_python="${PEER_PYTHON:-$HOME/peer/bin/python}"
-peers="${PEERS:-$(cd .. && pwd)/shared/peers}"
+peers="${PEERS:-$(pwd)/Benchmarks/peers}"
+"$peer_python" -c "import torch, numpy" 2>/dev/null || {
+  echo "compare.sh: $peer_python cannot import torch and numpy: make the peer's environment with scripts/setup-peer.sh (or set PEER_PYTHON)" >&2
+  exit 1
+}
+out="${1:-$(mktemp -d)}"
 mkdir -p "$out"
 export GLOO_SOCKET_IFNAME=lo
 swift build -c release >/dev/null

@@ -123,6 +123,9 @@ public final class Tensor {
     /// The elements in row-major order.
     public var scalars: [Float] { Array(UnsafeBufferPointer(start: storage.pointer, count: count)) }
 
+    /// Whether every element is a finite number (no NaN, no infinity).
+    public var isFinite: Bool { UnsafeBufferPointer(start: storage.pointer, count: count).allSatisfy(\.isFinite) }
+
     /// The single element of a one-element tensor.
     public var item: Float {
         precondition(count == 1, "item: tensor of shape \(shape) has \(count) elements, not 1")

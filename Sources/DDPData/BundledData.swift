@@ -4,12 +4,13 @@ import Foundation
 /// Data sets that need no file: the bundled digits and a seeded synthetic generator.
 public enum BundledData {
     /// The 1,797 handwritten 8x8 digits (UCI "Optical Recognition of Handwritten Digits", CC BY 4.0),
-    /// features scaled to [0, 1].
-    public static func digits() throws -> Dataset {
+    /// features scaled to [0, 1] (`scaled: false`: as the file has them, 0 to 16).
+    public static func digits(scaled: Bool = true) throws -> Dataset {
         guard let url = Bundle.module.url(forResource: "digits", withExtension: "csv") else {
             throw DataError.fileNotFound("digits.csv in the DDPData resource bundle")
         }
-        return try DataReader.csv(path: url.path).scaledToUnitRange()
+        let raw = try DataReader.csv(path: url.path)
+        return scaled ? raw.scaledToUnitRange() : raw
     }
 
     /// A synthetic regression set: Gaussian inputs, targets `x · w + 0.5 + 0.1 · noise` for a seeded `w`.

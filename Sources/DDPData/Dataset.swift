@@ -15,9 +15,13 @@ public struct Dataset: Sendable {
     public let classCount: Int
     /// For a regression set: one real-valued target per sample (`labels` are then all 0).
     public private(set) var targets: [Float]?
+    /// The label of each class as the data wrote it (`"0"`..., or words); empty for a regression set.
+    public let classNames: [String]
 
-    /// Validates and wraps samples; throws when sizes disagree or a label is out of range.
-    public init(name: String, featureShape: [Int], features: [Float], labels: [Int32], classCount: Int? = nil) throws {
+    /// Validates and wraps samples; throws when sizes disagree or a label is out of range. Rows in
+    /// messages are 1-based. `classNames` default to the ids as text.
+    public init(name: String, featureShape: [Int], features: [Float], labels: [Int32], classCount: Int? = nil,
+                classNames: [String]? = nil) throws {
         let perSample = featureShape.reduce(1, *)
         guard perSample > 0 else { throw DataError.malformed(name, "empty feature shape \(featureShape)") }
         guard features.count == perSample * labels.count else {
@@ -26,26 +30,30 @@ public struct Dataset: Sendable {
         }
         guard !labels.isEmpty else { throw DataError.malformed(name, "no samples") }
         if let bad = labels.firstIndex(where: { $0 < 0 }) {
-            throw DataError.malformed(name, "sample \(bad) has negative label \(labels[bad])")
+            throw DataError.malformed(name, "sample \(bad + 1) has negative label \(labels[bad])")
         }
-        let classes = classCount ?? Int(labels.max()!) + 1
+        let classes = classCount ?? classNames?.count ?? Int(labels.max()!) + 1
         if let bad = labels.firstIndex(where: { Int($0) >= classes }) {
-            throw DataError.malformed(name, "sample \(bad) has label \(labels[bad]), outside 0..<\(classes)")
+            throw DataError.malformed(name, "sample \(bad + 1) has label \(labels[bad]), outside 0..<\(classes)")
         }
         if let bad = features.firstIndex(where: { !$0.isFinite }) {
-            throw DataError.malformed(name, "feature value \(bad % perSample) of sample \(bad / perSample) is not finite")
+            throw DataError.malformed(name, "feature value \(bad % perSample + 1) of sample \(bad / perSample + 1) is not finite")
+        }
+        if let classNames, classNames.count != classes {
+            throw DataError.malformed(name, "\(classNames.count) class names for \(classes) classes")
         }
         self.name = name
         self.featureShape = featureShape
         self.features = features
         self.labels = labels
         self.classCount = classes
+        self.classNames = classNames ?? (classes > 1 || classCount == nil ? (0..<classes).map { "\($0)" } : [])
     }
 
     /// A regression set: real-valued `targets`, one per sample.
     public init(name: String, featureShape: [Int], features: [Float], targets: [Float]) throws {
         if let bad = targets.firstIndex(where: { !$0.isFinite }) {
-            throw DataError.malformed(name, "target of sample \(bad) is not finite")
+            throw DataError.malformed(name, "target of sample \(bad + 1) is not finite")
         }
         try self.init(name: name, featureShape: featureShape, features: features,
                       labels: [Int32](repeating: 0, count: targets.count), classCount: 1)
@@ -89,7 +97,7 @@ public struct Dataset: Sendable {
         let (inputs, subsetLabels) = batch(indices)
         var subset = try! Dataset(
             name: "\(name) (\(suffix))", featureShape: featureShape, features: inputs.scalars, labels: subsetLabels,
-            classCount: classCount)
+            classCount: classCount, classNames: classNames.isEmpty ? nil : classNames)
         subset.targets = targets.map { t in indices.map { t[$0] } }
         return subset
     }
@@ -108,11 +116,13 @@ public struct Dataset: Sendable {
     }
 
     /// Divides every feature by the largest absolute value, so features lie in [-1, 1] (pixel data in [0, 1]).
-    public func scaledToUnitRange() -> Dataset {
-        let top = features.reduce(0) { max($0, abs($1)) }
-        guard top > 0 else { return self }
+    public func scaledToUnitRange() -> Dataset { Preprocessing.fit(.max, to: self).apply(to: self) }
+
+    /// The same samples with other feature values (as many).
+    func withFeatures(_ values: [Float]) -> Dataset {
+        precondition(values.count == features.count, "withFeatures: \(values.count) values for \(features.count)")
         var copy = self
-        copy.features = features.map { $0 / top }
+        copy.features = values
         return copy
     }
 

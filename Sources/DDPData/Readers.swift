@@ -9,86 +9,52 @@ public enum DataReader {
         }
     }
 
-    /// A CSV file whose first column is the integer class label (or, with `regression`, a real-valued
-    /// target) and the rest are features. A first line that is not numeric is taken as a header.
-    public static func csv(path: String, regression: Bool = false) throws -> Dataset {
-        let data = try read(path)
-        guard let text = String(data: data, encoding: .utf8) else { throw DataError.malformed(path, "not UTF-8 text") }
-        return try csv(text: text, name: path, regression: regression)
-    }
-
-    /// Parses CSV text as `csv(path:)` does; `name` appears in errors.
-    public static func csv(text: String, name: String, regression: Bool = false) throws -> Dataset {
-        var features: [Float] = []
-        var labels: [Int32] = []
-        var targets: [Float] = []
-        var width: Int?
-        for (number, rawLine) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
-            let line = rawLine.trimmingCharacters(in: .whitespacesAndNewlines)
-            if line.isEmpty { continue }
-            let fields = line.split(separator: ",", omittingEmptySubsequences: false)
-            if number == 0, Float(fields[0].trimmingCharacters(in: .whitespaces)) == nil { continue }  // header
-            guard fields.count >= 2 else {
-                throw DataError.malformed(name, "line \(number + 1): needs a label and at least one feature")
-            }
-            if let width, fields.count - 1 != width {
-                throw DataError.malformed(name, "line \(number + 1): \(fields.count - 1) features, expected \(width)")
-            }
-            width = fields.count - 1
-            let labelText = fields[0].trimmingCharacters(in: .whitespaces)
-            if regression {
-                guard let target = Float(labelText), target.isFinite else {
-                    throw DataError.malformed(name, "line \(number + 1): target '\(labelText)' is not a finite number")
-                }
-                targets.append(target)
-            } else {
-            guard let label = Int32(labelText) ?? Float(labelText).flatMap({ $0 == $0.rounded() ? Int32(exactly: $0) : nil })
-            else { throw DataError.malformed(name, "line \(number + 1): label '\(labelText)' is not an integer") }
-            labels.append(label)
-            }
-            for (column, field) in fields.dropFirst().enumerated() {
-                guard let value = Float(field.trimmingCharacters(in: .whitespaces)) else {
-                    throw DataError.malformed(name, "line \(number + 1), column \(column + 2): '\(field)' is not a number")
-                }
-                features.append(value)
-            }
-        }
-        guard let width else { throw DataError.malformed(name, "no data rows") }
-        if regression { return try Dataset(name: name, featureShape: [width], features: features, targets: targets) }
-        return try Dataset(name: name, featureShape: [width], features: features, labels: labels)
-    }
-
     /// MNIST's IDX format: an image file (`idx3-ubyte`, unsigned bytes, `[n, rows, cols]`) and a label
     /// file (`idx1-ubyte`). Features become `[1, rows, cols]` in [0, 255].
     public static func idx(images: String, labels labelPath: String) throws -> Dataset {
-        let imageData = try read(images), labelData = try read(labelPath)
-        func header(_ data: Data, _ path: String, dimensions: Int) throws -> [Int] {
-            let bytes = [UInt8](data.prefix(4 + 4 * dimensions))
-            if bytes.starts(with: [0x1f, 0x8b]) { throw DataError.unsupported(path, "gzip-compressed; gunzip it first") }
-            guard bytes.count == 4 + 4 * dimensions, bytes[0] == 0, bytes[1] == 0 else {
-                throw DataError.malformed(path, "not an IDX file (bad magic number)")
-            }
-            guard bytes[2] == 0x08 else { throw DataError.unsupported(path, "IDX element type \(bytes[2]); only unsigned bytes") }
-            guard Int(bytes[3]) == dimensions else {
-                throw DataError.malformed(path, "has \(bytes[3]) dimensions, expected \(dimensions)")
-            }
-            let sizes = (0..<dimensions).map { d in
-                (0..<4).reduce(0) { $0 << 8 | Int(bytes[4 + 4 * d + $1]) }
-            }
-            let expected = 4 + 4 * dimensions + sizes.reduce(1, *)
-            guard data.count == expected else {
-                throw DataError.malformed(path, "\(data.count) bytes, header promises \(expected)")
-            }
-            return sizes
+        let pictures = try idxImages(path: images)
+        let labels = try idxLabels(path: labelPath)
+        guard pictures.count == labels.count else {
+            throw DataError.malformed(labelPath, "\(labels.count) labels for \(pictures.count) images in \(images)")
         }
-        let imageSizes = try header(imageData, images, dimensions: 3)
-        let labelSizes = try header(labelData, labelPath, dimensions: 1)
-        guard imageSizes[0] == labelSizes[0] else {
-            throw DataError.malformed(labelPath, "\(labelSizes[0]) labels for \(imageSizes[0]) images in \(images)")
+        let classes = try ClassLabels(integers: labels.map { Int64($0) }, source: labelPath, where: { "label \($0 + 1)" })
+        return try Dataset(name: images, featureShape: [1, pictures.rows, pictures.columns], features: pictures.values, labels: classes.ids,
+                           classNames: classes.names)
+    }
+
+    /// An IDX image file: `count` images of `rows` x `columns` bytes, as floats in [0, 255].
+    public static func idxImages(path: String) throws -> (count: Int, rows: Int, columns: Int, values: [Float]) {
+        let data = try read(path)
+        let sizes = try idxHeader(data, path, dimensions: 3)
+        return (sizes[0], sizes[1], sizes[2], data.dropFirst(16).map { Float($0) })
+    }
+
+    /// An IDX label file: one byte a label.
+    public static func idxLabels(path: String) throws -> [UInt8] {
+        let data = try read(path)
+        _ = try idxHeader(data, path, dimensions: 1)
+        return Array(data.dropFirst(8))
+    }
+
+    /// The sizes an IDX header of unsigned bytes promises, checked against the file's length.
+    static func idxHeader(_ data: Data, _ path: String, dimensions: Int) throws -> [Int] {
+        let bytes = [UInt8](data.prefix(4 + 4 * dimensions))
+        if bytes.starts(with: [0x1f, 0x8b]) { throw DataError.unsupported(path, "gzip-compressed; gunzip it first") }
+        guard bytes.count == 4 + 4 * dimensions, bytes[0] == 0, bytes[1] == 0 else {
+            throw DataError.malformed(path, "not an IDX file (bad magic number)")
         }
-        let features = imageData.dropFirst(16).map { Float($0) }
-        let labels = labelData.dropFirst(8).map { Int32($0) }
-        return try Dataset(name: images, featureShape: [1, imageSizes[1], imageSizes[2]], features: features, labels: labels)
+        guard bytes[2] == 0x08 else { throw DataError.unsupported(path, "IDX element type \(bytes[2]); only unsigned bytes") }
+        guard Int(bytes[3]) == dimensions else {
+            throw DataError.malformed(path, "has \(bytes[3]) dimensions, expected \(dimensions)")
+        }
+        let sizes = (0..<dimensions).map { d in
+            (0..<4).reduce(0) { $0 << 8 | Int(bytes[4 + 4 * d + $1]) }
+        }
+        let expected = 4 + 4 * dimensions + sizes.reduce(1, *)
+        guard data.count == expected else {
+            throw DataError.malformed(path, "\(data.count) bytes, header promises \(expected)")
+        }
+        return sizes
     }
 
     /// NumPy `.npy` arrays: features `[n, ...]` (float32/float64/integer) and labels `[n]` (integer).
@@ -103,29 +69,54 @@ public enum DataReader {
             throw DataError.malformed(labelPath, "labels of shape \(labels.shape) do not fit features \(features.shape)")
         }
         if regression {
+            if let bad = labels.values.firstIndex(where: { !$0.isFinite }) {
+                throw DataError.malformed(labelPath, "target \(bad + 1) is not finite")
+            }
             return try Dataset(
                 name: featurePath, featureShape: Array(features.shape.dropFirst()), features: features.values.map { Float($0) },
                 targets: labels.values.map { Float($0) })
         }
-        var classes: [Int32] = []
+        var integers: [Int64] = []
         for (i, value) in labels.values.enumerated() {
-            guard value == value.rounded(), let label = Int32(exactly: value) else {
-                throw DataError.malformed(labelPath, "label \(i) is \(value), not an integer")
+            guard value == value.rounded(), let label = Int64(exactly: value) else {
+                throw DataError.malformed(labelPath, "label \(i + 1) is \(value), not an integer")
             }
-            classes.append(label)
+            integers.append(label)
         }
+        let classes = try ClassLabels(integers: integers, source: labelPath, where: { "label \($0 + 1)" })
         return try Dataset(
             name: featurePath, featureShape: Array(features.shape.dropFirst()), features: features.values.map { Float($0) },
-            labels: classes)
+            labels: classes.ids, classNames: classes.names)
     }
 }
 
 /// A NumPy array file (format version 1 to 3, C order, little-endian).
-struct NumpyArray {
-    let shape: [Int]
-    let values: [Double]
+public struct NumpyArray {
+    public let shape: [Int]
+    public let values: [Double]
 
-    init(path: String) throws {
+    /// The bytes of a version 1.0 `.npy` file of float32 values.
+    public static func encode(float32 values: [Float], shape: [Int]) -> Data {
+        encode(descr: "<f4", shape: shape, body: values.withUnsafeBytes { Data($0) })
+    }
+
+    /// The bytes of a version 1.0 `.npy` file of int64 values.
+    public static func encode(int64 values: [Int64], shape: [Int]) -> Data {
+        encode(descr: "<i8", shape: shape, body: values.map(\.littleEndian).withUnsafeBytes { Data($0) })
+    }
+
+    private static func encode(descr: String, shape: [Int], body: Data) -> Data {
+        let dims = shape.count == 1 ? "(\(shape[0]),)" : "(" + shape.map(String.init).joined(separator: ", ") + ")"
+        var header = Array("{'descr': '\(descr)', 'fortran_order': False, 'shape': \(dims), }".utf8)
+        while (10 + header.count + 1) % 64 != 0 { header.append(0x20) }
+        header.append(0x0a)
+        var data = Data([0x93] + Array("NUMPY".utf8) + [1, 0, UInt8(header.count & 0xff), UInt8(header.count >> 8)] + header)
+        data.append(body)
+        return data
+    }
+
+    /// Reads a `.npy` file.
+    public init(path: String) throws {
         let data = try DataReader.read(path)
         let bytes = [UInt8](data)
         guard bytes.count >= 10, bytes.starts(with: [0x93] + Array("NUMPY".utf8)) else {

@@ -23,18 +23,19 @@ public struct Checkpoint {
     /// newest `keep`; returns its path.
     static func save(
         step: Int, stepsPerEpoch: Int, parameters: [NamedParameter], optimizer: any Optimizer, spec: JobSpec,
-        samplesTrained: Int = 0, rankTokens: [Int32: [UInt8]] = [:], in directory: JobDirectory, keep: Int
+        samplesTrained: Int = 0, rankTokens: [Int32: [UInt8]] = [:], model: ModelDescription? = nil, in directory: JobDirectory, keep: Int
     ) throws -> String {
         try FileManager.default.createDirectory(atPath: directory.checkpointsPath, withIntermediateDirectories: true)
         let path = directory.checkpointsPath + String(format: "/step-%08d.safetensors", step)
-        let metadata = [
+        var metadata = model?.metadata ?? [:]
+        metadata.merge([
             "format": "pt", "step": "\(step)", "epoch": "\(step / max(stepsPerEpoch, 1))",
             "sampler_position": "\(step % max(stepsPerEpoch, 1))", "sampler_seed": "\(spec.seed)",
             "optimizer_steps": "\(optimizer.stepCount)", "job_spec": spec.json(), "samples_trained": "\(samplesTrained)",
             "rank_tokens": String(decoding: try JSONEncoder().encode(Dictionary(uniqueKeysWithValues: rankTokens.map {
                 ("\($0.key)", $0.value.map { String(format: "%02x", $0) }.joined())
             })), as: UTF8.self),
-        ]
+        ]) { $1 }
         try SafeTensors.write(
             parameters.map { ($0.name, $0.tensor) } + optimizer.state.map { ("optimizer/\($0.name)", $0.tensor) },
             metadata: metadata, to: path)

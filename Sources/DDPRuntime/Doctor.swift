@@ -41,11 +41,16 @@ public enum Doctor {
             return "bound \(try socket.bind("tcp://127.0.0.1:0"))"
         }
         guard let endpoint else { return checks }
-        if let port = endpoint.split(separator: ":").last.flatMap({ Int($0) }), endpoint.hasPrefix("tcp://"), port > 0 {
-            check("port \(port)", fix: "another process may hold it; pick another port") { "the coordinator's port is in use (as expected while it runs)" }
+        if endpoint.hasPrefix("tcp://"), let colon = endpoint.lastIndex(of: ":"), let port = UInt16(endpoint[endpoint.index(after: colon)...]), port > 0 {
+            let host = String(endpoint.dropFirst("tcp://".count)[..<colon])
+            check("port \(port)", fix: "start the coordinator, or check the address, its --control port and the firewall") {
+                try probeTCP(host: host, port: port, timeoutSeconds: 2)
+                return "something listens on \(host):\(port)"
+            }
         }
         var reachable = false
-        check("coordinator", fix: "start it (ddpd coordinator ...) or check the endpoint, the network and firewall") {
+        let keyHint = keys == nil ? "; a secure coordinator (keys_dir, or TCP jobs of ddpctl start) answers only with its keys: pass --keys DIR" : ""
+        check("coordinator", fix: "start it (ddpd coordinator ...) or check the endpoint, the network and firewall" + keyHint) {
             let reply = try ControlClient(endpoint: endpoint, keys: keys).status(timeoutSeconds: 2)
             reachable = true
             return "answered at \(endpoint): job state \(reply.jobState), step \(reply.step)"
@@ -62,6 +67,34 @@ public enum Doctor {
             return String(format: "%.2f GB/s each way (8 MiB echoes)", Double(bytes) / (Measure.median(times) / 2) / 1e9)
         }
         return checks
+    }
+
+    /// Opens (and closes) a TCP connection to `host:port` within `timeoutSeconds`; throws what happened:
+    /// refused (nothing listens), no answer (a firewall dropping packets), or the name does not resolve.
+    static func probeTCP(host: String, port: UInt16, timeoutSeconds: Double) throws {
+        var hints = addrinfo()
+        hints.ai_family = AF_UNSPEC
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        var list: UnsafeMutablePointer<addrinfo>?
+        let resolved = getaddrinfo(host == "*" ? "127.0.0.1" : host, "\(port)", &hints, &list)
+        guard resolved == 0, let first = list else {
+            throw ControlError.failed("\(host) does not resolve: \(String(cString: gai_strerror(resolved)))")
+        }
+        defer { freeaddrinfo(list) }
+        let fd = socket(first.pointee.ai_family, first.pointee.ai_socktype | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw ControlError.failed("cannot make a socket: \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        if connect(fd, first.pointee.ai_addr, first.pointee.ai_addrlen) != 0 && errno != EINPROGRESS {
+            throw ControlError.failed("nothing listens on \(host):\(port) (\(String(cString: strerror(errno))))")
+        }
+        var poller = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+        guard poll(&poller, 1, Int32(timeoutSeconds * 1000)) == 1 else {
+            throw ControlError.failed("no answer from \(host):\(port) within \(timeoutSeconds) s (a firewall dropping packets?)")
+        }
+        var error: Int32 = 0
+        var length = socklen_t(MemoryLayout<Int32>.size)
+        getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length)
+        guard error == 0 else { throw ControlError.failed("nothing listens on \(host):\(port) (\(String(cString: strerror(error))))") }
     }
 
     /// Times `times` heartbeat echoes carrying `bytes` through the coordinator's control socket.

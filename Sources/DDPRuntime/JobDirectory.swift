@@ -19,6 +19,8 @@ public struct JobDirectory: Sendable {
     public var checkpointsPath: String { path + "/checkpoints" }
     public var metricsPath: String { path + "/metrics.prom" }
     public var stepLogPath: String { path + "/steps.jsonl" }
+    /// TensorBoard event files of the training scalars (`tensorboard --logdir DIR/tensorboard`).
+    public var tensorBoardPath: String { path + "/tensorboard" }
     /// Written by `ddpctl stop` (and Ctrl-C): a stop is final, the supervisor restarts nothing after it.
     public var stopRequestPath: String { path + "/stop-requested" }
     /// Present while the supervisor restarts a coordinator that was killed.
@@ -113,6 +115,11 @@ enum JobJSON {
         return encoder
     }
 
+    /// A number as JSON text, or the quoted strings above for the values that are not numbers.
+    static func number<F: BinaryFloatingPoint & CustomStringConvertible>(_ value: F) -> String {
+        value.isNaN ? "\"nan\"" : value.isInfinite ? (value < 0 ? "\"-inf\"" : "\"inf\"") : value.description
+    }
+
     static func decoder() -> JSONDecoder {
         let decoder = JSONDecoder()
         decoder.nonConformingFloatDecodingStrategy = .convertFromString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
@@ -125,6 +132,8 @@ public struct Endpoints: Codable, Sendable, Equatable {
     public var workers: String
     public var control: String
     public var pid: Int32
+    /// The URL serving the Prometheus metrics (`metrics_address`), when one does.
+    public var metrics: String? = nil
 }
 
 /// One finished epoch.
@@ -162,14 +171,52 @@ public struct JobSummary: Codable, Sendable, Equatable {
     public var message: String
     public var rejectedMessages: UInt64
     public var lostWorkers: [Int32]
-    /// `classification`, or `regression` (then `test_accuracy` is R²).
+    /// `classification`, or `regression`: then `testLoss` is the mean squared error and `testAccuracy` R²,
+    /// written as `test_mse` and `test_r2` (not `test_loss`, `test_accuracy`).
     public var task: String? = "classification"
+
+    public var isRegression: Bool { task == "regression" }
 
     enum CodingKeys: String, CodingKey {
         case state, workers, epochs, steps, message, task
         case jobID = "job_id", trainLoss = "train_loss", testLoss = "test_loss", testAccuracy = "test_accuracy"
+        case testMSE = "test_mse", testR2 = "test_r2"
         case wallSeconds = "wall_seconds", samplesPerSecond = "samples_per_second", modelPath = "model_path"
         case rejectedMessages = "rejected_messages", lostWorkers = "lost_workers"
+    }
+
+    public init(state: String, jobID: String, workers: Int, epochs: Int, steps: Int, trainLoss: Float, testLoss: Float, testAccuracy: Float,
+                wallSeconds: Double, samplesPerSecond: Double, modelPath: String, message: String, rejectedMessages: UInt64,
+                lostWorkers: [Int32], task: String?) {
+        self.state = state; self.jobID = jobID; self.workers = workers; self.epochs = epochs; self.steps = steps
+        self.trainLoss = trainLoss; self.testLoss = testLoss; self.testAccuracy = testAccuracy; self.wallSeconds = wallSeconds
+        self.samplesPerSecond = samplesPerSecond; self.modelPath = modelPath; self.message = message
+        self.rejectedMessages = rejectedMessages; self.lostWorkers = lostWorkers; self.task = task
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        state = try c.decode(String.self, forKey: .state); jobID = try c.decode(String.self, forKey: .jobID)
+        workers = try c.decode(Int.self, forKey: .workers); epochs = try c.decode(Int.self, forKey: .epochs)
+        steps = try c.decode(Int.self, forKey: .steps); trainLoss = try c.decode(Float.self, forKey: .trainLoss)
+        testLoss = try c.decodeIfPresent(Float.self, forKey: .testLoss) ?? c.decode(Float.self, forKey: .testMSE)
+        testAccuracy = try c.decodeIfPresent(Float.self, forKey: .testAccuracy) ?? c.decode(Float.self, forKey: .testR2)
+        wallSeconds = try c.decode(Double.self, forKey: .wallSeconds); samplesPerSecond = try c.decode(Double.self, forKey: .samplesPerSecond)
+        modelPath = try c.decode(String.self, forKey: .modelPath); message = try c.decode(String.self, forKey: .message)
+        rejectedMessages = try c.decode(UInt64.self, forKey: .rejectedMessages); lostWorkers = try c.decode([Int32].self, forKey: .lostWorkers)
+        task = try c.decodeIfPresent(String.self, forKey: .task)
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(state, forKey: .state); try c.encode(jobID, forKey: .jobID); try c.encode(workers, forKey: .workers)
+        try c.encode(epochs, forKey: .epochs); try c.encode(steps, forKey: .steps); try c.encode(trainLoss, forKey: .trainLoss)
+        try c.encode(testLoss, forKey: isRegression ? .testMSE : .testLoss)
+        try c.encode(testAccuracy, forKey: isRegression ? .testR2 : .testAccuracy)
+        try c.encode(wallSeconds, forKey: .wallSeconds); try c.encode(samplesPerSecond, forKey: .samplesPerSecond)
+        try c.encode(modelPath, forKey: .modelPath); try c.encode(message, forKey: .message)
+        try c.encode(rejectedMessages, forKey: .rejectedMessages); try c.encode(lostWorkers, forKey: .lostWorkers)
+        try c.encodeIfPresent(task, forKey: .task)
     }
 
     /// One line of JSON with sorted keys.

@@ -17,11 +17,13 @@ public enum JobLookup {
             .sorted { created($0) < created($1) }
     }
 
-    static func created(_ job: JobDirectory) -> Date {
+    /// When the job was made (its spec written).
+    public static func created(_ job: JobDirectory) -> Date {
         ((try? FileManager.default.attributesOfItem(atPath: job.specPath))?[.modificationDate] as? Date) ?? .distantPast
     }
 
-    /// The job named by `job` (an id under `root`, or a directory path), or the newest job.
+    /// The job named by `job` (an id under `root`, or a directory path); without one, the newest job
+    /// that is running, or the newest job when none runs.
     public static func find(_ job: String?, root: String) throws -> JobDirectory {
         if let job {
             for candidate in [job, root + "/" + job] where FileManager.default.fileExists(atPath: candidate + "/spec.json") {
@@ -29,8 +31,16 @@ public enum JobLookup {
             }
             throw ControlError.failed("no job '\(job)' (looked for \(job)/spec.json and \(root)/\(job)/spec.json)")
         }
-        guard let latest = all(root: root).last else { throw ControlError.failed("no job found in \(root)") }
-        return latest
+        let jobs = all(root: root)
+        guard let latest = jobs.last else { throw ControlError.failed("no job found in \(root)") }
+        return jobs.last(where: isRunning) ?? latest
+    }
+
+    /// Whether a job has not ended and one of its processes (coordinator or supervisor) is alive.
+    public static func isRunning(_ job: JobDirectory) -> Bool {
+        guard job.summary() == nil else { return false }
+        if let endpoints = job.endpoints(), isAlive(endpoints.pid) { return true }
+        return processes(of: job).contains { name, pid in (name == "supervisor" || name == "coordinator") && isProcess(pid, of: job) }
     }
 
     /// Whether a process with this id runs on this host (a zombie, dead but not yet reaped, does not).
@@ -105,9 +115,13 @@ public struct JobStatus: Codable, Sendable {
     public var workers: [Worker]
     /// The worker endpoints of coordinator shards 1..K-1, while the job runs (empty with one coordinator).
     public var coordinatorShards: [String]
+    /// `classification`, or `regression` (then `test_loss` is the mean squared error and `test_accuracy` R²).
+    public var task = "classification"
+    /// Where the running coordinator serves its Prometheus metrics over HTTP (empty when it does not).
+    public var metricsURL = ""
 
     enum CodingKeys: String, CodingKey {
-        case state, source, step, epoch, message, workers, coordinatorShards = "coordinator_shards"
+        case state, source, step, epoch, message, workers, task, coordinatorShards = "coordinator_shards", metricsURL = "metrics_url"
         case jobID = "job_id", jobDir = "job_dir", totalSteps = "total_steps", totalEpochs = "total_epochs"
         case elapsedSeconds = "elapsed_seconds", etaSeconds = "eta_seconds", trainLoss = "train_loss", testLoss = "test_loss"
         case testAccuracy = "test_accuracy", samplesPerSecond = "samples_per_second", rejectedMessages = "rejected_messages"
@@ -149,6 +163,7 @@ public struct JobStatus: Codable, Sendable {
         let history = directory.history()
         jobID = spec.jobID
         jobDir = directory.path
+        task = spec.task
         state = summary?.state ?? fallback
         source = "directory"
         step = UInt64(summary?.steps ?? history.last?.step ?? 0)
@@ -168,6 +183,8 @@ public struct JobStatus: Codable, Sendable {
         coordinatorShards = []
     }
 
+    public var isRegression: Bool { task == "regression" }
+
     /// Whether the job has ended.
     public var isFinal: Bool { ["completed", "stopped", "failed", "dead"].contains(state) }
 
@@ -184,7 +201,10 @@ extension JobDirectory {
     public func status(timeoutSeconds: Double = 2) throws -> JobStatus {
         if summary() != nil { return JobStatus(directory: self, state: "completed", message: "") }
         guard let endpoints = endpoints() else {
-            return JobStatus(directory: self, state: "dead", message: "the coordinator never started listening (see \(logPath("coordinator")))")
+            if JobLookup.isRunning(self) { return JobStatus(directory: self, state: "starting", message: "the coordinator is starting") }
+            let log = ((try? String(contentsOfFile: logPath("coordinator"), encoding: .utf8)) ?? "").split(separator: "\n").last.map(String.init)
+            return JobStatus(directory: self, state: "failed",
+                             message: "the job did not start: " + (log ?? "the coordinator never started listening") + " (see \(logPath("coordinator")))")
         }
         guard JobLookup.isAlive(endpoints.pid) else {
             if FileManager.default.fileExists(atPath: restartingPath), JobLookup.isAlive(JobLookup.processes(of: self)["supervisor"] ?? -1) {
@@ -195,6 +215,9 @@ extension JobDirectory {
         }
         let spec = try JobSpec.fromJSON(try String(contentsOfFile: specPath, encoding: .utf8))
         let reply = try ControlClient(endpoint: endpoints.control, jobID: spec.jobID, keys: try? spec.keys()).status(timeoutSeconds: timeoutSeconds)
-        return JobStatus(reply: reply, jobID: spec.jobID, jobDir: path)
+        var status = JobStatus(reply: reply, jobID: spec.jobID, jobDir: path)
+        status.task = spec.task
+        status.metricsURL = endpoints.metrics ?? ""
+        return status
     }
 }

@@ -1,4 +1,5 @@
 import Foundation
+import DDPData
 import DDPWire
 import Yams
 
@@ -12,6 +13,16 @@ public struct JobSpec: Codable, Equatable, Sendable {
     public var dataPath = ""
     /// The IDX label file or the labels `.npy`.
     public var labelsPath = ""
+    /// CSV: the label (or target) column, a header name or a 0-based index (-1: the last column).
+    public var labelColumn = "0"
+    /// CSV: the field separator (`,`, `;`, `tab`).
+    public var delimiter = ","
+    /// How features are scaled before training, with statistics of the training split (stored in the model
+    /// file): `none`, `max`, `minmax`, `standardize`, or `auto` (standardize tabular data, divide images by
+    /// their largest value).
+    public var scaling = "auto"
+    /// A model file (`model.safetensors` of an earlier job) whose parameters start this job: fine-tuning.
+    public var initFrom = ""
     public var syntheticSamples = 60000
     public var syntheticFeatures = 784
     public var syntheticClasses = 10
@@ -79,6 +90,9 @@ public struct JobSpec: Codable, Equatable, Sendable {
     /// Coordinator processes: the leader and K-1 followers, each averaging and stepping the parameters
     /// `ShardPlan` gives it (whole tensors, balanced by size); results are identical to one coordinator.
     public var coordinatorShards = 1
+    /// Where the coordinator serves its Prometheus metrics over HTTP (`HOST:PORT`, port 0: any free one;
+    /// the URL is in `endpoints.json` and `status`); empty: not served.
+    public var metricsAddress = "127.0.0.1:0"
     /// Where the job writes its model, summary, checkpoints and logs.
     public var output = ""
 
@@ -86,6 +100,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case jobID = "job_id", dataset, dataPath = "data_path", labelsPath = "labels_path"
+        case labelColumn = "label_column", delimiter, scaling, initFrom = "init_from"
         case syntheticSamples = "synthetic_samples", syntheticFeatures = "synthetic_features"
         case syntheticClasses = "synthetic_classes", task, model, hidden, activation, epochs, batchSize = "batch_size"
         case optimizer, learningRate = "learning_rate", momentum, nesterov, weightDecay = "weight_decay", schedule
@@ -95,6 +110,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         case joinTimeoutSeconds = "join_timeout_seconds", stepTimeoutSeconds = "step_timeout_seconds", output
         case checkpointEvery = "checkpoint_every", keepCheckpoints = "keep_checkpoints", checkpointFailureLimit = "checkpoint_failure_limit", keysDir = "keys_dir", wireDtype = "wire_dtype", blasThreads = "blas_threads"
         case bucketKB = "bucket_kb", sharedMemory = "shared_memory", coordinatorShards = "coordinator_shards"
+        case metricsAddress = "metrics_address"
     }
 
     /// Every key a job file may hold.
@@ -117,6 +133,8 @@ public struct JobSpec: Codable, Equatable, Sendable {
         }
         try read(.jobID, &jobID); try read(.dataset, &dataset); try read(.dataPath, &dataPath)
         try read(.labelsPath, &labelsPath); try read(.syntheticSamples, &syntheticSamples)
+        if let index = try? k.decodeIfPresent(Int.self, forKey: .labelColumn) { labelColumn = "\(index)" } else { try read(.labelColumn, &labelColumn) }
+        try read(.delimiter, &delimiter); try read(.scaling, &scaling); try read(.initFrom, &initFrom)
         try read(.syntheticFeatures, &syntheticFeatures); try read(.syntheticClasses, &syntheticClasses)
         try read(.task, &task); try read(.model, &model); try read(.hidden, &hidden); try read(.activation, &activation)
         try read(.epochs, &epochs); try read(.batchSize, &batchSize); try read(.optimizer, &optimizer)
@@ -131,6 +149,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         try read(.checkpointFailureLimit, &checkpointFailureLimit)
         try read(.keysDir, &keysDir); try read(.wireDtype, &wireDtype); try read(.blasThreads, &blasThreads)
         try read(.bucketKB, &bucketKB); try read(.sharedMemory, &sharedMemory); try read(.coordinatorShards, &coordinatorShards)
+        try read(.metricsAddress, &metricsAddress)
     }
 
     private static func describe(_ type: Any.Type) -> String {
@@ -162,7 +181,10 @@ public struct JobSpec: Codable, Equatable, Sendable {
     public static func load(path: String?, overrides: [String: Any] = [:]) throws -> JobSpec {
         var fields: [String: Any] = [:]
         if let path {
-            guard let data = FileManager.default.contents(atPath: path) else { throw JobSpecError.invalid("job file not found: \(path)") }
+            var isDirectory: ObjCBool = false
+            guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) else { throw JobSpecError.invalid("job file not found: \(path)") }
+            guard !isDirectory.boolValue else { throw JobSpecError.invalid("job file \(path) is a directory, not a YAML or JSON file") }
+            guard let data = FileManager.default.contents(atPath: path) else { throw JobSpecError.invalid("job file \(path) cannot be read (permissions?)") }
             let text = String(decoding: data, as: UTF8.self)
             do {
                 let parsed = path.hasSuffix(".json") ? try JSONSerialization.jsonObject(with: data) : try Yams.load(yaml: text) as Any
@@ -205,6 +227,9 @@ public struct JobSpec: Codable, Equatable, Sendable {
                   "dataset '\(dataset)' is unknown (digits, synthetic, csv, idx, npy)")
         try check(!["csv", "idx", "npy"].contains(dataset) || !dataPath.isEmpty, "dataset '\(dataset)' needs data_path")
         try check(!["idx", "npy"].contains(dataset) || !labelsPath.isEmpty, "dataset '\(dataset)' needs labels_path")
+        try check(csvDelimiter != nil, "delimiter '\(delimiter)' must be one character (or 'tab')")
+        try check(scaling == "auto" || Preprocessing.Kind(rawValue: scaling) != nil,
+                  "scaling '\(scaling)' is unknown (auto, \(Preprocessing.Kind.allCases.map(\.rawValue).joined(separator: ", ")))")
         try check(syntheticSamples > 0 && syntheticFeatures > 0 && syntheticClasses > 1,
                   "synthetic_samples and synthetic_features must be positive and synthetic_classes at least 2")
         try check(["mlp", "cnn", "logistic", "linear"].contains(model), "model '\(model)' is unknown (mlp, cnn, logistic, linear)")
@@ -237,7 +262,39 @@ public struct JobSpec: Codable, Equatable, Sendable {
         try check(DType(rawValue: wireDtype) != nil, "wire_dtype '\(wireDtype)' is unknown (f32, bf16, f16)")
         try check(checkpointEvery >= 0 && keepCheckpoints >= 1, "checkpoint_every must be >= 0 and keep_checkpoints >= 1")
         try check(checkpointFailureLimit >= 0, "checkpoint_failure_limit must be >= 0, got \(checkpointFailureLimit)")
+        _ = try metricsHostAndPort()
         try check(joinTimeoutSeconds > 0 && stepTimeoutSeconds > 0, "join_timeout_seconds and step_timeout_seconds must be positive")
+    }
+
+    /// `metrics_address` as an IPv4 host and a port, or nil when the metrics are not served.
+    public func metricsHostAndPort() throws -> (host: String, port: UInt16)? {
+        guard !metricsAddress.isEmpty else { return nil }
+        let parts = metricsAddress.split(separator: ":", omittingEmptySubsequences: false)
+        guard parts.count == 2, let port = UInt16(parts[1]), inet_addr(String(parts[0])) != INADDR_NONE || parts[0] == "255.255.255.255" else {
+            throw JobSpecError.invalid("metrics_address '\(metricsAddress)' is not IPV4:PORT (e.g. 127.0.0.1:9464, 0.0.0.0:0; empty: off)")
+        }
+        return (String(parts[0]), port)
+    }
+
+    /// The CSV field separator `delimiter` names.
+    public var csvDelimiter: Character? { Self.delimiterCharacter(delimiter) }
+
+    /// The field separator a `delimiter` value names: one character, or `tab`.
+    public static func delimiterCharacter(_ text: String) -> Character? {
+        if ["tab", "\\t", "\t"].contains(text) { return "\t" }
+        guard text.count == 1, let c = text.first, c != "\"", c != "\n", c != "\r" else { return nil }
+        return c
+    }
+
+    /// The scaling `scaling` names for data of `featureShape` from `dataset`: `auto` standardizes tabular
+    /// data (columns in unrelated units) and divides images (one unit, pixel intensity) by their largest value.
+    public func scalingKind(featureShape: [Int]) -> Preprocessing.Kind {
+        if let kind = Preprocessing.Kind(rawValue: scaling) { return kind }
+        switch dataset {
+        case "digits", "idx": return .max
+        case "synthetic": return .none
+        default: return featureShape.count > 1 ? .max : .standardize
+        }
     }
 
     /// The job's keys, when it has a keys folder. `clientKey` picks another client key file.

@@ -41,8 +41,10 @@ public final class LocalJob {
     /// Writes the job directory, starts the coordinator, waits (at most 10 s) for its endpoints, then
     /// starts the workers. Over TCP without `keys_dir` the job gets CURVE keys of its own in the (private)
     /// job directory: a loopback port is open to every user of the host, a key folder only to its owner.
-    public func start() throws {
+    /// With `resuming`, the directory is an earlier run's and the coordinator continues from its newest checkpoint.
+    public func start(resuming: Bool = false) throws {
         try directory.create()
+        if resuming { try? FileManager.default.removeItem(atPath: directory.endpointsPath) }
         if transport == "tcp" && spec.keysDir.isEmpty {
             try JobKeys.generate(into: directory.keysPath)
             spec.keysDir = directory.keysPath
@@ -54,7 +56,7 @@ public final class LocalJob {
         if transport == "ipc", directory.path.utf8.count + 20 > 107 {
             throw JobSpecError.invalid("job directory path too long for ipc:// sockets; use --transport tcp or a shorter --jobs-dir")
         }
-        coordinator = try launchCoordinator(workers: workerEndpoint, control: controlEndpoint, resume: false)
+        coordinator = try launchCoordinator(workers: workerEndpoint, control: controlEndpoint, resume: resuming ? .withNewWorkers : nil)
         let deadline = Coordinator.now() + 10
         while endpoints == nil {
             endpoints = directory.endpoints()
@@ -77,9 +79,10 @@ public final class LocalJob {
         try recordProcesses()
     }
 
-    private func launchCoordinator(workers: String, control: String, resume: Bool) throws -> Process {
-        try launch(["coordinator", "--config", directory.specPath, "--bind", workers, "--control", control,
-                    "--job-dir", directory.path] + (resume ? ["--resume"] : []), log: "coordinator")
+    private func launchCoordinator(workers: String, control: String, resume: Coordinator.Resume?) throws -> Process {
+        let resumeFlags = switch resume { case nil: [String](); case .afterRestart: ["--resume"]; case .withNewWorkers: ["--resume", "--new-workers"] }
+        return try launch(["coordinator", "--config", directory.specPath, "--bind", workers, "--control", control,
+                           "--job-dir", directory.path] + resumeFlags, log: "coordinator")
     }
 
     /// Starts a coordinator that died without a summary again, from its newest checkpoint, on the same
@@ -95,7 +98,7 @@ public final class LocalJob {
         let how = Self.exitDescription(old)
         appendLog("coordinator", "supervisor: the coordinator exited with \(how); restart \(coordinatorRestarts) of \(maxRestarts) from the newest checkpoint")
         try? FileManager.default.removeItem(atPath: directory.endpointsPath)
-        guard let replacement = try? launchCoordinator(workers: endpoints.workers, control: endpoints.control, resume: true) else { return false }
+        guard let replacement = try? launchCoordinator(workers: endpoints.workers, control: endpoints.control, resume: .afterRestart) else { return false }
         coordinator = replacement
         let deadline = Coordinator.now() + 10
         while directory.endpoints() == nil && replacement.isRunning && Coordinator.now() < deadline { usleep(5000) }

@@ -10,12 +10,17 @@ public struct TrainingSetup {
     public let test: Dataset
     public let model: Sequential
     public let sampler: EpochSampler
+    /// The feature transform fitted to the training split (applied to both splits already).
+    public let preprocessing: Preprocessing
 
     public init(spec: JobSpec) throws {
         self.spec = spec
         BLAS.threads = spec.blasThreads > 0 ? spec.blasThreads : Self.automaticBLASThreads()
         let all = try Self.loadDataset(spec)
         var (train, test) = try all.split(testFraction: spec.testFraction, seed: spec.seed)
+        preprocessing = Preprocessing.fit(spec.scalingKind(featureShape: all.featureShape), to: train)
+        train = preprocessing.apply(to: train)
+        test = preprocessing.apply(to: test)
         if spec.model == "cnn" {
             let shape = try Self.imageShape(of: train)
             train = try train.reshaped(featureShape: shape)
@@ -57,16 +62,18 @@ public struct TrainingSetup {
         switch spec.dataset {
         case "digits":
             guard !regression else { throw JobSpecError.invalid("dataset 'digits' has classes, not regression targets") }
-            return try BundledData.digits()
+            return try BundledData.digits(scaled: false)
         case "synthetic" where regression:
             return try BundledData.syntheticRegression(samples: spec.syntheticSamples, features: spec.syntheticFeatures, seed: spec.seed)
         case "synthetic":
             return try BundledData.synthetic(
                 samples: spec.syntheticSamples, features: spec.syntheticFeatures, classes: spec.syntheticClasses, seed: spec.seed)
-        case "csv": return try DataReader.csv(path: spec.dataPath, regression: regression).scaledToUnitRange()
+        case "csv":
+            return try DataReader.csv(
+                path: spec.dataPath, options: CSVOptions(labelColumn: spec.labelColumn, delimiter: spec.csvDelimiter ?? ",", regression: regression))
         case "idx":
             guard !regression else { throw JobSpecError.invalid("dataset 'idx' has classes, not regression targets") }
-            return try DataReader.idx(images: spec.dataPath, labels: spec.labelsPath).scaledToUnitRange()
+            return try DataReader.idx(images: spec.dataPath, labels: spec.labelsPath)
         case "npy": return try DataReader.npy(features: spec.dataPath, labels: spec.labelsPath, regression: regression)
         default: throw JobSpecError.invalid("dataset '\(spec.dataset)' is unknown")
         }

@@ -79,8 +79,9 @@ enum StatusText {
         let total = s.totalSteps > 0 ? "/\(s.totalSteps)" : ""
         lines.append("epoch \(s.epoch)/\(s.totalEpochs), step \(s.step)\(total), elapsed \(duration(s.elapsedSeconds))"
                      + (s.etaSeconds.map { ", eta \(duration($0))" } ?? ""))
-        lines.append(String(format: "train loss %.4f, test loss %.4f, test accuracy %.2f%%, %.0f samples/s, %d rejected messages",
-                            s.trainLoss, s.testLoss, s.testAccuracy * 100, s.samplesPerSecond, Int(s.rejectedMessages)))
+        let scores = s.epoch > 0 ? ScoreText.test(loss: s.testLoss, accuracy: s.testAccuracy, regression: s.isRegression) : "no epoch finished yet"
+        lines.append("train loss \(ScoreText.fixed(s.trainLoss)), \(scores), "
+                     + String(format: "%.0f samples/s, %d rejected messages", s.samplesPerSecond, Int(s.rejectedMessages)))
         if !s.recentLosses.isEmpty { lines.append("loss " + sparkline(Array(s.recentLosses.suffix(60)))) }
         if !s.workers.isEmpty {
             let rows = [["RANK", "HOST", "PID", "STATE", "STEP", "HEARTBEAT", "LAST STEP", "LAGS", "RESTARTS", "GRAD NORM", "OUTLIERS"]] + s.workers.map { w in
@@ -93,6 +94,7 @@ enum StatusText {
         if !s.coordinatorShards.isEmpty {
             lines.append("coordinator shards: " + s.coordinatorShards.enumerated().map { "\($0.offset + 1) at \($0.element)" }.joined(separator: ", "))
         }
+        if !s.metricsURL.isEmpty { lines.append("metrics \(s.metricsURL)") }
         if !s.jobDir.isEmpty { lines.append("directory \(s.jobDir)") }
         return lines.joined(separator: "\n")
     }
@@ -117,8 +119,8 @@ struct Watch: ParsableCommand {
                 let bar = String(repeating: "█", count: Int(fraction * 40)) + String(repeating: "░", count: 40 - Int(fraction * 40))
                 print("\u{1B}[H\u{1B}[2J" + StatusText.render(status) + "\n\(bar) \(String(format: "%.1f%%", fraction * 100))")
             } else if Date().timeIntervalSince(lastPrinted) >= 2 || status.isFinal {
-                print(String(format: "%@ epoch %d/%d step %d loss %.4f test acc %.2f%%", status.state, Int(status.epoch), Int(status.totalEpochs),
-                             Int(status.step), status.trainLoss, status.testAccuracy * 100))
+                print("\(status.state) epoch \(status.epoch)/\(status.totalEpochs) step \(status.step) loss \(ScoreText.fixed(status.trainLoss)) "
+                      + ScoreText.test(loss: status.testLoss, accuracy: status.testAccuracy, regression: status.isRegression, separator: " "))
                 lastPrinted = Date()
             }
             if status.isFinal {
@@ -224,12 +226,13 @@ struct List: ParsableCommand {
     func run() throws {
         let jobs = JobLookup.all(root: JobLookup.root(jobsDir))
         if jobs.isEmpty && !json { print("no jobs in \(JobLookup.root(jobsDir))") }
-        var rows = [["JOB", "STATE", "EPOCH", "TEST ACC", "DIRECTORY"]]
+        var rows = [["JOB", "STATE", "EPOCH", "TEST SCORE", "DIRECTORY"]]
         for job in jobs {
             let status = (try? job.status(timeoutSeconds: 1)) ?? JobStatus(directory: job, state: "unreachable", message: "")
             if json { print(status.jsonLine); continue }
             rows.append([status.jobID, status.state, "\(status.epoch)/\(status.totalEpochs)",
-                         String(format: "%.2f%%", status.testAccuracy * 100), job.path])
+                         status.epoch == 0 ? "-" : status.isRegression ? "R² \(ScoreText.fixed(status.testAccuracy))" : "acc \(ScoreText.percent(status.testAccuracy))",
+                         job.path])
         }
         if !json && !jobs.isEmpty { StatusText.table(rows).forEach { print($0) } }
     }

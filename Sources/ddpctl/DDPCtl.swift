@@ -14,6 +14,17 @@ struct DDPCtl: ParsableCommand {
               ddpctl status --json          (fields in README.md)
             Exit status: 0 success, 1 failure (a one-line reason), 64 bad arguments.
             """,
-        subcommands: [Start.self, Status.self, Watch.self, Stop.self, Logs.self, List.self, Report.self,
-                      Metrics.self, Doctor.self, Keygen.self, Bench.self, Chaos.self, Supervise.self])
+        version: SwiftDDPVersion.text,
+        subcommands: [Start.self, Status.self, Watch.self, Stop.self, Logs.self, List.self, Remove.self, Prune.self, Report.self,
+                      Metrics.self, Predict.self, Evaluate.self, Doctor.self, Keygen.self, Bench.self, Chaos.self, Supervise.self])
+
+    /// Runs the command; Foundation's file errors are reported as sentences (see `Readable`).
+    static func main() {
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch {
+            exit(withError: Readable.error(error))
+        }
+    }
 }

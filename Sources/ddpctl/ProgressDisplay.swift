@@ -1,15 +1,18 @@
 import DDPRuntime
 import Foundation
 
-/// Live progress of a job: a redrawn bar on a terminal, one plain line per epoch otherwise.
+/// Live progress of a job: one line per epoch, and on a terminal a redrawn bar with the step, loss,
+/// throughput and time left.
 final class ProgressDisplay {
     private let descriptor: Int32
     private let isTerminal: Bool
+    private let regression: Bool
     private var barShown = false
 
-    init(toStandardError: Bool) {
+    init(toStandardError: Bool, regression: Bool) {
         descriptor = toStandardError ? 2 : 1
         isTerminal = isatty(toStandardError ? 2 : 1) == 1
+        self.regression = regression
     }
 
     private func write(_ text: String) { SafeOutput.print(text, to: descriptor) }
@@ -22,18 +25,28 @@ final class ProgressDisplay {
 
     func show(_ status: StatusReply, epochs: [EpochRecord]) {
         for e in epochs {
-            line(String(format: "epoch %3d/%d  step %5d  train loss %.4f  train acc %6.2f%%  test loss %.4f  test acc %6.2f%%  %5.1f s",
-                        e.epoch, Int(status.totalEpochs), e.step, e.trainLoss, e.trainAccuracy * 100, e.testLoss,
-                        e.testAccuracy * 100, e.elapsedSeconds))
+            let train = regression ? "train MSE \(ScoreText.fixed(e.trainLoss))"
+                : "train loss \(ScoreText.fixed(e.trainLoss))  train acc \(ScoreText.percent(e.trainAccuracy))"
+            line(String(format: "epoch %3d/%d  step %5d  ", e.epoch, Int(status.totalEpochs), e.step) + train + "  "
+                 + ScoreText.test(loss: e.testLoss, accuracy: e.testAccuracy, regression: regression, separator: "  ")
+                 + String(format: "  %5.1f s", e.elapsedSeconds))
         }
         guard isTerminal, status.totalSteps > 0, status.jobState == "training" else { return }
-        let fraction = Double(status.step) / Double(status.totalSteps)
-        let width = 30, filled = Int(fraction * Double(width))
+        write("\r\u{1B}[K" + Self.bar(status))
+        barShown = true
+    }
+
+    /// `█████░░░░░  42.0%  step 151/360  loss 0.1234  5,120 samples/s  2 workers  ETA 12s`
+    static func bar(_ status: StatusReply, width: Int = 30) -> String {
+        let fraction = min(1, Double(status.step) / Double(max(status.totalSteps, 1)))
+        let filled = Int(fraction * Double(width))
         let bar = String(repeating: "█", count: filled) + String(repeating: "░", count: width - filled)
         let live = status.workers.filter { $0.state == "training" }.count
-        write(String(format: "\r\u{1B}[K%@ %5.1f%%  step %d/%d  loss %.4f  %d workers  %@",
-                     bar, fraction * 100, Int(status.step), Int(status.totalSteps), status.trainLoss, live, status.jobState))
-        barShown = true
+        let remaining = status.step > 0 && status.totalSteps > status.step
+            ? status.elapsedSeconds / Double(status.step) * Double(status.totalSteps - status.step) : nil
+        return String(format: "%@ %5.1f%%  step %d/%d  loss %@  %.0f samples/s  %d workers  ETA %@", bar, fraction * 100, Int(status.step),
+                      Int(status.totalSteps), ScoreText.fixed(status.trainLoss), status.samplesPerSecond, live,
+                      remaining.map { StatusText.duration($0) } ?? "-")
     }
 
     func finish() { if barShown { write("\r\u{1B}[K"); barShown = false } }

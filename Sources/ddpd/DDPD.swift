@@ -17,6 +17,7 @@ struct DDPD: ParsableCommand {
             With coordinator_shards K > 1, also run K-1 follower shards (each binds its own worker endpoint):
               ddpd coordinator --config job.yaml --shard 1 --leader tcp://COORDINATOR:5555 --bind tcp://0.0.0.0:5557
             """,
+        version: SwiftDDPVersion.text,
         subcommands: [CoordinatorCommand.self, WorkerCommand.self])
 }
 
@@ -41,7 +42,9 @@ struct CoordinatorCommand: ParsableCommand {
     @Option(help: "Endpoint for workers (tcp://HOST:PORT, port 0 for any; ipc://PATH).") var bind = "tcp://127.0.0.1:0"
     @Option(help: "Endpoint for control clients (ddpctl status/stop).") var control = "tcp://127.0.0.1:0"
     @Option(help: "The job directory for the model, summary, history and checkpoints.") var jobDir: String?
-    @Flag(help: "Continue from the newest checkpoint in the job directory.") var resume = false
+    @Flag(help: "Continue from the newest checkpoint in the job directory (its workers live on: their ranks are kept for them a while).") var resume = false
+    @Flag(help: "With --resume: the workers are new processes (a job continued later), so no rank is kept for an old holder.")
+    var newWorkers = false
     @Flag(help: "Accept plain-text traffic from anyone on TCP endpoints (without keys_dir); ipc:// needs no keys.") var insecure = false
     @Option(help: "Run follower shard N (1...coordinator_shards-1) of the leader at --leader instead of the leader.") var shard: Int?
     @Option(help: "The leader coordinator's worker endpoint (with --shard).") var leader: String?
@@ -62,8 +65,8 @@ struct CoordinatorCommand: ParsableCommand {
         let directory = spec.output.isEmpty || role != .leader ? nil : JobDirectory(path: spec.output)
         try directory?.create()
         let coordinator = try Coordinator(
-            spec: spec, workerEndpoint: bind, controlEndpoint: control, directory: directory, resume: resume,
-            allowPlainText: insecure, role: role, logger: Logger(label: shard.map { "coordinator-shard-\($0)" } ?? "coordinator"))
+            spec: spec, workerEndpoint: bind, controlEndpoint: control, directory: directory,
+            resume: resume ? (newWorkers ? .withNewWorkers : .afterRestart) : nil, allowPlainText: insecure, role: role, logger: Logger(label: shard.map { "coordinator-shard-\($0)" } ?? "coordinator"))
         SafeOutput.print("workers=\(coordinator.workerEndpoint)\ncontrol=\(coordinator.controlEndpoint)\n")
         let summary = try coordinator.run()
         if role == .leader { SafeOutput.print(summary.jsonLine + "\n") }

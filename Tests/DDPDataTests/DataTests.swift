@@ -27,10 +27,10 @@ struct DataTests {
     }
 
     @Test func malformedCsvNamesTheLine() {
-        #expect(throws: DataError.malformed("bad.csv", "line 3: 1 features, expected 2")) {
+        #expect(throws: DataError.malformed("bad.csv", "line 3: 2 fields, expected 3 fields (a label and 2 features)")) {
             try DataReader.csv(text: "label,x,y\n1,2,3\n0,1\n", name: "bad.csv")
         }
-        #expect(throws: DataError.malformed("bad.csv", "line 2, column 3: 'abc' is not a number")) {
+        #expect(throws: DataError.malformed("bad.csv", "line 2, column 3: 'abc' is not a finite number")) {
             try DataReader.csv(text: "label,x,y\n1,2,abc\n", name: "bad.csv")
         }
         #expect(throws: DataError.fileNotFound("/nonexistent/data.csv")) { try DataReader.csv(path: "/nonexistent/data.csv") }
@@ -149,10 +149,10 @@ struct DataTests {
 
 struct RegressionDataTests {
     @Test func csvRegressionTargetsAndBadTargets() throws {
-        let data = try DataReader.csv(text: "y,a\n1.5,2\n-0.25,3\n", name: "r", regression: true)
+        let data = try DataReader.csv(text: "y,a\n1.5,2\n-0.25,3\n", name: "r", options: CSVOptions(regression: true))
         #expect(data.isRegression && data.targets == [1.5, -0.25] && data.targetTensor([1, 0]).scalars == [-0.25, 1.5])
         #expect(throws: DataError.malformed("r", "line 2: target 'x' is not a finite number")) {
-            try DataReader.csv(text: "y,a\nx,2\n", name: "r", regression: true)
+            try DataReader.csv(text: "y,a\nx,2\n", name: "r", options: CSVOptions(regression: true))
         }
         let split = try BundledData.syntheticRegression(samples: 100, features: 3, seed: 1).split(testFraction: 0.2, seed: 2)
         #expect(split.train.targets?.count == 80 && split.test.targets?.count == 20)

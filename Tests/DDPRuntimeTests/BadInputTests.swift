@@ -60,7 +60,7 @@ struct BadInputTests {
         let malformed = jobs + "/bad.csv"
         try "label,a,b\n1,2,3\n0,x,1\n".write(toFile: malformed, atomically: true, encoding: .utf8)
         let bad = try runCommand(Binaries.ddpctl, ["start", "--jobs-dir", jobs, "--dataset", "csv", "--data-path", malformed])
-        #expect(bad.status != 0 && (bad.stdout + bad.stderr).contains("line 3, column 2: 'x' is not a number"))
+        #expect(bad.status != 0 && (bad.stdout + bad.stderr).contains("line 3, column 2: 'x' is not a finite number"))
     }
 
     /// A coordinator for one worker of job "the-job".

@@ -85,7 +85,7 @@ struct ControlTests {
         #expect(!html.contains("http://") || html.contains("xmlns=\"http://www.w3.org/2000/svg\""))
         #expect(!html.contains("<script"))
         let metrics = try ddpctl(["metrics", "--jobs-dir", jobs, "--job", summary.jobID])
-        #expect(metrics.stdout.contains("ddp_steps_total{job=\"\(summary.jobID)\"} \(summary.steps)"))
+        #expect(metrics.stdout.contains("ddp_steps_total{job_id=\"\(summary.jobID)\"} \(summary.steps)"))
         #expect(metrics.stdout.contains("ddp_step_seconds_bucket"))
     }
 

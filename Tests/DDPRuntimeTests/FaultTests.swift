@@ -143,7 +143,7 @@ struct FaultTests {
         let s = try #require(summary, "\(result.stderr)")
         #expect(s.state == "completed" && s.message.contains("checkpoint(s) could not be written"), "\(s.message)")
         let metrics = try String(contentsOfFile: jobs + "/cp-job/metrics.prom", encoding: .utf8)
-        #expect(metrics.contains("ddp_checkpoint_failures_total{job=\"cp-job\"} 5"), "\(metrics)")
+        #expect(metrics.contains("ddp_checkpoint_failures_total{job_id=\"cp-job\"} 5"), "\(metrics)")
         #expect(((try? FileManager.default.contentsOfDirectory(atPath: checkpoints)) ?? []).isEmpty, "no temporary file is left")
     }
 

@@ -130,24 +130,32 @@ struct TrainingTests {
         }
     }
 
-    /// A learning rate that blows the parameters up makes every later gradient NaN: each step drops
-    /// them all, named, and one coordinator and three shards end with the same parameters.
-    @Test func nonFiniteGradientsAreDroppedAlikeWithShards() throws {
+    /// A learning rate that blows the parameters up ends the job as failed, "diverged", at the same step
+    /// with one coordinator and with three shards: exit status 1, no model written over with NaN, the
+    /// newest checkpoint finite and the same in both, metrics that Prometheus parses.
+    @Test func aDivergedRunFailsAndKeepsTheLastFiniteCheckpoint() throws {
         let jobs = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: jobs) }
-        var runs: [(JobSummary, [(name: String, tensor: Tensor)])] = []
+        var checkpoints: [[(name: String, tensor: Tensor)]] = []
+        var steps: [Int] = []
         for shards in [1, 3] {
-            let (summary, result) = try startJob(["--workers", "2", "--epochs", "1", "--lr", "1e30", "--momentum", "0",
+            // The rate grows 1000x every 4 steps: finite at first, then the loss overflows.
+            let (summary, result) = try startJob(["--workers", "2", "--epochs", "3", "--lr", "0.01", "--momentum", "0", "--schedule", "step",
+                                                   "--step-every", "4", "--gamma", "1000", "--checkpoint-every", "1",
                                                    "--coordinator-shards", "\(shards)"], jobsDir: jobs)
             let s = try #require(summary, "no summary: \(result.stderr)")
-            #expect(s.state == "completed")
-            runs.append((s, try parameters(s)))
+            #expect(result.status == 1 && s.state == "failed" && s.message.contains("training diverged"), "\(s.message)")
+            #expect(s.modelPath.isEmpty && !FileManager.default.fileExists(atPath: jobs + "/" + s.jobID + "/model.safetensors"))
+            let job = JobDirectory(path: jobs + "/" + s.jobID)
+            let latest = try #require(Checkpoint.latest(in: job).checkpoint, "no checkpoint kept")
+            #expect(latest.parameters.values.allSatisfy(\.isFinite) && s.message.contains(latest.path), "\(s.message)")
+            checkpoints.append(latest.parameters.sorted { $0.key < $1.key }.map { ($0.key, $0.value) })
+            steps.append(s.steps)
+            let metrics = try String(contentsOfFile: job.metricsPath, encoding: .utf8)
+            #expect(!metrics.contains("nan") && !metrics.contains(" inf"), "\(metrics)")
         }
-        #expect(runs[0].0.rejectedMessages > 0 && runs[0].0.rejectedMessages == runs[1].0.rejectedMessages,
-                "\(runs[0].0.rejectedMessages) vs \(runs[1].0.rejectedMessages)")
-        for (a, b) in zip(runs[0].1, runs[1].1) {
-            #expect(a.tensor.scalars.elementsEqual(b.tensor.scalars) { $0 == $1 || ($0.isNaN && $1.isNaN) }, "\(a.name)")
-        }
+        #expect(steps[0] == steps[1] && steps[0] > 4, "\(steps)")
+        for (a, b) in zip(checkpoints[0], checkpoints[1]) { #expect(a.tensor.scalars == b.tensor.scalars, "\(a.name)") }
     }
 
     @Test func defaultJobReachesNinetyFivePercent() throws {

@@ -27,11 +27,19 @@ public final class Coordinator {
     public let controlEndpoint: String
     private let engine: Engine
 
+    /// How a coordinator continues from the newest checkpoint in its job directory.
+    public enum Resume: Sendable {
+        /// It was restarted and its workers live on: each rank is kept a while for the worker holding its token.
+        case afterRestart
+        /// The job continues with new worker processes (`ddpctl start --resume`): no rank is kept for anyone.
+        case withNewWorkers
+    }
+
     /// Builds the job's model and binds both endpoints (`tcp://HOST:0` takes any free port; TCP needs the
     /// job's keys or `allowPlainText`). With `resume`, the newest checkpoint in the job directory supplies
     /// parameters, optimizer state, step, history and rank tokens.
     public init(
-        spec: JobSpec, workerEndpoint: String, controlEndpoint: String, directory: JobDirectory?, resume: Bool = false,
+        spec: JobSpec, workerEndpoint: String, controlEndpoint: String, directory: JobDirectory?, resume: Resume? = nil,
         allowPlainText: Bool = false, role: Role = .leader, logger: Logger
     ) throws {
         var spec = spec
@@ -42,6 +50,7 @@ public final class Coordinator {
             throw JobSpecError.invalid("shard \(index) does not exist with coordinator_shards = \(spec.coordinatorShards) (followers are 1...\(max(1, spec.coordinatorShards - 1)))")
         }
         let setup = try TrainingSetup(spec: spec)
+        try setup.loadInitialParameters()
         var leaderEndpoint: String?
         if case .follower(_, let leader, _) = role { leaderEndpoint = leader }
         let transport = try ZeroMQTransport(

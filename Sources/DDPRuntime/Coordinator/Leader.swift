@@ -46,12 +46,14 @@ final class Leader: ShardServer {
     var followerReports: [Int: [Int32: String]] = [:]
     /// A follower was lost (the job has failed; nothing more is asked of them).
     var followersLost = false
+    /// The step at which training diverged, if it did (the final model is then not written).
+    var divergedAt: Int?
 
     var stepsPerEpoch: Int { setup.sampler.stepsPerEpoch }
 
     /// A leader for `spec` on `transport`; with `resume`, the newest checkpoint in `directory` supplies
     /// parameters, optimizer state, step, history and rank tokens.
-    init(spec: JobSpec, setup: TrainingSetup, transport: any CoordinatorTransport, directory: JobDirectory?, resume: Bool,
+    init(spec: JobSpec, setup: TrainingSetup, transport: any CoordinatorTransport, directory: JobDirectory?, resume: Coordinator.Resume?,
          logger: Logger, clock: @escaping () -> Double = Coordinator.now) throws {
         self.spec = spec
         self.setup = setup
@@ -65,25 +67,38 @@ final class Leader: ShardServer {
                            wireType: DType(rawValue: spec.wireDtype) ?? .f32)
         membership = Membership(workers: spec.workers)
         recorder = Recorder(directory: directory, log: logger)
-        try directory?.write(Endpoints(workers: transport.workerEndpoint, control: transport.controlEndpoint, pid: getpid()),
+        recorder.metrics.regression = spec.task == "regression"
+        if let address = try spec.metricsHostAndPort() {
+            recorder.metricsServer = try MetricsHTTPServer(host: address.host, port: address.port)
+        }
+        if let directory {
+            do { recorder.tensorBoard = try TensorBoardWriter(directory: directory.tensorBoardPath, wallTime: Date().timeIntervalSince1970) } catch {
+                log.warning("no TensorBoard events: \(error)")
+            }
+        }
+        try directory?.write(Endpoints(workers: transport.workerEndpoint, control: transport.controlEndpoint, pid: getpid(),
+                                       metrics: recorder.metricsServer?.url),
                              to: directory!.endpointsPath)
         directory?.removeStaleTemporaries()
-        if resume, let directory {
+        if let resume, let directory {
             let (latest, skipped) = Checkpoint.latest(in: directory)
             for (path, reason) in skipped { log.warning("skipped checkpoint \(path): \(reason)") }
-            if let checkpoint = latest { try continueFrom(checkpoint) } else if !skipped.isEmpty {
+            if let checkpoint = latest { try continueFrom(checkpoint, keepingRanks: resume == .afterRestart) } else if !skipped.isEmpty {
                 throw SafeTensorsError.invalid(directory.checkpointsPath, "no checkpoint verifies (\(skipped.count) tried); cannot resume")
             }
         }
     }
 
-    /// Continues from `checkpoint`: its parameters, optimizer state, step, counters and rank tokens.
-    private func continueFrom(_ checkpoint: Checkpoint) throws {
+    /// Continues from `checkpoint`: its parameters, optimizer state, step, counters and (`keepingRanks`,
+    /// for workers that live on) its rank tokens.
+    private func continueFrom(_ checkpoint: Checkpoint, keepingRanks: Bool) throws {
         try shard.restore(checkpoint)
         round.step = checkpoint.step
         recorder.resume(from: checkpoint)
-        membership.rankTokens = checkpoint.rankTokens
-        membership.reservedUntil = now() + 3 * Double(spec.heartbeatTimeoutMs) / 1000
+        if keepingRanks {
+            membership.rankTokens = checkpoint.rankTokens
+            membership.reservedUntil = now() + 3 * Double(spec.heartbeatTimeoutMs) / 1000
+        }
         log.info("resumed from checkpoint", metadata: ["path": "\(checkpoint.path)", "step": "\(checkpoint.step)"])
         if checkpoint.step >= setup.totalSteps {  // killed after its final checkpoint: only the end is left to do
             phase = .completed
@@ -374,7 +389,12 @@ final class Leader: ShardServer {
         let live = membership.live.map(\.rank)
         guard live.count >= max(spec.minWorkers, 1), live.allSatisfy({ round.hasAnswered($0) && everyFollowerAnswered($0) }) else { return }
         refuseWhatFollowersRefused(live)
-        guard let used = averageContributions(round.contributions(of: live)) else { return }  // a follower failed
+        let contributions = round.contributions(of: live)
+        if let loss = Self.divergedLoss(contributions) {
+            recorder.recordDivergedLoss(loss)  // the summary, status and metrics show the loss that ended it
+            return diverged("the training loss of step \(round.step) is \(loss)")
+        }
+        guard let used = averageContributions(contributions) else { return }  // a follower failed
         let samples = used.reduce(0) { $0 + Int($1.sampleCount) }
         var loss: Float = 0, correct = 0
         if samples > 0 {
@@ -386,7 +406,7 @@ final class Leader: ShardServer {
             log.warning("step \(round.step) had no usable gradient; parameters unchanged")
         }
         let seconds = now() - round.started
-        recorder.recordStep(round.step, seconds: seconds, loss: loss, samples: samples, correct: correct,
+        recorder.recordStep(round.step, seconds: seconds, loss: loss, learningRate: shard.optimizer.learningRate, samples: samples, correct: correct,
                             workerSeconds: used.isEmpty ? [] : membership.live.map { ($0.rank, $0.lastStepSeconds) },
                             liveWorkers: membership.liveCount, jobID: spec.jobID, now: now())
         followerReports.removeAll(keepingCapacity: true)
@@ -414,6 +434,25 @@ final class Leader: ShardServer {
             phase = .stopped
             message = "stopped by request after step \(step)"
         }
+    }
+
+    /// The step's loss over every contribution that reported samples, when it is NaN or infinite: the
+    /// model has diverged (as Keras' TerminateOnNaN decides), since all workers hold the same parameters.
+    static func divergedLoss(_ contributions: [Contribution]) -> Float? {
+        let counted = contributions.filter { $0.sampleCount > 0 }
+        let samples = counted.reduce(0) { $0 + Float($1.sampleCount) }
+        guard samples > 0 else { return nil }
+        let loss = counted.reduce(Float(0)) { $0 + $1.loss * Float($1.sampleCount) / samples }
+        return loss.isFinite ? nil : loss
+    }
+
+    /// Ends the job as failed because training diverged; the newest checkpoint (all finite) stays, and
+    /// the final model is not written over with non-finite values.
+    func diverged(_ what: String) {
+        let checkpoint = directory.flatMap { Checkpoint.list(in: $0).last }
+        divergedAt = round.step
+        fail("training diverged: \(what) (learning rate \(shard.optimizer.learningRate)); lower learning_rate or set clip_norm"
+             + (checkpoint.map { "; the last finite checkpoint is \($0)" } ?? "; no checkpoint was written before it"))
     }
 
     /// A push a follower refused is refused as a whole, as one coordinator would.
@@ -489,7 +528,11 @@ final class Leader: ShardServer {
     /// checkpoint written stays for a resume).
     func writeCheckpoint() {
         guard directory != nil, refreshFromFollowers(withState: true) else { return }
-        recorder.writeCheckpoint(step: round.step, stepsPerEpoch: stepsPerEpoch, shard: shard, spec: spec, rankTokens: membership.rankTokens)
+        if let bad = shard.parameters.first(where: { !$0.tensor.isFinite }) {
+            return diverged("parameter '\(bad.name)' holds a value that is NaN or infinite after step \(round.step)")
+        }
+        recorder.writeCheckpoint(step: round.step, stepsPerEpoch: stepsPerEpoch, shard: shard, spec: spec,
+                                 model: setup.modelDescription(step: round.step), rankTokens: membership.rankTokens)
         if spec.checkpointFailureLimit > 0 && recorder.failedCheckpointsInARow >= spec.checkpointFailureLimit && !phase.isFinished {
             fail("\(recorder.failedCheckpointsInARow) checkpoints in a row could not be written (last: \(recorder.lastCheckpointFailure)); "
                  + "free space and resume (checkpoint_failure_limit \(spec.checkpointFailureLimit))")
@@ -549,10 +592,12 @@ final class Leader: ShardServer {
         // With followers, the model is whole only when they could send their tensors.
         let whole = followers.isEmpty || refreshFromFollowers(withState: false)
         for index in followers.keys.sorted() { sendToFollower(index, body: .stop(reason: message, graceful: phase != .failed)) }
-        if let directory, whole {
+        if let directory, whole, divergedAt == nil {
             do {  // a failed write is reported in the summary, which is still written
                 try SafeTensors.write(shard.parameters.map { ($0.name, $0.tensor) },
-                                      metadata: ["job_id": spec.jobID, "step": "\(round.step)", "format": "pt"], to: directory.modelPath)
+                                      metadata: setup.modelDescription(step: round.step).metadata.merging([
+                                          "job_id": spec.jobID, "step": "\(round.step)", "format": "pt", "job_spec": spec.json()]) { $1 },
+                                      to: directory.modelPath)
                 modelPath = directory.modelPath
             } catch {
                 log.error("the model could not be written: \(error)")
@@ -561,13 +606,14 @@ final class Leader: ShardServer {
         }
         let summary = JobSummary(
             state: phase.rawValue, jobID: spec.jobID, workers: spec.workers, epochs: round.step / stepsPerEpoch, steps: round.step,
-            trainLoss: last?.trainLoss ?? recorder.recentLosses.last ?? 0, testLoss: last?.testLoss ?? 0,
+            trainLoss: (divergedAt == nil ? last?.trainLoss : nil) ?? recorder.recentLosses.last ?? 0, testLoss: last?.testLoss ?? 0,
             testAccuracy: last?.testAccuracy ?? 0, wallSeconds: now() - started,
             samplesPerSecond: elapsed > 0 ? Double(recorder.samplesTrained) / elapsed : 0, modelPath: modelPath, message: messageWithProblems,
             rejectedMessages: recorder.rejected, lostWorkers: membership.lostRanks, task: spec.task)
         if let directory {  // on a full disk the summary still reaches standard output and the exit status
             do { try directory.write(summary, to: directory.summaryPath) } catch { log.error("the summary could not be written: \(error)") }
         }
+        recorder.metricsServer?.close()
         log.info("job \(phase.rawValue)", metadata: ["steps": "\(round.step)", "test_accuracy": "\(summary.testAccuracy)", "message": "\(message)"])
         transport.close()
         return summary

@@ -24,6 +24,9 @@ struct Recorder {
     private(set) var lastCheckpointFailure = ""
     /// The job's files whose last write failed (file -> why): a full disk stops none of training.
     private(set) var failedWrites: [String: String] = [:]
+    /// The scalars as TensorBoard event files in `DIR/tensorboard`, and the HTTP endpoint serving the metrics.
+    var tensorBoard: TensorBoardWriter?
+    var metricsServer: MetricsHTTPServer?
 
     /// What went wrong with the job's files, for status and the summary (empty when nothing did).
     var problems: String {
@@ -35,6 +38,12 @@ struct Recorder {
             parts.append("\(metrics.writeFailures) write(s) failed: " + failedWrites.sorted { $0.key < $1.key }.map { "\($0.key): \($0.value)" }.joined(separator: ", "))
         }
         return parts.joined(separator: "; ")
+    }
+
+    /// Notes the loss of a step that did not complete because it was not finite (it ended the job).
+    mutating func recordDivergedLoss(_ loss: Float) {
+        recentLosses.append(loss)
+        metrics.trainLoss = loss
     }
 
     /// Notes a failed or successful write of `file`.
@@ -79,8 +88,8 @@ struct Recorder {
 
     /// Records a completed step: its time, mean loss, samples and correct ones, and the workers' compute
     /// times (for the step log); writes the metrics at most once a second.
-    mutating func recordStep(_ step: Int, seconds: Double, loss: Float, samples: Int, correct: Int, workerSeconds: [(Int32, Double)],
-                             liveWorkers: Int, jobID: String, now: Double) {
+    mutating func recordStep(_ step: Int, seconds: Double, loss: Float, learningRate: Float, samples: Int, correct: Int,
+                             workerSeconds: [(Int32, Double)], liveWorkers: Int, jobID: String, now: Double) {
         recentStepSeconds.append(seconds)
         if recentStepSeconds.count > 50 { recentStepSeconds.removeFirst() }
         recentLosses.append(loss)
@@ -90,12 +99,19 @@ struct Recorder {
         epochLoss.samples += samples
         samplesTrained += samples
         let workers = workerSeconds.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",")
-        stepLog.append("{\"step\":\(step),\"seconds\":\(seconds),\"loss\":\(loss),\"workers\":{\(workers)}}")
+        stepLog.append("{\"step\":\(step),\"seconds\":\(seconds),\"loss\":\(JobJSON.number(loss)),\"learning_rate\":\(JobJSON.number(learningRate)),\"workers\":{\(workers)}}")
         metrics.steps = step + 1
         metrics.samples += samples
         metrics.trainLoss = loss
         metrics.workersAlive = liveWorkers
         metrics.observeStep(seconds: seconds)
+        if let tensorBoard {
+            let wall = Date().timeIntervalSince1970
+            tensorBoard.add("train/loss", loss, step: step + 1, wallTime: wall)
+            tensorBoard.add("train/learning_rate", learningRate, step: step + 1, wallTime: wall)
+            tensorBoard.add("train/step_seconds", Float(seconds), step: step + 1, wallTime: wall)
+            tensorBoard.add("train/samples_per_second", seconds > 0 ? Float(Double(samples) / seconds) : 0, step: step + 1, wallTime: wall)
+        }
         if now - lastMetricsWrite > 1 { writeMetrics(liveWorkers: liveWorkers, jobID: jobID, now: now) }
     }
 
@@ -115,6 +131,14 @@ struct Recorder {
         ])
         metrics.testLoss = test.loss
         metrics.testAccuracy = test.accuracy
+        if let tensorBoard {
+            let wall = Date().timeIntervalSince1970
+            let names = metrics.regression ? ("test/mse", "test/r2") : ("test/loss", "test/accuracy")
+            tensorBoard.add(names.0, test.loss, step: step, wallTime: wall)
+            tensorBoard.add(names.1, test.accuracy, step: step, wallTime: wall)
+            tensorBoard.add("epoch/train_loss", record.trainLoss, step: step, wallTime: wall)
+            if !metrics.regression { tensorBoard.add("epoch/train_accuracy", record.trainAccuracy, step: step, wallTime: wall) }
+        }
         if let directory {
             let line = (try? JobJSON.encoder([.sortedKeys]).encode(record)).map { String(decoding: $0, as: UTF8.self) + "\n" } ?? ""
             wrote("history.jsonl", failure: SafeOutput.append(line, to: directory.historyPath))
@@ -123,13 +147,14 @@ struct Recorder {
     }
 
     /// Writes a checkpoint; a failure is logged, counted (status, summary, metrics) and the job goes on.
-    mutating func writeCheckpoint(step: Int, stepsPerEpoch: Int, shard: ShardState, spec: JobSpec, rankTokens: [Int32: [UInt8]]) {
+    mutating func writeCheckpoint(step: Int, stepsPerEpoch: Int, shard: ShardState, spec: JobSpec, model: ModelDescription,
+                                  rankTokens: [Int32: [UInt8]]) {
         guard let directory else { return }
         flushStepLog()  // the step log is whole up to every checkpoint, which a resume cuts it back to
         do {
             let path = try Checkpoint.save(
                 step: step, stepsPerEpoch: stepsPerEpoch, parameters: shard.parameters, optimizer: shard.optimizer, spec: spec,
-                samplesTrained: metrics.samples, rankTokens: rankTokens, in: directory, keep: spec.keepCheckpoints)
+                samplesTrained: metrics.samples, rankTokens: rankTokens, model: model, in: directory, keep: spec.keepCheckpoints)
             failedCheckpointsInARow = 0
             log.debug("checkpoint written", metadata: ["path": "\(path)", "step": "\(step)"])
         } catch {
@@ -146,7 +171,9 @@ struct Recorder {
         guard let directory else { return }
         metrics.workersAlive = liveWorkers
         let text = metrics.text(jobID: jobID)
+        metricsServer?.update(text)
         wrote("metrics.prom", failure: Result { try AtomicFile.write(text, to: directory.metricsPath) }.failureText)
+        if let tensorBoard { wrote("tensorboard", failure: Result { try tensorBoard.flush() }.failureText) }
         flushStepLog()
     }
 

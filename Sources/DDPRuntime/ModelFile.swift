@@ -1,0 +1,165 @@
+import Autodiff
+import DDPData
+import Foundation
+
+/// What a model file says it is, in its safetensors metadata under `swiftddp_model` (JSON): the model
+/// (preset, sizes, activation), the task, the shape of one input, the preprocessing of raw feature values
+/// with its statistics, and the class names. Enough to rebuild the model for predict and evaluate, and
+/// for a PyTorch user to rebuild it (README, "Using a trained model").
+public struct ModelDescription: Codable, Sendable, Equatable {
+    /// `swiftddp-model/1`.
+    public var format = ModelDescription.currentFormat
+    public var model: String
+    public var hidden: [Int]
+    public var activation: String
+    public var task: String
+    /// One sample's shape as the model takes it (`[64]`, or `[1, 28, 28]` for `cnn`).
+    public var inputShape: [Int]
+    /// The transform of raw feature values, applied before the model.
+    public var preprocessing: Preprocessing
+    /// The label of each class id (empty for regression).
+    public var classNames: [String]
+    /// Where the data came from and how its CSV was read, so that the same kind of file reads alike.
+    public var dataset: String
+    public var labelColumn: String
+    public var delimiter: String
+    public var jobID: String
+    public var step: Int
+
+    public static let currentFormat = "swiftddp-model/1"
+    static let metadataKey = "swiftddp_model"
+
+    enum CodingKeys: String, CodingKey {
+        case format, model, hidden, activation, task, preprocessing, dataset, delimiter, step
+        case inputShape = "input_shape", classNames = "class_names", labelColumn = "label_column", jobID = "job_id"
+    }
+
+    /// The description of the model `setup` trains, at `step`.
+    init(setup: TrainingSetup, step: Int) {
+        let spec = setup.spec
+        model = spec.model
+        hidden = spec.hidden
+        activation = spec.activation
+        task = spec.task
+        inputShape = setup.train.featureShape
+        preprocessing = setup.preprocessing
+        classNames = setup.train.classNames
+        dataset = spec.dataset
+        labelColumn = spec.labelColumn
+        delimiter = spec.delimiter
+        jobID = spec.jobID
+        self.step = step
+    }
+
+    public var isRegression: Bool { task == "regression" }
+    /// Raw feature values per sample.
+    public var featuresPerSample: Int { inputShape.reduce(1, *) }
+
+    /// The metadata entries that carry it.
+    var metadata: [String: String] {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        return [Self.metadataKey: String(decoding: (try? encoder.encode(self)) ?? Data(), as: UTF8.self)]
+    }
+}
+
+/// A trained model loaded from its file: the description and the model with its parameters.
+public struct TrainedModel {
+    public let description: ModelDescription
+    public let model: Sequential
+    public let path: String
+
+    /// Reads a model file (`model.safetensors`, or a checkpoint) that SwiftDDP wrote.
+    public init(path: String) throws {
+        let contents = try SafeTensors.read(path: path)
+        guard let json = contents.metadata[ModelDescription.metadataKey] else {
+            throw SafeTensorsError.invalid(path, "has no '\(ModelDescription.metadataKey)' metadata: not a model file of this version of SwiftDDP")
+        }
+        let description: ModelDescription
+        do { description = try JSONDecoder().decode(ModelDescription.self, from: Data(json.utf8)) } catch {
+            throw SafeTensorsError.invalid(path, "its '\(ModelDescription.metadataKey)' metadata does not describe a model: \(error)")
+        }
+        guard description.format == ModelDescription.currentFormat else {
+            throw SafeTensorsError.invalid(path, "model format '\(description.format)'; this SwiftDDP reads \(ModelDescription.currentFormat)")
+        }
+        try description.preprocessing.check(width: description.featuresPerSample)
+        var spec = JobSpec()
+        spec.model = description.model
+        spec.hidden = description.hidden
+        spec.activation = description.activation
+        spec.task = description.task
+        let classes = description.isRegression ? 1 : description.classNames.count
+        let model = try TrainingSetup.buildModel(spec, inputShape: description.inputShape, classes: classes)
+        try Self.load(contents.tensors, into: model.parameters, from: path)
+        self.description = description
+        self.model = model
+        self.path = path
+    }
+
+    /// Copies `tensors` into `parameters` by name; a missing name or another shape is an error naming it.
+    static func load(_ tensors: [(name: String, tensor: Tensor)], into parameters: [NamedParameter], from path: String) throws {
+        let byName = Dictionary(tensors.map { ($0.name, $0.tensor) }, uniquingKeysWith: { first, _ in first })
+        for p in parameters {
+            guard let saved = byName[p.name] else {
+                throw SafeTensorsError.invalid(path, "has no tensor '\(p.name)' (it has \(tensors.map(\.name).filter { !$0.hasPrefix("optimizer/") }.joined(separator: ", ")))")
+            }
+            guard saved.shape == p.tensor.shape else {
+                throw SafeTensorsError.invalid(path, "tensor '\(p.name)' has shape \(saved.shape); the model's is \(p.tensor.shape)")
+            }
+            guard saved.isFinite else { throw SafeTensorsError.invalid(path, "tensor '\(p.name)' holds NaN or infinite values") }
+            p.tensor.assign(saved)
+        }
+    }
+
+    /// The model's outputs for raw feature rows (`values`, `featuresPerSample` each): class probabilities
+    /// `[n, classes]` (softmax) for classification, values `[n, 1]` for regression. Evaluation mode, no tape.
+    public func outputs(rawFeatures values: [Float]) -> Tensor {
+        var values = values
+        description.preprocessing.apply(to: &values, perSample: description.featuresPerSample)
+        let count = values.count / max(description.featuresPerSample, 1)
+        model.setTraining(false)
+        defer { model.setTraining(true) }
+        var rows: [Float] = []
+        rows.reserveCapacity(count * (description.isRegression ? 1 : description.classNames.count))
+        let chunk = 1024
+        GradMode.withoutGradients {
+            for start in stride(from: 0, to: count, by: chunk) {
+                let end = min(start + chunk, count)
+                let width = description.featuresPerSample
+                let x = Tensor(shape: [end - start] + description.inputShape, values: Array(values[start * width..<end * width]))
+                let y = model(x)
+                rows += description.isRegression ? y.scalars : Self.softmax(y)
+            }
+        }
+        return Tensor(shape: [count, description.isRegression ? 1 : description.classNames.count], values: rows)
+    }
+
+    /// Row-wise softmax of `[n, classes]` logits, computed stably.
+    static func softmax(_ logits: Tensor) -> [Float] {
+        let classes = logits.shape[1]
+        var values = logits.scalars
+        for r in 0..<logits.shape[0] {
+            let row = r * classes..<(r + 1) * classes
+            let top = values[row].max() ?? 0
+            var sum: Float = 0
+            for i in row { values[i] = exp(values[i] - top); sum += values[i] }
+            for i in row { values[i] /= sum }
+        }
+        return values
+    }
+}
+
+extension TrainingSetup {
+    /// Loads the parameters of the model file `spec.init_from` into the model (fine-tuning): every
+    /// parameter by name and shape. The coordinator does it; workers receive the values with their Welcome.
+    public func loadInitialParameters() throws {
+        guard !spec.initFrom.isEmpty else { return }
+        let contents = try SafeTensors.read(path: spec.initFrom)
+        do { try TrainedModel.load(contents.tensors, into: model.parameters, from: spec.initFrom) } catch let error as SafeTensorsError {
+            throw JobSpecError.invalid("init_from: \(error) (the job's model is \(spec.model) \(spec.hidden) on inputs \(train.featureShape))")
+        }
+    }
+
+    /// The model's description at `step`, for the metadata of model files and checkpoints.
+    public func modelDescription(step: Int) -> ModelDescription { ModelDescription(setup: self, step: step) }
+}

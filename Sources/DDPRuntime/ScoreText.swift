@@ -1,0 +1,17 @@
+import Foundation
+
+/// How a job's held-out score reads: loss and accuracy for classification; mean squared error and R²
+/// (not an accuracy) for regression.
+public enum ScoreText {
+    /// "test loss 0.1234, test accuracy 97.21%" or "test MSE 0.0123, test R² 0.9876".
+    public static func test(loss: Float, accuracy: Float, regression: Bool, separator: String = ", ") -> String {
+        regression ? "test MSE \(fixed(loss))\(separator)test R² \(fixed(accuracy))"
+            : "test loss \(fixed(loss))\(separator)test accuracy \(percent(accuracy))"
+    }
+
+    /// Four decimals, or the word for a value that is not a number.
+    public static func fixed(_ value: Float) -> String { value.isFinite ? String(format: "%.4f", value) : "\(value)" }
+
+    /// A fraction as a percentage with two decimals.
+    public static func percent(_ value: Float) -> String { value.isFinite ? String(format: "%.2f%%", value * 100) : "\(value)" }
+}
