@@ -9,7 +9,7 @@ public enum Readable {
         guard ns.domain == NSCocoaErrorDomain || ns.domain == NSPOSIXErrorDomain else { return "\(error)" }
         let path = (ns.userInfo[NSFilePathErrorKey] as? String) ?? (ns.userInfo[NSURLErrorKey] as? URL)?.path
             ?? (ns.userInfo["NSURL"] as? URL)?.path
-        let underlying = ns.userInfo[NSUnderlyingErrorKey] as? NSError
+        let underlying = (ns.userInfo[NSUnderlyingErrorKey] as? any Error).map { $0 as NSError }
         let posix = ns.domain == NSPOSIXErrorDomain ? ns.code : underlying?.domain == NSPOSIXErrorDomain ? underlying!.code : nil
         let reason = posix.map { String(cString: strerror(Int32($0))) } ?? cocoaReason(ns.code)
         let action = (ns.code >= 512 && ns.code < 1024) ? "cannot write" : (ns.code >= 256 && ns.code < 512) ? "cannot read" : "cannot use"

@@ -151,7 +151,9 @@ public enum PrivateFolder {
         let parent = (folder as NSString).deletingLastPathComponent
         if !parent.isEmpty && !FileManager.default.fileExists(atPath: parent) {
             do { try FileManager.default.createDirectory(atPath: parent, withIntermediateDirectories: true) } catch {
-                throw SecurityError.folder(parent, "cannot be created: \((error as NSError).localizedFailureReason ?? "\(error)")")
+                let underlying = ((error as NSError).userInfo[NSUnderlyingErrorKey] as? any Error).map { $0 as NSError }
+                let reason = underlying.map { $0.domain == NSPOSIXErrorDomain ? String(cString: strerror(Int32($0.code))) : $0.localizedDescription }
+                throw SecurityError.folder(parent, "cannot be created: \(reason ?? (error as NSError).localizedFailureReason ?? "\(error)")")
             }
         }
         if mkdir(folder, 0o700) != 0 && errno != EEXIST {

@@ -119,7 +119,7 @@ func checkBeforeStarting(_ spec: JobSpec) throws {
         let setup = try TrainingSetup(spec: spec)
         try setup.loadInitialParameters()
     } catch {
-        SafeOutput.print("Error: invalid job: \(Readable.message(error))\n", to: 2)
+        SafeOutput.print("Error: invalid job: \((error as? JobSpecError)?.reason ?? Readable.message(error))\n", to: 2)
         throw ExitCode(64)
     }
 }
