@@ -1,38 +1,6 @@
-/// A named parameter of a model; names are stable (`0.weight`, `0.bias`, ...) because the wire and
-/// checkpoints identify tensors by them.
-public struct NamedParameter {
-    public let name: String
-    public let tensor: Tensor
-    public init(name: String, tensor: Tensor) {
-        self.name = name
-        self.tensor = tensor
-    }
-}
-
-/// A differentiable function with parameters.
-public protocol Layer: AnyObject {
-    /// Applies the layer to a batch.
-    func callAsFunction(_ input: Tensor) -> Tensor
-    /// The parameters in a stable order.
-    var parameters: [NamedParameter] { get }
-    /// Switches between training (dropout active) and evaluation.
-    func setTraining(_ training: Bool)
-}
-
-extension Layer {
-    public var parameters: [NamedParameter] { [] }
-    public func setTraining(_ training: Bool) {}
-
-    /// Forgets every parameter's gradient.
-    public func zeroGrad() { for p in parameters { p.tensor.zeroGrad() } }
-
-    /// The total number of parameter elements.
-    public var parameterCount: Int { parameters.reduce(0) { $0 + $1.tensor.count } }
-}
-
 /// A fully connected layer, `y = x Wᵀ + b`, with PyTorch's default initialisation
 /// (uniform in ±1/sqrt(fan-in)).
-public final class Linear: Layer {
+public final class Linear: Module, Layer {
     public let weight: Tensor
     public let bias: Tensor
 
@@ -43,11 +11,10 @@ public final class Linear: Layer {
     }
 
     public func callAsFunction(_ input: Tensor) -> Tensor { input.linear(weight: weight, bias: bias) }
-    public var parameters: [NamedParameter] { [.init(name: "weight", tensor: weight), .init(name: "bias", tensor: bias)] }
 }
 
 /// A 2-D convolution layer over `[n, c, h, w]` inputs.
-public final class Conv2D: Layer {
+public final class Conv2D: Module, Layer {
     public let weight: Tensor
     public let bias: Tensor
     public let stride: Int
@@ -70,11 +37,10 @@ public final class Conv2D: Layer {
     public func callAsFunction(_ input: Tensor) -> Tensor {
         input.conv2d(weight: weight, bias: bias, stride: stride, padding: padding)
     }
-    public var parameters: [NamedParameter] { [.init(name: "weight", tensor: weight), .init(name: "bias", tensor: bias)] }
 }
 
 /// Max pooling over square windows.
-public final class MaxPool2D: Layer {
+public final class MaxPool2D: Module, Layer {
     public let size: Int
     public let stride: Int
     public init(size: Int, stride: Int? = nil) {
@@ -85,13 +51,13 @@ public final class MaxPool2D: Layer {
 }
 
 /// Flattens every dimension after the first.
-public final class Flatten: Layer {
-    public init() {}
+public final class Flatten: Module, Layer {
+    public override init() {}
     public func callAsFunction(_ input: Tensor) -> Tensor { input.flattened() }
 }
 
 /// An element-wise activation function as a layer.
-public final class Activation: Layer {
+public final class Activation: Module, Layer {
     /// The supported functions.
     public enum Kind: String, CaseIterable, Sendable {
         case relu, leakyRelu = "leaky_relu", sigmoid, tanh, gelu
@@ -110,10 +76,9 @@ public final class Activation: Layer {
 }
 
 /// Dropout that is active only in training mode; its mask stream is seeded.
-public final class Dropout: Layer {
+public final class Dropout: Module, Layer {
     public let probability: Float
     public var generator: SeededGenerator
-    public private(set) var isTraining = true
 
     public init(probability: Float, seed: UInt64) {
         precondition(probability >= 0 && probability < 1, "Dropout: probability \(probability) must be in [0, 1)")
@@ -124,23 +89,78 @@ public final class Dropout: Layer {
     public func callAsFunction(_ input: Tensor) -> Tensor {
         isTraining && probability > 0 ? input.dropout(probability, generator: &generator) : input
     }
-    public func setTraining(_ training: Bool) { isTraining = training }
 }
 
-/// Layers applied in order; parameters are named `INDEX.NAME` as in PyTorch's `nn.Sequential`.
-public final class Sequential: Layer {
+/// Layers applied in order; parameters are named `INDEX.NAME` as in PyTorch's `nn.Sequential`, or
+/// by the names given (`named:`, as an `OrderedDict` names them).
+public final class Sequential: Module, Layer {
     public let layers: [any Layer]
-    public init(_ layers: [any Layer]) { self.layers = layers }
+    /// Each layer's name in parameter names.
+    public let names: [String]
+    public init(_ layers: [any Layer]) {
+        self.layers = layers
+        names = layers.indices.map { "\($0)" }
+    }
+    public init(named layers: [(String, any Layer)]) {
+        self.layers = layers.map(\.1)
+        names = layers.map(\.0)
+    }
 
     public func callAsFunction(_ input: Tensor) -> Tensor {
         layers.reduce(input) { x, layer in layer(x) }
     }
 
-    public var parameters: [NamedParameter] {
-        layers.enumerated().flatMap { index, layer in
-            layer.parameters.map { NamedParameter(name: "\(index).\($0.name)", tensor: $0.tensor) }
-        }
+    public override var reflectedProperties: [(name: String, value: Any)] {
+        zip(names, layers).map { ($0, $1 as Any) }
+    }
+}
+
+/// `block(x) + shortcut(x)`, the shortcut the identity when there is none (a residual block, as in
+/// ResNet); parameters are named `block.*` and `shortcut.*`.
+public final class Residual: Module, Layer {
+    public let block: any Layer
+    public let shortcut: (any Layer)?
+    public init(_ block: any Layer, shortcut: (any Layer)? = nil) {
+        self.block = block
+        self.shortcut = shortcut
     }
 
-    public func setTraining(_ training: Bool) { for layer in layers { layer.setTraining(training) } }
+    public func callAsFunction(_ input: Tensor) -> Tensor {
+        block(input) + (shortcut.map { $0(input) } ?? input)
+    }
+}
+
+/// Batch normalisation over the channels of `[n, c]` (BatchNorm1d) or `[n, c, h, w]` (BatchNorm2d)
+/// inputs, as PyTorch's: in training, each channel is normalised with the batch's mean and biased
+/// variance and the running statistics move by `momentum` (the variance unbiased); in evaluation the
+/// running statistics are used. `weight` and `bias` are the learned scale and shift.
+public final class BatchNorm: Module, Layer {
+    public let weight: Tensor
+    public let bias: Tensor
+    @Buffer public var runningMean: Tensor
+    @Buffer public var runningVar: Tensor
+    public let momentum: Float
+    public let epsilon: Float
+
+    public init(features: Int, momentum: Float = 0.1, epsilon: Float = 1e-5) {
+        weight = .ones([features], requiresGrad: true)
+        bias = .zeros([features], requiresGrad: true)
+        runningMean = .zeros([features])
+        runningVar = .ones([features])
+        self.momentum = momentum
+        self.epsilon = epsilon
+    }
+
+    /// PyTorch's names: `weight`, `bias`, `running_mean`, `running_var`.
+    public override var reflectedProperties: [(name: String, value: Any)] {
+        [("weight", weight), ("bias", bias), ("running_mean", _runningMean), ("running_var", _runningVar)]
+    }
+
+    public func callAsFunction(_ input: Tensor) -> Tensor {
+        if isTraining {
+            return input.batchNormalized(weight: weight, bias: bias, epsilon: epsilon,
+                                         updating: (runningMean, runningVar, momentum))
+        }
+        return input.channelAffine(mean: runningMean, variance: runningVar, weight: weight, bias: bias, epsilon: epsilon)
+    }
 }

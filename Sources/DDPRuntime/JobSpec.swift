@@ -29,8 +29,9 @@ public struct JobSpec: Codable, Equatable, Sendable {
     /// `classification` (integer labels, softmax cross-entropy) or `regression` (a real-valued target,
     /// mean squared error; `test_accuracy` then reports R²).
     public var task = "classification"
-    /// `mlp`, `cnn` (LeNet-style, for image data), `logistic` (softmax regression) or `linear` (linear regression).
-    public var model = "mlp"
+    /// `mlp`, `cnn` (LeNet-style, for image data), `logistic` (softmax regression), `linear` (linear
+    /// regression), or a list of layers (`LayerSpec`).
+    public var model: ModelChoice = "mlp"
     /// Hidden layer sizes of the MLP (and the CNN's dense layer).
     public var hidden = [128]
     public var activation = "relu"
@@ -127,7 +128,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         func read<T: Decodable>(_ key: CodingKeys, _ value: inout T) throws {
             do {
                 if let v = try k.decodeIfPresent(T.self, forKey: key) { value = v }
-            } catch {
+            } catch let error as JobSpecError { throw error } catch {
                 throw JobSpecError.invalid("key '\(key.rawValue)' must be \(Self.describe(T.self))")
             }
         }
@@ -232,9 +233,11 @@ public struct JobSpec: Codable, Equatable, Sendable {
                   "scaling '\(scaling)' is unknown (auto, \(Preprocessing.Kind.allCases.map(\.rawValue).joined(separator: ", ")))")
         try check(syntheticSamples > 0 && syntheticFeatures > 0 && syntheticClasses > 1,
                   "synthetic_samples and synthetic_features must be positive and synthetic_classes at least 2")
-        try check(["mlp", "cnn", "logistic", "linear"].contains(model), "model '\(model)' is unknown (mlp, cnn, logistic, linear)")
+        if case .preset(let name) = model {
+            try check(["mlp", "cnn", "logistic", "linear"].contains(name), "model '\(name)' is unknown (mlp, cnn, logistic, linear, or a list of layers)")
+        }
         try check(["classification", "regression"].contains(task), "task '\(task)' is unknown (classification, regression)")
-        try check(task == "regression" ? ["mlp", "linear"].contains(model) : model != "linear",
+        try check(model.name == "layers" || (task == "regression" ? ["mlp", "linear"].contains(model) : model != "linear"),
                   task == "regression" ? "task 'regression' needs model 'linear' or 'mlp', not '\(model)'"
                       : "model 'linear' is linear regression: set task to 'regression'")
         try check(hidden.allSatisfy { $0 > 0 }, "hidden sizes must be positive, got \(hidden)")

@@ -9,7 +9,10 @@ import Foundation
 public struct ModelDescription: Codable, Sendable, Equatable {
     /// `swiftddp-model/1`.
     public var format = ModelDescription.currentFormat
+    /// The preset's name, or `layers`.
     public var model: String
+    /// The model as a list of layers (a preset expanded), as a job file writes it.
+    public var layers: [LayerSpec]?
     public var hidden: [Int]
     public var activation: String
     public var task: String
@@ -30,14 +33,15 @@ public struct ModelDescription: Codable, Sendable, Equatable {
     static let metadataKey = "swiftddp_model"
 
     enum CodingKeys: String, CodingKey {
-        case format, model, hidden, activation, task, preprocessing, dataset, delimiter, step
+        case format, model, layers, hidden, activation, task, preprocessing, dataset, delimiter, step
         case inputShape = "input_shape", classNames = "class_names", labelColumn = "label_column", jobID = "job_id"
     }
 
     /// The description of the model `setup` trains, at `step`.
     init(setup: TrainingSetup, step: Int) {
         let spec = setup.spec
-        model = spec.model
+        model = spec.model.name
+        layers = try? TrainingSetup.layers(spec, inputShape: setup.train.featureShape)
         hidden = spec.hidden
         activation = spec.activation
         task = spec.task
@@ -84,13 +88,13 @@ public struct TrainedModel {
         }
         try description.preprocessing.check(width: description.featuresPerSample)
         var spec = JobSpec()
-        spec.model = description.model
+        spec.model = description.layers.map { .layers($0) } ?? .preset(description.model)
         spec.hidden = description.hidden
         spec.activation = description.activation
         spec.task = description.task
         let classes = description.isRegression ? 1 : description.classNames.count
         let model = try TrainingSetup.buildModel(spec, inputShape: description.inputShape, classes: classes)
-        try Self.load(contents.tensors, into: model.parameters, from: path)
+        try Self.load(contents.tensors, into: model.parameters + model.buffers, from: path)
         self.description = description
         self.model = model
         self.path = path
@@ -155,7 +159,7 @@ extension TrainingSetup {
     public func loadInitialParameters() throws {
         guard !spec.initFrom.isEmpty else { return }
         let contents = try SafeTensors.read(path: spec.initFrom)
-        do { try TrainedModel.load(contents.tensors, into: model.parameters, from: spec.initFrom) } catch let error as SafeTensorsError {
+        do { try TrainedModel.load(contents.tensors, into: wireTensors, from: spec.initFrom) } catch let error as SafeTensorsError {
             throw JobSpecError.invalid("init_from: \(error) (the job's model is \(spec.model) \(spec.hidden) on inputs \(train.featureShape))")
         }
     }

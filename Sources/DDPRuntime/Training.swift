@@ -21,7 +21,8 @@ public struct TrainingSetup {
         preprocessing = Preprocessing.fit(spec.scalingKind(featureShape: all.featureShape), to: train)
         train = preprocessing.apply(to: train)
         test = preprocessing.apply(to: test)
-        if spec.model == "cnn" {
+        let wantsImages = try spec.model == "cnn" || ModelBuilder.takesImages(Self.layers(spec, inputShape: [1, 1, 1]))
+        if wantsImages && train.featureShape.count != 3 {
             let shape = try Self.imageShape(of: train)
             train = try train.reshaped(featureShape: shape)
             test = try test.reshaped(featureShape: shape)
@@ -84,48 +85,23 @@ public struct TrainingSetup {
         if data.featureShape.count == 3 { return data.featureShape }
         let side = Int(Double(data.featuresPerSample).squareRoot().rounded())
         guard side * side == data.featuresPerSample, side >= 4 else {
-            throw JobSpecError.invalid("model 'cnn' needs image data; \(data.name) has samples of shape \(data.featureShape)")
+            throw JobSpecError.invalid("the model's conv and pooling layers need image data; \(data.name) has samples of shape \(data.featureShape)")
         }
         return [1, side, side]
     }
 
-    /// The model named by the spec for inputs of `inputShape` and `classes` outputs.
-    public static func buildModel(_ spec: JobSpec, inputShape: [Int], classes: Int) throws -> Sequential {
-        var generator = SeededGenerator(seed: spec.seed &+ 0x4D4F_4445_4C)
-        let activation = Activation.Kind(rawValue: spec.activation) ?? .relu
-        let inputs = inputShape.reduce(1, *)
+    /// The layers of the spec's model (a preset expanded, or the job file's list) for samples of `inputShape`.
+    public static func layers(_ spec: JobSpec, inputShape: [Int]) throws -> [LayerSpec] {
         switch spec.model {
-        case "logistic", "linear":
-            return Sequential([Flatten(), Linear(inputs: inputs, outputs: classes, generator: &generator)])
-        case "mlp":
-            var layers: [any Layer] = [Flatten()]
-            var width = inputs
-            for size in spec.hidden {
-                layers.append(Linear(inputs: width, outputs: size, generator: &generator))
-                layers.append(Activation(activation))
-                width = size
-            }
-            layers.append(Linear(inputs: width, outputs: classes, generator: &generator))
-            return Sequential(layers)
-        case "cnn":
-            guard inputShape.count == 3 else { throw JobSpecError.invalid("model 'cnn' needs [channels, height, width] inputs") }
-            var channels = inputShape[0], height = inputShape[1], width = inputShape[2]
-            var layers: [any Layer] = []
-            for filters in [8, 16] where height >= 2 && width >= 2 {
-                layers += [Conv2D(inputChannels: channels, outputChannels: filters, kernelSize: 3, padding: 1, generator: &generator),
-                           Activation(activation), MaxPool2D(size: 2)]
-                channels = filters
-                height /= 2
-                width /= 2
-            }
-            layers.append(Flatten())
-            let dense = spec.hidden.first ?? 64
-            layers += [Linear(inputs: channels * height * width, outputs: dense, generator: &generator), Activation(activation),
-                       Linear(inputs: dense, outputs: classes, generator: &generator)]
-            return Sequential(layers)
-        default:
-            throw JobSpecError.invalid("model '\(spec.model)' is unknown")
+        case .preset(let name): try ModelBuilder.presetLayers(name, hidden: spec.hidden, activation: spec.activation, inputShape: inputShape)
+        case .layers(let layers): layers
         }
+    }
+
+    /// The model of the spec for inputs of `inputShape` and `classes` outputs.
+    public static func buildModel(_ spec: JobSpec, inputShape: [Int], classes: Int) throws -> Sequential {
+        var builder = ModelBuilder(outputs: classes, seed: spec.seed)
+        return try builder.build(try layers(spec, inputShape: inputShape), inputShape: inputShape)
     }
 
     /// The optimizer named by the spec.
@@ -147,8 +123,13 @@ public struct TrainingSetup {
         return spec.warmupSteps > 0 ? .warmup(steps: spec.warmupSteps, then: main) : main
     }
 
-    /// A hash of the model's parameter names, shapes and dtype: equal models, equal fingerprints.
-    public var modelFingerprint: String { Self.fingerprint(model.parameters) }
+    /// The tensors that travel and are checkpointed: the parameters, then the buffers.
+    public var wireTensors: [NamedParameter] { model.parameters + model.buffers }
+    /// The names of the buffers among `wireTensors`.
+    public var bufferNames: Set<String> { Set(model.buffers.map(\.name)) }
+
+    /// A hash of the model's parameter and buffer names, shapes and dtype: equal models, equal fingerprints.
+    public var modelFingerprint: String { Self.fingerprint(wireTensors) }
 
     static func fingerprint(_ parameters: [NamedParameter]) -> String {
         var hash: UInt64 = 0xCBF2_9CE4_8422_2325

@@ -64,7 +64,9 @@ public final class Worker {
     private var rank: Int32 = -1
     /// The secret of `rank` from its Welcome, sent in every later Join (see Welcome.rank_token).
     private var rankToken: [UInt8] = []
+    /// The model's parameters, then its buffers (which are pushed as their values: see `Buffer`).
     private var parameters: [NamedParameter] = []
+    private var isBuffer: [Bool] = []
     private var gradientPayloads: [Payload] = []
     private var indexOfParameter: [ObjectIdentifier: Int] = [:]
     private var indexOfName: [String: Int] = [:]
@@ -287,7 +289,7 @@ public final class Worker {
     /// model yet, or when no segment can be made, nothing is offered.
     private func sharedMemoryOffer() -> SharedMemoryOffer? {
         guard let spec = setup?.spec, spec.sharedMemory else { return nil }
-        let counts = setup!.model.parameters.map(\.tensor.count)
+        let counts = setup!.wireTensors.map(\.tensor.count)
         let pushes = SharedLayout(start: SharedSegment.headerBytes, byteCounts: counts.map { $0 * 4 })
         let updates = SharedLayout(start: pushes.end, byteCounts: counts.map { $0 * 4 })
         if sharedSegment?.byteCount != updates.end {
@@ -347,7 +349,9 @@ public final class Worker {
         heartbeatInterval = Double(welcome.heartbeatIntervalMilliseconds) / 1000
         heartbeatTimeout = Double(welcome.heartbeatTimeoutMilliseconds) / 1000
         coordinatorTimeout = max(30, 6 * Double(welcome.heartbeatTimeoutMilliseconds) / 1000)
-        parameters = setup!.model.parameters
+        parameters = setup!.wireTensors
+        let buffers = setup!.bufferNames
+        isBuffer = parameters.map { buffers.contains($0.name) }
         indexOfParameter = Dictionary(uniqueKeysWithValues: parameters.enumerated().map { (ObjectIdentifier($1.tensor), $0) })
         indexOfName = Dictionary(uniqueKeysWithValues: parameters.enumerated().map { ($1.name, $0) })
         wireType = DType(rawValue: spec.wireDtype) ?? .f32
@@ -505,16 +509,18 @@ public final class Worker {
     private func gradientTensor(_ index: Int) -> WireTensor {
         let p = parameters[index]
         let shared = plan.owner[index] == 0 ? sharing : shardSharing[plan.owner[index] - 1]
+        let pushed = isBuffer[index] ? p.tensor : p.tensor.grad  // a buffer's contribution is its value
         if shared, let region = sharedSegment?.region(offset: pushLayout!.offsets[index], count: p.tensor.count * 4) {
+            if isBuffer[index] { write(pushed, as: .f32, into: region); return WireTensor(name: p.name, shape: p.tensor.shape, dtype: .f32, payload: region) }
             if p.tensor.grad == nil || p.tensor.grad !== p.tensor.gradientDestination { write(p.tensor.grad, as: .f32, into: region) }
             return WireTensor(name: p.name, shape: p.tensor.shape, dtype: .f32, payload: region)
         }
-        if wireType == .f32, let grad = p.tensor.grad {
+        if wireType == .f32, let grad = pushed {
             let payload = grad.withUnsafeBufferPointer { Payload(borrowing: UnsafeRawBufferPointer($0), owner: grad) }
             return WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: payload)
         }
         if gradientPayloads[index].isInFlight { gradientPayloads[index] = Payload(byteCount: p.tensor.count * wireType.size) }
-        write(p.tensor.grad, as: wireType, into: gradientPayloads[index])
+        write(pushed, as: wireType, into: gradientPayloads[index])
         return WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: gradientPayloads[index])
     }
 

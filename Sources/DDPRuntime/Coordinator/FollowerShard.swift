@@ -46,7 +46,7 @@ final class FollowerShard: ShardServer {
         log = logger
         now = clock
         started = clock()
-        shard = ShardState(parameters: setup.model.parameters, optimizer: try setup.makeOptimizer(), shards: spec.coordinatorShards,
+        shard = ShardState(parameters: setup.wireTensors, buffers: setup.bufferNames, optimizer: try setup.makeOptimizer(), shards: spec.coordinatorShards,
                            shard: index, wireType: DType(rawValue: spec.wireDtype) ?? .f32)
         membership = Membership(workers: spec.workers)
         recorder = Recorder(directory: nil, log: logger)

@@ -63,7 +63,7 @@ final class Leader: ShardServer {
         now = clock
         started = clock()
         schedule = setup.schedule
-        shard = ShardState(parameters: setup.model.parameters, optimizer: try setup.makeOptimizer(), shards: spec.coordinatorShards, shard: 0,
+        shard = ShardState(parameters: setup.wireTensors, buffers: setup.bufferNames, optimizer: try setup.makeOptimizer(), shards: spec.coordinatorShards, shard: 0,
                            wireType: DType(rawValue: spec.wireDtype) ?? .f32)
         membership = Membership(workers: spec.workers)
         recorder = Recorder(directory: directory, log: logger)
@@ -399,7 +399,7 @@ final class Leader: ShardServer {
         var loss: Float = 0, correct = 0
         if samples > 0 {
             recordGradientNorms(used)
-            if spec.clipNorm > 0 { clipGradientNorm(shard.parameters, maxNorm: spec.clipNorm) }
+            if spec.clipNorm > 0 { clipGradientNorm(shard.trainedParameters, maxNorm: spec.clipNorm) }
             shard.optimizer.learningRate = schedule.rate(base: spec.learningRate, at: round.step)
             for c in used { loss += c.loss * Float(c.sampleCount) / Float(samples); correct += Int(c.correct) }
         } else {

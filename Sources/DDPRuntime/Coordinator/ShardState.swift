@@ -15,6 +15,11 @@ final class ShardState {
     let owned: [Int]
     let isOwned: [Bool]
     let indexOfParameter: [String: Int]
+    /// Which tensors are buffers (batch norm's running statistics): their "gradient" is each worker's
+    /// value, and the step sets them to the sample-weighted mean instead of optimizing them.
+    let isBuffer: [Bool]
+    /// The trained parameters (not the buffers), for the optimizer and gradient clipping.
+    var trainedParameters: [NamedParameter] { zip(parameters, isBuffer).filter { !$1 }.map(\.0) }
     /// How tensors travel, and with a half-precision type the parameters every worker holds (the sum of
     /// the rounded changes sent so far), from which the next change is measured.
     let wireType: DType
@@ -30,8 +35,9 @@ final class ShardState {
     /// the segments of the live workers with it.
     var updateTargets: (frames: Bool, shared: [SharedArea]) = (true, [])
 
-    init(parameters: [NamedParameter], optimizer: any Optimizer, shards: Int, shard: Int, wireType: DType) {
+    init(parameters: [NamedParameter], buffers: Set<String> = [], optimizer: any Optimizer, shards: Int, shard: Int, wireType: DType) {
         self.parameters = parameters
+        isBuffer = parameters.map { buffers.contains($0.name) }
         self.optimizer = optimizer
         plan = ShardPlan(elementCounts: parameters.map(\.tensor.count), shards: shards)
         owned = plan.indices(of: shard)
@@ -140,7 +146,7 @@ final class ShardState {
     /// The estimated L2 norm of each contribution over this shard's tensors (0 for a refused one).
     func gradientNorms(_ used: [Contribution]) -> [Double] {
         used.map { c in
-            c.wasRefused ? 0 : owned.reduce(0.0) { $0 + TensorEncoding.sampledSumOfSquares(c.gradients[$1]!, dtype: c.dtype) }.squareRoot()
+            c.wasRefused ? 0 : owned.filter { !isBuffer[$0] }.reduce(0.0) { $0 + TensorEncoding.sampledSumOfSquares(c.gradients[$1]!, dtype: c.dtype) }.squareRoot()
         }
     }
 
@@ -161,11 +167,16 @@ final class ShardState {
             let count = p.tensor.count
             let shared = updateTargets.shared.map { $0.update(index, byteCount: count * 4) }
             let frame = updateTargets.frames || shared.isEmpty ? reusablePayload(index, byteCount: count * wireType.size) : nil
-            if applyOptimizer { optimizer.update(p, range: 0..<0) }  // creates its state before threads share it
+            let isBuffer = isBuffer[index]
+            if applyOptimizer && !isBuffer { optimizer.update(p, range: 0..<0) }  // creates its state before threads share it
             p.tensor.withUnsafeBufferPointer { master in withReplica(index) { held in
                 ParallelChunks.forEach(count: count, chunk: Self.chunk) { range, _ in
                     let start = range.lowerBound
-                    if applyOptimizer { optimizer.update(p, range: range) }
+                    if applyOptimizer && isBuffer {  // a buffer takes the workers' mean value
+                        p.tensor.grad!.withUnsafeBufferPointer { mean in
+                            UnsafeMutablePointer(mutating: master.baseAddress! + start).update(from: mean.baseAddress! + start, count: range.count)
+                        }
+                    } else if applyOptimizer { optimizer.update(p, range: range) }
                     let values: UnsafeBufferPointer<Float>  // what the workers hold from now on
                     if let held {  // the replica moves by the rounded change, as a worker decoding it does
                         TensorEncoding.advance(held.baseAddress! + start, toward: master.baseAddress! + start, count: range.count,
