@@ -8,6 +8,8 @@ let package = Package(
         .library(name: "DDPData", targets: ["DDPData"]),
         .library(name: "DDPWire", targets: ["DDPWire"]),
         .library(name: "DDPRuntime", targets: ["DDPRuntime"]),
+        // What a user's own training program imports: the Module API and the worker entry point.
+        .library(name: "SwiftDDP", targets: ["SwiftDDP"]),
         .executable(name: "ddpd", targets: ["ddpd"]),
         .executable(name: "ddpctl", targets: ["ddpctl"]),
     ],
@@ -38,6 +40,8 @@ let package = Package(
                 .product(name: "Yams", package: "Yams"),
             ]
         ),
+        // A user's program as a job's workers.
+        .target(name: "SwiftDDP", dependencies: ["Autodiff", "DDPRuntime", .product(name: "Logging", package: "swift-log")]),
         .executableTarget(
             name: "ddpd",
             dependencies: ["DDPRuntime", "DDPWire", .product(name: "ArgumentParser", package: "swift-argument-parser")]

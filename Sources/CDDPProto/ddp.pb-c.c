@@ -1019,7 +1019,7 @@ const ProtobufCMessageDescriptor ddp__v1__envelope__descriptor =
   (ProtobufCMessageInit) ddp__v1__envelope__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor ddp__v1__join__field_descriptors[10] =
+static const ProtobufCFieldDescriptor ddp__v1__join__field_descriptors[12] =
 {
   {
     "worker_id",
@@ -1141,13 +1141,39 @@ static const ProtobufCFieldDescriptor ddp__v1__join__field_descriptors[10] =
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "sample_count",
+    11,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__Join, sample_count),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "model_json",
+    12,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__Join, model_json),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned ddp__v1__join__field_indices_by_name[] = {
   1,   /* field[1] = host */
   3,   /* field[3] = model_fingerprint */
+  11,   /* field[11] = model_json */
   2,   /* field[2] = pid */
   9,   /* field[9] = rank_token */
   4,   /* field[4] = requested_rank */
+  10,   /* field[10] = sample_count */
   7,   /* field[7] = shared_memory_bytes */
   6,   /* field[6] = shared_memory_nonce */
   5,   /* field[5] = shared_memory_path */
@@ -1157,7 +1183,7 @@ static const unsigned ddp__v1__join__field_indices_by_name[] = {
 static const ProtobufCIntRange ddp__v1__join__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 10 }
+  { 0, 12 }
 };
 const ProtobufCMessageDescriptor ddp__v1__join__descriptor =
 {
@@ -1167,7 +1193,7 @@ const ProtobufCMessageDescriptor ddp__v1__join__descriptor =
   "Ddp__V1__Join",
   "ddp.v1",
   sizeof(Ddp__V1__Join),
-  10,
+  12,
   ddp__v1__join__field_descriptors,
   ddp__v1__join__field_indices_by_name,
   1,  ddp__v1__join__number_ranges,

@@ -34,6 +34,11 @@ public struct JobSpec: Codable, Equatable, Sendable {
     public var model: ModelChoice = "mlp"
     /// Hidden layer sizes of the MLP (and the CNN's dense layer).
     public var hidden = [128]
+    /// A user's executable (built with the `SwiftDDP` library) that runs as the job's workers with its
+    /// own model, loss and data; `dataset`, `model` and their keys are then the program's business.
+    public var program = ""
+    /// Arguments for `program`.
+    public var programArgs: [String] = []
     public var activation = "relu"
     public var epochs = 30
     /// Samples per step over all workers together.
@@ -103,7 +108,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         case jobID = "job_id", dataset, dataPath = "data_path", labelsPath = "labels_path"
         case labelColumn = "label_column", delimiter, scaling, initFrom = "init_from"
         case syntheticSamples = "synthetic_samples", syntheticFeatures = "synthetic_features"
-        case syntheticClasses = "synthetic_classes", task, model, hidden, activation, epochs, batchSize = "batch_size"
+        case syntheticClasses = "synthetic_classes", task, model, hidden, program, programArgs = "program_args", activation, epochs, batchSize = "batch_size"
         case optimizer, learningRate = "learning_rate", momentum, nesterov, weightDecay = "weight_decay", schedule
         case warmupSteps = "warmup_steps", stepEvery = "step_every", gamma, minLearningRate = "min_learning_rate"
         case clipNorm = "clip_norm", seed, testFraction = "test_fraction", workers, minWorkers = "min_workers"
@@ -137,7 +142,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         if let index = try? k.decodeIfPresent(Int.self, forKey: .labelColumn) { labelColumn = "\(index)" } else { try read(.labelColumn, &labelColumn) }
         try read(.delimiter, &delimiter); try read(.scaling, &scaling); try read(.initFrom, &initFrom)
         try read(.syntheticFeatures, &syntheticFeatures); try read(.syntheticClasses, &syntheticClasses)
-        try read(.task, &task); try read(.model, &model); try read(.hidden, &hidden); try read(.activation, &activation)
+        try read(.task, &task); try read(.model, &model); try read(.hidden, &hidden); try read(.program, &program); try read(.programArgs, &programArgs); try read(.activation, &activation)
         try read(.epochs, &epochs); try read(.batchSize, &batchSize); try read(.optimizer, &optimizer)
         try read(.learningRate, &learningRate); try read(.momentum, &momentum); try read(.nesterov, &nesterov)
         try read(.weightDecay, &weightDecay); try read(.schedule, &schedule); try read(.warmupSteps, &warmupSteps)
@@ -159,6 +164,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         case is Float.Type, is Double.Type: "a number"
         case is Bool.Type: "true or false"
         case is [Int].Type: "a list of integers"
+        case is [String].Type: "a list of text"
         default: "text"
         }
     }
@@ -236,6 +242,8 @@ public struct JobSpec: Codable, Equatable, Sendable {
         if case .preset(let name) = model {
             try check(["mlp", "cnn", "logistic", "linear"].contains(name), "model '\(name)' is unknown (mlp, cnn, logistic, linear, or a list of layers)")
         }
+        try check(program.isEmpty || coordinatorShards == 1, "coordinator_shards > 1 is not available for a program's job yet")
+        try check(program.isEmpty || initFrom.isEmpty, "init_from is for the built-in models; a program loads its own (Module.load(from:))")
         try check(["classification", "regression"].contains(task), "task '\(task)' is unknown (classification, regression)")
         try check(model.name == "layers" || (task == "regression" ? ["mlp", "linear"].contains(model) : model != "linear"),
                   task == "regression" ? "task 'regression' needs model 'linear' or 'mlp', not '\(model)'"

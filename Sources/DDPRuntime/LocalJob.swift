@@ -106,8 +106,26 @@ public final class LocalJob {
         return replacement.isRunning
     }
 
+    /// A worker: `ddpd worker`, or the job's program with the coordinator, job file and rank in its
+    /// environment (see `DataParallel.runWorker` of the SwiftDDP library).
     private func launchWorker(_ rank: Int) throws -> Process {
-        try launch(["worker", "--connect", endpoints!.workers, "--config", directory.specPath, "--rank", "\(rank)"], log: "worker-\(rank)")
+        guard !spec.program.isEmpty else {
+            return try launch(["worker", "--connect", endpoints!.workers, "--config", directory.specPath, "--rank", "\(rank)"], log: "worker-\(rank)")
+        }
+        return try launch(spec.programArgs, log: "worker-\(rank)", executable: spec.program, environment: [
+            "DDP_CONNECT": endpoints!.workers, "DDP_CONFIG": directory.specPath, "DDP_RANK": "\(rank)", "DDP_LOG_LEVEL": logLevel,
+        ])
+    }
+
+    /// Why the job cannot start: a program's worker that exited with an error before training began
+    /// (it would not join, and restarting it would fail alike). Nil otherwise.
+    private func programFailedBeforeJoining(_ status: StatusReply?) -> String? {
+        guard !spec.program.isEmpty, status?.jobState ?? "waiting" == "waiting" else { return nil }
+        for (rank, worker) in workers.enumerated() where !worker.isRunning && worker.terminationStatus != 0 {
+            return "the program \(spec.program) (worker \(rank), pid \(worker.processIdentifier)) exited with \(Self.exitDescription(worker)) "
+                + "before joining: \(lastLines(of: "worker-\(rank)", count: 3))"
+        }
+        return nil
     }
 
     /// Writes the process ids (this supervisor's too) to the job directory.
@@ -137,10 +155,10 @@ public final class LocalJob {
         SafeOutput.append(line + "\n", to: directory.logPath(process))  // on a full disk the line is lost, nothing else
     }
 
-    private func launch(_ arguments: [String], log name: String) throws -> Process {
+    private func launch(_ arguments: [String], log name: String, executable: String? = nil, environment: [String: String] = [:]) throws -> Process {
         let process = Process()
-        process.executableURL = URL(fileURLWithPath: ddpd)
-        process.arguments = arguments + ["--log-level", logLevel]
+        process.executableURL = URL(fileURLWithPath: executable ?? ddpd)
+        process.arguments = executable == nil ? arguments + ["--log-level", logLevel] : arguments
         let path = directory.logPath(name)
         if !FileManager.default.fileExists(atPath: path) { _ = FileManager.default.createFile(atPath: path, contents: nil) }
         let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
@@ -148,8 +166,10 @@ public final class LocalJob {
         process.standardOutput = handle
         process.standardError = handle
         process.standardInput = FileHandle.nullDevice
-        process.environment = ProcessInfo.processInfo.environment.merging(["DDP_LOCAL_WORKERS": "\(spec.workers)"]) { $1 }
-        try process.run()
+        process.environment = ProcessInfo.processInfo.environment.merging(environment.merging(["DDP_LOCAL_WORKERS": "\(spec.workers)"]) { $1 }) { $1 }
+        do { try process.run() } catch {
+            throw ControlError.failed("\(executable ?? ddpd) could not be started: \(Readable.message(error))")
+        }
         return process
     }
 
@@ -177,7 +197,14 @@ public final class LocalJob {
             return Array(history.dropFirst(epochsShown))
         }
         while coordinator!.isRunning || restartCoordinator() {
-            if let status = try? client.status(timeoutSeconds: 2) { progress(status, newEpochs()) }
+            let status = try? client.status(timeoutSeconds: 2)
+            if let status { progress(status, newEpochs()) }
+            if let failure = programFailedBeforeJoining(status) {
+                for process in [coordinator!] + followers + workers where process.isRunning { Foundation.kill(process.processIdentifier, SIGKILL) }
+                coordinator!.waitUntilExit()
+                appendLog("coordinator", "supervisor: \(failure)")
+                return directory.writeFailedSummary(spec: spec, message: failure)
+            }
             restartFailedWorkers()
             var waited = 0.0
             while coordinator!.isRunning && waited < interval { usleep(10_000); waited += 0.01 }

@@ -28,12 +28,14 @@ public struct ModelDescription: Codable, Sendable, Equatable {
     public var delimiter: String
     public var jobID: String
     public var step: Int
+    /// For a model a user's program trained (`model` is then `program`): what the program declared.
+    public var program: ProgramModel?
 
     public static let currentFormat = "swiftddp-model/1"
     static let metadataKey = "swiftddp_model"
 
     enum CodingKeys: String, CodingKey {
-        case format, model, layers, hidden, activation, task, preprocessing, dataset, delimiter, step
+        case format, model, layers, program, hidden, activation, task, preprocessing, dataset, delimiter, step
         case inputShape = "input_shape", classNames = "class_names", labelColumn = "label_column", jobID = "job_id"
     }
 
@@ -51,6 +53,23 @@ public struct ModelDescription: Codable, Sendable, Equatable {
         dataset = spec.dataset
         labelColumn = spec.labelColumn
         delimiter = spec.delimiter
+        jobID = spec.jobID
+        self.step = step
+    }
+
+    /// The description of a program's model (its data and preprocessing are the program's own).
+    init(program: ProgramModel, spec: JobSpec, step: Int) {
+        model = "program"
+        self.program = program
+        hidden = []
+        activation = ""
+        task = spec.task
+        inputShape = []
+        preprocessing = Preprocessing(kind: .none, shift: [], divisor: [])
+        classNames = []
+        dataset = "program"
+        labelColumn = ""
+        delimiter = ""
         jobID = spec.jobID
         self.step = step
     }
@@ -85,6 +104,9 @@ public struct TrainedModel {
         }
         guard description.format == ModelDescription.currentFormat else {
             throw SafeTensorsError.invalid(path, "model format '\(description.format)'; this SwiftDDP reads \(ModelDescription.currentFormat)")
+        }
+        if let program = description.program {
+            throw SafeTensorsError.invalid(path, "holds a model of the program '\(program.program)': load it in that program (Module.load(from:))")
         }
         try description.preprocessing.check(width: description.featuresPerSample)
         var spec = JobSpec()
@@ -166,4 +188,12 @@ extension TrainingSetup {
 
     /// The model's description at `step`, for the metadata of model files and checkpoints.
     public func modelDescription(step: Int) -> ModelDescription { ModelDescription(setup: self, step: step) }
+}
+
+extension Module {
+    /// Loads this model's parameters and buffers by name from a model file or checkpoint SwiftDDP wrote
+    /// (a job's `model.safetensors`): every tensor must be there with its shape.
+    public func load(from path: String) throws {
+        try TrainedModel.load(SafeTensors.read(path: path).tensors, into: parameters + buffers, from: path)
+    }
 }

@@ -4,8 +4,9 @@ import Foundation
 /// (not an accuracy) for regression.
 public enum ScoreText {
     /// "test loss 0.1234, test accuracy 97.21%" or "test MSE 0.0123, test R² 0.9876".
-    public static func test(loss: Float, accuracy: Float, regression: Bool, separator: String = ", ") -> String {
-        regression ? "test MSE \(fixed(loss))\(separator)test R² \(fixed(accuracy))"
+    /// A job of a user's program (task `program`) has no held-out split at the coordinator: it says so.
+    public static func test(loss: Float, accuracy: Float, regression: Bool, program: Bool = false, separator: String = ", ") -> String {
+        program ? "no held-out split (a program's data stays with its workers)" : regression ? "test MSE \(fixed(loss))\(separator)test R² \(fixed(accuracy))"
             : "test loss \(fixed(loss))\(separator)test accuracy \(percent(accuracy))"
     }
 

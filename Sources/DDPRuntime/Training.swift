@@ -105,7 +105,10 @@ public struct TrainingSetup {
     }
 
     /// The optimizer named by the spec.
-    public func makeOptimizer() throws -> any Optimizer {
+    public func makeOptimizer() throws -> any Optimizer { try Self.makeOptimizer(spec) }
+
+    /// The optimizer named by `spec`.
+    public static func makeOptimizer(_ spec: JobSpec) throws -> any Optimizer {
         switch spec.optimizer {
         case "adam": try Adam(learningRate: spec.learningRate, weightDecay: spec.weightDecay)
         case "adamw": try Adam.adamW(learningRate: spec.learningRate, weightDecay: spec.weightDecay == 0 ? 0.01 : spec.weightDecay)
@@ -114,7 +117,10 @@ public struct TrainingSetup {
     }
 
     /// The learning-rate schedule named by the spec.
-    public var schedule: LearningRateSchedule {
+    public var schedule: LearningRateSchedule { Self.schedule(spec, totalSteps: totalSteps) }
+
+    /// The learning-rate schedule named by `spec` for a job of `totalSteps`.
+    public static func schedule(_ spec: JobSpec, totalSteps: Int) -> LearningRateSchedule {
         let main: LearningRateSchedule = switch spec.schedule {
         case "step": .step(every: spec.stepEvery, gamma: spec.gamma)
         case "cosine": .cosine(totalSteps: max(totalSteps - spec.warmupSteps, 1), minimum: spec.minLearningRate)

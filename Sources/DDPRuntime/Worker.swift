@@ -55,7 +55,10 @@ public final class Worker {
     }
 
     private let endpoint: String
-    private var setup: TrainingSetup?
+    /// What this worker trains (built from the job's spec when not given), the spec and its sampler.
+    private var task: (any WorkerTask)?
+    private var spec: JobSpec?
+    private var sampler: EpochSampler?
     private let log: Logger
     private let context = ZMQContext()
     private let socket: ZMQSocket
@@ -107,14 +110,16 @@ public final class Worker {
     private var sharing = false
 
     /// A worker for the coordinator at `endpoint`. With a `spec`, the worker builds its model first and
-    /// the coordinator checks its fingerprint; without, it takes the job's spec from the welcome.
+    /// the coordinator checks its fingerprint; without, it takes the job's spec from the welcome. A
+    /// `task` (a user's program) trains its own model instead of the spec's.
     /// `keys` (server public key and a client pair) are needed for a secure job.
     public init(
-        endpoint: String, spec: JobSpec?, keys: JobKeys? = nil, requestedRank: Int32 = -1, joinTimeoutSeconds: Double = 60,
-        logger: Logger
+        endpoint: String, spec: JobSpec?, task: (any WorkerTask)? = nil, keys: JobKeys? = nil, requestedRank: Int32 = -1,
+        joinTimeoutSeconds: Double = 60, logger: Logger
     ) throws {
         self.endpoint = endpoint
-        setup = try spec.map(TrainingSetup.init)
+        self.spec = spec
+        self.task = try task ?? spec.map(TrainingSetup.init)
         jobID = spec?.jobID ?? ""
         log = logger
         joinTimeout = joinTimeoutSeconds
@@ -147,7 +152,7 @@ public final class Worker {
                 return .left(reason: reason)
             }
             if rejoinDue && Coordinator.now() - lastJoin > 0.25 {
-                try send(.join(joinRequest(rank: rank)))
+                try sendJoin(rank: rank)
                 lastJoin = Coordinator.now()
                 rejoinDue = false
             }
@@ -168,7 +173,7 @@ public final class Worker {
                 // worker: ask to join again, for the same rank.
                 if silent > heartbeatTimeout && Coordinator.now() - lastJoin > heartbeatTimeout {
                     log.warning("the coordinator has been silent for \(Int(silent)) s; joining again", metadata: ["rank": "\(rank)"])
-                    try send(.join(joinRequest(rank: rank)))
+                    try sendJoin(rank: rank)
                     lastJoin = Coordinator.now()
                 }
                 continue
@@ -251,7 +256,7 @@ public final class Worker {
         let now = Coordinator.now()
         for j in shardSockets.indices where !shardWelcomed[j] && shardJoinRetry[j] > 0 && now >= shardJoinRetry[j] {
             shardJoinRetry[j] = 0
-            try send(.join(joinRequest(rank: rank)), to: j + 1)
+            try sendJoin(rank: rank, to: j + 1)
         }
     }
 
@@ -273,13 +278,25 @@ public final class Worker {
         }
         shardWelcomed = Array(repeating: false, count: endpoints.count)
         shardJoinRetry = Array(repeating: 0, count: endpoints.count)
-        for j in endpoints.indices { try send(.join(joinRequest(rank: rank)), to: j + 1) }
+        for j in endpoints.indices { try sendJoin(rank: rank, to: j + 1) }
+    }
+
+    /// Sends a Join for `rank` to the leader (0) or a follower shard; a program's Join to the leader
+    /// carries its model's tensors (the first admitted worker's values start the job).
+    private func sendJoin(rank: Int32, to shard: Int = 0) throws {
+        let tensors = shard == 0 && task?.programModel != nil
+            ? task!.wireTensors.map { WireTensor(name: $0.name, shape: $0.tensor.shape, payload: Payload(floats: $0.tensor.scalars)) } : []
+        try send(.join(joinRequest(rank: rank)), tensors: tensors, to: shard)
     }
 
     private func joinRequest(rank: Int32) -> Join {
         var join = Join(workerID: workerID, host: ProcessInfo.processInfo.hostName, pid: UInt32(getpid()),
-                        modelFingerprint: setup?.modelFingerprint ?? "", requestedRank: rank)
+                        modelFingerprint: task?.modelFingerprint ?? "", requestedRank: rank)
         join.sharedMemory = sharedMemoryOffer()
+        if let program = task?.programModel {
+            join.sampleCount = UInt64(program.sampleCount)
+            join.modelJSON = program.json()
+        }
         if rank == self.rank { join.rankToken = rankToken }
         return join
     }
@@ -288,8 +305,8 @@ public final class Worker {
     /// offered when the job allows it; the coordinator uses it if it runs on this host. Without a
     /// model yet, or when no segment can be made, nothing is offered.
     private func sharedMemoryOffer() -> SharedMemoryOffer? {
-        guard let spec = setup?.spec, spec.sharedMemory else { return nil }
-        let counts = setup!.wireTensors.map(\.tensor.count)
+        guard let spec, spec.sharedMemory, let task else { return nil }
+        let counts = task.wireTensors.map(\.tensor.count)
         let pushes = SharedLayout(start: SharedSegment.headerBytes, byteCounts: counts.map { $0 * 4 })
         let updates = SharedLayout(start: pushes.end, byteCounts: counts.map { $0 * 4 })
         if sharedSegment?.byteCount != updates.end {
@@ -308,7 +325,7 @@ public final class Worker {
 
     /// Joins; false when a leave was asked for before a Welcome came (nothing to tell the coordinator).
     private func join() throws -> Bool {
-        try send(.join(joinRequest(rank: requestedRank)))
+        try sendJoin(rank: requestedRank)
         log.info("joining", metadata: ["coordinator": "\(endpoint)"])
         let deadline = Coordinator.now() + joinTimeout
         while Coordinator.now() < deadline {
@@ -328,7 +345,7 @@ public final class Worker {
             case .error(let error) where error.code == .notReady || error.code == .notJoined:
                 log.info("the coordinator asks to retry: \(error.reason)")
                 usleep(250_000)
-                try send(.join(joinRequest(rank: requestedRank)))
+                try sendJoin(rank: requestedRank)
             case .error(let error):
                 throw WorkerError.refused(error.reason)
             case .heartbeat, .parameterUpdate, .stop:
@@ -342,15 +359,18 @@ public final class Worker {
 
     private func accept(_ welcome: Welcome, message: WireMessage) throws {
         let spec = try JobSpec.fromJSON(welcome.jobSpecJSON)
-        if setup == nil { setup = try TrainingSetup(spec: spec) }
+        if task == nil { task = try TrainingSetup(spec: spec) }
+        self.spec = spec
+        sampler = try EpochSampler(sampleCount: task!.trainingSampleCount, globalBatchSize: spec.batchSize, seed: spec.seed)
+        permutation = nil
         jobID = message.jobID
         rank = welcome.rank
         rankToken = welcome.rankToken
         heartbeatInterval = Double(welcome.heartbeatIntervalMilliseconds) / 1000
         heartbeatTimeout = Double(welcome.heartbeatTimeoutMilliseconds) / 1000
         coordinatorTimeout = max(30, 6 * Double(welcome.heartbeatTimeoutMilliseconds) / 1000)
-        parameters = setup!.wireTensors
-        let buffers = setup!.bufferNames
+        parameters = task!.wireTensors
+        let buffers = task!.bufferNames
         isBuffer = parameters.map { buffers.contains($0.name) }
         indexOfParameter = Dictionary(uniqueKeysWithValues: parameters.enumerated().map { (ObjectIdentifier($1.tensor), $0) })
         indexOfName = Dictionary(uniqueKeysWithValues: parameters.enumerated().map { ($1.name, $0) })
@@ -447,10 +467,10 @@ public final class Worker {
     /// `bucket_kb` sent from inside the backward pass as the tape completes them (last layers first), the
     /// rest in a final part; or whole.
     private func computeAndPush(step: Int, assignment: ParameterUpdate) throws {
-        let setup = setup!
+        let task = task!
         let start = Coordinator.now()
         let mine = try assignedSamples(assignment)
-        setup.model.zeroGrad()
+        task.zeroGrad()
         var header = GradientPush(sampleCount: UInt64(mine.count), localLoss: 0, attempt: assignment.attempt)
         var unsent = Set(parameters.indices)
         var nextPart = [UInt32](repeating: 0, count: plan.shards)
@@ -467,10 +487,10 @@ public final class Worker {
             unsent.subtract(indices)
         }
         if !mine.isEmpty {
-            let (lossTensor, rightOnes) = setup.loss(mine, in: setup.train)
+            let (lossTensor, rightOnes) = try task.loss(mine)
             header.localLoss = lossTensor.item
             header.localCorrect = UInt32(rightOnes)
-            let bucketBytes = setup.spec.bucketKB * 1024
+            let bucketBytes = spec!.bucketKB * 1024
             var bucket: [Int] = [], bucketSize = 0, sendError: (any Error)?
             try lossTensor.backward(onLeafReady: bucketBytes == 0 ? nil : { [self] leaf in
                 guard sendError == nil, let index = indexOfParameter[ObjectIdentifier(leaf)] else { return }
@@ -490,7 +510,7 @@ public final class Worker {
     /// The training samples an update assigns: its ranges of positions in its epoch's permutation. A range
     /// outside the training set is refused (a coordinator of another data set).
     private func assignedSamples(_ update: ParameterUpdate) throws -> [Int] {
-        let sampler = setup!.sampler
+        let sampler = sampler!
         let epoch = Int(clamping: update.epoch)
         if permutation?.epoch != epoch { permutation = (epoch, sampler.permutation(epoch: epoch)) }
         var samples: [Int] = []

@@ -102,6 +102,8 @@ public enum WireCodec {
             m.pointee.model_fingerprint = arena.string(j.modelFingerprint)
             m.pointee.requested_rank = j.requestedRank
             m.pointee.rank_token = ProtobufCBinaryData(len: j.rankToken.count, data: arena.array(j.rankToken))
+            m.pointee.sample_count = j.sampleCount
+            m.pointee.model_json = arena.string(j.modelJSON)
             if let offer = j.sharedMemory {
                 m.pointee.shared_memory_path = arena.string(offer.path)
                 m.pointee.shared_memory_nonce = ProtobufCBinaryData(len: offer.nonce.count, data: arena.array(offer.nonce))
@@ -346,6 +348,8 @@ public enum WireCodec {
                 modelFingerprint: text(m.model_fingerprint), requestedRank: m.requested_rank)
             join.protocolVersion = e.protocol_version
             join.rankToken = Array(UnsafeBufferPointer(start: m.rank_token.data, count: m.rank_token.len))
+            join.sampleCount = m.sample_count
+            join.modelJSON = text(m.model_json)
             if let path = m.shared_memory_path, path.pointee != 0 {
                 join.sharedMemory = SharedMemoryOffer(
                     path: text(path), nonce: Array(UnsafeBufferPointer(start: m.shared_memory_nonce.data, count: m.shared_memory_nonce.len)),

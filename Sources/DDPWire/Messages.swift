@@ -89,6 +89,10 @@ public struct Join: Equatable, Sendable {
     public var sharedMemory: SharedMemoryOffer?
     /// The rank token of the Welcome that gave it `requestedRank` (empty on a first join).
     public var rankToken: [UInt8] = []
+    /// A worker that brings its model (a program): its data set's training samples and the model's
+    /// description (JSON); its parameters and buffers travel as the Join's tensors. 0 and "" otherwise.
+    public var sampleCount: UInt64 = 0
+    public var modelJSON = ""
 
     public init(workerID: String, host: String, pid: UInt32, modelFingerprint: String, requestedRank: Int32 = -1) {
         self.workerID = workerID

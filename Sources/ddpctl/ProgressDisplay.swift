@@ -7,9 +7,11 @@ final class ProgressDisplay {
     private let descriptor: Int32
     private let isTerminal: Bool
     private let regression: Bool
+    private let program: Bool
     private var barShown = false
 
-    init(toStandardError: Bool, regression: Bool) {
+    init(toStandardError: Bool, regression: Bool, program: Bool = false) {
+        self.program = program
         descriptor = toStandardError ? 2 : 1
         isTerminal = isatty(toStandardError ? 2 : 1) == 1
         self.regression = regression
@@ -28,7 +30,7 @@ final class ProgressDisplay {
             let train = regression ? "train MSE \(ScoreText.fixed(e.trainLoss))"
                 : "train loss \(ScoreText.fixed(e.trainLoss))  train acc \(ScoreText.percent(e.trainAccuracy))"
             line(String(format: "epoch %3d/%d  step %5d  ", e.epoch, Int(status.totalEpochs), e.step) + train + "  "
-                 + ScoreText.test(loss: e.testLoss, accuracy: e.testAccuracy, regression: regression, separator: "  ")
+                 + ScoreText.test(loss: e.testLoss, accuracy: e.testAccuracy, regression: regression, program: program, separator: "  ")
                  + String(format: "  %5.1f s", e.elapsedSeconds))
         }
         guard isTerminal, status.totalSteps > 0, status.jobState == "training" else { return }

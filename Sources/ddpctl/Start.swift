@@ -27,6 +27,9 @@ struct JobOptions: ParsableArguments {
     @Option(help: "mlp, cnn, logistic, or linear (linear regression) (default: \(defaults.model)).") var model: String?
     @Option(help: "Hidden layer sizes, comma-separated, e.g. 512,512 (default: \(defaults.hidden.map(String.init).joined(separator: ","))).") var hidden: String?
     @Option(help: "relu, leaky_relu, sigmoid, tanh, gelu (default: \(defaults.activation)).") var activation: String?
+    @Option(help: "Your own training program (an executable built with the SwiftDDP library) as the workers; its arguments follow '--'.")
+    var program: String?
+    @Argument(parsing: .postTerminator, help: "Arguments for --program, after '--'.") var programArgs: [String] = []
     @Option(help: "Passes over the training data (default: \(defaults.epochs)).") var epochs: Int?
     @Option(help: "Samples per step over all workers together (default: \(defaults.batchSize)).") var batchSize: Int?
     @Option(help: "sgd, adam or adamw (default: \(defaults.optimizer)).") var optimizer: String?
@@ -86,6 +89,7 @@ struct JobOptions: ParsableArguments {
         o["wire_dtype"] = wireDtype; o["bucket_kb"] = bucketKB; o["shared_memory"] = sharedMemory
         o["coordinator_shards"] = coordinatorShards
         o["keys_dir"] = keysDir.map(Self.absolute); o["metrics_address"] = metricsAddress
+        o["program"] = program.map(Self.absolute); o["program_args"] = programArgs.isEmpty ? nil : programArgs
         if let hidden {
             let parts = hidden.split(separator: ",", omittingEmptySubsequences: false).map { $0.trimmingCharacters(in: .whitespaces) }
             let sizes = parts.compactMap { Int($0) }
@@ -115,6 +119,13 @@ struct JobOptions: ParsableArguments {
 /// Loads the job's data and builds its model (and reads `init_from`) before anything is made on disk:
 /// an invalid job exits 64 with the reason and leaves no job directory.
 func checkBeforeStarting(_ spec: JobSpec) throws {
+    guard spec.program.isEmpty else {  // the program brings its model and data; it must at least be there to run
+        guard FileManager.default.isExecutableFile(atPath: spec.program) else {
+            SafeOutput.print("Error: invalid job: program \(spec.program) \(FileManager.default.fileExists(atPath: spec.program) ? "is not executable" : "not found")\n", to: 2)
+            throw ExitCode(64)
+        }
+        return
+    }
     do {
         let setup = try TrainingSetup(spec: spec)
         try setup.loadInitialParameters()
@@ -154,7 +165,7 @@ struct Start: ParsableCommand {
             return
         }
         let localJob = try launch.localJob(spec, directory)
-        let display = ProgressDisplay(toStandardError: json, regression: spec.task == "regression")
+        let display = ProgressDisplay(toStandardError: json, regression: spec.task == "regression", program: !spec.program.isEmpty)
         display.line("job \(spec.jobID): \(resume == nil ? "" : "resumed, ")\(spec.workers) workers, \(spec.dataset) \(spec.model), \(spec.epochs) epochs; directory \(directory.path)")
         let interrupts = InterruptHandler { count in
             if count == 1 {
@@ -315,7 +326,7 @@ final class InterruptHandler {
 
 extension JobSummary {
     func humanReadable(directory: String) -> String {
-        let scores = epochs > 0 ? ScoreText.test(loss: testLoss, accuracy: testAccuracy, regression: isRegression) : "no epoch finished"
+        let scores = epochs > 0 ? ScoreText.test(loss: testLoss, accuracy: testAccuracy, regression: isRegression, program: task == "program") : "no epoch finished"
         return """
             \(state): \(epochs) epochs, \(steps) steps in \(String(format: "%.1f", wallSeconds)) s \
             (\(Int(samplesPerSecond)) samples/s) with \(workers) workers

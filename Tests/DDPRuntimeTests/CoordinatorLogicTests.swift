@@ -20,7 +20,7 @@ import Testing
         init(_ overrides: [String: Any] = [:]) throws {
             let spec = try JobSpec.load(path: nil, overrides: ["job_id": "logic", "workers": 2, "batch_size": 64, "epochs": 2].merging(overrides) { $1 })
             let clock = clock, lines = lines
-            leader = try Leader(spec: spec, setup: try TrainingSetup(spec: spec), transport: transport, directory: nil, resume: nil,
+            leader = try Leader(spec: spec, model: ServedModel(setup: try TrainingSetup(spec: spec)), transport: transport, directory: nil, resume: nil,
                                 logger: Logger(label: "leader") { _ in lines }, clock: { clock.now })
         }
 
@@ -257,7 +257,7 @@ import Testing
         let stale = job.checkpointsPath + "/step-00000040.safetensors.tmp-999999"  // a killed writer's leftover
         FileManager.default.createFile(atPath: stale, contents: Data(count: 1000))
         let lines = LogLines()
-        let leader = try Leader(spec: spec, setup: setup, transport: InMemoryTransport(), directory: job, resume: .afterRestart,
+        let leader = try Leader(spec: spec, model: ServedModel(setup: setup), transport: InMemoryTransport(), directory: job, resume: .afterRestart,
                                 logger: Logger(label: "leader") { _ in lines })
         #expect(leader.round.step == 10 && leader.recorder.metrics.samples == 1280)
         #expect(lines.messages.filter { $0.hasPrefix("skipped checkpoint") }.count == 2, "\(lines.messages)")
@@ -265,7 +265,7 @@ import Testing
         // A coordinator killed after its final checkpoint is resumed at the end and finishes without workers.
         _ = try Checkpoint.save(step: setup.totalSteps, stepsPerEpoch: setup.sampler.stepsPerEpoch, parameters: setup.model.parameters,
                                 optimizer: optimizer, spec: spec, in: job, keep: 3)
-        let finished = try Leader(spec: spec, setup: setup, transport: InMemoryTransport(), directory: job, resume: .afterRestart,
+        let finished = try Leader(spec: spec, model: ServedModel(setup: setup), transport: InMemoryTransport(), directory: job, resume: .afterRestart,
                                   logger: Logger(label: "leader") { _ in lines })
         #expect(finished.phase == .completed && finished.message.contains("finished after a coordinator restart"))
     }

@@ -283,10 +283,17 @@ struct  Ddp__V1__Join
    * held it (see Welcome.rank_token).
    */
   ProtobufCBinaryData rank_token;
+  /*
+   * In a job whose workers bring the model (`program` jobs): the training samples the worker's data set
+   * holds, and JSON describing the model (program name, declared configuration, which tensors are
+   * buffers). Empty/0 otherwise.
+   */
+  uint64_t sample_count;
+  char *model_json;
 };
 #define DDP__V1__JOIN__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&ddp__v1__join__descriptor) \
-    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, (char *)protobuf_c_empty_string, 0, (char *)protobuf_c_empty_string, {0,NULL}, 0, 0, {0,NULL} }
+    , (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, (char *)protobuf_c_empty_string, 0, (char *)protobuf_c_empty_string, {0,NULL}, 0, 0, {0,NULL}, 0, (char *)protobuf_c_empty_string }
 
 
 /*

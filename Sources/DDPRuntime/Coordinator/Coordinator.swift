@@ -49,23 +49,28 @@ public final class Coordinator {
         if case .follower(let index, _, _) = role, !(1..<spec.coordinatorShards).contains(index) {
             throw JobSpecError.invalid("shard \(index) does not exist with coordinator_shards = \(spec.coordinatorShards) (followers are 1...\(max(1, spec.coordinatorShards - 1)))")
         }
-        let setup = try TrainingSetup(spec: spec)
-        try setup.loadInitialParameters()
+        // A program's workers bring the model: it is learned from the first Join, or from the newest checkpoint.
+        let setup = spec.program.isEmpty ? try TrainingSetup(spec: spec) : nil
+        try setup?.loadInitialParameters()
+        var model = setup.map(ServedModel.init)
+        if setup == nil, resume != nil, let directory { model = try ServedModel.fromCheckpoint(in: directory, spec: spec) }
         var leaderEndpoint: String?
         if case .follower(_, let leader, _) = role { leaderEndpoint = leader }
         let transport = try ZeroMQTransport(
             spec: spec, workerEndpoint: workerEndpoint, controlEndpoint: controlEndpoint, allowPlainText: allowPlainText,
-            largestTensorBytes: (setup.model.parameters.map(\.tensor.count).max() ?? 0) * 4, leader: leaderEndpoint)
+            largestTensorBytes: setup.map { (setup: TrainingSetup) in (setup.wireTensors.map { $0.tensor.count }.max() ?? 0) * 4 } ?? Self.largestProgramTensorBytes,
+            leader: leaderEndpoint)
         self.workerEndpoint = transport.workerEndpoint
         self.controlEndpoint = transport.controlEndpoint
         switch role {
         case .leader:
             let security = try spec.keys() == nil ? "none (plain text)" : "CURVE"
-            engine = .leader(try Leader(spec: spec, setup: setup, transport: transport, directory: directory, resume: resume, logger: logger))
+            engine = .leader(try Leader(spec: spec, model: model, transport: transport, directory: directory, resume: resume, logger: logger))
             logger.info("listening", metadata: ["workers": "\(transport.workerEndpoint)", "control": "\(transport.controlEndpoint)",
-                                                 "job": "\(spec.jobID)", "parameters": "\(setup.model.parameterCount)",
+                                                 "job": "\(spec.jobID)", "parameters": "\(setup.map { "\($0.model.parameterCount)" } ?? "from the first worker")",
                                                  "security": "\(security)"])
         case .follower(let index, let leader, let advertise):
+            guard let setup else { throw JobSpecError.invalid("coordinator_shards > 1 is not available for a program's job yet") }
             engine = .follower(try FollowerShard(spec: spec, setup: setup, index: index, leader: leader, advertise: advertise,
                                                  transport: transport, logger: logger))
         }
@@ -79,6 +84,9 @@ public final class Coordinator {
         case .follower(let follower): try follower.run()
         }
     }
+
+    /// The largest tensor a program's worker may send (its model is not known when the sockets open).
+    static let largestProgramTensorBytes = 1 << 30
 
     /// The monotonic clock, in seconds.
     public static func now() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }

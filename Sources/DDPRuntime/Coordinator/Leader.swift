@@ -13,17 +13,20 @@ import Logging
 /// whose expiry names who was waited for.
 final class Leader: ShardServer {
     let spec: JobSpec
-    let setup: TrainingSetup
+    /// The model served: built from the spec, or for a program learned from its first Join (nil until then).
+    private(set) var model: ServedModel?
     let log: Logger
     let transport: any CoordinatorTransport
-    let shard: ShardState
+    private var shardState: ShardState?
+    /// The tensors, there once the model is known (every use follows the first Join).
+    var shard: ShardState { shardState! }
     var membership: Membership
     var round = StepRound()
     var recorder: Recorder
     var phase = Phase.waiting
     var message = ""
     let now: () -> Double
-    let schedule: LearningRateSchedule
+    var schedule = LearningRateSchedule.constant
     let directory: JobDirectory?
     var stopRequested = false
     let started: Double
@@ -49,24 +52,22 @@ final class Leader: ShardServer {
     /// The step at which training diverged, if it did (the final model is then not written).
     var divergedAt: Int?
 
-    var stepsPerEpoch: Int { setup.sampler.stepsPerEpoch }
+    var stepsPerEpoch: Int { model?.sampler.stepsPerEpoch ?? 1 }
+    var totalSteps: Int { model?.totalSteps ?? 0 }
 
     /// A leader for `spec` on `transport`; with `resume`, the newest checkpoint in `directory` supplies
     /// parameters, optimizer state, step, history and rank tokens.
-    init(spec: JobSpec, setup: TrainingSetup, transport: any CoordinatorTransport, directory: JobDirectory?, resume: Coordinator.Resume?,
+    init(spec: JobSpec, model: ServedModel?, transport: any CoordinatorTransport, directory: JobDirectory?, resume: Coordinator.Resume?,
          logger: Logger, clock: @escaping () -> Double = Coordinator.now) throws {
         self.spec = spec
-        self.setup = setup
         self.transport = transport
         self.directory = directory
         log = logger
         now = clock
         started = clock()
-        schedule = setup.schedule
-        shard = ShardState(parameters: setup.wireTensors, buffers: setup.bufferNames, optimizer: try setup.makeOptimizer(), shards: spec.coordinatorShards, shard: 0,
-                           wireType: DType(rawValue: spec.wireDtype) ?? .f32)
         membership = Membership(workers: spec.workers)
         recorder = Recorder(directory: directory, log: logger)
+        if let model { try serve(model) }
         recorder.metrics.regression = spec.task == "regression"
         if let address = try spec.metricsHostAndPort() {
             recorder.metricsServer = try MetricsHTTPServer(host: address.host, port: address.port)
@@ -89,6 +90,14 @@ final class Leader: ShardServer {
         }
     }
 
+    /// Starts serving `model`: its tensors, their optimizer, the schedule over its steps.
+    private func serve(_ model: ServedModel) throws {
+        self.model = model
+        shardState = ShardState(parameters: model.tensors, buffers: model.buffers, optimizer: try TrainingSetup.makeOptimizer(spec),
+                                shards: spec.coordinatorShards, shard: 0, wireType: DType(rawValue: spec.wireDtype) ?? .f32)
+        schedule = TrainingSetup.schedule(spec, totalSteps: model.totalSteps)
+    }
+
     /// Continues from `checkpoint`: its parameters, optimizer state, step, counters and (`keepingRanks`,
     /// for workers that live on) its rank tokens.
     private func continueFrom(_ checkpoint: Checkpoint, keepingRanks: Bool) throws {
@@ -100,7 +109,7 @@ final class Leader: ShardServer {
             membership.reservedUntil = now() + 3 * Double(spec.heartbeatTimeoutMs) / 1000
         }
         log.info("resumed from checkpoint", metadata: ["path": "\(checkpoint.path)", "step": "\(checkpoint.step)"])
-        if checkpoint.step >= setup.totalSteps {  // killed after its final checkpoint: only the end is left to do
+        if checkpoint.step >= totalSteps {  // killed after its final checkpoint: only the end is left to do
             phase = .completed
             message = "trained \(spec.epochs) epochs (finished after a coordinator restart)"
         }
@@ -171,7 +180,7 @@ final class Leader: ShardServer {
         guard let message = decode(frames, from: peer, isKnownPeer: membership.isMember(rank) || follower != nil) else { return }
         switch message.body {
         case .join(let join):
-            try handleJoin(join, from: peer)
+            try handleJoin(join, tensors: message.tensors, from: peer)
         case .gradientPush(let push):
             intake(push, message: message, rank: rank)
             if !membership.isMember(rank) {
@@ -209,14 +218,27 @@ final class Leader: ShardServer {
         }
     }
 
-    func handleJoin(_ join: Join, from peer: PeerID) throws {
+    func handleJoin(_ join: Join, tensors: [WireTensor], from peer: PeerID) throws {
         guard followers.count == spec.coordinatorShards - 1 else {
             try? send(.error(ErrorReply(code: .notReady, reason: "the coordinator shards are still starting; retry")), to: peer)
             return
         }
-        let fingerprint = setup.modelFingerprint
+        if model == nil {  // a program's first Join brings the job's model
+            do { try serve(ServedModel(join: join, tensors: tensors, spec: spec)) } catch {
+                let reason = "\(error)"
+                reject("join of \(join.workerID) refused: \(reason)", from: nil)
+                try? send(.error(ErrorReply(code: .modelMismatch, reason: reason)), to: peer)
+                return
+            }
+            log.info("model received from the first worker", metadata: ["worker": "\(join.workerID)", "tensors": "\(shard.parameters.count)",
+                                                                         "samples": "\(model!.sampler.sampleCount)"])
+        }
+        let fingerprint = model!.fingerprint
         if !join.modelFingerprint.isEmpty && join.modelFingerprint != fingerprint {
-            let reason = "model fingerprint \(join.modelFingerprint) of worker \(join.workerID) on \(join.host) differs from the job's \(fingerprint)"
+            var difference = ""
+            if let theirs = try? JSONDecoder().decode(ProgramModel.self, from: Data(join.modelJSON.utf8)),
+               let first = model!.program?.firstDifference(from: theirs) { difference = ": \(first)" }
+            let reason = "model fingerprint \(join.modelFingerprint) of worker \(join.workerID) on \(join.host) differs from the job's \(fingerprint)\(difference)"
             reject(reason, from: nil)
             try? send(.error(ErrorReply(code: .modelMismatch, reason: reason)), to: peer)
             return
@@ -330,7 +352,7 @@ final class Leader: ShardServer {
         let last = recorder.history.last
         let elapsed = trainingStarted > 0 ? now - trainingStarted : 0
         var reply = StatusReply(
-            jobState: phase.rawValue, step: UInt64(round.step), totalSteps: UInt64(setup.totalSteps),
+            jobState: phase.rawValue, step: UInt64(round.step), totalSteps: UInt64(totalSteps),
             epoch: UInt64(round.step / stepsPerEpoch), totalEpochs: UInt64(spec.epochs), elapsedSeconds: now - started,
             trainLoss: recorder.recentLosses.last ?? 0, testLoss: last?.testLoss ?? 0, testAccuracy: last?.testAccuracy ?? 0,
             samplesPerSecond: elapsed > 0 ? Double(recorder.samplesTrained) / elapsed : 0, workers: workers,
@@ -345,7 +367,7 @@ final class Leader: ShardServer {
         phase = .training
         membership.reservedUntil = 0  // from now on a free rank is free (the holders that came back have it)
         trainingStarted = now()
-        log.info("training started", metadata: ["workers": "\(membership.liveCount + membership.joiningCount)", "steps": "\(setup.totalSteps)",
+        log.info("training started", metadata: ["workers": "\(membership.liveCount + membership.joiningCount)", "steps": "\(totalSteps)",
                                                  "steps_per_epoch": "\(stepsPerEpoch)"])
         var apply = ShardMessage(.apply)  // the followers send their tensors' current values
         apply.ranks = membership.takingPart
@@ -412,7 +434,7 @@ final class Leader: ShardServer {
         followerReports.removeAll(keepingCapacity: true)
         round.begin(step: round.step + 1, attempt: 0)
         let step = round.step
-        let more = step < setup.totalSteps && !stopRequested
+        let more = step < totalSteps && !stopRequested
         var apply = ShardMessage(.apply)
         apply.learningRate = shard.optimizer.learningRate
         apply.applyOptimizer = samples > 0
@@ -427,7 +449,7 @@ final class Leader: ShardServer {
         if step % stepsPerEpoch == 0 { endEpoch() }
         let checkpointDue = spec.checkpointEvery > 0 ? step % spec.checkpointEvery == 0 : step % stepsPerEpoch == 0
         if checkpointDue && more { writeCheckpoint() }
-        if step >= setup.totalSteps {
+        if step >= totalSteps {
             phase = .completed
             message = "trained \(spec.epochs) epochs"
         } else if stopRequested {
@@ -520,7 +542,7 @@ final class Leader: ShardServer {
 
     func endEpoch() {
         guard refreshFromFollowers(withState: false) else { return }
-        recorder.endEpoch(round.step / stepsPerEpoch, step: round.step, test: setup.evaluate(on: setup.test), elapsed: now() - trainingStarted,
+        recorder.endEpoch(round.step / stepsPerEpoch, step: round.step, test: model!.evaluate(), elapsed: now() - trainingStarted,
                           liveWorkers: membership.liveCount, totalEpochs: spec.epochs, jobID: spec.jobID, now: now())
     }
 
@@ -532,7 +554,7 @@ final class Leader: ShardServer {
             return diverged("parameter '\(bad.name)' holds a value that is NaN or infinite after step \(round.step)")
         }
         recorder.writeCheckpoint(step: round.step, stepsPerEpoch: stepsPerEpoch, shard: shard, spec: spec,
-                                 model: setup.modelDescription(step: round.step), rankTokens: membership.rankTokens)
+                                 model: model!.description(step: round.step, spec: spec), rankTokens: membership.rankTokens)
         if spec.checkpointFailureLimit > 0 && recorder.failedCheckpointsInARow >= spec.checkpointFailureLimit && !phase.isFinished {
             fail("\(recorder.failedCheckpointsInARow) checkpoints in a row could not be written (last: \(recorder.lastCheckpointFailure)); "
                  + "free space and resume (checkpoint_failure_limit \(spec.checkpointFailureLimit))")
@@ -564,7 +586,7 @@ final class Leader: ShardServer {
     func broadcastUpdate(trainLoss: Float, produce: (_ send: (_ indices: [Int], _ last: Bool) -> Void) -> Void) {
         membership.startJoiners()
         let live = membership.live
-        let batch = setup.sampler.batchRange(step: round.step % stepsPerEpoch)
+        let batch = model!.sampler.batchRange(step: round.step % stepsPerEpoch)
         let assignments = Dictionary(uniqueKeysWithValues: live.enumerated().map { position, member in
             let positions = EpochSampler.shard(batch, rank: position, worldSize: live.count)
             return (member.rank, positions.isEmpty ? [] : [SampleRange(start: UInt64(positions.lowerBound), count: UInt64(positions.count))])
@@ -595,7 +617,7 @@ final class Leader: ShardServer {
         if let directory, whole, divergedAt == nil {
             do {  // a failed write is reported in the summary, which is still written
                 try SafeTensors.write(shard.parameters.map { ($0.name, $0.tensor) },
-                                      metadata: setup.modelDescription(step: round.step).metadata.merging([
+                                      metadata: model!.description(step: round.step, spec: spec).metadata.merging([
                                           "job_id": spec.jobID, "step": "\(round.step)", "format": "pt", "job_spec": spec.json()]) { $1 },
                                       to: directory.modelPath)
                 modelPath = directory.modelPath
@@ -609,7 +631,7 @@ final class Leader: ShardServer {
             trainLoss: (divergedAt == nil ? last?.trainLoss : nil) ?? recorder.recentLosses.last ?? 0, testLoss: last?.testLoss ?? 0,
             testAccuracy: last?.testAccuracy ?? 0, wallSeconds: now() - started,
             samplesPerSecond: elapsed > 0 ? Double(recorder.samplesTrained) / elapsed : 0, modelPath: modelPath, message: messageWithProblems,
-            rejectedMessages: recorder.rejected, lostWorkers: membership.lostRanks, task: spec.task)
+            rejectedMessages: recorder.rejected, lostWorkers: membership.lostRanks, task: spec.program.isEmpty ? spec.task : "program")
         if let directory {  // on a full disk the summary still reaches standard output and the exit status
             do { try directory.write(summary, to: directory.summaryPath) } catch { log.error("the summary could not be written: \(error)") }
         }

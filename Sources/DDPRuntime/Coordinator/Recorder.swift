@@ -117,8 +117,9 @@ struct Recorder {
 
     /// Closes epoch `epoch` at `step` with its held-out loss and accuracy: a history record (written to
     /// the directory), logged, and the metrics.
-    mutating func endEpoch(_ epoch: Int, step: Int, test: (loss: Float, accuracy: Float), elapsed: Double, liveWorkers: Int,
+    mutating func endEpoch(_ epoch: Int, step: Int, test measured: (loss: Float, accuracy: Float)?, elapsed: Double, liveWorkers: Int,
                            totalEpochs: Int, jobID: String, now: Double) {
+        let test = measured ?? (0, 0)  // a program's job: its data, and so its held-out split, stay with its workers
         let record = EpochRecord(
             epoch: epoch, step: step, trainLoss: Float(epochLoss.sum / Double(max(epochLoss.samples, 1))),
             trainAccuracy: Float(epochLoss.correct) / Float(max(epochLoss.samples, 1)), testLoss: test.loss,
@@ -126,16 +127,18 @@ struct Recorder {
         history.append(record)
         epochLoss = (0, 0, 0)
         log.info("epoch \(epoch)/\(totalEpochs)", metadata: [
-            "step": "\(step)", "train_loss": "\(record.trainLoss)", "test_loss": "\(test.loss)",
-            "test_accuracy": "\(test.accuracy)", "workers": "\(liveWorkers)",
+            "step": "\(step)", "train_loss": "\(record.trainLoss)", "test_loss": "\(measured.map { "\($0.loss)" } ?? "none")",
+            "test_accuracy": "\(measured.map { "\($0.accuracy)" } ?? "none")", "workers": "\(liveWorkers)",
         ])
         metrics.testLoss = test.loss
         metrics.testAccuracy = test.accuracy
         if let tensorBoard {
             let wall = Date().timeIntervalSince1970
             let names = metrics.regression ? ("test/mse", "test/r2") : ("test/loss", "test/accuracy")
-            tensorBoard.add(names.0, test.loss, step: step, wallTime: wall)
-            tensorBoard.add(names.1, test.accuracy, step: step, wallTime: wall)
+            if measured != nil {
+                tensorBoard.add(names.0, test.loss, step: step, wallTime: wall)
+                tensorBoard.add(names.1, test.accuracy, step: step, wallTime: wall)
+            }
             tensorBoard.add("epoch/train_loss", record.trainLoss, step: step, wallTime: wall)
             if !metrics.regression { tensorBoard.add("epoch/train_accuracy", record.trainAccuracy, step: step, wallTime: wall) }
         }

@@ -1,0 +1,105 @@
+import Autodiff
+import Foundation
+import Testing
+@testable import DDPRuntime
+
+/// A user's own Swift program as the job's workers: the example package under Examples/ built and
+/// trained with 1 and 2 workers; a program that fails before joining; ranks whose models differ.
+@Suite(.serialized)
+struct ProgramTests {
+    static let repository = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../..").standardized.path
+    static let example = repository + "/Examples/ResidualSpirals"
+
+    /// Builds the example once (a package of its own that depends on this one by path).
+    static let built: Result<String, BuildFailure> = {
+        do {
+            let result = try runCommand("/usr/bin/env", ["swift", "build", "--package-path", example], timeout: 900)
+            guard result.status == 0 else { return .failure(BuildFailure(output: result.stdout + result.stderr)) }
+            return .success(example + "/.build/debug/residual-spirals")
+        } catch {
+            return .failure(BuildFailure(output: "\(error)"))
+        }
+    }()
+
+    struct BuildFailure: Error { let output: String }
+
+    func program() throws -> String {
+        switch Self.built {
+        case .success(let path): return path
+        case .failure(let failure): throw failure
+        }
+    }
+
+    func executable(_ text: String, in dir: String, named name: String) throws -> String {
+        let path = "\(dir)/\(name)"
+        try text.write(toFile: path, atomically: true, encoding: .utf8)
+        chmod(path, 0o755)
+        return path
+    }
+
+    @Test func theExampleTrainsWithTwoWorkersAsWithOne() throws {
+        let program = try program()
+        let dir = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var models: [[(name: String, tensor: Tensor)]] = []
+        var summaries: [JobSummary] = []
+        for workers in [1, 2] {
+            let (summary, result) = try startJob(["--program", program, "--workers", "\(workers)", "--epochs", "4", "--batch-size", "100",
+                                                  "--lr", "0.05", "--", "--hidden", "16", "--blocks", "2", "--samples", "1200"],
+                                                 jobsDir: "\(dir)/jobs")
+            let s = try #require(summary, "no summary: \(result.stderr)")
+            #expect(s.state == "completed" && s.steps == 4 * 12 && s.task == "program", "\(s.state) \(s.message)")
+            models.append(try SafeTensors.read(path: s.modelPath).tensors)
+            summaries.append(s)
+        }
+        #expect(models[0].map(\.name) == ["input.weight", "input.bias", "blocks.0.block.0.weight", "blocks.0.block.0.bias",
+                                          "blocks.0.block.2.weight", "blocks.0.block.2.bias", "blocks.1.block.0.weight",
+                                          "blocks.1.block.0.bias", "blocks.1.block.2.weight", "blocks.1.block.2.bias",
+                                          "output.weight", "output.bias"])
+        var worst: Float = 0
+        for (a, b) in zip(models[0], models[1]) {
+            let scale = max(a.tensor.scalars.map(abs).max() ?? 0, 1e-12)
+            for (u, v) in zip(a.tensor.scalars, b.tensor.scalars) { worst = max(worst, abs(u - v) / scale) }
+        }
+        #expect(worst < 1e-5, "2 workers differ from 1 by \(worst)")
+        // The model file says what made it; the loss fell below ln 3 (chance).
+        let metadata = try SafeTensors.read(path: summaries[1].modelPath).metadata
+        let description = try JSONDecoder().decode(ModelDescription.self, from: Data(try #require(metadata["swiftddp_model"]).utf8))
+        #expect(description.model == "program" && description.program?.program == "residual-spirals")
+        #expect(description.program?.configuration == ["hidden": "16", "blocks": "2", "samples": "1200"])
+        #expect(summaries[1].trainLoss < log(3) - 0.01, "\(summaries[1].trainLoss)")
+        #expect(throws: SafeTensorsError.self) { try TrainedModel(path: summaries[1].modelPath) }  // built-in predict refuses, naming the program
+    }
+
+    @Test func aProgramThatExitsBeforeJoiningFailsTheJobNamingIt() throws {
+        let dir = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let broken = try executable("#!/bin/sh\necho \"cannot read the training data\" >&2\nexit 3\n", in: dir, named: "broken-trainer")
+        let started = Date()
+        let result = try runCommand(Binaries.ddpctl, ["start", "--program", broken, "--jobs-dir", "\(dir)/jobs"], timeout: 60)
+        #expect(result.status == 1, "\(result.status): \(result.stderr)")
+        let output = result.stdout + result.stderr
+        #expect(output.contains("the program \(broken)") && output.contains("exited with status 3 before joining")
+                && output.contains("cannot read the training data"), "\(output)")
+        #expect(Date().timeIntervalSince(started) < 30, "it waited for the join timeout")
+        let missing = try runCommand(Binaries.ddpctl, ["start", "--program", dir + "/nothing", "--jobs-dir", "\(dir)/jobs"], timeout: 30)
+        #expect(missing.status == 64 && missing.stderr.contains("not found"), "\(missing.stderr)")
+    }
+
+    @Test func aRankWhoseModelDiffersIsRefusedNamingTheParameter() throws {
+        let program = try program()
+        let dir = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let mixed = try executable("""
+            #!/bin/sh
+            if [ "$DDP_RANK" = 1 ]; then exec "\(program)" --hidden 8; else exec "\(program)" --hidden 16; fi
+
+            """, in: dir, named: "mixed")
+        let result = try runCommand(Binaries.ddpctl, ["start", "--program", mixed, "--workers", "2", "--join-timeout-seconds", "20",
+                                                      "--jobs-dir", "\(dir)/jobs"], timeout: 90)
+        #expect(result.status == 1)
+        let output = result.stdout + result.stderr
+        #expect(output.contains("differs from the job's") && output.contains("'input.weight'")
+                && output.contains("[8, 2]") && output.contains("[16, 2]"), "\(output)")
+    }
+}
