@@ -41,7 +41,7 @@ let package = Package(
             ]
         ),
         // A user's program as a job's workers.
-        .target(name: "SwiftDDP", dependencies: ["Autodiff", "DDPRuntime", .product(name: "Logging", package: "swift-log")]),
+        .target(name: "SwiftDDP", dependencies: ["Autodiff", "DDPRuntime", "DDPWire", .product(name: "Logging", package: "swift-log")]),
         .executableTarget(
             name: "ddpd",
             dependencies: ["DDPRuntime", "DDPWire", .product(name: "ArgumentParser", package: "swift-argument-parser")]

@@ -1,5 +1,6 @@
 @_exported import Autodiff
 @_exported import DDPRuntime
+import DDPWire
 import Foundation
 import Logging
 
@@ -57,7 +58,8 @@ public enum DataParallel {
         let spec = try environment["DDP_CONFIG"].map { try JobSpec.load(path: $0) }
         DDPLogging.bootstrap(level: environment["DDP_LOG_LEVEL"].flatMap { Logger.Level(rawValue: $0) } ?? .info)
         Worker.leaveOnTerminationSignals()
-        let worker = try Worker(endpoint: endpoint, spec: spec, task: task, requestedRank: Int32(environment["DDP_RANK"] ?? "") ?? -1,
+        let keys = try environment["DDP_KEYS"].flatMap { $0.isEmpty ? nil : try JobKeys.load(from: $0) }
+        let worker = try Worker(endpoint: endpoint, spec: spec, task: task, keys: keys, requestedRank: Int32(environment["DDP_RANK"] ?? "") ?? -1,
                                 logger: Logger(label: "worker"))
         _ = try worker.run()
         return true

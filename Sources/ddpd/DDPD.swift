@@ -96,10 +96,24 @@ struct WorkerCommand: ParsableCommand {
         try logging.bootstrap()
         let spec = try config.map { try JobSpec.load(path: $0, overrides: try JobSpec.overrides(assignments)) }
         let folder = keys ?? spec.flatMap { $0.keysDir.isEmpty ? nil : $0.keysDir }
+        if let spec, !spec.program.isEmpty { try becomeProgram(spec, keys: folder) }
         let jobKeys = try folder.map { try JobKeys.load(from: $0, clientKey: clientKey.map { "\($0.hasPrefix("/") ? "" : folder! + "/")\($0)" }) }
         Worker.leaveOnTerminationSignals()  // SIGTERM or SIGINT: leave cleanly, the share re-divided at once
         let worker = try Worker(endpoint: connect, spec: spec, keys: jobKeys, requestedRank: rank, joinTimeoutSeconds: joinTimeout,
                                 logger: Logger(label: "worker"))
         _ = try worker.run()
+    }
+
+    /// A job whose workers are a user's program (`program:` in the job file): this process becomes that
+    /// program, with the coordinator, job file, rank and keys in its environment (see the SwiftDDP library),
+    /// so that every deploy/ script that runs `ddpd worker` runs program jobs too.
+    private func becomeProgram(_ spec: JobSpec, keys: String?) throws -> Never {
+        let environment = ["DDP_CONNECT": connect, "DDP_CONFIG": config!, "DDP_RANK": "\(rank)",
+                           "DDP_LOG_LEVEL": logging.logLevel, "DDP_KEYS": keys ?? ""]
+        for (name, value) in environment { setenv(name, value, 1) }
+        let arguments = [spec.program] + spec.programArgs
+        var argv = arguments.map { strdup($0) } + [nil]
+        execv(spec.program, &argv)
+        throw ValidationError("the program \(spec.program) could not be started: \(String(cString: strerror(errno)))")
     }
 }

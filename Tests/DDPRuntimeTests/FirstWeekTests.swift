@@ -109,7 +109,8 @@ struct FirstWeekTests {
         let help = try ddpctl(["start", "--help"]).stdout
         #expect(help.contains("(default: 30)"), "epochs' default is shown")
         for key in JobSpec.keys where key != "output" {
-            #expect(help.contains("--" + key.replacingOccurrences(of: "_", with: "-")) || (key == "learning_rate" && help.contains("--lr")), "no flag for \(key)")
+            #expect(help.contains("--" + key.replacingOccurrences(of: "_", with: "-")) || (key == "learning_rate" && help.contains("--lr"))
+                    || (key == "program_args" && help.contains("Arguments for --program, after '--'")), "no flag for \(key)")
         }
         let cases: [([String], String)] = [
             (["--hidden", "abc"], "--hidden 'abc' is not a comma-separated list"),

@@ -102,4 +102,42 @@ struct ProgramTests {
         #expect(output.contains("differs from the job's") && output.contains("'input.weight'")
                 && output.contains("[8, 2]") && output.contains("[16, 2]"), "\(output)")
     }
+
+    /// A program's job stopped midway and resumed (the coordinator takes the model from the checkpoint)
+    /// ends bitwise equal to the same job run straight; `ddpd worker` with `program:` in the job file
+    /// becomes the program (as every deploy/ script runs workers).
+    @Test func aProgramsJobResumesBitwiseAndDdpdWorkerRunsIt() throws {
+        let program = try program()
+        let dir = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let jobs = dir + "/jobs"
+        let arguments = ["--program", program, "--epochs", "200", "--batch-size", "100", "--checkpoint-every", "5",
+                         "--", "--hidden", "16", "--samples", "600"]
+        let (straight, result) = try startJob(arguments, jobsDir: jobs)
+        let a = try #require(straight, "\(result.stderr)")
+        let job = try startDetachedJob(arguments, jobsDir: jobs)
+        #expect(waitUntil(timeout: 60) { currentStep(job) >= 60 })
+        #expect(try runCommand(Binaries.ddpctl, ["stop", "--jobs-dir", jobs, "--job", job.path]).status == 0)
+        #expect(waitUntil(timeout: 30) { job.summary() != nil })
+        #expect(job.summary()?.state == "stopped" && job.summary()!.steps < a.steps)
+        let resumed = try runCommand(Binaries.ddpctl, ["start", "--json", "--jobs-dir", jobs, "--resume", job.path])
+        let b = try #require(try? JobJSON.decoder().decode(JobSummary.self, from: Data((resumed.stdout.split(separator: "\n").last ?? "").utf8)),
+                             "\(resumed.stderr)")
+        #expect(b.state == "completed" && b.steps == a.steps)
+        for (x, y) in zip(try SafeTensors.read(path: a.modelPath).tensors, try SafeTensors.read(path: b.modelPath).tensors) {
+            #expect(x.name == y.name && x.tensor.scalars == y.tensor.scalars, "\(x.name)")
+        }
+
+        // By hand: a coordinator, and `ddpd worker` with the job file naming the program.
+        let config = dir + "/job.yaml"
+        try "program: \(program)\nprogram_args: [--hidden, '16', --samples, '600']\nworkers: 1\nepochs: 2\nbatch_size: 100\n"
+            .write(toFile: config, atomically: true, encoding: .utf8)
+        let (coordinator, manual, endpoints) = try launchCoordinator(["program": program, "program_args": ["--hidden", "16", "--samples", "600"],
+                                                                      "workers": 1, "epochs": 2, "batch_size": 100], in: dir)
+        defer { coordinator.terminate() }
+        let worker = try runCommand(Binaries.ddpd, ["worker", "--connect", endpoints.workers, "--config", config], timeout: 60)
+        #expect(worker.status == 0, "\(worker.stderr)")
+        #expect(coordinator.wait(timeout: 30) == 0)
+        #expect(manual.summary()?.state == "completed" && manual.summary()?.steps == 12, "\(String(describing: manual.summary()))")
+    }
 }
