@@ -163,7 +163,7 @@ public struct JobStatus: Codable, Sendable {
         let history = directory.history()
         jobID = spec.jobID
         jobDir = directory.path
-        task = spec.task
+        task = spec.program.isEmpty ? spec.task : "program"
         state = summary?.state ?? fallback
         source = "directory"
         step = UInt64(summary?.steps ?? history.last?.step ?? 0)
@@ -184,6 +184,8 @@ public struct JobStatus: Codable, Sendable {
     }
 
     public var isRegression: Bool { task == "regression" }
+    /// A job of a user's program: no held-out score at the coordinator.
+    public var isProgram: Bool { task == "program" }
 
     /// Whether the job has ended.
     public var isFinal: Bool { ["completed", "stopped", "failed", "dead"].contains(state) }
@@ -216,7 +218,7 @@ extension JobDirectory {
         let spec = try JobSpec.fromJSON(try String(contentsOfFile: specPath, encoding: .utf8))
         let reply = try ControlClient(endpoint: endpoints.control, jobID: spec.jobID, keys: try? spec.keys()).status(timeoutSeconds: timeoutSeconds)
         var status = JobStatus(reply: reply, jobID: spec.jobID, jobDir: path)
-        status.task = spec.task
+        status.task = spec.program.isEmpty ? spec.task : "program"
         status.metricsURL = endpoints.metrics ?? ""
         return status
     }

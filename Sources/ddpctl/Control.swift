@@ -79,7 +79,7 @@ enum StatusText {
         let total = s.totalSteps > 0 ? "/\(s.totalSteps)" : ""
         lines.append("epoch \(s.epoch)/\(s.totalEpochs), step \(s.step)\(total), elapsed \(duration(s.elapsedSeconds))"
                      + (s.etaSeconds.map { ", eta \(duration($0))" } ?? ""))
-        let scores = s.epoch > 0 ? ScoreText.test(loss: s.testLoss, accuracy: s.testAccuracy, regression: s.isRegression) : "no epoch finished yet"
+        let scores = s.epoch > 0 ? ScoreText.test(loss: s.testLoss, accuracy: s.testAccuracy, regression: s.isRegression, program: s.isProgram) : "no epoch finished yet"
         lines.append("train loss \(ScoreText.fixed(s.trainLoss)), \(scores), "
                      + String(format: "%.0f samples/s, %d rejected messages", s.samplesPerSecond, Int(s.rejectedMessages)))
         if !s.recentLosses.isEmpty { lines.append("loss " + sparkline(Array(s.recentLosses.suffix(60)))) }
@@ -120,7 +120,7 @@ struct Watch: ParsableCommand {
                 print("\u{1B}[H\u{1B}[2J" + StatusText.render(status) + "\n\(bar) \(String(format: "%.1f%%", fraction * 100))")
             } else if Date().timeIntervalSince(lastPrinted) >= 2 || status.isFinal {
                 print("\(status.state) epoch \(status.epoch)/\(status.totalEpochs) step \(status.step) loss \(ScoreText.fixed(status.trainLoss)) "
-                      + ScoreText.test(loss: status.testLoss, accuracy: status.testAccuracy, regression: status.isRegression, separator: " "))
+                      + ScoreText.test(loss: status.testLoss, accuracy: status.testAccuracy, regression: status.isRegression, program: status.isProgram, separator: " "))
                 lastPrinted = Date()
             }
             if status.isFinal {
@@ -231,7 +231,7 @@ struct List: ParsableCommand {
             let status = (try? job.status(timeoutSeconds: 1)) ?? JobStatus(directory: job, state: "unreachable", message: "")
             if json { print(status.jsonLine); continue }
             rows.append([status.jobID, status.state, "\(status.epoch)/\(status.totalEpochs)",
-                         status.epoch == 0 ? "-" : status.isRegression ? "R² \(ScoreText.fixed(status.testAccuracy))" : "acc \(ScoreText.percent(status.testAccuracy))",
+                         status.epoch == 0 || status.isProgram ? "-" : status.isRegression ? "R² \(ScoreText.fixed(status.testAccuracy))" : "acc \(ScoreText.percent(status.testAccuracy))",
                          job.path])
         }
         if !json && !jobs.isEmpty { StatusText.table(rows).forEach { print($0) } }

@@ -17,10 +17,12 @@ import Testing
         let leader: Leader
         let lines = LogLines()
 
-        init(_ overrides: [String: Any] = [:]) throws {
-            let spec = try JobSpec.load(path: nil, overrides: ["job_id": "logic", "workers": 2, "batch_size": 64, "epochs": 2].merging(overrides) { $1 })
+        /// With `program`, the job's workers bring the model (the leader starts without one).
+        init(_ overrides: [String: Any] = [:], program: Bool = false) throws {
+            let spec = try JobSpec.load(path: nil, overrides: ["job_id": "logic", "workers": 2, "batch_size": 64, "epochs": 2]
+                .merging(program ? ["program": "/bin/true"] : [:]) { $1 }.merging(overrides) { $1 })
             let clock = clock, lines = lines
-            leader = try Leader(spec: spec, model: ServedModel(setup: try TrainingSetup(spec: spec)), transport: transport, directory: nil, resume: nil,
+            leader = try Leader(spec: spec, model: program ? nil : ServedModel(setup: try TrainingSetup(spec: spec)), transport: transport, directory: nil, resume: nil,
                                 logger: Logger(label: "leader") { _ in lines }, clock: { clock.now })
         }
 
@@ -64,6 +66,42 @@ import Testing
     }
 
     let a: PeerID = [1], b: PeerID = [2], c: PeerID = [3]
+
+    @Test func aProgramsModelComesFromTheFirstJoinAndItsBuffersTakeTheWorkersMean() throws {
+        let h = try Harness(["batch_size": 10, "epochs": 1, "optimizer": "sgd", "learning_rate": 0.5, "momentum": 0], program: true)
+        func programJoin(_ peer: PeerID, weight: [Float]) throws -> [WireMessage] {
+            let w = Tensor(shape: [weight.count], values: weight), m = Tensor(shape: [2], values: [0, 0])
+            let tensors = [NamedParameter(name: "w", tensor: w), NamedParameter(name: "m", tensor: m)]
+            let model = ProgramModel(program: "p", configuration: ["width": "2"], tensors: tensors, buffers: ["m"], sampleCount: 30)
+            var join = Join(workerID: "w\(peer)", host: "h", pid: 1, modelFingerprint: model.fingerprint)
+            join.sampleCount = 30
+            join.modelJSON = model.json()
+            h.send(.join(join), from: peer, tensors: tensors.map { WireTensor(name: $0.name, shape: $0.tensor.shape, payload: Payload(floats: $0.tensor.scalars)) })
+            try h.run()
+            return h.transport.take(for: peer)
+        }
+        // A Join without a model cannot start a program's job.
+        #expect(try h.join(c) == nil)
+        #expect(h.transport.take(for: c).contains { if case .error(let e) = $0.body { e.code == .modelMismatch && e.reason.contains("does not describe a model") } else { false } })
+        // The first model-bearing Join starts the job with its values; another model is refused, naming the tensor.
+        #expect(try programJoin(a, weight: [1, 2]).contains { if case .welcome = $0.body { true } else { false } })
+        let refused = try programJoin(b, weight: [1, 2, 3])
+        #expect(refused.contains { if case .error(let e) = $0.body { e.reason.contains("parameter 'w' has shape [3], the job's [2]") } else { false } },
+                "\(refused.map(\.body))")
+        let welcomed = try programJoin(b, weight: [9, 9])  // values of a later joiner are not used
+        #expect(welcomed.contains { if case .welcome = $0.body { true } else { false } } && h.leader.phase == .training)
+        #expect(h.parameters.map(\.tensor.scalars) == [[1, 2], [0, 0]] && h.leader.totalSteps == 3)
+        // Step 0: 5 samples each; the buffer becomes the sample-weighted mean, the parameter takes the SGD step.
+        for (peer, rank, gradient, buffer) in [(a, Int32(0), Float(1), [Float(2), 4]), (b, Int32(1), Float(3), [Float(4), 8])] {
+            h.send(.gradientPush(GradientPush(sampleCount: 5, localLoss: 0.5)), from: peer, step: 0, rank: rank, tensors: [
+                WireTensor(name: "w", shape: [2], payload: Payload(floats: [gradient, gradient])),
+                WireTensor(name: "m", shape: [2], payload: Payload(floats: buffer)),
+            ])
+        }
+        try h.run()
+        #expect(h.leader.round.step == 1)
+        #expect(h.parameters[0].tensor.scalars == [0, 1] && h.parameters[1].tensor.scalars == [3, 6], "\(h.parameters.map(\.tensor.scalars))")
+    }
 
     @Test func joinedWorkersGetDisjointSamplesThatCoverTheBatch() throws {
         let h = try Harness(["workers": 3])

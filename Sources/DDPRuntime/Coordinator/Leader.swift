@@ -614,7 +614,7 @@ final class Leader: ShardServer {
         // With followers, the model is whole only when they could send their tensors.
         let whole = followers.isEmpty || refreshFromFollowers(withState: false)
         for index in followers.keys.sorted() { sendToFollower(index, body: .stop(reason: message, graceful: phase != .failed)) }
-        if let directory, whole, divergedAt == nil {
+        if let directory, whole, divergedAt == nil, model != nil {  // no model: a program's job no worker joined
             do {  // a failed write is reported in the summary, which is still written
                 try SafeTensors.write(shard.parameters.map { ($0.name, $0.tensor) },
                                       metadata: model!.description(step: round.step, spec: spec).metadata.merging([
