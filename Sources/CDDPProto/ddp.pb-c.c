@@ -2226,7 +2226,7 @@ const ProtobufCEnumDescriptor ddp__v1__shard_message__kind__descriptor =
   ddp__v1__shard_message__kind__value_ranges,
   NULL,NULL,NULL,NULL   /* reserved[1234] */
 };
-static const ProtobufCFieldDescriptor ddp__v1__shard_message__field_descriptors[14] =
+static const ProtobufCFieldDescriptor ddp__v1__shard_message__field_descriptors[15] =
 {
   {
     "kind",
@@ -2396,6 +2396,18 @@ static const ProtobufCFieldDescriptor ddp__v1__shard_message__field_descriptors[
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "model_json",
+    15,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__ShardMessage, model_json),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned ddp__v1__shard_message__field_indices_by_name[] = {
   10,   /* field[10] = apply_optimizer */
@@ -2405,6 +2417,7 @@ static const unsigned ddp__v1__shard_message__field_indices_by_name[] = {
   3,   /* field[3] = job_spec_json */
   0,   /* field[0] = kind */
   9,   /* field[9] = learning_rate */
+  14,   /* field[14] = model_json */
   11,   /* field[11] = optimizer_steps */
   5,   /* field[5] = ranks */
   8,   /* field[8] = refused */
@@ -2416,7 +2429,7 @@ static const unsigned ddp__v1__shard_message__field_indices_by_name[] = {
 static const ProtobufCIntRange ddp__v1__shard_message__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 14 }
+  { 0, 15 }
 };
 const ProtobufCMessageDescriptor ddp__v1__shard_message__descriptor =
 {
@@ -2426,7 +2439,7 @@ const ProtobufCMessageDescriptor ddp__v1__shard_message__descriptor =
   "Ddp__V1__ShardMessage",
   "ddp.v1",
   sizeof(Ddp__V1__ShardMessage),
-  14,
+  15,
   ddp__v1__shard_message__field_descriptors,
   ddp__v1__shard_message__field_indices_by_name,
   1,  ddp__v1__shard_message__number_ranges,

@@ -242,7 +242,6 @@ public struct JobSpec: Codable, Equatable, Sendable {
         if case .preset(let name) = model {
             try check(["mlp", "cnn", "logistic", "linear"].contains(name), "model '\(name)' is unknown (mlp, cnn, logistic, linear, or a list of layers)")
         }
-        try check(program.isEmpty || coordinatorShards == 1, "coordinator_shards > 1 is not available for a program's job yet")
         try check(program.isEmpty || initFrom.isEmpty, "init_from is for the built-in models; a program loads its own (Module.load(from:))")
         try check(["classification", "regression"].contains(task), "task '\(task)' is unknown (classification, regression)")
         try check(model.name == "layers" || (task == "regression" ? ["mlp", "linear"].contains(model) : model != "linear"),

@@ -235,6 +235,7 @@ public enum WireCodec {
             m.pointee.optimizer_steps = x.optimizerSteps
             m.pointee.with_state = x.withState ? 1 : 0
             m.pointee.finite = x.finite ? 1 : 0
+            m.pointee.model_json = arena.string(x.modelJSON)
             e.body_case = DDP__V1__ENVELOPE__BODY_SHARD
             e.shard = m
         case .error(let r):
@@ -382,6 +383,7 @@ public enum WireCodec {
             x.optimizerSteps = m.optimizer_steps
             x.withState = m.with_state != 0
             x.finite = m.finite != 0
+            x.modelJSON = text(m.model_json)
             return .shard(x)
         case DDP__V1__ENVELOPE__BODY_GRADIENT_PUSH:
             guard let m = e.gradient_push?.pointee else { return nil }

@@ -350,6 +350,8 @@ public struct ShardMessage: Equatable, Sendable {
     public var optimizerSteps: UInt64 = 0
     public var withState = false
     public var finite = true
+    /// ASSIGN of a program's job: the model's description (see `Join.modelJSON`).
+    public var modelJSON = ""
 
     public init(_ kind: Kind) { self.kind = kind }
 }

@@ -37,14 +37,15 @@ struct ProgramTests {
         return path
     }
 
-    @Test func theExampleTrainsWithTwoWorkersAsWithOne() throws {
+    @Test func theExampleTrainsWithTwoWorkersAsWithOneAndWithCoordinatorShards() throws {
         let program = try program()
         let dir = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
         var models: [[(name: String, tensor: Tensor)]] = []
         var summaries: [JobSummary] = []
-        for workers in [1, 2] {
-            let (summary, result) = try startJob(["--program", program, "--workers", "\(workers)", "--epochs", "4", "--batch-size", "100",
+        for (workers, shards) in [(1, 1), (2, 1), (2, 2)] {
+            let (summary, result) = try startJob(["--program", program, "--workers", "\(workers)", "--coordinator-shards", "\(shards)",
+                                                  "--epochs", "4", "--batch-size", "100",
                                                   "--lr", "0.05", "--", "--hidden", "16", "--blocks", "2", "--samples", "1200"],
                                                  jobsDir: "\(dir)/jobs")
             let s = try #require(summary, "no summary: \(result.stderr)")
@@ -62,6 +63,9 @@ struct ProgramTests {
             for (u, v) in zip(a.tensor.scalars, b.tensor.scalars) { worst = max(worst, abs(u - v) / scale) }
         }
         #expect(worst < 1e-5, "2 workers differ from 1 by \(worst)")
+        for (x, y) in zip(models[1], models[2]) {  // two coordinator shards, each learning the model from the leader
+            #expect(x.name == y.name && x.tensor.scalars == y.tensor.scalars, "\(x.name) differs with 2 coordinator shards")
+        }
         // The model file says what made it; the loss fell below ln 3 (chance).
         let metadata = try SafeTensors.read(path: summaries[1].modelPath).metadata
         let description = try JSONDecoder().decode(ModelDescription.self, from: Data(try #require(metadata["swiftddp_model"]).utf8))

@@ -23,6 +23,8 @@ struct CodecTests {
         .join({
             var join = Join(workerID: "h:2:y", host: "h", pid: 43, modelFingerprint: "abc")
             join.sharedMemory = SharedMemoryOffer(path: "/proc/43/fd/7", nonce: (0..<32).map { UInt8($0 * 7 % 256) }, byteCount: 1 << 20, updateOffset: 4096)
+            join.sampleCount = 1200
+            join.modelJSON = "{\"program\":\"p\"}"
             return join
         }()),
         .welcome(Welcome(rank: 0, worldSize: 1, jobSpecJSON: "{}", startStep: 0, epoch: 0, sharedMemory: true)),
@@ -35,7 +37,7 @@ struct CodecTests {
             var m = ShardMessage(.average)
             m.shard = 2; m.endpoint = "tcp://h:1"; m.jobSpecJSON = "{}"; m.attempt = 3; m.ranks = [0, 2, -1]; m.workerIDs = ["a", "b"]
             m.sampleCounts = [64, 0, 7]; m.refused = "why"; m.learningRate = 0.5; m.applyOptimizer = true; m.optimizerSteps = 9
-            m.withState = true; m.finite = false
+            m.withState = true; m.finite = false; m.modelJSON = "{\"program\":\"p\"}"
             return m
         }()),
         .shard(ShardMessage(.snapshotReply)),

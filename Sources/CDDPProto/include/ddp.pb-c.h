@@ -41,7 +41,7 @@ typedef enum _Ddp__V1__ShardMessage__Kind {
    */
   DDP__V1__SHARD_MESSAGE__KIND__HELLO = 1,
   /*
-   * leader -> follower: job spec, step, optimizer steps; tensors: its values and state
+   * leader -> follower: job spec, step, optimizer steps (a program's model); tensors: its values and state
    */
   DDP__V1__SHARD_MESSAGE__KIND__ASSIGN = 2,
   /*
@@ -614,10 +614,15 @@ struct  Ddp__V1__ShardMessage
    * AVERAGED: every averaged value was finite
    */
   protobuf_c_boolean finite;
+  /*
+   * ASSIGN in a job whose workers bring the model: the model as the leader learned it (Join.model_json),
+   * so that the follower knows every tensor's name and shape.
+   */
+  char *model_json;
 };
 #define DDP__V1__SHARD_MESSAGE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&ddp__v1__shard_message__descriptor) \
-    , DDP__V1__SHARD_MESSAGE__KIND__KIND_UNSPECIFIED, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0,NULL, 0,NULL, 0,NULL, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0 }
+    , DDP__V1__SHARD_MESSAGE__KIND__KIND_UNSPECIFIED, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0,NULL, 0,NULL, 0,NULL, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string }
 
 
 /*

@@ -70,8 +70,7 @@ public final class Coordinator {
                                                  "job": "\(spec.jobID)", "parameters": "\(setup.map { "\($0.model.parameterCount)" } ?? "from the first worker")",
                                                  "security": "\(security)"])
         case .follower(let index, let leader, let advertise):
-            guard let setup else { throw JobSpecError.invalid("coordinator_shards > 1 is not available for a program's job yet") }
-            engine = .follower(try FollowerShard(spec: spec, setup: setup, index: index, leader: leader, advertise: advertise,
+            engine = .follower(try FollowerShard(spec: spec, model: model, index: index, leader: leader, advertise: advertise,
                                                  transport: transport, logger: logger))
         }
     }

@@ -13,10 +13,13 @@ final class FollowerShard: ShardServer {
     let leaderEndpoint: String
     /// The endpoint workers reach this shard at.
     let advertised: String
-    let setup: TrainingSetup
+    /// The model, built from the spec; for a program's job nil until the leader's ASSIGN describes it.
+    private(set) var model: ServedModel?
     let log: Logger
     let transport: any CoordinatorTransport
-    let shard: ShardState
+    private var shardState: ShardState?
+    /// This shard's tensors (there once assigned: every worker's join and push comes after the ASSIGN).
+    var shard: ShardState { shardState! }
     var membership: Membership
     var round = StepRound()
     var recorder: Recorder
@@ -33,12 +36,11 @@ final class FollowerShard: ShardServer {
     /// A SNAPSHOT that arrived while an APPLY was pending, answered after it.
     var pendingSnapshot: (command: ShardMessage, message: WireMessage)?
 
-    var stepsPerEpoch: Int { setup.sampler.stepsPerEpoch }
+    var stepsPerEpoch: Int { model?.sampler.stepsPerEpoch ?? 1 }
 
-    init(spec: JobSpec, setup: TrainingSetup, index: Int, leader: String, advertise: String?, transport: any CoordinatorTransport,
+    init(spec: JobSpec, model: ServedModel?, index: Int, leader: String, advertise: String?, transport: any CoordinatorTransport,
          logger: Logger, clock: @escaping () -> Double = Coordinator.now) throws {
         self.spec = spec
-        self.setup = setup
         self.index = index
         leaderEndpoint = leader
         advertised = advertise ?? Self.reachable(transport.workerEndpoint)
@@ -46,12 +48,18 @@ final class FollowerShard: ShardServer {
         log = logger
         now = clock
         started = clock()
-        shard = ShardState(parameters: setup.wireTensors, buffers: setup.bufferNames, optimizer: try setup.makeOptimizer(), shards: spec.coordinatorShards,
-                           shard: index, wireType: DType(rawValue: spec.wireDtype) ?? .f32)
         membership = Membership(workers: spec.workers)
         recorder = Recorder(directory: nil, log: logger)
+        if let model { try serve(model) }
         log.info("follower shard listening", metadata: ["workers": "\(transport.workerEndpoint)", "leader": "\(leader)",
-                                                         "tensors": "\(shard.owned.count) of \(shard.parameters.count)"])
+                                                         "tensors": model == nil ? "from the leader" : "\(shard.owned.count) of \(shard.parameters.count)"])
+    }
+
+    /// Serves `model`: this shard's tensors and their optimizer.
+    private func serve(_ model: ServedModel) throws {
+        self.model = model
+        shardState = ShardState(parameters: model.tensors, buffers: model.buffers, optimizer: try TrainingSetup.makeOptimizer(spec),
+                                shards: spec.coordinatorShards, shard: index, wireType: DType(rawValue: spec.wireDtype) ?? .f32)
     }
 
     /// `endpoint` with a wildcard host (bound to every address) replaced by this host's name.
@@ -194,6 +202,14 @@ final class FollowerShard: ShardServer {
         let atStep = message.step == UInt64(round.step) && command.attempt == round.attempt
         switch command.kind {
         case .assign:
+            if model == nil {  // a program's job: the ASSIGN says what the model is; values are loaded below
+                guard let program = try? JSONDecoder().decode(ProgramModel.self, from: Data(command.modelJSON.utf8)) else {
+                    fail("the leader's ASSIGN does not describe the program's model")
+                    return
+                }
+                let zeros = Dictionary(uniqueKeysWithValues: program.tensors.map { ($0.name, Tensor.zeros($0.shape)) })
+                try serve(ServedModel(program: program, values: zeros, spec: spec))
+            }
             let (state, foreign) = shard.load(shardTensors: message.tensors, of: index)
             if let foreign {
                 fail("the leader assigned '\(foreign.name)' \(foreign.shape), which is not a tensor of this shard")

@@ -128,9 +128,11 @@ extension Leader {
             followerOfPeer[peer] = index
             transport.joined(peer)
             log.info("coordinator shard joined", metadata: ["shard": "\(index)", "endpoint": "\(command.endpoint)",
-                                                            "tensors": "\(shard.plan.indices(of: index).count)"])
-            assign(index)
-            sendRoster()
+                                                            "tensors": "\(model == nil ? "when the first worker brings the model" : "\(shard.plan.indices(of: index).count)")"])
+            if model != nil {  // a program's model: assigned once the first worker has brought it
+                assign(index)
+                sendRoster()
+            }
         case .received:
             guard let index = followerOfPeer[peer], message.step == UInt64(round.step), command.attempt == round.attempt,
                   let rank = command.ranks.first else { return }
@@ -147,6 +149,7 @@ extension Leader {
         var command = ShardMessage(.assign)
         command.jobSpecJSON = spec.json()
         command.optimizerSteps = UInt64(shard.optimizer.stepCount)
+        command.modelJSON = model?.program?.json() ?? ""
         sendToFollower(index, body: .shard(command), tensors: shard.shardTensors(shard.plan.indices(of: index), withState: true))
     }
 }

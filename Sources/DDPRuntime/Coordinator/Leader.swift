@@ -232,6 +232,7 @@ final class Leader: ShardServer {
             }
             log.info("model received from the first worker", metadata: ["worker": "\(join.workerID)", "tensors": "\(shard.parameters.count)",
                                                                          "samples": "\(model!.sampler.sampleCount)"])
+            for index in followers.keys.sorted() { assign(index) }
         }
         let fingerprint = model!.fingerprint
         if !join.modelFingerprint.isEmpty && join.modelFingerprint != fingerprint {
