@@ -52,7 +52,38 @@ private final class Clash: Module, Layer {
     func callAsFunction(_ x: Tensor) -> Tensor { b(a(x)) }
 }
 
+/// README's custom model, as written there.
+private final class ReadmeNet: Module, Layer {
+    let conv: Conv2D, norm: BatchNorm
+    let blocks: [Residual]
+    let head: Linear
+    init(generator g: inout SeededGenerator) {
+        conv = Conv2D(inputChannels: 1, outputChannels: 8, kernelSize: 3, padding: 1, generator: &g)
+        norm = BatchNorm(features: 8)
+        blocks = (0..<2).map { _ in
+            Residual(Sequential([Conv2D(inputChannels: 8, outputChannels: 8, kernelSize: 3, padding: 1, generator: &g), Activation(.relu)]))
+        }
+        head = Linear(inputs: 8 * 8 * 8, outputs: 10, generator: &g)
+    }
+    func callAsFunction(_ x: Tensor) -> Tensor { head(blocks.reduce(norm(conv(x)).relu()) { $1($0) }.flattened()) }
+}
+
 struct ModuleTests {
+    @Test func theReadmeModelTrainsAStep() throws {
+        var g = SeededGenerator(seed: 1)
+        let net = ReadmeNet(generator: &g)
+        #expect(net.parameters.map(\.name).prefix(5) == ["conv.weight", "conv.bias", "norm.weight", "norm.bias", "blocks.0.block.0.weight"])
+        #expect(net.buffers.map(\.name) == ["norm.running_mean", "norm.running_var"])
+        let x = Tensor.randomUniform([4, 1, 8, 8], low: 0, high: 1, generator: &g)
+        let before = Loss.softmaxCrossEntropy(net(x), labels: [0, 1, 2, 3]).item
+        for _ in 0..<5 {
+            net.zeroGrad()
+            try Loss.softmaxCrossEntropy(net(x), labels: [0, 1, 2, 3]).backward()
+            try SGD(learningRate: 0.05).step(net.parameters)
+        }
+        #expect(Loss.softmaxCrossEntropy(net(x), labels: [0, 1, 2, 3]).item < before)
+    }
+
     @Test func parametersBuffersAndModulesAreFoundWithDottedNames() throws {
         var g = SeededGenerator(seed: 1)
         let net = Net(generator: &g)
