@@ -164,3 +164,31 @@ public final class BatchNorm: Module, Layer {
         return input.channelAffine(mean: runningMean, variance: runningVar, weight: weight, bias: bias, epsilon: epsilon)
     }
 }
+
+/// A table of `count` learned vectors of `width` (PyTorch's `nn.Embedding`, initialised from N(0, 1)):
+/// `lookup` gives the rows of token ids.
+public final class Embedding: Module {
+    public let weight: Tensor
+
+    public init(count: Int, width: Int, generator: inout SeededGenerator) {
+        weight = .randomNormal([count, width], generator: &generator, requiresGrad: true)
+    }
+
+    /// The rows of `ids` (each in `0..<count`), shaped `shape + [width]`.
+    public func lookup(_ ids: [Int32], shape: [Int]) -> Tensor { weight.gatherRows(ids, shape: shape) }
+}
+
+/// Layer normalisation over the last axis (PyTorch's `nn.LayerNorm(width)`): `weight` 1, `bias` 0.
+public final class LayerNorm: Module, Layer {
+    public let weight: Tensor
+    public let bias: Tensor
+    public let epsilon: Float
+
+    public init(width: Int, epsilon: Float = 1e-5) {
+        weight = .ones([width], requiresGrad: true)
+        bias = .zeros([width], requiresGrad: true)
+        self.epsilon = epsilon
+    }
+
+    public func callAsFunction(_ input: Tensor) -> Tensor { input.layerNormalized(weight: weight, bias: bias, epsilon: epsilon) }
+}

@@ -174,4 +174,29 @@ struct ModuleTests {
             #expect(report.worstRelativeError < 1e-2)
         }
     }
+
+    @Test func layerNormAndEmbeddingGradientsMatchFiniteDifferences() throws {
+        let x = GradientTests.input([3, 2, 5], seed: 10)
+        let norm = LayerNorm(width: 5)
+        var g = SeededGenerator(seed: 11)
+        norm.weight.assign(.randomUniform([5], low: 0.5, high: 1.5, generator: &g))
+        norm.bias.assign(.randomUniform([5], low: -0.5, high: 0.5, generator: &g))
+        let report = try checkGradients(of: [x, norm.weight, norm.bias]) { GradientTests.weightedSum(norm(x)) }
+        #expect(report.worstRelativeError < 2e-2, "layer norm: \(report.worstRelativeError)")
+        // Each row is normalised: mean 0, biased variance 1 (with weight 1, bias 0).
+        let plain = LayerNorm(width: 5)(x).scalars
+        for row in 0..<6 {
+            let values = plain[row * 5..<(row + 1) * 5]
+            let mean = values.reduce(0, +) / 5
+            #expect(abs(mean) < 1e-5 && abs(values.map { ($0 - mean) * ($0 - mean) }.reduce(0, +) / 5 - 1) < 1e-3)
+        }
+
+        let table = Embedding(count: 4, width: 3, generator: &g)
+        let ids: [Int32] = [2, 0, 2, 3, 1, 2]  // row 2 used three times: its gradient adds up
+        #expect(table.lookup(ids, shape: [2, 3]).shape == [2, 3, 3])
+        #expect(Array(table.lookup(ids, shape: [2, 3]).scalars[0..<3]) == Array(table.weight.scalars[6..<9]))
+        let lookup = try checkGradients(of: [table.weight]) { GradientTests.weightedSum(table.lookup(ids, shape: [2, 3])) }
+        #expect(lookup.worstRelativeError < 1e-2, "embedding: \(lookup.worstRelativeError)")
+        #expect(table.parameters.map(\.name) == ["weight"])
+    }
 }

@@ -60,4 +60,15 @@ extension Tensor {
             forward: { 0.5 * $0 * (1 + erff($0 * 0.707_106_77)) },
             derivative: { x, _ in 0.5 * (1 + erff(x * 0.707_106_77)) + x * 0.398_942_28 * expf(-0.5 * x * x) })
     }
+
+    /// GELU in GPT-2's tanh form, `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))` (PyTorch's
+    /// `gelu(approximate="tanh")`).
+    public func geluTanh() -> Tensor {
+        elementwise(
+            forward: { x in 0.5 * x * (1 + tanhf(0.797_884_56 * (x + 0.044_715 * x * x * x))) },
+            derivative: { x, _ in
+                let t = tanhf(0.797_884_56 * (x + 0.044_715 * x * x * x))
+                return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * 0.797_884_56 * (1 + 3 * 0.044_715 * x * x)
+            })
+    }
 }
