@@ -21,7 +21,10 @@ public struct TrainingSetup {
         preprocessing = Preprocessing.fit(spec.scalingKind(featureShape: all.featureShape), to: train)
         train = preprocessing.apply(to: train)
         test = preprocessing.apply(to: test)
-        let wantsImages = try spec.model == "cnn" || ModelBuilder.takesImages(Self.layers(spec, inputShape: [1, 1, 1]))
+        let wantsImages = switch spec.model {
+        case .preset(let name): name == "cnn"
+        case .layers(let layers): ModelBuilder.takesImages(layers)
+        }
         if wantsImages && train.featureShape.count != 3 {
             let shape = try Self.imageShape(of: train)
             train = try train.reshaped(featureShape: shape)
@@ -135,12 +138,13 @@ public struct TrainingSetup {
     public var bufferNames: Set<String> { Set(model.buffers.map(\.name)) }
 
     /// A hash of the model's parameter and buffer names, shapes and dtype: equal models, equal fingerprints.
-    public var modelFingerprint: String { Self.fingerprint(wireTensors) }
+    public var modelFingerprint: String { Self.fingerprint(wireTensors.map { ($0.name, $0.tensor.shape) }) }
 
-    static func fingerprint(_ parameters: [NamedParameter]) -> String {
+    /// FNV-1a 64 over `NAME:[SHAPE]:f32;` of every tensor in order (docs/PROTOCOL.md, section 3).
+    static func fingerprint(_ tensors: [(name: String, shape: [Int])]) -> String {
         var hash: UInt64 = 0xCBF2_9CE4_8422_2325
-        for p in parameters {
-            for byte in "\(p.name):\(p.tensor.shape):f32;".utf8 {
+        for t in tensors {
+            for byte in "\(t.name):\(t.shape):f32;".utf8 {
                 hash = (hash ^ UInt64(byte)) &* 0x100_0000_01B3
             }
         }

@@ -34,7 +34,8 @@ public enum DataParallel {
     ) -> Never {
         do {
             let task = try ProgramTask(name: name, configuration: configuration, model: model, data: data, loss: loss)
-            exit(try run(task) ? 0 : 1)
+            try run(task)
+            exit(0)
         } catch {
             FileHandle.standardError.write(Data("\(name): \(error)\n".utf8))
             exit(1)
@@ -50,7 +51,7 @@ public enum DataParallel {
     }
 
     /// Joins the coordinator named by the environment and trains `task` until the job ends.
-    private static func run(_ task: some WorkerTask) throws -> Bool {
+    private static func run(_ task: some WorkerTask) throws {
         let environment = ProcessInfo.processInfo.environment
         guard let endpoint = environment["DDP_CONNECT"], !endpoint.isEmpty else {
             throw JobSpecError.invalid("DDP_CONNECT is not set: start this program with `ddpctl start --program PATH` (or a deploy/ script)")
@@ -62,6 +63,5 @@ public enum DataParallel {
         let worker = try Worker(endpoint: endpoint, spec: spec, task: task, keys: keys, requestedRank: Int32(environment["DDP_RANK"] ?? "") ?? -1,
                                 logger: Logger(label: "worker"))
         _ = try worker.run()
-        return true
     }
 }

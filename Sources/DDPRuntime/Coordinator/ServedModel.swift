@@ -59,7 +59,7 @@ public struct ProgramModel: Codable, Equatable, Sendable {
 
     /// A hash of names, shapes and dtype, as `TrainingSetup.modelFingerprint` computes it.
     public var fingerprint: String {
-        TrainingSetup.fingerprint(tensors.map { NamedParameter(name: $0.name, tensor: Tensor(shape: $0.shape, repeating: 0)) })
+        TrainingSetup.fingerprint(tensors.map { ($0.name, $0.shape) })
     }
 }
 
