@@ -10,6 +10,13 @@ public final class Linear: Module, Layer {
         bias = .randomUniform([outputs], low: -bound, high: bound, generator: &generator, requiresGrad: true)
     }
 
+    /// A layer with the given `weight` `[out, in]` and `bias` `[out]`.
+    public init(weight: Tensor, bias: Tensor) {
+        precondition(weight.rank == 2 && bias.shape == [weight.shape[0]], "Linear: bias \(bias.shape) does not fit weight \(weight.shape)")
+        self.weight = weight
+        self.bias = bias
+    }
+
     public func callAsFunction(_ input: Tensor) -> Tensor { input.linear(weight: weight, bias: bias) }
 }
 
@@ -172,6 +179,12 @@ public final class Embedding: Module {
 
     public init(count: Int, width: Int, generator: inout SeededGenerator) {
         weight = .randomNormal([count, width], generator: &generator, requiresGrad: true)
+    }
+
+    /// A table with the given rows `[count, width]`.
+    public init(weight: Tensor) {
+        precondition(weight.rank == 2, "Embedding: the table must be [count, width], got \(weight.shape)")
+        self.weight = weight
     }
 
     /// The rows of `ids` (each in `0..<count`), shaped `shape + [width]`.

@@ -18,31 +18,37 @@ public enum Loss {
         meanSquaredError(prediction, target) * 0.5
     }
 
-    /// Softmax cross-entropy of `logits` `[batch, classes]` against integer class labels, averaged over
-    /// the batch. Fused: the backward is `(softmax - onehot) / batch`, stable for large logits.
-    public static func softmaxCrossEntropy(_ logits: Tensor, labels: [Int32]) -> Tensor {
-        precondition(logits.rank == 2 && logits.shape[0] == labels.count,
-                     "softmaxCrossEntropy: logits \(logits.shape) do not fit \(labels.count) labels")
-        let batch = logits.shape[0], classes = logits.shape[1]
-        precondition(labels.allSatisfy { $0 >= 0 && Int($0) < classes },
-                     "softmaxCrossEntropy: a label is outside 0..<\(classes)")
-        let logProbabilities = BufferPool.shared.take(logits.count)
-        Tensor.logSoftmaxRows(logits.storage.pointer, logProbabilities, rows: batch, length: classes)
-        var total: Double = 0
-        for (r, label) in labels.enumerated() { total -= Double(logProbabilities[r * classes + Int(label)]) }
-        let out = Tensor(Float(total / Double(Swift.max(batch, 1))))
+    /// Softmax cross-entropy of `logits` `[..., classes]` (each row of the last axis one prediction:
+    /// `[batch, classes]`, or `[batch, time, vocabulary]` for a language model) against one integer label
+    /// per row, averaged over the rows whose label is not `ignoreIndex` (PyTorch's `ignore_index`; 0 when
+    /// every row is ignored). Fused: the backward is `(softmax - onehot) / rows`, stable for large logits.
+    public static func softmaxCrossEntropy(_ logits: Tensor, labels: [Int32], ignoreIndex: Int32? = nil) -> Tensor {
+        precondition(logits.rank >= 2, "softmaxCrossEntropy: logits need [..., classes], got \(logits.shape)")
+        let classes = logits.shape[logits.rank - 1], rows = logits.count / Swift.max(classes, 1)
+        precondition(rows == labels.count, "softmaxCrossEntropy: logits \(logits.shape) do not fit \(labels.count) labels")
+        if let bad = labels.firstIndex(where: { ($0 < 0 || Int($0) >= classes) && $0 != ignoreIndex }) {
+            preconditionFailure("softmaxCrossEntropy: label \(labels[bad]) of row \(bad) is outside 0..<\(classes)")
+        }
+        let counted = ignoreIndex.map { ignored in labels.reduce(0) { $0 + ($1 == ignored ? 0 : 1) } } ?? rows
         let probabilities = Tensor(uninitializedShape: logits.shape)
-        for i in 0..<logits.count { probabilities.storage.pointer[i] = expf(logProbabilities[i]) }
-        BufferPool.shared.give(logProbabilities, count: logits.count)
+        let p = probabilities.storage.pointer
+        Tensor.logSoftmaxRows(logits.storage.pointer, p, rows: rows, length: classes)
+        var total: Double = 0
+        for (r, label) in labels.enumerated() where label != ignoreIndex { total -= Double(p[r * classes + Int(label)]) }
+        for i in 0..<logits.count { p[i] = expf(p[i]) }
+        let out = Tensor(Float(total / Double(Swift.max(counted, 1))))
         out.record([logits]) { g in
-            let scale = g.storage.pointer[0] / Float(Swift.max(batch, 1))
-            let p = probabilities.storage.pointer
+            let scale = g.storage.pointer[0] / Float(Swift.max(counted, 1))
             logits.accumulateGrad { dx, fresh in
-                for r in 0..<batch {
+                for (r, label) in labels.enumerated() {
+                    let row = r * classes
+                    guard label != ignoreIndex else {
+                        if fresh { (dx + row).update(repeating: 0, count: classes) }
+                        continue
+                    }
                     for j in 0..<classes {
-                        let target: Float = j == Int(labels[r]) ? 1 : 0
-                        let d = (p[r * classes + j] - target) * scale
-                        dx[r * classes + j] = fresh ? d : dx[r * classes + j] + d
+                        let d = (p[row + j] - (j == Int(label) ? 1 : 0)) * scale
+                        dx[row + j] = fresh ? d : dx[row + j] + d
                     }
                 }
             }

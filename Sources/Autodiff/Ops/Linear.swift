@@ -1,17 +1,18 @@
 /// The fused affine map of a dense layer, `x · Wᵀ + b`, with `W` stored `[out, in]` as in PyTorch.
 /// One sgemm forward, two backward, and the bias folded into the product's accumulator.
 extension Tensor {
-    /// `self · weightᵀ + bias` for `self` of shape `[batch, in]`, `weight` `[out, in]`, `bias` `[out]`.
+    /// `self · weightᵀ + bias` for `self` of shape `[..., in]` (`[batch, in]`, or `[batch, time, in]`:
+    /// every row of the last axis), `weight` `[out, in]`, `bias` `[out]`; the result is `[..., out]`.
     public func linear(weight: Tensor, bias: Tensor?) -> Tensor {
         let x = self
         precondition(
-            x.rank == 2 && weight.rank == 2 && x.shape[1] == weight.shape[1],
+            x.rank >= 2 && weight.rank == 2 && x.shape[x.rank - 1] == weight.shape[1],
             "linear: input \(x.shape) does not fit weight \(weight.shape) (expected [batch, \(weight.shape.last ?? 0)])")
-        let batch = x.shape[0], inputs = x.shape[1], outputs = weight.shape[0]
+        let inputs = weight.shape[1], outputs = weight.shape[0], batch = x.count / Swift.max(inputs, 1)
         if let bias {
             precondition(bias.shape == [outputs], "linear: bias \(bias.shape) does not fit weight \(weight.shape)")
         }
-        let out = Tensor(uninitializedShape: [batch, outputs])
+        let out = Tensor(uninitializedShape: x.shape.dropLast() + [outputs])
         let y = out.storage.pointer
         if let bias {
             for r in 0..<batch { (y + r * outputs).update(from: bias.storage.pointer, count: outputs) }

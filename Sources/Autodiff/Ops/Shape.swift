@@ -1,4 +1,4 @@
-/// Ops that move elements without arithmetic: reshape, flatten, transpose, concatenation, slicing.
+/// Ops that move elements without arithmetic: reshape, flatten, transpose and permute, concatenation, slicing.
 extension Tensor {
     /// The same elements in a new shape with the same element count; one dimension may be -1.
     public func reshaped(_ newShape: [Int]) -> Tensor {
@@ -23,23 +23,66 @@ extension Tensor {
     /// The transpose of a 2-D tensor.
     public func transposed() -> Tensor {
         precondition(rank == 2, "transpose: needs a 2-D tensor, got \(shape)")
-        let rows = shape[0], cols = shape[1]
-        let out = Tensor(uninitializedShape: [cols, rows])
-        Tensor.transpose(storage.pointer, rows: rows, cols: cols, into: out.storage.pointer, adding: false)
+        return permuted([1, 0])
+    }
+
+    /// This tensor with dimensions `first` and `second` swapped (a copy in the new order).
+    public func transposed(_ first: Int, _ second: Int) -> Tensor {
+        precondition(first >= 0 && first < rank && second >= 0 && second < rank,
+                     "transpose: axes \(first) and \(second) out of range for \(shape)")
+        var axes = Array(0..<rank)
+        axes.swapAt(first, second)
+        return permuted(axes)
+    }
+
+    /// The elements with dimensions reordered: dimension `i` of the result is dimension `axes[i]` of this
+    /// tensor (PyTorch's `permute`), copied contiguous. The backward applies the inverse order.
+    public func permuted(_ axes: [Int]) -> Tensor {
+        precondition(axes.count == rank && axes.sorted() == Array(0..<rank),
+                     "permute: \(axes) is not an order of the \(rank) dimensions of \(shape)")
+        let out = Tensor(uninitializedShape: axes.map { shape[$0] })
+        Tensor.permute(storage.pointer, shape: shape, axes: axes, into: out.storage.pointer, adding: false)
         out.record([self]) { g in
+            var inverse = [Int](repeating: 0, count: axes.count)
+            for (i, axis) in axes.enumerated() { inverse[axis] = i }
             self.accumulateGrad { dx, fresh in
-                Tensor.transpose(g.storage.pointer, rows: cols, cols: rows, into: dx, adding: !fresh)
+                Tensor.permute(g.storage.pointer, shape: out.shape, axes: inverse, into: dx, adding: !fresh)
             }
         }
         return out
     }
 
-    private static func transpose(
-        _ src: UnsafePointer<Float>, rows: Int, cols: Int, into dst: UnsafeMutablePointer<Float>, adding: Bool
+    /// Writes (or adds) `src` of `shape` with its dimensions in the order `axes` into contiguous `dst`.
+    /// The result's last dimension is walked innermost, with the source's stride for it.
+    private static func permute(
+        _ src: UnsafePointer<Float>, shape: [Int], axes: [Int], into dst: UnsafeMutablePointer<Float>, adding: Bool
     ) {
-        for r in 0..<rows {
-            for c in 0..<cols {
-                if adding { dst[c * rows + r] += src[r * cols + c] } else { dst[c * rows + r] = src[r * cols + c] }
+        let count = shape.reduce(1, *)
+        guard count > 0 else { return }
+        var strides = [Int](repeating: 1, count: shape.count)
+        for d in stride(from: shape.count - 2, through: 0, by: -1) { strides[d] = strides[d + 1] * shape[d + 1] }
+        let outShape = axes.map { shape[$0] }, outStrides = axes.map { strides[$0] }
+        let inner = outShape.last ?? 1, innerStride = outStrides.last ?? 1
+        let outer = Array(outShape.dropLast())
+        var index = [Int](repeating: 0, count: outer.count)
+        var source = 0
+        for row in 0..<(count / inner) {
+            let s = src + source, d = dst + row * inner
+            if adding {
+                for j in 0..<inner { d[j] += s[j * innerStride] }
+            } else if innerStride == 1 {
+                d.update(from: s, count: inner)
+            } else {
+                for j in 0..<inner { d[j] = s[j * innerStride] }
+            }
+            var axis = outer.count - 1  // the next row: an odometer over the outer dimensions
+            while axis >= 0 {
+                index[axis] += 1
+                source += outStrides[axis]
+                if index[axis] < outer[axis] { break }
+                source -= outStrides[axis] * outer[axis]
+                index[axis] = 0
+                axis -= 1
             }
         }
     }

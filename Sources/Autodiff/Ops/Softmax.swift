@@ -21,8 +21,8 @@ extension Tensor {
             for j in 0..<length { top = Swift.max(top, xr[j]) }
             var total: Float = 0
             for j in 0..<length { total += expf(xr[j] - top) }
-            let logTotal = logf(total) + top
-            for j in 0..<length { yr[j] = xr[j] - logTotal }
+            let logTotal = logf(total)  // subtracted after the shift: precise for large logits too
+            for j in 0..<length { yr[j] = (xr[j] - top) - logTotal }
         }
     }
 

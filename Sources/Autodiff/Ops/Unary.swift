@@ -30,6 +30,8 @@ extension Tensor {
 
     /// `-x`.
     public static prefix func - (x: Tensor) -> Tensor { x.elementwise(forward: { -$0 }, derivative: { _, _ in -1 }) }
+    /// `factor * x` for a constant factor.
+    public func scaled(by factor: Float) -> Tensor { elementwise(forward: { $0 * factor }, derivative: { _, _ in factor }) }
     /// `e^x`.
     public func exp() -> Tensor { elementwise(forward: { expf($0) }, derivative: { _, y in y }) }
     /// Natural logarithm.
