@@ -17,11 +17,20 @@ func sgemm(
     _ a: UnsafePointer<Float>, transposeA: Bool, _ b: UnsafePointer<Float>, transposeB: Bool,
     _ c: UnsafeMutablePointer<Float>, m: Int, n: Int, k: Int, alpha: Float = 1, beta: Float = 0
 ) {
-    let lda = transposeA ? m : k
-    let ldb = transposeB ? k : n
+    sgemm(a, rowStride: transposeA ? m : k, transposeA: transposeA, b, rowStride: transposeB ? k : n, transposeB: transposeB,
+          c, rowStride: n, m: m, n: n, k: k, alpha: alpha, beta: beta)
+}
+
+/// `sgemm` on matrices inside larger ones: each operand's rows lie `rowStride` floats apart (a head's
+/// columns of a `[time, 3 * width]` projection, for example).
+@inline(__always)
+func sgemm(
+    _ a: UnsafePointer<Float>, rowStride lda: Int, transposeA: Bool, _ b: UnsafePointer<Float>, rowStride ldb: Int, transposeB: Bool,
+    _ c: UnsafeMutablePointer<Float>, rowStride ldc: Int, m: Int, n: Int, k: Int, alpha: Float = 1, beta: Float = 0
+) {
     cblas_sgemm(
         CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans,
-        Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(n))
+        Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
 }
 
 extension BLAS {

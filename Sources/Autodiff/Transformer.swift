@@ -84,17 +84,22 @@ public final class CausalSelfAttention: Module, Layer {
 
     public func callAsFunction(_ x: Tensor) -> Tensor {
         precondition(x.rank == 3, "attention: needs [batch, time, embedding], got \(x.shape)")
-        let (batch, time, width) = (x.shape[0], x.shape[1], x.shape[2])
-        let headWidth = width / heads
         let qkv = inputProjection(x)
+        let y = isTraining && attentionDropout.probability > 0 ? composedAttention(qkv) : qkv.causalSelfAttention(heads: heads)
+        return residualDropout(outputProjection(y))
+    }
+
+    /// Attention from its parts, with dropout on the attention weights (the fused op has none).
+    func composedAttention(_ qkv: Tensor) -> Tensor {
+        let (batch, time, width) = (qkv.shape[0], qkv.shape[1], qkv.shape[2] / 3)
+        let headWidth = width / heads
         func split(_ part: Int) -> Tensor {  // [batch, heads, time, head width]
             qkv.slice(axis: 2, part * width..<(part + 1) * width).reshaped([batch, time, heads, headWidth]).permuted([0, 2, 1, 3])
         }
         let (q, k, v) = (split(0), split(1), split(2))
         let scores = q.matmul(k, transposeOther: true).scaled(by: 1 / Float(headWidth).squareRoot())
         let weights = attentionDropout(scores.causallyMasked().softmax())
-        let y = weights.matmul(v).permuted([0, 2, 1, 3]).reshaped([batch, time, width])
-        return residualDropout(outputProjection(y))
+        return weights.matmul(v).permuted([0, 2, 1, 3]).reshaped([batch, time, width])
     }
 }
 

@@ -6,7 +6,7 @@ import DDPWire
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks of a release build (swift build -c release).",
-        subcommands: [Step.self, Train.self, Wire.self, Exchange.self, WireEcho.self, ExchangeWorker.self])
+        subcommands: [Step.self, GPT.self, Train.self, Wire.self, Exchange.self, WireEcho.self, ExchangeWorker.self])
 
     struct Step: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -32,6 +32,27 @@ struct Bench: ParsableCommand {
 }
 
 extension Bench {
+    struct GPT: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Time one GPT training step (AdamW) in one process; tokens/s, GFLOP/s against sgemm, peak memory.",
+            discussion: "Example: ddpctl bench gpt --n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --batch 32 --threads 1 --json")
+        @Option(help: "Transformer blocks.") var nLayer = 4
+        @Option(help: "Attention heads.") var nHead = 4
+        @Option(help: "Embedding width.") var nEmbd = 128
+        @Option(help: "Context length in tokens.") var blockSize = 64
+        @Option(help: "Vocabulary size (65: a character vocabulary of Shakespeare).") var vocabSize = 65
+        @Option(help: "Sequences per step.") var batch = 32
+        @Option(help: "BLAS threads.") var threads = 1
+        @Option(help: "Timed blocks (the median is reported).") var repeats = 5
+        @Flag(help: "Print one JSON line.") var json = false
+
+        func run() throws {
+            let benchmark = GPTBenchmark(layers: nLayer, heads: nHead, embedding: nEmbd, blockSize: blockSize, vocabularySize: vocabSize,
+                                         batch: batch, threads: threads, repeats: repeats)
+            printResult(try benchmark.run(), json: json)
+        }
+    }
+
     struct Wire: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Send a tensor to a second process and back over ZeroMQ; report one-way bandwidth.",

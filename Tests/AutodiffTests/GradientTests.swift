@@ -1,3 +1,4 @@
+import Foundation
 import Testing
 @testable import Autodiff
 
@@ -55,6 +56,13 @@ struct GradientTests {
         // The tanh form stays within 1e-3 of the exact one (PyTorch: max difference about 4.7e-4).
         let grid = Tensor(shape: [81], values: (0..<81).map { Float($0 - 40) / 10 })
         #expect(zip(grid.gelu().scalars, grid.geluTanh().scalars).allSatisfy { abs($0 - $1) < 1e-3 })
+        // The vectorised exact form against erf in double precision, tails included (an odd count: the
+        // elements after the last whole vector too).
+        let wide = Tensor(shape: [2001], values: (0..<2001).map { Float($0 - 1000) / 50 })
+        for (v, y) in zip(wide.scalars, wide.gelu().scalars) {
+            let exact = 0.5 * Double(v) * (1 + erf(Double(v) / 2.0.squareRoot()))
+            #expect(abs(Double(y) - exact) <= 5e-7 * max(1, abs(exact)), "gelu(\(v)) = \(y), exact \(exact)")
+        }
     }
 
     @Test func matmulWithEveryTransposeCombination() throws {

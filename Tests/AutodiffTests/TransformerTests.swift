@@ -57,6 +57,20 @@ struct TransformerTests {
         #expect(large.softmax().isFinite && abs(large.softmax()[0, 0] - 0.7310586) < 1e-5, "\(large.softmax().scalars)")
     }
 
+    @Test func fusedAttentionEqualsItsComposition() throws {
+        let qkv = Self.input([2, 5, 12], seed: 13)
+        try check.expectGradients([qkv]) { qkv.causalSelfAttention(heads: 2) }
+        var g = SeededGenerator(seed: 4)
+        let attention = CausalSelfAttention(GPTConfiguration(vocabularySize: 3, blockSize: 5, layers: 1, heads: 2, embedding: 4), generator: &g)
+        let fused = qkv.causalSelfAttention(heads: 2), composed = attention.composedAttention(qkv)
+        #expect(zip(fused.scalars, composed.scalars).allSatisfy { abs($0 - $1) < 1e-6 })
+        try GradientTests.weightedSum(fused).backward()
+        let fusedGradient = qkv.grad!.scalars
+        qkv.zeroGrad()
+        try GradientTests.weightedSum(composed).backward()
+        #expect(zip(fusedGradient, qkv.grad!.scalars).allSatisfy { abs($0 - $1) < 1e-5 })
+    }
+
     @Test func crossEntropyOverTimeWithAnIgnoreIndex() throws {
         let logits = Self.input([2, 3, 5], seed: 9)
         let labels: [Int32] = [1, -1, 4, 0, 2, -1]
@@ -75,6 +89,9 @@ struct TransformerTests {
         try check.expectGradients([x, w, b]) { x.linear(weight: w, bias: b) }
         #expect(x.linear(weight: w, bias: b).scalars == x.reshaped([6, 4]).linear(weight: w, bias: b).scalars)
         try check.expectGradients([x]) { x.scaled(by: -0.7) }
+        let y = Self.input([2, 3, 4], seed: 14)
+        try check.expectGradients([x, y]) { x + y }  // same shapes: the residual connection's fast path
+        try check.expectGradients([x]) { x + x }
     }
 
     static let tiny = GPTConfiguration(vocabularySize: 7, blockSize: 4, layers: 2, heads: 2, embedding: 4)

@@ -35,7 +35,15 @@ extension Tensor {
 
     /// Element-wise sum with broadcasting.
     public static func + (a: Tensor, b: Tensor) -> Tensor {
-        broadcasting("add", a, b, forward: +) { g, _, _ in (g, g) }
+        guard a.shape == b.shape else { return broadcasting("add", a, b, forward: +) { g, _, _ in (g, g) } }
+        let out = Tensor(uninitializedShape: a.shape)  // a residual connection: the gradient passes to both as it is
+        let o = out.storage.pointer, x = a.storage.pointer, y = b.storage.pointer
+        for i in 0..<out.count { o[i] = x[i] + y[i] }
+        out.record([a, b]) { g in
+            a.accumulateGrad(g.storage.pointer)
+            b.accumulateGrad(g.storage.pointer)
+        }
+        return out
     }
 
     /// Element-wise difference with broadcasting.
