@@ -28,7 +28,7 @@ let package = Package(
 
         // Autodiff core and data sets.
         .target(name: "Autodiff", dependencies: ["COpenBLAS"]),
-        .target(name: "DDPData", dependencies: ["Autodiff"], exclude: ["Resources/README.md"], resources: [.copy("Resources/digits.csv")]),
+        .target(name: "DDPData", dependencies: ["Autodiff"], exclude: ["Resources/README.md"], resources: [.copy("Resources/digits.csv"), .copy("Resources/genesis.txt")]),
         // The only module that sees ZeroMQ and protobuf-c.
         .target(name: "DDPWire", dependencies: ["CZeroMQ", "CDDPProto"]),
         // Coordinator, worker, jobs.

@@ -1,3 +1,4 @@
+import Autodiff
 import Foundation
 import DDPData
 import DDPWire
@@ -7,9 +8,11 @@ import Yams
 /// `.json`) with the same snake_case keys; every value is checked before a process starts.
 public struct JobSpec: Codable, Equatable, Sendable {
     public var jobID = ""
-    /// `digits` (bundled), `synthetic`, `csv`, `idx` (MNIST files) or `npy`.
+    /// `digits` (bundled), `synthetic`, `csv`, `idx` (MNIST files), `npy`, or `text` (a UTF-8 file for
+    /// `model: gpt`; `model: gpt` alone means `text`).
     public var dataset = "digits"
-    /// The CSV file, the IDX image file, or the features `.npy`.
+    /// The CSV file, the IDX image file, the features `.npy`, or the text file (empty for `text`: the
+    /// bundled corpus).
     public var dataPath = ""
     /// The IDX label file or the labels `.npy`.
     public var labelsPath = ""
@@ -26,12 +29,27 @@ public struct JobSpec: Codable, Equatable, Sendable {
     public var syntheticSamples = 60000
     public var syntheticFeatures = 784
     public var syntheticClasses = 10
-    /// `classification` (integer labels, softmax cross-entropy) or `regression` (a real-valued target,
-    /// mean squared error; `test_accuracy` then reports R²).
+    /// `classification` (integer labels, softmax cross-entropy), `regression` (a real-valued target,
+    /// mean squared error; `test_accuracy` then reports R²), or `language_model` (`model: gpt`, which
+    /// implies it: next-token cross-entropy; `test_accuracy` is the share of next tokens predicted).
     public var task = "classification"
     /// `mlp`, `cnn` (LeNet-style, for image data), `logistic` (softmax regression), `linear` (linear
-    /// regression), or a list of layers (`LayerSpec`).
+    /// regression), `gpt` (a GPT-2-style language model on `dataset: text`), or a list of layers (`LayerSpec`).
+    /// Left unset by the job, `model: gpt` trains with nanoGPT's kind of settings: adamw at 1e-3, weight
+    /// decay 0.1, batch 32, 5 epochs, cosine decay after 20 warm-up steps, clip_norm 1, test_fraction 0.1.
     public var model: ModelChoice = "mlp"
+    /// GPT: transformer blocks.
+    public var nLayer = 4
+    /// GPT: attention heads per block (they divide `n_embd`).
+    public var nHead = 4
+    /// GPT: the width of a token's vector.
+    public var nEmbd = 128
+    /// GPT: the context in tokens; the text is cut into windows of this many (plus the next token).
+    public var blockSize = 64
+    /// GPT: the probability of dropping an activation in training (0: off).
+    public var dropout: Float = 0
+    /// GPT: `char` (the text's distinct characters) or `byte` (its 256 UTF-8 byte values).
+    public var vocabulary = "char"
     /// Hidden layer sizes of the MLP (and the CNN's dense layer).
     public var hidden = [128]
     /// A user's executable (built with the `SwiftDDP` library) that runs as the job's workers with its
@@ -108,7 +126,8 @@ public struct JobSpec: Codable, Equatable, Sendable {
         case jobID = "job_id", dataset, dataPath = "data_path", labelsPath = "labels_path"
         case labelColumn = "label_column", delimiter, scaling, initFrom = "init_from"
         case syntheticSamples = "synthetic_samples", syntheticFeatures = "synthetic_features"
-        case syntheticClasses = "synthetic_classes", task, model, hidden, program, programArgs = "program_args", activation, epochs, batchSize = "batch_size"
+        case syntheticClasses = "synthetic_classes", task, model, nLayer = "n_layer", nHead = "n_head", nEmbd = "n_embd"
+        case blockSize = "block_size", dropout, vocabulary, hidden, program, programArgs = "program_args", activation, epochs, batchSize = "batch_size"
         case optimizer, learningRate = "learning_rate", momentum, nesterov, weightDecay = "weight_decay", schedule
         case warmupSteps = "warmup_steps", stepEvery = "step_every", gamma, minLearningRate = "min_learning_rate"
         case clipNorm = "clip_norm", seed, testFraction = "test_fraction", workers, minWorkers = "min_workers"
@@ -156,6 +175,23 @@ public struct JobSpec: Codable, Equatable, Sendable {
         try read(.keysDir, &keysDir); try read(.wireDtype, &wireDtype); try read(.blasThreads, &blasThreads)
         try read(.bucketKB, &bucketKB); try read(.sharedMemory, &sharedMemory); try read(.coordinatorShards, &coordinatorShards)
         try read(.metricsAddress, &metricsAddress)
+        try read(.nLayer, &nLayer); try read(.nHead, &nHead); try read(.nEmbd, &nEmbd); try read(.blockSize, &blockSize)
+        try read(.dropout, &dropout); try read(.vocabulary, &vocabulary)
+        if model == "gpt" { applyLanguageModelDefaults(given: Set(k.allKeys)) }
+    }
+
+    /// What `model: gpt` changes of the keys the job leaves unset (see `model`).
+    private mutating func applyLanguageModelDefaults(given: Set<CodingKeys>) {
+        func fill<T>(_ key: CodingKeys, _ value: inout T, _ languageModelValue: T) { if !given.contains(key) { value = languageModelValue } }
+        fill(.dataset, &dataset, "text"); fill(.task, &task, "language_model"); fill(.optimizer, &optimizer, "adamw")
+        fill(.learningRate, &learningRate, 1e-3); fill(.weightDecay, &weightDecay, 0.1); fill(.batchSize, &batchSize, 32)
+        fill(.epochs, &epochs, 5); fill(.schedule, &schedule, "cosine"); fill(.warmupSteps, &warmupSteps, 20)
+        fill(.clipNorm, &clipNorm, 1); fill(.testFraction, &testFraction, 0.1)
+    }
+
+    /// The GPT's sizes for a vocabulary of `vocabularySize` tokens.
+    public func gptConfiguration(vocabularySize: Int) -> GPTConfiguration {
+        GPTConfiguration(vocabularySize: vocabularySize, blockSize: blockSize, layers: nLayer, heads: nHead, embedding: nEmbd, dropout: dropout)
     }
 
     private static func describe(_ type: Any.Type) -> String {
@@ -230,8 +266,20 @@ public struct JobSpec: Codable, Equatable, Sendable {
     /// Checks every value; the error names the key and what it must be.
     public func validate() throws {
         func check(_ ok: Bool, _ message: String) throws { if !ok { throw JobSpecError.invalid(message) } }
-        try check(["digits", "synthetic", "csv", "idx", "npy"].contains(dataset),
-                  "dataset '\(dataset)' is unknown (digits, synthetic, csv, idx, npy)")
+        try check(["digits", "synthetic", "csv", "idx", "npy", "text"].contains(dataset),
+                  "dataset '\(dataset)' is unknown (digits, synthetic, csv, idx, npy, text)")
+        try check((dataset == "text") == (model == "gpt") || !program.isEmpty,
+                  model == "gpt" ? "model 'gpt' trains on dataset 'text', not '\(dataset)'" : "dataset 'text' is for model 'gpt', not '\(model)'")
+        try check((task == "language_model") == (model == "gpt") || !program.isEmpty,
+                  model == "gpt" ? "model 'gpt' is a language model: task must be 'language_model', not '\(task)'"
+                      : "task 'language_model' is for model 'gpt'")
+        if model == "gpt" {
+            try check(nLayer >= 1 && nHead >= 1 && nEmbd >= 1 && blockSize >= 1,
+                      "n_layer, n_head, n_embd and block_size must be positive, got \(nLayer), \(nHead), \(nEmbd), \(blockSize)")
+            try check(nEmbd % nHead == 0, "n_embd \(nEmbd) is not divisible by n_head \(nHead)")
+            try check(dropout >= 0 && dropout < 1, "dropout must be in [0, 1), got \(dropout)")
+            try check(TextVocabulary.Kind(rawValue: vocabulary) != nil, "vocabulary '\(vocabulary)' is unknown (char, byte)")
+        }
         try check(!["csv", "idx", "npy"].contains(dataset) || !dataPath.isEmpty, "dataset '\(dataset)' needs data_path")
         try check(!["idx", "npy"].contains(dataset) || !labelsPath.isEmpty, "dataset '\(dataset)' needs labels_path")
         try check(csvDelimiter != nil, "delimiter '\(delimiter)' must be one character (or 'tab')")
@@ -240,11 +288,11 @@ public struct JobSpec: Codable, Equatable, Sendable {
         try check(syntheticSamples > 0 && syntheticFeatures > 0 && syntheticClasses > 1,
                   "synthetic_samples and synthetic_features must be positive and synthetic_classes at least 2")
         if case .preset(let name) = model {
-            try check(["mlp", "cnn", "logistic", "linear"].contains(name), "model '\(name)' is unknown (mlp, cnn, logistic, linear, or a list of layers)")
+            try check(["mlp", "cnn", "logistic", "linear", "gpt"].contains(name), "model '\(name)' is unknown (mlp, cnn, logistic, linear, gpt, or a list of layers)")
         }
         try check(program.isEmpty || initFrom.isEmpty, "init_from is for the built-in models; a program loads its own (Module.load(from:))")
-        try check(["classification", "regression"].contains(task), "task '\(task)' is unknown (classification, regression)")
-        try check(model.name == "layers" || (task == "regression" ? ["mlp", "linear"].contains(model) : model != "linear"),
+        try check(["classification", "regression", "language_model"].contains(task), "task '\(task)' is unknown (classification, regression, language_model)")
+        try check(model.name == "layers" || model == "gpt" || (task == "regression" ? ["mlp", "linear"].contains(model) : model != "linear"),
                   task == "regression" ? "task 'regression' needs model 'linear' or 'mlp', not '\(model)'"
                       : "model 'linear' is linear regression: set task to 'regression'")
         try check(hidden.allSatisfy { $0 > 0 }, "hidden sizes must be positive, got \(hidden)")

@@ -30,12 +30,15 @@ public struct ModelDescription: Codable, Sendable, Equatable {
     public var step: Int
     /// For a model a user's program trained (`model` is then `program`): what the program declared.
     public var program: ProgramModel?
+    /// For a language model (`model` is then `gpt`): its sizes and its vocabulary.
+    public var gpt: GPTConfiguration?
+    public var vocabulary: TextVocabulary?
 
     public static let currentFormat = "swiftddp-model/1"
     static let metadataKey = "swiftddp_model"
 
     enum CodingKeys: String, CodingKey {
-        case format, model, layers, program, hidden, activation, task, preprocessing, dataset, delimiter, step
+        case format, model, layers, program, gpt, vocabulary, hidden, activation, task, preprocessing, dataset, delimiter, step
         case inputShape = "input_shape", classNames = "class_names", labelColumn = "label_column", jobID = "job_id"
     }
 
@@ -74,6 +77,33 @@ public struct ModelDescription: Codable, Sendable, Equatable {
         self.step = step
     }
 
+    /// The description of a language model trained on `corpus`.
+    init(languageModel configuration: GPTConfiguration, vocabulary: TextVocabulary, spec: JobSpec, step: Int) {
+        model = "gpt"
+        gpt = configuration
+        self.vocabulary = vocabulary
+        hidden = []
+        activation = "gelu"
+        task = "language_model"
+        inputShape = [configuration.blockSize]
+        preprocessing = Preprocessing(kind: .none, shift: [], divisor: [])
+        classNames = []
+        dataset = spec.dataset
+        labelColumn = ""
+        delimiter = ""
+        jobID = spec.jobID
+        self.step = step
+    }
+
+    /// The model in a few words, for messages: `mlp [128] on inputs [64]`, `gpt n_layer 4 ...`.
+    public var summary: String {
+        if let gpt {
+            return "gpt n_layer \(gpt.layers), n_head \(gpt.heads), n_embd \(gpt.embedding), block_size \(gpt.blockSize), \(gpt.vocabularySize) tokens"
+        }
+        if let program { return "the program '\(program.program)'s model" }
+        return "\(model) \(model == "layers" ? "" : "\(hidden) ")on inputs \(inputShape)"
+    }
+
     public var isRegression: Bool { task == "regression" }
     /// Raw feature values per sample.
     public var featuresPerSample: Int { inputShape.reduce(1, *) }
@@ -107,6 +137,9 @@ public struct TrainedModel {
         }
         if let program = description.program {
             throw SafeTensorsError.invalid(path, "holds a model of the program '\(program.program)': load it in that program (Module.load(from:))")
+        }
+        if description.gpt != nil {
+            throw SafeTensorsError.invalid(path, "holds a language model (\(description.summary)): sample from it with 'ddpctl generate --model \(path) --prompt TEXT'")
         }
         try description.preprocessing.check(width: description.featuresPerSample)
         var spec = JobSpec()
@@ -176,16 +209,6 @@ public struct TrainedModel {
 }
 
 extension TrainingSetup {
-    /// Loads the parameters of the model file `spec.init_from` into the model (fine-tuning): every
-    /// parameter by name and shape. The coordinator does it; workers receive the values with their Welcome.
-    public func loadInitialParameters() throws {
-        guard !spec.initFrom.isEmpty else { return }
-        let contents = try SafeTensors.read(path: spec.initFrom)
-        do { try TrainedModel.load(contents.tensors, into: wireTensors, from: spec.initFrom) } catch let error as SafeTensorsError {
-            throw JobSpecError.invalid("init_from: \(error) (the job's model is \(spec.model) \(spec.hidden) on inputs \(train.featureShape))")
-        }
-    }
-
     /// The model's description at `step`, for the metadata of model files and checkpoints.
     public func modelDescription(step: Int) -> ModelDescription { ModelDescription(setup: self, step: step) }
 }

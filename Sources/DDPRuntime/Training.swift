@@ -58,9 +58,6 @@ public struct TrainingSetup {
         return count > 0 ? count : ProcessInfo.processInfo.activeProcessorCount
     }
 
-    /// Steps in the whole job.
-    public var totalSteps: Int { sampler.stepsPerEpoch * spec.epochs }
-
     static func loadDataset(_ spec: JobSpec) throws -> Dataset {
         let regression = spec.task == "regression"
         switch spec.dataset {

@@ -119,7 +119,7 @@ public final class Worker {
     ) throws {
         self.endpoint = endpoint
         self.spec = spec
-        self.task = try task ?? spec.map(TrainingSetup.init)
+        self.task = try task ?? spec.map(BuiltInTasks.make)
         jobID = spec?.jobID ?? ""
         log = logger
         joinTimeout = joinTimeoutSeconds
@@ -359,7 +359,7 @@ public final class Worker {
 
     private func accept(_ welcome: Welcome, message: WireMessage) throws {
         let spec = try JobSpec.fromJSON(welcome.jobSpecJSON)
-        if task == nil { task = try TrainingSetup(spec: spec) }
+        if task == nil { task = try BuiltInTasks.make(spec) }
         self.spec = spec
         sampler = try EpochSampler(sampleCount: task!.trainingSampleCount, globalBatchSize: spec.batchSize, seed: spec.seed)
         permutation = nil

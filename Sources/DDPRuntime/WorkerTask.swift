@@ -23,11 +23,51 @@ public protocol WorkerTask {
     func loss(_ samples: [Int]) throws -> (loss: Tensor, correct: Int)
 }
 
-extension TrainingSetup: WorkerTask {
-    public var trainingSampleCount: Int { train.count }
+/// A model SwiftDDP builds from the job spec alone, so that the coordinator builds it too: it evaluates
+/// the held-out split after every epoch and describes the model in model files. The classifiers and
+/// regressors (`TrainingSetup`) and the language model (`LanguageModelSetup`) are built-in tasks.
+public protocol BuiltInTask: WorkerTask {
+    var spec: JobSpec { get }
+    /// The order of the training samples in every epoch.
+    var sampler: EpochSampler { get }
+    /// The total number of parameter elements.
+    var parameterCount: Int { get }
+    /// Loss and accuracy on the held-out split, in evaluation mode (for a language model: per token).
+    func evaluateHeldOut() -> (loss: Float, accuracy: Float)
+    /// The model's description at `step`, for the metadata of model files and checkpoints.
+    func modelDescription(step: Int) -> ModelDescription
+}
+
+extension BuiltInTask {
     public var programModel: ProgramModel? { nil }
+    /// Steps in the whole job.
+    public var totalSteps: Int { sampler.stepsPerEpoch * spec.epochs }
+
+    /// Loads the parameters of the model file `spec.init_from` into the model (fine-tuning): every
+    /// parameter by name and shape. The coordinator does it; workers receive the values with their Welcome.
+    public func loadInitialParameters() throws {
+        guard !spec.initFrom.isEmpty else { return }
+        let contents = try SafeTensors.read(path: spec.initFrom)
+        do { try TrainedModel.load(contents.tensors, into: wireTensors, from: spec.initFrom) } catch let error as SafeTensorsError {
+            throw JobSpecError.invalid("init_from: \(error) (the job's model is \(modelDescription(step: 0).summary))")
+        }
+    }
+}
+
+/// The built-in task of a job spec.
+public enum BuiltInTasks {
+    /// The language model for `model: gpt`, else the classifier or regressor of the spec.
+    public static func make(_ spec: JobSpec) throws -> any BuiltInTask {
+        spec.model == "gpt" ? try LanguageModelSetup(spec: spec) : try TrainingSetup(spec: spec)
+    }
+}
+
+extension TrainingSetup: BuiltInTask {
+    public var trainingSampleCount: Int { train.count }
+    public var parameterCount: Int { model.parameterCount }
     public func zeroGrad() { model.zeroGrad() }
     public func loss(_ samples: [Int]) throws -> (loss: Tensor, correct: Int) { loss(samples, in: train) }
+    public func evaluateHeldOut() -> (loss: Float, accuracy: Float) { evaluate(on: test) }
 }
 
 /// The samples of a user's data set, by index: what a program hands SwiftDDP.

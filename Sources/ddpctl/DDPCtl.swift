@@ -16,7 +16,7 @@ struct DDPCtl: ParsableCommand {
             """,
         version: SwiftDDPVersion.text,
         subcommands: [Start.self, Status.self, Watch.self, Stop.self, Logs.self, List.self, Remove.self, Prune.self, Report.self,
-                      Metrics.self, Predict.self, Evaluate.self, Doctor.self, Keygen.self, Bench.self, Chaos.self, Supervise.self])
+                      Metrics.self, Predict.self, Evaluate.self, Generate.self, Doctor.self, Keygen.self, Bench.self, Chaos.self, Supervise.self])
 
     /// Runs the command; Foundation's file errors are reported as sentences (see `Readable`).
     static func main() {

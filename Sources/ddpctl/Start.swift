@@ -11,8 +11,8 @@ struct JobOptions: ParsableArguments {
     @Option(help: "Set any job key: KEY=VALUE, the value read as JSON when it parses (repeatable; wins over the other flags).")
     var set: [String] = []
     @Option(help: "The job's id (default: a new one from the time).") var jobId: String?
-    @Option(help: "digits (bundled), synthetic, csv, idx (MNIST files), npy (default: \(defaults.dataset)).") var dataset: String?
-    @Option(help: "The CSV file, IDX image file or features .npy.") var dataPath: String?
+    @Option(help: "digits (bundled), synthetic, csv, idx (MNIST files), npy, text (for --model gpt) (default: \(defaults.dataset); with --model gpt: text).") var dataset: String?
+    @Option(help: "The CSV file, IDX image file, features .npy, or UTF-8 text file (text: empty for the bundled corpus).") var dataPath: String?
     @Option(help: "The IDX label file or labels .npy.") var labelsPath: String?
     @Option(parsing: .unconditional, help: "CSV: the label column, a header name or 0-based index; -1 is the last (default: \(defaults.labelColumn)).")
     var labelColumn: String?
@@ -23,8 +23,14 @@ struct JobOptions: ParsableArguments {
     @Option(help: "Synthetic data: samples (default: \(defaults.syntheticSamples)).") var syntheticSamples: Int?
     @Option(help: "Synthetic data: features per sample (default: \(defaults.syntheticFeatures)).") var syntheticFeatures: Int?
     @Option(help: "Synthetic data: classes (default: \(defaults.syntheticClasses)).") var syntheticClasses: Int?
-    @Option(help: "classification (labels) or regression (a real-valued target, scored by MSE and R²) (default: \(defaults.task)).") var task: String?
-    @Option(help: "mlp, cnn, logistic, or linear (linear regression) (default: \(defaults.model)).") var model: String?
+    @Option(help: "classification (labels), regression (a real-valued target, scored by MSE and R²) or language_model (default: \(defaults.task); with --model gpt: language_model).") var task: String?
+    @Option(help: "mlp, cnn, logistic, linear (linear regression) or gpt (a language model; it also sets adamw, lr 1e-3, cosine, batch 32 unless given) (default: \(defaults.model)).") var model: String?
+    @Option(help: "GPT: transformer blocks (default: \(defaults.nLayer)).") var nLayer: Int?
+    @Option(help: "GPT: attention heads, dividing --n-embd (default: \(defaults.nHead)).") var nHead: Int?
+    @Option(help: "GPT: embedding width (default: \(defaults.nEmbd)).") var nEmbd: Int?
+    @Option(help: "GPT: context length in tokens (default: \(defaults.blockSize)).") var blockSize: Int?
+    @Option(parsing: .unconditional, help: "GPT: dropout probability in training (default: \(defaults.dropout)).") var dropout: Float?
+    @Option(help: "GPT: char (the text's characters) or byte (UTF-8 bytes) (default: \(defaults.vocabulary)).") var vocabulary: String?
     @Option(help: "Hidden layer sizes, comma-separated, e.g. 512,512 (default: \(defaults.hidden.map(String.init).joined(separator: ","))).") var hidden: String?
     @Option(help: "relu, leaky_relu, sigmoid, tanh, gelu (default: \(defaults.activation)).") var activation: String?
     @Option(help: "Your own training program (an executable built with the SwiftDDP library) as the workers; its arguments follow '--'.")
@@ -75,6 +81,8 @@ struct JobOptions: ParsableArguments {
         o["label_column"] = labelColumn; o["delimiter"] = delimiter; o["scaling"] = scaling; o["init_from"] = initFrom.map(Self.absolute)
         o["synthetic_samples"] = syntheticSamples; o["synthetic_features"] = syntheticFeatures
         o["synthetic_classes"] = syntheticClasses; o["task"] = task; o["model"] = model; o["activation"] = activation
+        o["n_layer"] = nLayer; o["n_head"] = nHead; o["n_embd"] = nEmbd; o["block_size"] = blockSize
+        o["dropout"] = dropout.map { Double($0) }; o["vocabulary"] = vocabulary
         o["epochs"] = epochs; o["batch_size"] = batchSize; o["optimizer"] = optimizer
         o["learning_rate"] = learningRate.map { Double($0) }; o["momentum"] = momentum.map { Double($0) }
         if nesterov { o["nesterov"] = true }
@@ -127,7 +135,7 @@ func checkBeforeStarting(_ spec: JobSpec) throws {
         return
     }
     do {
-        let setup = try TrainingSetup(spec: spec)
+        let setup = try BuiltInTasks.make(spec)
         try setup.loadInitialParameters()
     } catch {
         SafeOutput.print("Error: invalid job: \((error as? JobSpecError)?.reason ?? Readable.message(error))\n", to: 2)
@@ -222,7 +230,7 @@ struct Start: ParsableCommand {
         }
         if let epochs { spec.epochs = epochs }
         do { try spec.validate() } catch { throw invalid("\(error)") }
-        let total = try TrainingSetup(spec: spec).totalSteps
+        let total = try BuiltInTasks.make(spec).totalSteps
         guard checkpoint.step < total else {
             throw invalid("job \(spec.jobID) has trained all \(spec.epochs) epochs (checkpoint at step \(checkpoint.step)); give --epochs N to train longer")
         }

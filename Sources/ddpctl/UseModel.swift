@@ -82,3 +82,39 @@ struct Evaluate: ParsableCommand {
         }
     }
 }
+
+struct Generate: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Sample text from a trained language model (a job of --model gpt).",
+        discussion: """
+            Prints the prompt and the sampled continuation. Each token is drawn from the softmax of the model's
+            next-token logits divided by --temperature (0: always the likeliest), among the --top-k likeliest when
+            given; the same --seed gives the same text. The context is the last block_size tokens.
+            Examples:
+              ddpctl generate --prompt "In the beginning" --tokens 200          # the newest job's model
+              ddpctl generate --model ~/.swiftddp/jobs/ID/model.safetensors --prompt "And God" --temperature 0.8 --top-k 10
+            """)
+    @Option(help: "A model file (a job's model.safetensors, or a checkpoint).") var model: String?
+    @OptionGroup var selection: JobSelection
+    @Option(help: "The text to continue (every character must be in the model's vocabulary).") var prompt: String
+    @Option(help: "Tokens to sample.") var tokens = 200
+    @Option(parsing: .unconditional, help: "Divides the logits: below 1 more predictable, above 1 more varied; 0 takes the likeliest.")
+    var temperature: Float = 1
+    @Option(help: "Sample among the k likeliest tokens only.") var topK: Int?
+    @Option(help: "Random seed of the sampling.") var seed: UInt64 = 0
+
+    func validate() throws {
+        guard tokens >= 0 else { throw ValidationError("--tokens must be >= 0, got \(tokens)") }
+        guard temperature >= 0 && temperature.isFinite else { throw ValidationError("--temperature must be >= 0, got \(temperature)") }
+        if let topK, topK < 1 { throw ValidationError("--top-k must be at least 1, got \(topK)") }
+    }
+
+    func run() throws {
+        do {
+            let path = try model ?? selection.directory().modelPath
+            let trained = try TrainedLanguageModel(path: path)
+            let text = try trained.generate(prompt: prompt, tokens: tokens, temperature: temperature, topK: topK, seed: seed)
+            SafeOutput.print(text + "\n", to: 1)
+        } catch { throw CommandFailure.message(Readable.error(error)) }
+    }
+}

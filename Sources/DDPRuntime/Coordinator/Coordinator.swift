@@ -50,7 +50,7 @@ public final class Coordinator {
             throw JobSpecError.invalid("shard \(index) does not exist with coordinator_shards = \(spec.coordinatorShards) (followers are 1...\(max(1, spec.coordinatorShards - 1)))")
         }
         // A program's workers bring the model: it is learned from the first Join, or from the newest checkpoint.
-        let setup = spec.program.isEmpty ? try TrainingSetup(spec: spec) : nil
+        let setup = spec.program.isEmpty ? try BuiltInTasks.make(spec) : nil
         try setup?.loadInitialParameters()
         var model = setup.map(ServedModel.init)
         if setup == nil, resume != nil, let directory { model = try ServedModel.fromCheckpoint(in: directory, spec: spec) }
@@ -58,7 +58,7 @@ public final class Coordinator {
         if case .follower(_, let leader, _) = role { leaderEndpoint = leader }
         let transport = try ZeroMQTransport(
             spec: spec, workerEndpoint: workerEndpoint, controlEndpoint: controlEndpoint, allowPlainText: allowPlainText,
-            largestTensorBytes: setup.map { (setup: TrainingSetup) in (setup.wireTensors.map { $0.tensor.count }.max() ?? 0) * 4 } ?? Self.largestProgramTensorBytes,
+            largestTensorBytes: setup.map { (setup: any BuiltInTask) in (setup.wireTensors.map { $0.tensor.count }.max() ?? 0) * 4 } ?? Self.largestProgramTensorBytes,
             leader: leaderEndpoint)
         self.workerEndpoint = transport.workerEndpoint
         self.controlEndpoint = transport.controlEndpoint
@@ -67,7 +67,7 @@ public final class Coordinator {
             let security = try spec.keys() == nil ? "none (plain text)" : "CURVE"
             engine = .leader(try Leader(spec: spec, model: model, transport: transport, directory: directory, resume: resume, logger: logger))
             logger.info("listening", metadata: ["workers": "\(transport.workerEndpoint)", "control": "\(transport.controlEndpoint)",
-                                                 "job": "\(spec.jobID)", "parameters": "\(setup.map { "\($0.model.parameterCount)" } ?? "from the first worker")",
+                                                 "job": "\(spec.jobID)", "parameters": "\(setup.map { "\($0.parameterCount)" } ?? "from the first worker")",
                                                  "security": "\(security)"])
         case .follower(let index, let leader, let advertise):
             engine = .follower(try FollowerShard(spec: spec, model: model, index: index, leader: leader, advertise: advertise,

@@ -75,11 +75,11 @@ final class ServedModel {
     let sampler: EpochSampler
     let totalSteps: Int
     /// Nil for a program's model.
-    let setup: TrainingSetup?
+    let setup: (any BuiltInTask)?
     let program: ProgramModel?
 
     /// A preset or job-file model, built by the coordinator.
-    init(setup: TrainingSetup) {
+    init(setup: any BuiltInTask) {
         self.setup = setup
         program = nil
         tensors = setup.wireTensors
@@ -139,7 +139,7 @@ final class ServedModel {
     }
 
     /// Loss and accuracy on the held-out split; nil for a program's model (its data stays with its workers).
-    func evaluate() -> (loss: Float, accuracy: Float)? { setup.map { $0.evaluate(on: $0.test) } }
+    func evaluate() -> (loss: Float, accuracy: Float)? { setup?.evaluateHeldOut() }
 
     /// The description for model files and checkpoints at `step`.
     func description(step: Int, spec: JobSpec) -> ModelDescription {
