@@ -119,13 +119,15 @@ public struct JobStatus: Codable, Sendable {
     public var task = "classification"
     /// Where the running coordinator serves its Prometheus metrics over HTTP (empty when it does not).
     public var metricsURL = ""
+    /// For a language model: the tokens of a sample (its window); 0 otherwise.
+    public var tokensPerSample = 0
 
     enum CodingKeys: String, CodingKey {
         case state, source, step, epoch, message, workers, task, coordinatorShards = "coordinator_shards", metricsURL = "metrics_url"
         case jobID = "job_id", jobDir = "job_dir", totalSteps = "total_steps", totalEpochs = "total_epochs"
         case elapsedSeconds = "elapsed_seconds", etaSeconds = "eta_seconds", trainLoss = "train_loss", testLoss = "test_loss"
         case testAccuracy = "test_accuracy", samplesPerSecond = "samples_per_second", rejectedMessages = "rejected_messages"
-        case recentLosses = "recent_losses"
+        case recentLosses = "recent_losses", tokensPerSample = "tokens_per_sample"
     }
 
     /// From a live coordinator's reply.
@@ -164,6 +166,7 @@ public struct JobStatus: Codable, Sendable {
         jobID = spec.jobID
         jobDir = directory.path
         task = spec.program.isEmpty ? spec.task : "program"
+        tokensPerSample = spec.tokensPerSample
         state = summary?.state ?? fallback
         source = "directory"
         step = UInt64(summary?.steps ?? history.last?.step ?? 0)
@@ -219,6 +222,7 @@ extension JobDirectory {
         let reply = try ControlClient(endpoint: endpoints.control, jobID: spec.jobID, keys: try? spec.keys()).status(timeoutSeconds: timeoutSeconds)
         var status = JobStatus(reply: reply, jobID: spec.jobID, jobDir: path)
         status.task = spec.program.isEmpty ? spec.task : "program"
+        status.tokensPerSample = spec.tokensPerSample
         status.metricsURL = endpoints.metrics ?? ""
         return status
     }

@@ -189,6 +189,9 @@ public struct JobSpec: Codable, Equatable, Sendable {
         fill(.clipNorm, &clipNorm, 1); fill(.testFraction, &testFraction, 0.1)
     }
 
+    /// Tokens in one sample: `block_size` for a language model, else 0 (samples are not text).
+    public var tokensPerSample: Int { model == "gpt" ? blockSize : 0 }
+
     /// The GPT's sizes for a vocabulary of `vocabularySize` tokens.
     public func gptConfiguration(vocabularySize: Int) -> GPTConfiguration {
         GPTConfiguration(vocabularySize: vocabularySize, blockSize: blockSize, layers: nLayer, heads: nHead, embedding: nEmbd, dropout: dropout)

@@ -10,6 +10,12 @@ public enum ScoreText {
             : "test loss \(fixed(loss))\(separator)test accuracy \(percent(accuracy))"
     }
 
+    /// "5120 samples/s", or for a language model (`tokensPerSample` > 0) "81920 tokens/s".
+    public static func throughput(_ samplesPerSecond: Double, tokensPerSample: Int = 0) -> String {
+        tokensPerSample > 0 ? String(format: "%.0f tokens/s", samplesPerSecond * Double(tokensPerSample))
+            : String(format: "%.0f samples/s", samplesPerSecond)
+    }
+
     /// Four decimals, or the word for a value that is not a number.
     public static func fixed(_ value: Float) -> String { value.isFinite ? String(format: "%.4f", value) : "\(value)" }
 

@@ -81,7 +81,7 @@ enum StatusText {
                      + (s.etaSeconds.map { ", eta \(duration($0))" } ?? ""))
         let scores = s.epoch > 0 ? ScoreText.test(loss: s.testLoss, accuracy: s.testAccuracy, regression: s.isRegression, program: s.isProgram) : "no epoch finished yet"
         lines.append("train loss \(ScoreText.fixed(s.trainLoss)), \(scores), "
-                     + String(format: "%.0f samples/s, %d rejected messages", s.samplesPerSecond, Int(s.rejectedMessages)))
+                     + ScoreText.throughput(s.samplesPerSecond, tokensPerSample: s.tokensPerSample) + ", \(s.rejectedMessages) rejected messages")
         if !s.recentLosses.isEmpty { lines.append("loss " + sparkline(Array(s.recentLosses.suffix(60)))) }
         if !s.workers.isEmpty {
             let rows = [["RANK", "HOST", "PID", "STATE", "STEP", "HEARTBEAT", "LAST STEP", "LAGS", "RESTARTS", "GRAD NORM", "OUTLIERS"]] + s.workers.map { w in

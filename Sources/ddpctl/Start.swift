@@ -173,7 +173,8 @@ struct Start: ParsableCommand {
             return
         }
         let localJob = try launch.localJob(spec, directory)
-        let display = ProgressDisplay(toStandardError: json, regression: spec.task == "regression", program: !spec.program.isEmpty)
+        let display = ProgressDisplay(toStandardError: json, regression: spec.task == "regression", program: !spec.program.isEmpty,
+                                      tokensPerSample: spec.tokensPerSample)
         display.line("job \(spec.jobID): \(resume == nil ? "" : "resumed, ")\(spec.workers) workers, \(spec.dataset) \(spec.model), \(spec.epochs) epochs; directory \(directory.path)")
         let interrupts = InterruptHandler { count in
             if count == 1 {
@@ -187,7 +188,7 @@ struct Start: ParsableCommand {
         let summary = try localJob.wait { display.show($0, epochs: $1) }
         withExtendedLifetime(interrupts) {}
         display.finish()
-        print(json ? summary.jsonLine : summary.humanReadable(directory: directory.path))
+        print(json ? summary.jsonLine : summary.humanReadable(directory: directory.path, tokensPerSample: spec.tokensPerSample))
         if summary.state != "completed" { throw ExitCode.failure }
     }
 
@@ -333,11 +334,11 @@ final class InterruptHandler {
 }
 
 extension JobSummary {
-    func humanReadable(directory: String) -> String {
+    func humanReadable(directory: String, tokensPerSample: Int = 0) -> String {
         let scores = epochs > 0 ? ScoreText.test(loss: testLoss, accuracy: testAccuracy, regression: isRegression, program: task == "program") : "no epoch finished"
         return """
             \(state): \(epochs) epochs, \(steps) steps in \(String(format: "%.1f", wallSeconds)) s \
-            (\(Int(samplesPerSecond)) samples/s) with \(workers) workers
+            (\(ScoreText.throughput(samplesPerSecond, tokensPerSample: tokensPerSample))) with \(workers) workers
             train loss \(ScoreText.fixed(trainLoss)), \(scores)
             model \(modelPath.isEmpty ? "(none)" : modelPath)\(message.isEmpty ? "" : "\n\(message)")
             """
