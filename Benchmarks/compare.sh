@@ -40,6 +40,10 @@ ours train_long train --workload digits --workers 2 --epochs 1500
 peer torch_ddp "$peers/torch_ddp_train.py" --epochs 5 --datasets digits --world-sizes 2
 peer torch_ddp "$peers/torch_ddp_train.py" --epochs 2 --datasets mnist-synth --world-sizes 2
 ours wire wire --elements 10000000
+ours gpt_step gpt --n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --vocab-size 71 --batch 32 --threads 1
+peer torch_gpt "$peers/torch_gpt.py" --mode eager --vocab-size 71 --threads 1
+ours train_gpt train --workload gpt --workers 2 --epochs 1
+peer torch_gpt "$peers/torch_gpt.py" --mode ddp --world-size 2 --vocab-size 71
 
 python3 - "$out" <<'PY'
 import json, sys, glob, os
@@ -69,6 +73,9 @@ line("exchange 9,610 floats, 2 workers", first("exchange_small").get("ms_per_rou
 ddp = {r.get("dataset"): r for r in rows("torch_ddp") if str(r.get("world_size", r.get("world"))) == "2"}
 line("DDP digits 64-128-10, 2 workers, step", first("train_digits").get("ms_per_step"), ddp.get("digits", {}).get("ms_per_step"), "<= 0.4")
 line("DDP 784-512-512-10 synthetic, 2 workers, step", first("train_mnist").get("ms_per_step"), ddp.get("mnist-synth", {}).get("ms_per_step"), "<= 0.8")
+tg = {r.get("mode"): r for r in rows("torch_gpt")}
+line("GPT 4x128 ctx 64 b32 char, 1 thread, step", first("gpt_step").get("ms_per_step"), tg.get("eager", {}).get("ms_per_step"), "<= 0.8")
+line("GPT 4x128 ctx 64 b32 char, 2 workers, step", first("train_gpt").get("ms_per_step"), tg.get("ddp", {}).get("ms_per_step"), "<= 0.5")
 print(f"{'workload':48} {'SwiftDDP ms':>12} {'PyTorch ms':>11} {'ratio':>7}  target")
 for what, o, p, r, t in table:
     fmt = lambda v: f"{v:12.4f}" if isinstance(v, (int, float)) else f"{'-':>12}"
@@ -81,6 +88,13 @@ w = first("wire")
 if w: print(f"wire: 40 MB one way {w['gbytes_per_second']:.2f} GB/s; 9,610-float round trip {w['small_round_trip_ms']:.3f} ms")
 t = first("train_digits")
 if t: print(f"time from start to first step (digits): {t['first_step_seconds']:.2f} s")
+gs = first("gpt_step")
+if gs: print(f"GPT step (1 thread): {gs['tokens_per_second']:.0f} tokens/s, {gs['gflops']:.1f} GFLOP/s = {100 * gs['fraction_of_sgemm']:.0f}% of sgemm "
+             f"({gs['sgemm_gflops']:.1f}); PyTorch {tg.get('eager', {}).get('tokens_per_s', float('nan')):.0f} tokens/s, "
+             f"{tg.get('eager', {}).get('gflops', float('nan')):.1f} GFLOP/s; peak RSS {gs['peak_rss_mb']:.0f} MB (PyTorch {tg.get('eager', {}).get('peak_rss_mb', float('nan')):.0f} MB)")
+tt = first("train_gpt")
+if tt: print(f"GPT, 2 workers: {tt['tokens_per_second']:.0f} tokens/s (PyTorch DDP {tg.get('ddp', {}).get('tokens_per_s', float('nan')):.0f}); "
+             f"a worker's peak RSS {tt['worker_peak_rss_mb']:.0f} MB (goal < 300 MB)")
 l = first("train_long")
 if l: print(f"long job (digits, 1500 epochs): {1e3 * l['epoch_seconds_first_tenth']:.2f} ms an epoch over the first tenth, "
             f"{1e3 * l['epoch_seconds_last_tenth']:.2f} ms over the last ({l['late_over_early']:.2f}x; target: constant)")

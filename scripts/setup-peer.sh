@@ -11,8 +11,8 @@
 set -euo pipefail
 env_dir="${PEER_ENV:-$HOME/peer}"
 python="${PYTHON:-python3}"
-packages=(torch numpy scikit-learn pyzmq)
-imports="import torch, numpy, sklearn, zmq"
+packages=(torch numpy scikit-learn pyzmq safetensors)
+imports="import torch, numpy, sklearn, zmq, safetensors"
 
 if [ -x "$env_dir/bin/python" ] && "$env_dir/bin/python" -c "$imports" 2>/dev/null; then
   echo "peer environment $env_dir is ready: $("$env_dir/bin/python" -c 'import torch; print("torch", torch.__version__)')" >&2

@@ -3,7 +3,7 @@
 What it measures
 ----------------
 nanoGPT's model (``nanogpt.py`` beside this script) of ``--n-layer/--n-head/--n-embd/--block-size`` and
-a character-sized vocabulary (65), batch ``--batch`` of random tokens (seed 0) reused every step; a step
+a character vocabulary of `--vocab-size` tokens (65; compare.sh: 71, the bundled corpus), batch ``--batch`` of random tokens (seed 0) reused every step; a step
 is ``zero_grad(set_to_none=True)``, forward with the loss, ``backward()`` and ``AdamW.step()``
 (lr 1e-3, weight decay 0.1).
 
@@ -21,7 +21,7 @@ Output: one JSON line on stdout: {"bench": "torch_gpt", "mode", "world_size", "n
 
 Usage:
   $PEER_PYTHON Benchmarks/peers/torch_gpt.py [--mode eager|ddp] [--world-size 2] [--threads 1]
-      [--n-layer 4] [--n-head 4] [--n-embd 128] [--block-size 64] [--batch 32] [--repeats 5] [--steps 10]
+      [--n-layer 4] [--n-head 4] [--n-embd 128] [--block-size 64] [--batch 32] [--vocab-size 65] [--repeats 5] [--steps 10]
 """
 import argparse
 import json
@@ -64,12 +64,12 @@ def timed_steps(model, opt, x, y, args, barrier=None):
 
 
 def config_of(args):
-    return GPTConfig(block_size=args.block_size, vocab_size=65, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    return GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
 
 
 def batch_of(args, rows, offset=0):
     g = torch.Generator().manual_seed(0)
-    data = torch.randint(0, 65, (args.batch, args.block_size + 1), generator=g)[offset:offset + rows]
+    data = torch.randint(0, args.vocab_size, (args.batch, args.block_size + 1), generator=g)[offset:offset + rows]
     return data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
 
@@ -127,6 +127,7 @@ def main():
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--vocab-size", type=int, default=65)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)

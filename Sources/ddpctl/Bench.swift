@@ -83,7 +83,7 @@ extension Bench {
         static let configuration = CommandConfiguration(
             abstract: "Time training steps of a real local job: digits 64-128-10, MNIST-sized 784-512-512-10 or wide 784-2048-2048-10, batch 128.",
             discussion: "Example: ddpctl bench train --workload mnist --workers 2 --epochs 1 --json")
-        @Option(help: "digits, mnist (synthetic 60000x784) or wide (synthetic 12000x784, 2048-wide layers).") var workload = "digits"
+        @Option(help: "digits, mnist (synthetic 60000x784), wide (synthetic 12000x784, 2048-wide layers) or gpt (n_layer 4, n_embd 128, block 64, batch 32 on the bundled text).") var workload = "digits"
         @Option(help: "Worker processes.") var workers = 2
         @Option(help: "Epochs (default: 20 for digits, 1 for the others).") var epochs: Int?
         @Option(name: .customLong("bucket-kb"), help: "Gradient bucket size in KiB (default: the job default; 0: whole pushes).")

@@ -1,8 +1,9 @@
 import Foundation
 
 /// `ddpctl bench train`: a real local job (coordinator and worker processes over ipc://) on the digits
-/// (64-128-10) or an MNIST-sized synthetic set (784-512-512-10), global batch 128; reports the median
-/// time per step and the time from launch to the first finished step.
+/// (64-128-10) or an MNIST-sized synthetic set (784-512-512-10), global batch 128, or a GPT (n_layer 4,
+/// n_head 4, n_embd 128, block_size 64, batch 32) on the bundled text; reports the median time per step,
+/// the time from launch to the first finished step and the workers' peak resident memory.
 public struct TrainBenchmark {
     public var workload: String
     public var workers: Int
@@ -33,7 +34,11 @@ public struct TrainBenchmark {
         case "wide":  // 784-2048-2048-10: 5.8 M parameters, 23 MB a copy, where the exchange dominates
             overrides.merge(["dataset": "synthetic", "synthetic_samples": 14000, "synthetic_features": 784, "synthetic_classes": 10,
                              "hidden": [2048, 2048], "test_fraction": 1.0 / 7]) { $1 }
-        default: throw JobSpecError.invalid("bench train: workload '\(workload)' is unknown (digits, mnist, wide)")
+        case "gpt":
+            overrides.merge(["model": "gpt", "n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "batch_size": 32,
+                             "learning_rate": 1e-3]) { $1 }
+            overrides["momentum"] = nil
+        default: throw JobSpecError.invalid("bench train: workload '\(workload)' is unknown (digits, mnist, wide, gpt)")
         }
         if let bucketKB { overrides["bucket_kb"] = bucketKB }
         if let coordinatorShards { overrides["coordinator_shards"] = coordinatorShards }
@@ -51,7 +56,8 @@ public struct TrainBenchmark {
             if let s = try? client.status(timeoutSeconds: 1), s.step >= 1 { firstStep = Coordinator.now() - launched; break }
             usleep(2000)
         }
-        let summary = try job.wait(interval: 0.5) { _, _ in }
+        var workerPeakKB = 0
+        let summary = try job.wait(interval: 0.5) { _, _ in workerPeakKB = max(workerPeakKB, Self.workersPeakKB(directory)) }
         guard summary.state == "completed" else { throw ControlError.failed("bench train: the job \(summary.state): \(summary.message)") }
         let stepSeconds = JobReport.stepSeconds(directory)
         let median = Measure.median(Array(stepSeconds.dropFirst(min(20, stepSeconds.count / 10))))
@@ -68,8 +74,20 @@ public struct TrainBenchmark {
             "epoch_seconds_first_tenth": early, "epoch_seconds_last_tenth": late, "late_over_early": early > 0 ? late / early : 0,
             "benchmark": "train", "workload": workload, "workers": workers, "epochs": epochs, "steps": summary.steps, "bucket_kb": spec.bucketKB,
             "coordinator_shards": spec.coordinatorShards,
-            "ms_per_step": median * 1e3, "samples_per_second": 128 / median, "first_step_seconds": firstStep ?? -1,
-            "test_accuracy": summary.testAccuracy, "train_loss": summary.trainLoss,
+            "ms_per_step": median * 1e3, "samples_per_second": Double(spec.batchSize) / median, "first_step_seconds": firstStep ?? -1,
+            "tokens_per_second": Double(spec.batchSize * spec.tokensPerSample) / median, "worker_peak_rss_mb": Double(workerPeakKB) / 1024,
+            "test_accuracy": summary.testAccuracy, "train_loss": summary.trainLoss, "test_loss": summary.testLoss,
         ]
+    }
+
+    /// The largest peak resident set (VmHWM, KiB) among the job's live worker processes.
+    static func workersPeakKB(_ directory: JobDirectory) -> Int {
+        guard let data = FileManager.default.contents(atPath: directory.processesPath),
+              let pids = try? JSONSerialization.jsonObject(with: data) as? [String: Int] else { return 0 }
+        return pids.filter { $0.key.hasPrefix("worker-") }.values.map { pid in
+            let status = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
+            let line = status.split(separator: "\n").first { $0.hasPrefix("VmHWM:") } ?? ""
+            return Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0
+        }.max() ?? 0
     }
 }
