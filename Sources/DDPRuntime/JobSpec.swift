@@ -36,7 +36,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
     /// `mlp`, `cnn` (LeNet-style, for image data), `logistic` (softmax regression), `linear` (linear
     /// regression), `gpt` (a GPT-2-style language model on `dataset: text`), or a list of layers (`LayerSpec`).
     /// Left unset by the job, `model: gpt` trains with nanoGPT's kind of settings: adamw at 1e-3, weight
-    /// decay 0.1, batch 32, 5 epochs, cosine decay after 20 warm-up steps, clip_norm 1, test_fraction 0.1.
+    /// decay 0.1, batch 32, 5 epochs, cosine decay after 20 warm-up steps, clip_norm 1 (0 with coordinator shards), test_fraction 0.1.
     public var model: ModelChoice = "mlp"
     /// GPT: transformer blocks.
     public var nLayer = 4
@@ -186,7 +186,8 @@ public struct JobSpec: Codable, Equatable, Sendable {
         fill(.dataset, &dataset, "text"); fill(.task, &task, "language_model"); fill(.optimizer, &optimizer, "adamw")
         fill(.learningRate, &learningRate, 1e-3); fill(.weightDecay, &weightDecay, 0.1); fill(.batchSize, &batchSize, 32)
         fill(.epochs, &epochs, 5); fill(.schedule, &schedule, "cosine"); fill(.warmupSteps, &warmupSteps, 20)
-        fill(.clipNorm, &clipNorm, 1); fill(.testFraction, &testFraction, 0.1)
+        fill(.clipNorm, &clipNorm, coordinatorShards == 1 ? 1 : 0)  // shards cannot see the global norm
+        fill(.testFraction, &testFraction, 0.1)
     }
 
     /// Tokens in one sample: `block_size` for a language model, else 0 (samples are not text).
