@@ -46,7 +46,7 @@ extension LanguageModelSetup: BuiltInTask {
         let logits = model(inputs, batch: samples.count, time: corpus.blockSize)
         let loss = Loss.softmaxCrossEntropy(logits, labels: targets, ignoreIndex: -1)
         let hits = GradMode.withoutGradients { TrainingSetup.correctCount(logits.reshaped([-1, logits.shape[2]]), targets) }
-        return (loss, hits / corpus.blockSize)
+        return (loss, (hits + corpus.blockSize / 2) / corpus.blockSize)
     }
 
     /// Mean next-token cross-entropy and token accuracy over the held-out windows.
