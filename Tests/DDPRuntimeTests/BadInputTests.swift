@@ -10,7 +10,7 @@ struct BadInputTests {
         #expect(throws: JobSpecError.invalid("unknown key 'epoch' (did you mean 'epochs'?)")) {
             try JobSpec.load(path: nil, overrides: ["epoch": 3])
         }
-        #expect(throws: JobSpecError.invalid("model 'transformer' is unknown (mlp, cnn, logistic, linear, or a list of layers)")) {
+        #expect(throws: JobSpecError.invalid("model 'transformer' is unknown (mlp, cnn, logistic, linear, gpt, or a list of layers)")) {
             try JobSpec.load(path: nil, overrides: ["model": "transformer"])
         }
         #expect(throws: JobSpecError.invalid("optimizer 'rmsprop' is unknown (sgd, adam, adamw)")) {
