@@ -30,12 +30,8 @@ public struct LanguageModelSetup {
 }
 
 extension LanguageModelSetup: BuiltInTask {
-    public var wireTensors: [NamedParameter] { model.parameters + model.buffers }
-    public var bufferNames: Set<String> { Set(model.buffers.map(\.name)) }
-    public var modelFingerprint: String { TrainingSetup.fingerprint(wireTensors.map { ($0.name, $0.tensor.shape) }) }
+    public var module: Module { model }
     public var trainingSampleCount: Int { corpus.trainingWindows }
-    public var parameterCount: Int { model.parameterCount }
-    public func zeroGrad() { model.zeroGrad() }
 
     /// The mean next-token cross-entropy of training windows `samples`; "correct" counts the windows'
     /// tokens whose likeliest prediction is the next token, as a share of a window (so that correct /
@@ -82,10 +78,7 @@ public struct TrainedLanguageModel {
     /// Reads a model file of a `model: gpt` job (its `model.safetensors`, or a checkpoint).
     public init(path: String) throws {
         let contents = try SafeTensors.read(path: path)
-        guard let json = contents.metadata[ModelDescription.metadataKey],
-              let description = try? JSONDecoder().decode(ModelDescription.self, from: Data(json.utf8)) else {
-            throw SafeTensorsError.invalid(path, "has no '\(ModelDescription.metadataKey)' metadata: not a model file of this version of SwiftDDP")
-        }
+        let description = try ModelDescription(metadataOf: contents, path: path)
         guard let configuration = description.gpt, let vocabulary = description.vocabulary else {
             throw SafeTensorsError.invalid(path, "holds \(description.summary), not a language model: use 'ddpctl predict' or 'ddpctl evaluate'")
         }

@@ -108,6 +108,19 @@ public struct ModelDescription: Codable, Sendable, Equatable {
     /// Raw feature values per sample.
     public var featuresPerSample: Int { inputShape.reduce(1, *) }
 
+    /// The description in the metadata of a model file or checkpoint read from `path`; errors name the file.
+    init(metadataOf contents: SafeTensors.Contents, path: String) throws {
+        guard let json = contents.metadata[Self.metadataKey] else {
+            throw SafeTensorsError.invalid(path, "has no '\(Self.metadataKey)' metadata: not a model file of this version of SwiftDDP")
+        }
+        do { self = try JSONDecoder().decode(ModelDescription.self, from: Data(json.utf8)) } catch {
+            throw SafeTensorsError.invalid(path, "its '\(Self.metadataKey)' metadata does not describe a model: \(error)")
+        }
+        guard format == Self.currentFormat else {
+            throw SafeTensorsError.invalid(path, "model format '\(format)'; this SwiftDDP reads \(Self.currentFormat)")
+        }
+    }
+
     /// The metadata entries that carry it.
     var metadata: [String: String] {
         let encoder = JSONEncoder()
@@ -125,16 +138,7 @@ public struct TrainedModel {
     /// Reads a model file (`model.safetensors`, or a checkpoint) that SwiftDDP wrote.
     public init(path: String) throws {
         let contents = try SafeTensors.read(path: path)
-        guard let json = contents.metadata[ModelDescription.metadataKey] else {
-            throw SafeTensorsError.invalid(path, "has no '\(ModelDescription.metadataKey)' metadata: not a model file of this version of SwiftDDP")
-        }
-        let description: ModelDescription
-        do { description = try JSONDecoder().decode(ModelDescription.self, from: Data(json.utf8)) } catch {
-            throw SafeTensorsError.invalid(path, "its '\(ModelDescription.metadataKey)' metadata does not describe a model: \(error)")
-        }
-        guard description.format == ModelDescription.currentFormat else {
-            throw SafeTensorsError.invalid(path, "model format '\(description.format)'; this SwiftDDP reads \(ModelDescription.currentFormat)")
-        }
+        let description = try ModelDescription(metadataOf: contents, path: path)
         if let program = description.program {
             throw SafeTensorsError.invalid(path, "holds a model of the program '\(program.program)': load it in that program (Module.load(from:))")
         }

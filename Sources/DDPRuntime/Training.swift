@@ -129,14 +129,6 @@ public struct TrainingSetup {
         return spec.warmupSteps > 0 ? .warmup(steps: spec.warmupSteps, then: main) : main
     }
 
-    /// The tensors that travel and are checkpointed: the parameters, then the buffers.
-    public var wireTensors: [NamedParameter] { model.parameters + model.buffers }
-    /// The names of the buffers among `wireTensors`.
-    public var bufferNames: Set<String> { Set(model.buffers.map(\.name)) }
-
-    /// A hash of the model's parameter and buffer names, shapes and dtype: equal models, equal fingerprints.
-    public var modelFingerprint: String { Self.fingerprint(wireTensors.map { ($0.name, $0.tensor.shape) }) }
-
     /// FNV-1a 64 over `NAME:[SHAPE]:f32;` of every tensor in order (docs/PROTOCOL.md, section 3).
     static func fingerprint(_ tensors: [(name: String, shape: [Int])]) -> String {
         var hash: UInt64 = 0xCBF2_9CE4_8422_2325

@@ -28,10 +28,10 @@ public protocol WorkerTask {
 /// regressors (`TrainingSetup`) and the language model (`LanguageModelSetup`) are built-in tasks.
 public protocol BuiltInTask: WorkerTask {
     var spec: JobSpec { get }
+    /// The model.
+    var module: Module { get }
     /// The order of the training samples in every epoch.
     var sampler: EpochSampler { get }
-    /// The total number of parameter elements.
-    var parameterCount: Int { get }
     /// Loss and accuracy on the held-out split, in evaluation mode (for a language model: per token).
     func evaluateHeldOut() -> (loss: Float, accuracy: Float)
     /// The model's description at `step`, for the metadata of model files and checkpoints.
@@ -40,6 +40,13 @@ public protocol BuiltInTask: WorkerTask {
 
 extension BuiltInTask {
     public var programModel: ProgramModel? { nil }
+    public var wireTensors: [NamedParameter] { module.parameters + module.buffers }
+    public var bufferNames: Set<String> { Set(module.buffers.map(\.name)) }
+    /// A hash of the model's parameter and buffer names, shapes and dtype: equal models, equal fingerprints.
+    public var modelFingerprint: String { TrainingSetup.fingerprint(wireTensors.map { ($0.name, $0.tensor.shape) }) }
+    /// The total number of parameter elements.
+    public var parameterCount: Int { module.parameterCount }
+    public func zeroGrad() { module.zeroGrad() }
     /// Steps in the whole job.
     public var totalSteps: Int { sampler.stepsPerEpoch * spec.epochs }
 
@@ -63,9 +70,8 @@ public enum BuiltInTasks {
 }
 
 extension TrainingSetup: BuiltInTask {
+    public var module: Module { model }
     public var trainingSampleCount: Int { train.count }
-    public var parameterCount: Int { model.parameterCount }
-    public func zeroGrad() { model.zeroGrad() }
     public func loss(_ samples: [Int]) throws -> (loss: Tensor, correct: Int) { loss(samples, in: train) }
     public func evaluateHeldOut() -> (loss: Float, accuracy: Float) { evaluate(on: test) }
 }
