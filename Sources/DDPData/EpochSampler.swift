@@ -38,6 +38,27 @@ public struct EpochSampler: Sendable {
         return start..<start + shardCount(batch.count, rank: rank, worldSize: worldSize)
     }
 
+    /// Contiguous shares of the positions `batch`, one per weight in order, sized in proportion to the
+    /// weights (largest remainders take the leftover samples, the earlier share on a tie); every share
+    /// holds at least one sample while the batch has one for each. The shares cover `batch` exactly.
+    public static func shards(_ batch: Range<Int>, weights: [Double]) -> [Range<Int>] {
+        precondition(!weights.isEmpty && weights.allSatisfy { $0 > 0 && $0.isFinite }, "shards: weights must be positive, got \(weights)")
+        let count = batch.count, total = weights.reduce(0, +)
+        let exact = weights.map { Double(count) * $0 / total }
+        var sizes = exact.map { Int($0) }
+        let leftover = count - sizes.reduce(0, +)
+        let order = exact.indices.sorted { (exact[$0] - exact[$0].rounded(.down), $1) > (exact[$1] - exact[$1].rounded(.down), $0) }
+        for i in order.prefix(leftover) { sizes[i] += 1 }
+        if count >= weights.count {  // a share of none would leave a worker unmeasured: the largest gives it one
+            for i in sizes.indices where sizes[i] == 0 { sizes[sizes.indices.max { sizes[$0] < sizes[$1] }!] -= 1; sizes[i] = 1 }
+        }
+        var start = batch.lowerBound
+        return sizes.map { size in
+            defer { start += size }
+            return start..<start + size
+        }
+    }
+
     /// The samples of global batch `step` (0-based within the epoch) given that epoch's permutation.
     public func globalBatch(step: Int, of permutation: [Int]) -> ArraySlice<Int> {
         let start = step * globalBatchSize

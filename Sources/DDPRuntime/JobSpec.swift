@@ -81,6 +81,10 @@ public struct JobSpec: Codable, Equatable, Sendable {
     public var testFraction = 0.2
     /// Workers the job trains with.
     public var workers = 2
+    /// How a step's global batch is cut among the workers: `equal` shares, or `speed`: shares in
+    /// proportion to each worker's measured samples per second (the same samples and the same global
+    /// batch; the update equals the equal-share one up to the order of summation).
+    public var balance = "equal"
     /// The job fails when fewer workers than this remain.
     public var minWorkers = 1
     public var heartbeatIntervalMs = 1000
@@ -130,7 +134,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         case blockSize = "block_size", dropout, vocabulary, hidden, program, programArgs = "program_args", activation, epochs, batchSize = "batch_size"
         case optimizer, learningRate = "learning_rate", momentum, nesterov, weightDecay = "weight_decay", schedule
         case warmupSteps = "warmup_steps", stepEvery = "step_every", gamma, minLearningRate = "min_learning_rate"
-        case clipNorm = "clip_norm", seed, testFraction = "test_fraction", workers, minWorkers = "min_workers"
+        case clipNorm = "clip_norm", seed, testFraction = "test_fraction", workers, balance, minWorkers = "min_workers"
         case heartbeatIntervalMs = "heartbeat_interval_ms", heartbeatTimeoutMs = "heartbeat_timeout_ms"
         case joinTimeoutSeconds = "join_timeout_seconds", stepTimeoutSeconds = "step_timeout_seconds", output
         case checkpointEvery = "checkpoint_every", keepCheckpoints = "keep_checkpoints", checkpointFailureLimit = "checkpoint_failure_limit", keysDir = "keys_dir", wireDtype = "wire_dtype", blasThreads = "blas_threads"
@@ -167,7 +171,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         try read(.weightDecay, &weightDecay); try read(.schedule, &schedule); try read(.warmupSteps, &warmupSteps)
         try read(.stepEvery, &stepEvery); try read(.gamma, &gamma); try read(.minLearningRate, &minLearningRate)
         try read(.clipNorm, &clipNorm); try read(.seed, &seed); try read(.testFraction, &testFraction)
-        try read(.workers, &workers); try read(.minWorkers, &minWorkers)
+        try read(.workers, &workers); try read(.balance, &balance); try read(.minWorkers, &minWorkers)
         try read(.heartbeatIntervalMs, &heartbeatIntervalMs); try read(.heartbeatTimeoutMs, &heartbeatTimeoutMs)
         try read(.joinTimeoutSeconds, &joinTimeoutSeconds); try read(.stepTimeoutSeconds, &stepTimeoutSeconds)
         try read(.output, &output); try read(.checkpointEvery, &checkpointEvery); try read(.keepCheckpoints, &keepCheckpoints)
@@ -313,6 +317,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         try check(clipNorm >= 0, "clip_norm must be >= 0")
         try check(testFraction > 0 && testFraction < 1, "test_fraction must be between 0 and 1, got \(testFraction)")
         try check(workers >= 1 && workers <= 1024, "workers must be between 1 and 1024, got \(workers)")
+        try check(["equal", "speed"].contains(balance), "balance '\(balance)' is unknown (equal, speed)")
         try check(minWorkers >= 1 && minWorkers <= workers, "min_workers must be between 1 and workers (\(workers)), got \(minWorkers)")
         try check(heartbeatIntervalMs > 0 && heartbeatTimeoutMs > heartbeatIntervalMs,
                   "heartbeat_timeout_ms must exceed heartbeat_interval_ms > 0")

@@ -1,4 +1,5 @@
 import Autodiff
+import DDPData
 @testable import DDPWire
 import Foundation
 import Logging
@@ -52,12 +53,14 @@ import Testing
         }
 
         /// A push of `value` everywhere for `samples` samples, in `parts` parts (tensor order split evenly).
-        func push(from peer: PeerID, rank: Int32, step: UInt64, attempt: UInt32 = 0, samples: UInt64, value: Float, parts: Int = 1) {
+        func push(from peer: PeerID, rank: Int32, step: UInt64, attempt: UInt32 = 0, samples: UInt64, value: Float, parts: Int = 1,
+                  computeSeconds: Double = 0) {
             let tensors = parameters.map { WireTensor(name: $0.name, shape: $0.tensor.shape, payload: Payload(floats: [Float](repeating: value, count: $0.tensor.count))) }
             let size = (tensors.count + parts - 1) / parts
             for part in 0..<parts {
                 let mine = Array(tensors[min(part * size, tensors.count)..<min((part + 1) * size, tensors.count)])
-                send(.gradientPush(GradientPush(sampleCount: samples, localLoss: 0.5, attempt: attempt, part: UInt32(part), moreParts: part < parts - 1)),
+                send(.gradientPush(GradientPush(sampleCount: samples, localLoss: 0.5, computeSeconds: computeSeconds, attempt: attempt,
+                                                part: UInt32(part), moreParts: part < parts - 1)),
                      from: peer, step: step, rank: rank, tensors: mine)
             }
         }
@@ -114,6 +117,42 @@ import Testing
             for range in update.samples { covered += Array(range.start..<range.start + range.count) }
         }
         #expect(covered == Array(0..<64), "the three shards are the batch's positions 0..<64, in rank order")
+    }
+
+    /// `balance: speed`: once both workers have pushed, each step's shares follow their measured samples per
+    /// second (a worker twice as slow gets a third), the shares still cover each batch exactly, and over an
+    /// epoch every training sample is assigned once.
+    @Test func sharesSizedBySpeedStillAssignEverySampleOncePerEpoch() throws {
+        let h = try Harness(["balance": "speed", "epochs": 1])
+        for peer in [a, b] { #expect(try h.join(peer) != nil) }
+        let stepsPerEpoch = h.leader.model!.sampler.stepsPerEpoch, trainingSamples = h.leader.model!.sampler.sampleCount
+        var assigned: [UInt64] = [], shares: [[UInt64]] = []
+        for step in 0..<stepsPerEpoch {
+            var counts: [UInt64] = []
+            for (peer, rank, secondsPerSample) in [(a, Int32(0), 0.001), (b, Int32(1), 0.002)] {
+                let (s, update) = try #require(h.lastUpdate(peer, in: h.transport.take(for: peer)), "no update at step \(step)")
+                #expect(s == UInt64(step))
+                for range in update.samples { assigned += Array(range.start..<range.start + range.count) }
+                counts.append(h.samples(update))
+                h.push(from: peer, rank: rank, step: UInt64(step), samples: h.samples(update), value: 0.01,
+                       computeSeconds: secondsPerSample * Double(h.samples(update)))
+            }
+            shares.append(counts)
+            try h.run()
+        }
+        #expect(shares[0] == [32, 32], "equal until both are measured")
+        #expect(shares[1] == [43, 21], "2:1 by speed, got \(shares[1])")
+        #expect(assigned.sorted() == (0..<UInt64(trainingSamples)).map { $0 }, "every position of the epoch once")
+        #expect(h.leader.round.step == stepsPerEpoch)
+    }
+
+    @Test func proportionalSharesCoverTheBatch() {
+        #expect(EpochSampler.shards(0..<64, weights: [2, 1]) == [0..<43, 43..<64])
+        #expect(EpochSampler.shards(10..<20, weights: [1, 1, 1]) == [10..<14, 14..<17, 17..<20])
+        #expect(EpochSampler.shards(0..<3, weights: [100, 1, 1]) == [0..<1, 1..<2, 2..<3], "one each while the batch allows")
+        #expect(EpochSampler.shards(0..<2, weights: [1, 5, 1]) == [0..<0, 0..<2, 2..<2], "fewer samples than shares")
+        let shares = EpochSampler.shards(0..<1000, weights: [0.3, 1.7, 1, 2.2])
+        #expect(shares.map(\.count).reduce(0, +) == 1000 && zip(shares, shares.dropFirst()).allSatisfy { $0.upperBound == $1.lowerBound })
     }
 
     /// A worker lost mid-step: the step is sent again (attempt 1) with the whole batch to the other;

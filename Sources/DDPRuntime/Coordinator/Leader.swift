@@ -431,6 +431,7 @@ final class Leader: ShardServer {
         let seconds = now() - round.started
         recorder.recordStep(round.step, seconds: seconds, loss: loss, learningRate: shard.optimizer.learningRate, samples: samples, correct: correct,
                             workerSeconds: used.isEmpty ? [] : membership.live.map { ($0.rank, $0.lastStepSeconds) },
+                            workerSamples: round.assigned.sorted { $0.key < $1.key }.map { ($0.key, Int($0.value)) },
                             liveWorkers: membership.liveCount, jobID: spec.jobID, now: now())
         followerReports.removeAll(keepingCapacity: true)
         round.begin(step: round.step + 1, attempt: 0)
@@ -583,14 +584,18 @@ final class Leader: ShardServer {
 
     /// Sends the update for the round's step to every live worker (joiners begin training with it) with
     /// the samples it computes: the step's global batch cut into contiguous shards, one per live worker in
-    /// rank order (the first `batch mod workers` take one more).
+    /// rank order: equal (the first `batch mod workers` take one more), or with `balance: speed` and every
+    /// live worker measured, in proportion to their samples per second.
     func broadcastUpdate(trainLoss: Float, produce: (_ send: (_ indices: [Int], _ last: Bool) -> Void) -> Void) {
         membership.startJoiners()
         let live = membership.live
         let batch = model!.sampler.batchRange(step: round.step % stepsPerEpoch)
-        let assignments = Dictionary(uniqueKeysWithValues: live.enumerated().map { position, member in
-            let positions = EpochSampler.shard(batch, rank: position, worldSize: live.count)
-            return (member.rank, positions.isEmpty ? [] : [SampleRange(start: UInt64(positions.lowerBound), count: UInt64(positions.count))])
+        let speeds = live.map { $0.secondsPerSample > 0 ? 1 / $0.secondsPerSample : 0 }
+        let shares = spec.balance == "speed" && !live.isEmpty && speeds.allSatisfy({ $0 > 0 })
+            ? EpochSampler.shards(batch, weights: speeds)
+            : live.indices.map { EpochSampler.shard(batch, rank: $0, worldSize: live.count) }
+        let assignments = Dictionary(uniqueKeysWithValues: zip(live, shares).map { member, positions in
+            (member.rank, positions.isEmpty ? [] : [SampleRange(start: UInt64(positions.lowerBound), count: UInt64(positions.count))])
         })
         round.assigned = assignments.mapValues { $0.reduce(0) { $0 + $1.count } }
         broadcast(to: live, trainLoss: trainLoss, learningRate: shard.optimizer.learningRate, assignments: assignments, produce: produce)

@@ -28,6 +28,8 @@ struct Member {
     var lastSeen: Double
     var lastPushedStep: UInt64 = 0
     var lastStepSeconds: Double = 0
+    /// Its compute seconds per sample, a moving average over its pushes (0 until it has pushed).
+    var secondsPerSample: Double = 0
     var restarts: UInt32 = 0
     /// Why it was declared lost or left (empty while it takes part).
     var goneReason = ""

@@ -87,9 +87,9 @@ struct Recorder {
     }
 
     /// Records a completed step: its time, mean loss, samples and correct ones, and the workers' compute
-    /// times (for the step log); writes the metrics at most once a second.
+    /// times and assigned samples (for the step log); writes the metrics at most once a second.
     mutating func recordStep(_ step: Int, seconds: Double, loss: Float, learningRate: Float, samples: Int, correct: Int,
-                             workerSeconds: [(Int32, Double)], liveWorkers: Int, jobID: String, now: Double) {
+                             workerSeconds: [(Int32, Double)], workerSamples: [(Int32, Int)] = [], liveWorkers: Int, jobID: String, now: Double) {
         recentStepSeconds.append(seconds)
         if recentStepSeconds.count > 50 { recentStepSeconds.removeFirst() }
         recentLosses.append(loss)
@@ -99,7 +99,8 @@ struct Recorder {
         epochLoss.samples += samples
         samplesTrained += samples
         let workers = workerSeconds.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",")
-        stepLog.append("{\"step\":\(step),\"seconds\":\(seconds),\"loss\":\(JobJSON.number(loss)),\"learning_rate\":\(JobJSON.number(learningRate)),\"workers\":{\(workers)}}")
+        let shares = workerSamples.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",")
+        stepLog.append("{\"step\":\(step),\"seconds\":\(seconds),\"loss\":\(JobJSON.number(loss)),\"learning_rate\":\(JobJSON.number(learningRate)),\"workers\":{\(workers)},\"samples\":{\(shares)}}")
         metrics.steps = step + 1
         metrics.samples += samples
         metrics.trainLoss = loss

@@ -105,7 +105,13 @@ extension ShardServer {
         case .stored(let arrived, let complete):
             membership.update(rank) {
                 $0.lastPushedStep = message.step
-                if complete { $0.lastStepSeconds = push.computeSeconds }
+                if complete {
+                    $0.lastStepSeconds = push.computeSeconds
+                    if push.sampleCount > 0 && push.computeSeconds > 0 {
+                        let perSample = push.computeSeconds / Double(push.sampleCount)
+                        $0.secondsPerSample = $0.secondsPerSample == 0 ? perSample : 0.7 * $0.secondsPerSample + 0.3 * perSample
+                    }
+                }
             }
             if complete { pushAnswered(rank, refused: "") }
             let live = membership.live.map(\.rank)
