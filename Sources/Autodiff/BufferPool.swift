@@ -18,7 +18,7 @@ final class BufferPool: Sendable {
 
     init(capacityBytes: Int) { self.capacityBytes = capacityBytes }
 
-    /// A buffer of `count` floats with unspecified contents.
+    /// A buffer of `count` floats with unspecified contents (NaNs in a debug build).
     func take(_ count: Int) -> UnsafeMutablePointer<Float> {
         let reused: Address? = state.withLock { state in
             guard var list = state.free[count], let last = list.popLast() else { return nil }
@@ -26,8 +26,13 @@ final class BufferPool: Sendable {
             state.pooledBytes -= count * MemoryLayout<Float>.stride
             return last
         }
-        if let reused { return reused.pointer }
-        return UnsafeMutablePointer<Float>.allocate(capacity: max(count, 1))
+        let pointer = reused?.pointer ?? UnsafeMutablePointer<Float>.allocate(capacity: max(count, 1))
+        #if DEBUG
+        // Debug builds (the tests) hand out NaNs: an op that reads memory it did not write, or a buffer
+        // after its tensor died, then fails every time instead of depending on what the pool held.
+        pointer.initialize(repeating: .nan, count: count)
+        #endif
+        return pointer
     }
 
     /// Gives a buffer back; it is freed instead when the pool is full.

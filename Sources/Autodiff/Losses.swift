@@ -38,6 +38,7 @@ public enum Loss {
         for i in 0..<logits.count { p[i] = expf(p[i]) }
         let out = Tensor(Float(total / Double(Swift.max(counted, 1))))
         out.record([logits]) { g in
+            let p = probabilities.storage.pointer  // the closure keeps the probabilities alive until backward
             let scale = g.storage.pointer[0] / Float(Swift.max(counted, 1))
             logits.accumulateGrad { dx, fresh in
                 for (r, label) in labels.enumerated() {

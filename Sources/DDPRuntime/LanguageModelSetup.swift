@@ -13,7 +13,6 @@ public struct LanguageModelSetup {
 
     public init(spec: JobSpec) throws {
         self.spec = spec
-        BLAS.threads = spec.blasThreads > 0 ? spec.blasThreads : TrainingSetup.automaticBLASThreads()
         guard let kind = TextVocabulary.Kind(rawValue: spec.vocabulary) else {
             throw JobSpecError.invalid("vocabulary '\(spec.vocabulary)' is unknown (char, byte)")
         }

@@ -15,7 +15,6 @@ public struct TrainingSetup {
 
     public init(spec: JobSpec) throws {
         self.spec = spec
-        BLAS.threads = spec.blasThreads > 0 ? spec.blasThreads : Self.automaticBLASThreads()
         let all = try Self.loadDataset(spec)
         var (train, test) = try all.split(testFraction: spec.testFraction, seed: spec.seed)
         preprocessing = Preprocessing.fit(spec.scalingKind(featureShape: all.featureShape), to: train)
@@ -34,6 +33,13 @@ public struct TrainingSetup {
         self.test = test
         model = try Self.buildModel(spec, inputShape: train.featureShape, classes: all.isRegression ? 1 : all.classCount)
         sampler = try EpochSampler(sampleCount: train.count, globalBatchSize: spec.batchSize, seed: spec.seed)
+    }
+
+    /// Sets this process's BLAS threads to the job's `blas_threads`, or to `automaticBLASThreads()` when it
+    /// leaves them to SwiftDDP. Only a process's entry point calls it (ddpd's coordinator and worker):
+    /// OpenBLAS's thread count is process-wide, and changing it while another thread multiplies is unsafe.
+    public static func useBLASThreads(of spec: JobSpec) {
+        BLAS.threads = spec.blasThreads > 0 ? spec.blasThreads : automaticBLASThreads()
     }
 
     /// BLAS threads when the job leaves them to SwiftDDP: the CPUs this process may use, divided among

@@ -102,6 +102,7 @@ public final class Worker {
     private let joinTimeout: Double
     private let requestedRank: Int32
     private let workerID: String
+    private let ownsProcess: Bool
     /// The segment offered to the coordinator (when this worker knows its model before joining), where
     /// its pushes go, and whether the coordinator took it (its Welcome said so).
     private var sharedSegment: SharedSegment?
@@ -112,13 +113,16 @@ public final class Worker {
     /// A worker for the coordinator at `endpoint`. With a `spec`, the worker builds its model first and
     /// the coordinator checks its fingerprint; without, it takes the job's spec from the welcome. A
     /// `task` (a user's program) trains its own model instead of the spec's.
-    /// `keys` (server public key and a client pair) are needed for a secure job.
+    /// `keys` (server public key and a client pair) are needed for a secure job. A worker that `ownsProcess`
+    /// (ddpd's) sets the process's BLAS threads to the job's once it knows the spec.
     public init(
         endpoint: String, spec: JobSpec?, task: (any WorkerTask)? = nil, keys: JobKeys? = nil, requestedRank: Int32 = -1,
-        joinTimeoutSeconds: Double = 60, logger: Logger
+        joinTimeoutSeconds: Double = 60, ownsProcess: Bool = false, logger: Logger
     ) throws {
         self.endpoint = endpoint
         self.spec = spec
+        self.ownsProcess = ownsProcess
+        if ownsProcess, let spec { TrainingSetup.useBLASThreads(of: spec) }
         self.task = try task ?? spec.map(BuiltInTasks.make)
         jobID = spec?.jobID ?? ""
         log = logger
@@ -359,6 +363,7 @@ public final class Worker {
 
     private func accept(_ welcome: Welcome, message: WireMessage) throws {
         let spec = try JobSpec.fromJSON(welcome.jobSpecJSON)
+        if ownsProcess && self.spec == nil { TrainingSetup.useBLASThreads(of: spec) }
         if task == nil { task = try BuiltInTasks.make(spec) }
         self.spec = spec
         sampler = try EpochSampler(sampleCount: task!.trainingSampleCount, globalBatchSize: spec.batchSize, seed: spec.seed)

@@ -64,6 +64,7 @@ struct CoordinatorCommand: ParsableCommand {
         let role: Coordinator.Role = shard.map { .follower(index: $0, leader: leader!, advertise: advertise) } ?? .leader
         let directory = spec.output.isEmpty || role != .leader ? nil : JobDirectory(path: spec.output)
         try directory?.create()
+        TrainingSetup.useBLASThreads(of: spec)
         let coordinator = try Coordinator(
             spec: spec, workerEndpoint: bind, controlEndpoint: control, directory: directory,
             resume: resume ? (newWorkers ? .withNewWorkers : .afterRestart) : nil, allowPlainText: insecure, role: role, logger: Logger(label: shard.map { "coordinator-shard-\($0)" } ?? "coordinator"))
@@ -100,7 +101,7 @@ struct WorkerCommand: ParsableCommand {
         let jobKeys = try folder.map { try JobKeys.load(from: $0, clientKey: clientKey.map { "\($0.hasPrefix("/") ? "" : folder! + "/")\($0)" }) }
         Worker.leaveOnTerminationSignals()  // SIGTERM or SIGINT: leave cleanly, the share re-divided at once
         let worker = try Worker(endpoint: connect, spec: spec, keys: jobKeys, requestedRank: rank, joinTimeoutSeconds: joinTimeout,
-                                logger: Logger(label: "worker"))
+                                ownsProcess: true, logger: Logger(label: "worker"))
         _ = try worker.run()
     }
 
