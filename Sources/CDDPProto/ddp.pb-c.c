@@ -1792,7 +1792,7 @@ const ProtobufCMessageDescriptor ddp__v1__status_request__descriptor =
   (ProtobufCMessageInit) ddp__v1__status_request__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor ddp__v1__worker_status__field_descriptors[11] =
+static const ProtobufCFieldDescriptor ddp__v1__worker_status__field_descriptors[14] =
 {
   {
     "rank",
@@ -1926,24 +1926,63 @@ static const ProtobufCFieldDescriptor ddp__v1__worker_status__field_descriptors[
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "samples_per_second",
+    12,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_DOUBLE,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__WorkerStatus, samples_per_second),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "left_out_steps",
+    13,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__WorkerStatus, left_out_steps),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "last_left_out_step",
+    14,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__WorkerStatus, last_left_out_step),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned ddp__v1__worker_status__field_indices_by_name[] = {
   9,   /* field[9] = gradient_norm */
   1,   /* field[1] = host */
   7,   /* field[7] = lagging */
+  13,   /* field[13] = last_left_out_step */
   5,   /* field[5] = last_seen_ms_ago */
   6,   /* field[6] = last_step_seconds */
+  12,   /* field[12] = left_out_steps */
   10,   /* field[10] = outlier_steps */
   2,   /* field[2] = pid */
   0,   /* field[0] = rank */
   8,   /* field[8] = restarts */
+  11,   /* field[11] = samples_per_second */
   3,   /* field[3] = state */
   4,   /* field[4] = step */
 };
 static const ProtobufCIntRange ddp__v1__worker_status__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 11 }
+  { 0, 14 }
 };
 const ProtobufCMessageDescriptor ddp__v1__worker_status__descriptor =
 {
@@ -1953,7 +1992,7 @@ const ProtobufCMessageDescriptor ddp__v1__worker_status__descriptor =
   "Ddp__V1__WorkerStatus",
   "ddp.v1",
   sizeof(Ddp__V1__WorkerStatus),
-  11,
+  14,
   ddp__v1__worker_status__field_descriptors,
   ddp__v1__worker_status__field_indices_by_name,
   1,  ddp__v1__worker_status__number_ranges,

@@ -75,5 +75,5 @@ public struct EpochSampler: Sendable {
     public static func shard(_ batch: ArraySlice<Int>, rank: Int, worldSize: Int) -> ArraySlice<Int> {
         precondition(worldSize > 0 && rank >= 0 && rank < worldSize, "shard: rank \(rank) of \(worldSize)")
         return batch[shard(batch.indices, rank: rank, worldSize: worldSize)]
-}
+    }
 }

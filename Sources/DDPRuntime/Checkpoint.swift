@@ -18,12 +18,15 @@ public struct Checkpoint {
     let rankTokens: [Int32: [UInt8]]
     /// Training samples processed up to the checkpoint's step.
     let samplesTrained: Int
+    /// Positions of the epoch that steps were completed without (backup workers), for the next step.
+    let carriedSamples: [Range<Int>]
 
     /// Writes a checkpoint of the current state into `directory/checkpoints` (atomically) and keeps the
     /// newest `keep`; returns its path.
     static func save(
         step: Int, stepsPerEpoch: Int, parameters: [NamedParameter], optimizer: any Optimizer, spec: JobSpec,
-        samplesTrained: Int = 0, rankTokens: [Int32: [UInt8]] = [:], model: ModelDescription? = nil, in directory: JobDirectory, keep: Int
+        samplesTrained: Int = 0, rankTokens: [Int32: [UInt8]] = [:], carriedSamples: [Range<Int>] = [], model: ModelDescription? = nil,
+        in directory: JobDirectory, keep: Int
     ) throws -> String {
         try FileManager.default.createDirectory(atPath: directory.checkpointsPath, withIntermediateDirectories: true)
         let path = directory.checkpointsPath + String(format: "/step-%08d.safetensors", step)
@@ -32,6 +35,7 @@ public struct Checkpoint {
             "format": "pt", "step": "\(step)", "epoch": "\(step / max(stepsPerEpoch, 1))",
             "sampler_position": "\(step % max(stepsPerEpoch, 1))", "sampler_seed": "\(spec.seed)",
             "optimizer_steps": "\(optimizer.stepCount)", "job_spec": spec.json(), "samples_trained": "\(samplesTrained)",
+            "carried_samples": carriedSamples.map { "\($0.lowerBound):\($0.count)" }.joined(separator: ","),
             "rank_tokens": String(decoding: try JSONEncoder().encode(Dictionary(uniqueKeysWithValues: rankTokens.map {
                 ("\($0.key)", $0.value.map { String(format: "%02x", $0) }.joined())
             })), as: UTF8.self),
@@ -82,6 +86,18 @@ public struct Checkpoint {
         }
         return Checkpoint(step: step, epoch: epoch, optimizerSteps: optimizerSteps, parameters: parameters,
                           optimizerState: state, specJSON: spec, path: path, rankTokens: rankTokens,
-                          samplesTrained: contents.metadata["samples_trained"].flatMap(Int.init) ?? 0)
+                          samplesTrained: contents.metadata["samples_trained"].flatMap(Int.init) ?? 0,
+                          carriedSamples: try carried(contents.metadata["carried_samples"] ?? "", path: path))
+    }
+
+    /// The "START:COUNT,..." of a checkpoint's carried samples as ranges.
+    private static func carried(_ text: String, path: String) throws -> [Range<Int>] {
+        try text.split(separator: ",").map { item in
+            let parts = item.split(separator: ":").compactMap { Int($0) }
+            guard parts.count == 2, parts[0] >= 0, parts[1] > 0 else {
+                throw SafeTensorsError.invalid(path, "carried_samples entry '\(item)' is not START:COUNT")
+            }
+            return parts[0]..<parts[0] + parts[1]
+        }
     }
 }

@@ -146,9 +146,11 @@ public struct EpochRecord: Codable, Sendable, Equatable {
     public var testAccuracy: Float
     public var elapsedSeconds: Double
     public var workers: Int
+    /// With backup workers: how many of the epoch's steps completed without each rank (absent when none).
+    public var leftOutSteps: [String: Int]?
 
     enum CodingKeys: String, CodingKey {
-        case epoch, step, workers
+        case epoch, step, workers, leftOutSteps = "left_out_steps"
         case trainLoss = "train_loss", trainAccuracy = "train_accuracy", testLoss = "test_loss"
         case testAccuracy = "test_accuracy", elapsedSeconds = "elapsed_seconds"
     }

@@ -85,11 +85,16 @@ public struct JobStatus: Codable, Sendable {
         /// The norm of its last accepted gradient, and the steps at which it was far above the others'.
         public var gradientNorm: Double
         public var outlierSteps: UInt32
+        /// Its measured samples per second, and (backup workers) the steps completed without it.
+        public var samplesPerSecond: Double
+        public var leftOutSteps: UInt32
+        public var lastLeftOutStep: UInt64
 
         enum CodingKeys: String, CodingKey {
             case rank, host, pid, state, step, lagging, restarts
             case lastHeartbeatMs = "last_heartbeat_ms", lastStepSeconds = "last_step_seconds"
-            case gradientNorm = "gradient_norm", outlierSteps = "outlier_steps"
+            case gradientNorm = "gradient_norm", outlierSteps = "outlier_steps", samplesPerSecond = "samples_per_second"
+            case leftOutSteps = "left_out_steps", lastLeftOutStep = "last_left_out_step"
         }
     }
 
@@ -154,7 +159,8 @@ public struct JobStatus: Codable, Sendable {
         workers = s.workers.map {
             Worker(rank: $0.rank, host: $0.host, pid: $0.pid, state: $0.state, step: $0.step, lastHeartbeatMs: $0.lastSeenMillisecondsAgo,
                    lastStepSeconds: $0.lastStepSeconds, lagging: $0.lagging, restarts: $0.restarts,
-                   gradientNorm: $0.gradientNorm, outlierSteps: $0.outlierSteps)
+                   gradientNorm: $0.gradientNorm, outlierSteps: $0.outlierSteps, samplesPerSecond: $0.samplesPerSecond,
+                   leftOutSteps: $0.leftOutSteps, lastLeftOutStep: $0.lastLeftOutStep)
         }
     }
 

@@ -85,6 +85,10 @@ public struct JobSpec: Codable, Equatable, Sendable {
     /// proportion to each worker's measured samples per second (the same samples and the same global
     /// batch; the update equals the equal-share one up to the order of summation).
     public var balance = "equal"
+    /// Backup workers: each step completes with the first `workers - backup_workers` pushes; the late
+    /// workers' samples go into the next step's batch (an epoch's last step waits for every worker, so that
+    /// each sample is still trained once an epoch). 0 waits for every worker at every step.
+    public var backupWorkers = 0
     /// The job fails when fewer workers than this remain.
     public var minWorkers = 1
     public var heartbeatIntervalMs = 1000
@@ -134,7 +138,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         case blockSize = "block_size", dropout, vocabulary, hidden, program, programArgs = "program_args", activation, epochs, batchSize = "batch_size"
         case optimizer, learningRate = "learning_rate", momentum, nesterov, weightDecay = "weight_decay", schedule
         case warmupSteps = "warmup_steps", stepEvery = "step_every", gamma, minLearningRate = "min_learning_rate"
-        case clipNorm = "clip_norm", seed, testFraction = "test_fraction", workers, balance, minWorkers = "min_workers"
+        case clipNorm = "clip_norm", seed, testFraction = "test_fraction", workers, balance, backupWorkers = "backup_workers", minWorkers = "min_workers"
         case heartbeatIntervalMs = "heartbeat_interval_ms", heartbeatTimeoutMs = "heartbeat_timeout_ms"
         case joinTimeoutSeconds = "join_timeout_seconds", stepTimeoutSeconds = "step_timeout_seconds", output
         case checkpointEvery = "checkpoint_every", keepCheckpoints = "keep_checkpoints", checkpointFailureLimit = "checkpoint_failure_limit", keysDir = "keys_dir", wireDtype = "wire_dtype", blasThreads = "blas_threads"
@@ -171,7 +175,8 @@ public struct JobSpec: Codable, Equatable, Sendable {
         try read(.weightDecay, &weightDecay); try read(.schedule, &schedule); try read(.warmupSteps, &warmupSteps)
         try read(.stepEvery, &stepEvery); try read(.gamma, &gamma); try read(.minLearningRate, &minLearningRate)
         try read(.clipNorm, &clipNorm); try read(.seed, &seed); try read(.testFraction, &testFraction)
-        try read(.workers, &workers); try read(.balance, &balance); try read(.minWorkers, &minWorkers)
+        try read(.workers, &workers); try read(.balance, &balance); try read(.backupWorkers, &backupWorkers)
+        try read(.minWorkers, &minWorkers)
         try read(.heartbeatIntervalMs, &heartbeatIntervalMs); try read(.heartbeatTimeoutMs, &heartbeatTimeoutMs)
         try read(.joinTimeoutSeconds, &joinTimeoutSeconds); try read(.stepTimeoutSeconds, &stepTimeoutSeconds)
         try read(.output, &output); try read(.checkpointEvery, &checkpointEvery); try read(.keepCheckpoints, &keepCheckpoints)
@@ -318,6 +323,8 @@ public struct JobSpec: Codable, Equatable, Sendable {
         try check(testFraction > 0 && testFraction < 1, "test_fraction must be between 0 and 1, got \(testFraction)")
         try check(workers >= 1 && workers <= 1024, "workers must be between 1 and 1024, got \(workers)")
         try check(["equal", "speed"].contains(balance), "balance '\(balance)' is unknown (equal, speed)")
+        try check(backupWorkers >= 0 && backupWorkers < workers,
+                  "backup_workers must be at least 0 and below workers (\(workers)), got \(backupWorkers)")
         try check(minWorkers >= 1 && minWorkers <= workers, "min_workers must be between 1 and workers (\(workers)), got \(minWorkers)")
         try check(heartbeatIntervalMs > 0 && heartbeatTimeoutMs > heartbeatIntervalMs,
                   "heartbeat_timeout_ms must exceed heartbeat_interval_ms > 0")
@@ -326,6 +333,8 @@ public struct JobSpec: Codable, Equatable, Sendable {
         try check(coordinatorShards >= 1 && coordinatorShards <= 64, "coordinator_shards must be between 1 and 64, got \(coordinatorShards)")
         try check(coordinatorShards == 1 || clipNorm == 0,
                   "clip_norm needs the global gradient norm, which one coordinator sees only with coordinator_shards = 1")
+        try check(coordinatorShards == 1 || backupWorkers == 0,
+                  "backup_workers needs coordinator_shards = 1 (the leader alone decides which pushes a step uses)")
         try check(DType(rawValue: wireDtype) != nil, "wire_dtype '\(wireDtype)' is unknown (f32, bf16, f16)")
         try check(checkpointEvery >= 0 && keepCheckpoints >= 1, "checkpoint_every must be >= 0 and keep_checkpoints >= 1")
         try check(checkpointFailureLimit >= 0, "checkpoint_failure_limit must be >= 0, got \(checkpointFailureLimit)")

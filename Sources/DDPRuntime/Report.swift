@@ -51,7 +51,8 @@ public enum JobReport {
             (regression ? "test MSE" : "test loss", ScoreText.fixed(status.testLoss)),
             ("wall time", String(format: "%.1f s", status.elapsedSeconds)), ("samples/s", String(format: "%.0f", status.samplesPerSecond)),
             ("rejected messages", "\(status.rejectedMessages)"), ("note", status.message),
-        ]
+        ] + (spec.balance == "equal" ? [] : [("shares of a step", "by speed (balance: \(spec.balance))")])
+          + (spec.backupWorkers == 0 ? [] : [("steps completed without a late worker", leftOutText(directory, backupWorkers: spec.backupWorkers))])
         let table = rows.map { "<tr><th>\(escape($0.0))</th><td>\(escape($0.1))</td></tr>" }.joined(separator: "\n")
         return """
             <!DOCTYPE html>
@@ -81,6 +82,19 @@ public enum JobReport {
             for (rank, seconds) in workers { if let r = Int(rank) { result[r, default: []].append((step, seconds)) } }
         }
         return result
+    }
+
+    /// Which ranks steps completed without (backup workers), how often and last when, from `steps.jsonl`.
+    static func leftOutText(_ directory: JobDirectory, backupWorkers: Int) -> String {
+        let text = (try? String(contentsOfFile: directory.stepLogPath, encoding: .utf8)) ?? ""
+        var counts: [Int: (steps: Int, last: Int)] = [:]
+        for line in text.split(separator: "\n") {
+            guard let object = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
+                  let step = object["step"] as? Int, let ranks = object["left_out"] as? [Int] else { continue }
+            for rank in ranks { counts[rank] = ((counts[rank]?.steps ?? 0) + 1, step) }
+        }
+        let named = counts.keys.sorted().map { "rank \($0): \(counts[$0]!.steps) steps (last \(counts[$0]!.last))" }
+        return "backup_workers \(backupWorkers): " + (named.isEmpty ? "none" : named.joined(separator: ", ")) + "; their samples were trained in the next step"
     }
 
     /// The learning rate of every step, from the job's `steps.jsonl`.

@@ -85,6 +85,9 @@ public final class Worker {
         var header: ParameterUpdate?
     }
     private var updateInProgress: UpdateProgress?
+    /// The step whose update is complete and whose gradient is due: computed once no newer message
+    /// waits (a worker left behind by backup workers skips to the newest update).
+    private var dueStep: (step: Int, assignment: ParameterUpdate)?
     /// With coordinator shards: the owner of each parameter, a socket to each follower (shard j at
     /// j - 1), whether it welcomed this worker, whether it shares memory, and when to ask it again.
     private var plan = ShardPlan(elementCounts: [], shards: 1)
@@ -155,6 +158,10 @@ public final class Worker {
                 context.terminate()
                 return .left(reason: reason)
             }
+            if let due = dueStep, try ZMQSocket.poll([socket] + shardSockets, timeoutMilliseconds: 0).isEmpty {
+                dueStep = nil
+                try computeAndPush(step: due.step, assignment: due.assignment)
+            }
             if rejoinDue && Coordinator.now() - lastJoin > 0.25 {
                 try sendJoin(rank: rank)
                 lastJoin = Coordinator.now()
@@ -194,7 +201,7 @@ public final class Worker {
             case .parameterUpdate(let update):
                 let resent = update.attempt > 0 && message.tensors.isEmpty && !update.moreParts  // keeps the parameters
                 if resent {
-                    try computeAndPush(step: Int(message.step), assignment: update)
+                    makeDue(step: Int(message.step), assignment: update)
                 } else {
                     try receiveUpdatePart(update, step: message.step, tensors: message.tensors, from: 0)
                 }
@@ -206,6 +213,7 @@ public final class Worker {
             case .error(let error) where error.code == .notJoined || error.code == .notReady:
                 // Dropped (e.g. paused past the step deadline) or the coordinator restarted: join again.
                 updateInProgress = nil
+                dueStep = nil
                 if !rejoinDue { log.warning("joining again: \(error.reason)", metadata: ["rank": "\(rank)"]) }
                 rejoinDue = true
             case .error(let error):
@@ -396,6 +404,7 @@ public final class Worker {
             throw WorkerError.modelMismatch("the welcome holds \(received.count) of the model's \(parameters.count) parameters")
         }
         updateInProgress = nil
+        dueStep = nil
         plan = ShardPlan(elementCounts: parameters.map(\.tensor.count), shards: welcome.shardEndpoints.count + 1)
         try joinShards(welcome.shardEndpoints)
         log.info("welcomed", metadata: ["rank": "\(rank)", "job": "\(jobID)", "step": "\(welcome.startStep)",
@@ -442,7 +451,13 @@ public final class Worker {
         guard progress.received.count == parameters.count else {
             throw WorkerError.modelMismatch("the update for step \(step) set \(progress.received.count) of \(parameters.count) parameters")
         }
-        try computeAndPush(step: Int(step), assignment: header)
+        makeDue(step: Int(step), assignment: header)
+    }
+
+    /// Makes `step` the one to compute next, in place of any older one not begun.
+    private func makeDue(step: Int, assignment: ParameterUpdate) {
+        if let older = dueStep { log.debug("step \(older.step) skipped: the update for step \(step) came before it was begun") }
+        dueStep = (step, assignment)
     }
 
     /// Replaces parameters of the replica with the coordinator's, or adds the changes it sent, adding

@@ -198,6 +198,9 @@ public enum WireCodec {
                 p.pointee.restarts = w.restarts
                 p.pointee.gradient_norm = w.gradientNorm
                 p.pointee.outlier_steps = w.outlierSteps
+                p.pointee.samples_per_second = w.samplesPerSecond
+                p.pointee.left_out_steps = w.leftOutSteps
+                p.pointee.last_left_out_step = w.lastLeftOutStep
                 return p
             }
             m.pointee.n_workers = workers.count
@@ -412,7 +415,8 @@ public enum WireCodec {
                 return WorkerStatus(
                     rank: w.rank, host: text(w.host), pid: w.pid, state: text(w.state), step: w.step,
                     lastSeenMillisecondsAgo: w.last_seen_ms_ago, lastStepSeconds: w.last_step_seconds,
-                    lagging: w.lagging != 0, restarts: w.restarts, gradientNorm: w.gradient_norm, outlierSteps: w.outlier_steps)
+                    lagging: w.lagging != 0, restarts: w.restarts, gradientNorm: w.gradient_norm, outlierSteps: w.outlier_steps,
+                    samplesPerSecond: w.samples_per_second, leftOutSteps: w.left_out_steps, lastLeftOutStep: w.last_left_out_step)
             }
             var reply = StatusReply(
                 jobState: text(m.job_state), step: m.step, totalSteps: m.total_steps, epoch: m.epoch,

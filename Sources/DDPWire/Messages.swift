@@ -238,10 +238,16 @@ public struct WorkerStatus: Equatable, Sendable, Codable {
     public var gradientNorm: Double
     /// Steps at which its gradient norm was over 10x the median of the others'.
     public var outlierSteps: UInt32
+    /// Its measured training samples per second (0 until measured).
+    public var samplesPerSecond: Double
+    /// With backup workers: the steps completed without it, and the last of them.
+    public var leftOutSteps: UInt32
+    public var lastLeftOutStep: UInt64
 
     public init(
         rank: Int32, host: String, pid: UInt32, state: String, step: UInt64, lastSeenMillisecondsAgo: UInt64,
-        lastStepSeconds: Double, lagging: Bool, restarts: UInt32 = 0, gradientNorm: Double = 0, outlierSteps: UInt32 = 0
+        lastStepSeconds: Double, lagging: Bool, restarts: UInt32 = 0, gradientNorm: Double = 0, outlierSteps: UInt32 = 0,
+        samplesPerSecond: Double = 0, leftOutSteps: UInt32 = 0, lastLeftOutStep: UInt64 = 0
     ) {
         self.rank = rank
         self.host = host
@@ -254,6 +260,9 @@ public struct WorkerStatus: Equatable, Sendable, Codable {
         self.restarts = restarts
         self.gradientNorm = gradientNorm
         self.outlierSteps = outlierSteps
+        self.samplesPerSecond = samplesPerSecond
+        self.leftOutSteps = leftOutSteps
+        self.lastLeftOutStep = lastLeftOutStep
     }
 }
 

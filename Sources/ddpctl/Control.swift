@@ -84,10 +84,13 @@ enum StatusText {
                      + ScoreText.throughput(s.samplesPerSecond, tokensPerSample: s.tokensPerSample) + ", \(s.rejectedMessages) rejected messages")
         if !s.recentLosses.isEmpty { lines.append("loss " + sparkline(Array(s.recentLosses.suffix(60)))) }
         if !s.workers.isEmpty {
-            let rows = [["RANK", "HOST", "PID", "STATE", "STEP", "HEARTBEAT", "LAST STEP", "LAGS", "RESTARTS", "GRAD NORM", "OUTLIERS"]] + s.workers.map { w in
+            let leavesOut = s.workers.contains { $0.leftOutSteps > 0 }
+            let rows = [["RANK", "HOST", "PID", "STATE", "STEP", "HEARTBEAT", "LAST STEP", "SAMPLES/S", "LAGS", "RESTARTS", "GRAD NORM", "OUTLIERS"]
+                        + (leavesOut ? ["LEFT OUT"] : [])] + s.workers.map { w in
                 ["\(w.rank)", w.host, "\(w.pid)", w.state, "\(w.step)", "\(w.lastHeartbeatMs) ms",
-                 String(format: "%.2f ms", w.lastStepSeconds * 1000), w.lagging ? "yes" : "no", "\(w.restarts)",
-                 String(format: "%.3g", w.gradientNorm), "\(w.outlierSteps)"]
+                 String(format: "%.2f ms", w.lastStepSeconds * 1000), w.samplesPerSecond > 0 ? String(format: "%.0f", w.samplesPerSecond) : "-",
+                 w.lagging ? "yes" : "no", "\(w.restarts)", String(format: "%.3g", w.gradientNorm), "\(w.outlierSteps)"]
+                + (leavesOut ? [w.leftOutSteps == 0 ? "0" : "\(w.leftOutSteps) (last step \(w.lastLeftOutStep))"] : [])
             }
             lines += table(rows)
         }

@@ -55,6 +55,8 @@ struct JobOptions: ParsableArguments {
     @Option(help: "Worker processes (default: \(defaults.workers)).") var workers: Int?
     @Option(help: "Shares of a step's batch: equal, or speed (in proportion to each worker's measured throughput) (default: \(defaults.balance)).")
     var balance: String?
+    @Option(help: "Steps complete with the first workers-minus-this pushes; the late ones' samples go to the next step (default: \(defaults.backupWorkers)).")
+    var backupWorkers: Int?
     @Option(help: "The job fails below this many live workers (default: \(defaults.minWorkers)).") var minWorkers: Int?
     @Option(help: "BLAS threads per process; 0: the CPUs shared among the workers (default: \(defaults.blasThreads)).") var blasThreads: Int?
     @Option(help: "Steps between checkpoints (0: every epoch; default: \(defaults.checkpointEvery)).") var checkpointEvery: Int?
@@ -91,7 +93,7 @@ struct JobOptions: ParsableArguments {
         o["weight_decay"] = weightDecay.map { Double($0) }; o["schedule"] = schedule; o["warmup_steps"] = warmupSteps
         o["step_every"] = stepEvery; o["gamma"] = gamma.map { Double($0) }; o["min_learning_rate"] = minLearningRate.map { Double($0) }
         o["clip_norm"] = clipNorm.map { Double($0) }; o["seed"] = seed; o["test_fraction"] = testFraction
-        o["workers"] = workers; o["balance"] = balance; o["min_workers"] = minWorkers; o["blas_threads"] = blasThreads
+        o["workers"] = workers; o["balance"] = balance; o["backup_workers"] = backupWorkers; o["min_workers"] = minWorkers; o["blas_threads"] = blasThreads
         o["checkpoint_every"] = checkpointEvery; o["keep_checkpoints"] = keepCheckpoints
         o["checkpoint_failure_limit"] = checkpointFailureLimit
         o["heartbeat_interval_ms"] = heartbeatIntervalMs; o["heartbeat_timeout_ms"] = heartbeatTimeoutMs

@@ -25,6 +25,12 @@ struct BadInputTests {
         #expect(throws: JobSpecError.invalid("clip_norm needs the global gradient norm, which one coordinator sees only with coordinator_shards = 1")) {
             try JobSpec.load(path: nil, overrides: ["coordinator_shards": 2, "clip_norm": 1.0])
         }
+        #expect(throws: JobSpecError.invalid("backup_workers must be at least 0 and below workers (2), got 2")) {
+            try JobSpec.load(path: nil, overrides: ["backup_workers": 2])
+        }
+        #expect(throws: JobSpecError.invalid("backup_workers needs coordinator_shards = 1 (the leader alone decides which pushes a step uses)")) {
+            try JobSpec.load(path: nil, overrides: ["workers": 3, "backup_workers": 1, "coordinator_shards": 2])
+        }
     }
 
     /// Whole tensors, largest first to the least loaded shard: every tensor owned once, loads close.

@@ -2,33 +2,19 @@ import Foundation
 import Testing
 @testable import DDPRuntime
 
-/// `balance: speed` against real processes: a worker held stopped half the time gets a smaller share of
-/// each step, and every epoch still assigns each training sample once.
+/// Stragglers against real processes, a worker held stopped half the time: with `balance: speed` it gets
+/// a smaller share of each step; with `backup_workers` steps complete without it and its samples are
+/// trained in the next step. Either way every epoch trains each training sample once.
 @Suite(.serialized)
 struct BalanceTests {
     @Test func aWorkerStoppedHalfTheTimeGetsASmallerShareAndNoSampleIsLost() throws {
         let dir = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let job = try startDetachedJob(["--workers", "2", "--balance", "speed", "--dataset", "synthetic", "--synthetic-samples", "6000",
-                                        "--hidden", "512,512", "--epochs", "3", "--blas-threads", "1"], jobsDir: "\(dir)/jobs")
-        #expect(waitUntil(timeout: 60) { currentStep(job) >= 1 }, "the job did not start training")
-        let pids = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: job.processesPath))) as? [String: Int])
-        let slowed = pid_t(try #require(pids["worker-1"]))
-        // Worker 1 runs 10 ms of every 20 until the job ends (or 120 s pass).
-        let deadline = Date().addingTimeInterval(120)
-        while job.summary() == nil && Date() < deadline {
-            kill(slowed, SIGSTOP)
-            usleep(10_000)
-            kill(slowed, SIGCONT)
-            usleep(10_000)
-        }
-        kill(slowed, SIGCONT)
-        let summary = try #require(job.summary(), "the job did not end within 120 s")
-        #expect(summary.state == "completed", "\(summary.message)")
-
-        let steps = try String(contentsOfFile: job.stepLogPath, encoding: .utf8).split(separator: "\n").compactMap {
-            try JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]
-        }
+        let (job, summary, statuses) = try runWithWorkerOneSlowed(["--balance", "speed"], in: dir)
+        // Balanced step times are alike; status still names the stopped worker by its samples per second.
+        #expect(statuses.contains { $0.workers.count == 2 && $0.workers[1].lagging && !$0.workers[0].lagging },
+                "no status named rank 1 lagging: \(statuses.map { $0.workers.map(\.samplesPerSecond) })")
+        let steps = try stepLog(job)
         let shares = steps.map { step -> (Int, Int) in
             let samples = step["samples"] as? [String: Int] ?? [:]
             return (samples["0"] ?? 0, samples["1"] ?? 0)
@@ -41,5 +27,65 @@ struct BalanceTests {
         // 4,800 training samples an epoch (6,000 less the 20% held out), 38 steps an epoch.
         let perEpoch = stride(from: 0, to: shares.count, by: 38).map { start in shares[start..<min(start + 38, shares.count)].reduce(0) { $0 + $1.0 + $1.1 } }
         #expect(perEpoch == [4800, 4800, 4800])
+    }
+
+    @Test func backupWorkersTrainTheLateWorkersSamplesInTheNextStepAndNameIt() throws {
+        let dir = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let (job, summary, statuses) = try runWithWorkerOneSlowed(["--backup-workers", "1"], in: dir)
+        let steps = try stepLog(job)
+        #expect(steps.count == summary.steps)
+        let leftOut = steps.map { Set(($0["left_out"] as? [Int]) ?? []) }
+        let withoutOne = leftOut.filter { $0 == [1] }.count
+        #expect(withoutOne > steps.count / 4, "the stopped worker was left out of \(withoutOne) of \(steps.count) steps")
+        // 4,800 training samples an epoch (6,000 less the 20% held out), 38 steps an epoch; a step trains the
+        // shares of the workers it was not completed without.
+        let trained = zip(steps, leftOut).map { step, out in
+            (step["samples"] as? [String: Int] ?? [:]).filter { !out.contains(Int($0.key)!) }.values.reduce(0, +)
+        }
+        let perEpoch = stride(from: 0, to: trained.count, by: 38).map { trained[$0..<min($0 + 38, trained.count)].reduce(0, +) }
+        #expect(perEpoch == [4800, 4800, 4800], "samples trained per epoch")
+        #expect(stride(from: 37, to: leftOut.count, by: 38).allSatisfy { leftOut[$0].isEmpty }, "an epoch's last step waits for every worker")
+        // Status names the stopped worker: left out of steps (and the other far less often, if at all).
+        let named = statuses.last { $0.workers.count == 2 && $0.workers[1].leftOutSteps > 0 }
+        let last = try #require(named, "no status showed rank 1 left out")
+        #expect(last.workers[1].leftOutSteps > 2 * last.workers[0].leftOutSteps && last.workers[1].lastLeftOutStep > 0)
+        // The history counts them per epoch, and the report names them.
+        let history = job.history()
+        #expect(history.count == 3 && history.allSatisfy { ($0.leftOutSteps?["1"] ?? 0) > 0 }, "\(history.map(\.leftOutSteps))")
+        #expect(history.reduce(0) { $0 + ($1.leftOutSteps?["1"] ?? 0) } == withoutOne + leftOut.filter { $0 == [0, 1] }.count)
+        let report = try JobReport.html(for: job)
+        #expect(report.contains("steps completed without a late worker") && report.contains("rank 1: "))
+    }
+
+    /// Runs a 2-worker job (3 epochs of 6,000 synthetic samples, batch 128) with `options` while worker 1
+    /// runs 10 ms of every 20; returns the job, its summary and the statuses asked for about once a second.
+    func runWithWorkerOneSlowed(_ options: [String], in dir: String) throws -> (JobDirectory, JobSummary, [JobStatus]) {
+        let job = try startDetachedJob(["--workers", "2", "--dataset", "synthetic", "--synthetic-samples", "6000",
+                                        "--hidden", "512,512", "--epochs", "3", "--blas-threads", "1"] + options, jobsDir: "\(dir)/jobs")
+        #expect(waitUntil(timeout: 60) { currentStep(job) >= 1 }, "the job did not start training")
+        let pids = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: job.processesPath))) as? [String: Int])
+        let slowed = pid_t(try #require(pids["worker-1"]))
+        // Worker 1 runs 10 ms of every 20 until the job ends (or 120 s pass).
+        let deadline = Date().addingTimeInterval(120)
+        var statuses: [JobStatus] = [], cycles = 0
+        while job.summary() == nil && Date() < deadline {
+            kill(slowed, SIGSTOP)
+            usleep(10_000)
+            kill(slowed, SIGCONT)
+            usleep(10_000)
+            cycles += 1
+            if cycles % 50 == 0, let status = try? job.status(timeoutSeconds: 1) { statuses.append(status) }
+        }
+        kill(slowed, SIGCONT)
+        let summary = try #require(job.summary(), "the job did not end within 120 s")
+        #expect(summary.state == "completed", "\(summary.message)")
+        return (job, summary, statuses)
+    }
+
+    func stepLog(_ job: JobDirectory) throws -> [[String: Any]] {
+        try String(contentsOfFile: job.stepLogPath, encoding: .utf8).split(separator: "\n").compactMap {
+            try JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]
+        }
     }
 }

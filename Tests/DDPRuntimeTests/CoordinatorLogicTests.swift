@@ -146,6 +146,47 @@ import Testing
         #expect(h.leader.round.step == stepsPerEpoch)
     }
 
+    /// Backup workers: with one of three always late, each step completes with the other two; the late
+    /// one's samples are trained in the next step, its late pushes are expected (not counted as rejected),
+    /// the last step of the epoch waits for it, and over the epoch every position is trained exactly once.
+    @Test func backupWorkersCarryTheLateSamplesIntoTheNextStep() throws {
+        let h = try Harness(["workers": 3, "backup_workers": 1, "epochs": 1])
+        for peer in [a, b, c] { #expect(try h.join(peer) != nil) }
+        let sampler = h.leader.model!.sampler
+        var trained: [UInt64] = [], batchSizes: [UInt64] = [], lateShare: (step: UInt64, samples: UInt64)?
+        for step in 0..<UInt64(sampler.stepsPerEpoch) {
+            var shares: [Int32: ParameterUpdate] = [:]
+            for (peer, rank) in [(a, Int32(0)), (b, Int32(1)), (c, Int32(2))] {
+                let (s, update) = try #require(h.lastUpdate(peer, in: h.transport.take(for: peer)), "no update for rank \(rank) at step \(step)")
+                #expect(s == step)
+                shares[rank] = update
+            }
+            batchSizes.append(shares.values.reduce(0) { $0 + h.samples($1) })
+            for rank in [Int32(0), 1] {
+                h.push(from: rank == 0 ? a : b, rank: rank, step: step, samples: h.samples(shares[rank]!), value: 0.01)
+                for range in shares[rank]!.samples { trained += Array(range.start..<range.start + range.count) }
+            }
+            if let late = lateShare { h.push(from: c, rank: 2, step: late.step, samples: late.samples, value: 0.01) }  // the step before's
+            try h.run()
+            if step + 1 < UInt64(sampler.stepsPerEpoch) {
+                #expect(h.leader.round.step == Int(step) + 1, "step \(step) completes without rank 2")
+                lateShare = (step, h.samples(shares[2]!))
+            } else {
+                #expect(h.leader.round.step == Int(step), "the epoch's last step waits for every worker")
+                h.push(from: c, rank: 2, step: step, samples: h.samples(shares[2]!), value: 0.01)
+                for range in shares[2]!.samples { trained += Array(range.start..<range.start + range.count) }
+                try h.run()
+                #expect(h.leader.round.step == Int(step) + 1)
+            }
+        }
+        #expect(trained.sorted() == (0..<UInt64(sampler.sampleCount)).map { $0 }, "every position of the epoch once")
+        #expect(batchSizes[0] == 64 && batchSizes[1] == 64 + 21, "step 1 trains its batch and step 0's late share: \(batchSizes.prefix(3))")
+        let late = h.leader.status().workers[2]
+        #expect(late.leftOutSteps == UInt32(sampler.stepsPerEpoch - 1) && late.lastLeftOutStep == UInt64(sampler.stepsPerEpoch - 2))
+        #expect(h.leader.status().rejectedMessages == 0, "late pushes are expected, not rejected")
+        #expect(h.lines.messages.contains { $0.contains("step 0 completed without rank 2") })
+    }
+
     @Test func proportionalSharesCoverTheBatch() {
         #expect(EpochSampler.shards(0..<64, weights: [2, 1]) == [0..<43, 43..<64])
         #expect(EpochSampler.shards(10..<20, weights: [1, 1, 1]) == [10..<14, 14..<17, 17..<20])
@@ -309,8 +350,8 @@ import Testing
         #expect(h.leader.phase == .failed && h.leader.message.contains("below min_workers 2"), "\(h.leader.message)")
     }
 
-    /// A resume takes the newest checkpoint that verifies: a corrupt one (flipped tensor bytes) and a
-    /// truncated one are skipped, each named with the reason.
+    /// A resume takes the newest checkpoint that verifies (with the samples it carries for the next step):
+    /// a corrupt one (flipped tensor bytes) and a truncated one are skipped, each named with the reason.
     @Test func resumeSkipsCheckpointsThatDoNotVerify() throws {
         let dir = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -321,7 +362,7 @@ import Testing
         let optimizer = try setup.makeOptimizer()
         for step in [10, 20, 30] {
             _ = try Checkpoint.save(step: step, stepsPerEpoch: 12, parameters: setup.model.parameters, optimizer: optimizer, spec: spec,
-                                    samplesTrained: step * 128, in: job, keep: 3)
+                                    samplesTrained: step * 128, carriedSamples: step == 10 ? [1240..<1261, 1300..<1302] : [], in: job, keep: 3)
         }
         let paths = Checkpoint.list(in: job)
         var bytes = try Data(contentsOf: URL(fileURLWithPath: paths[2]))
@@ -337,6 +378,7 @@ import Testing
         let leader = try Leader(spec: spec, model: ServedModel(setup: setup), transport: InMemoryTransport(), directory: job, resume: .afterRestart,
                                 logger: Logger(label: "leader") { _ in lines })
         #expect(leader.round.step == 10 && leader.recorder.metrics.samples == 1280)
+        #expect(leader.carried == [1240..<1261, 1300..<1302], "the samples left out before the checkpoint are trained after the resume")
         #expect(lines.messages.filter { $0.hasPrefix("skipped checkpoint") }.count == 2, "\(lines.messages)")
         #expect(!FileManager.default.fileExists(atPath: stale))
         // A coordinator killed after its final checkpoint is resumed at the end and finishes without workers.

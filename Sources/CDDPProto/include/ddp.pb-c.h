@@ -528,10 +528,19 @@ struct  Ddp__V1__WorkerStatus
    */
   double gradient_norm;
   uint32_t outlier_steps;
+  /*
+   * Its measured training samples per second (a moving average of its pushes; 0 until measured).
+   */
+  double samples_per_second;
+  /*
+   * With backup_workers: the steps completed without it (its push was late), and the last of them.
+   */
+  uint32_t left_out_steps;
+  uint64_t last_left_out_step;
 };
 #define DDP__V1__WORKER_STATUS__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&ddp__v1__worker_status__descriptor) \
-    , 0, (char *)protobuf_c_empty_string, 0, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, 0, 0 }
+    , 0, (char *)protobuf_c_empty_string, 0, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
 
 
 /*

@@ -33,6 +33,8 @@ final class Leader: ShardServer {
     var trainingStarted = 0.0
     var firstJoin = 0.0
     var belowMinimumSince = 0.0
+    /// Positions of the epoch that steps were completed without (`backup_workers`), for the next step.
+    var carried: [Range<Int>] = []
     /// Events that arrived while the leader waited for its followers, for the main loop.
     var deferred: [TransportEvent] = []
 
@@ -103,6 +105,7 @@ final class Leader: ShardServer {
     private func continueFrom(_ checkpoint: Checkpoint, keepingRanks: Bool) throws {
         try shard.restore(checkpoint)
         round.step = checkpoint.step
+        carried = checkpoint.carriedSamples
         recorder.resume(from: checkpoint)
         if keepingRanks {
             membership.rankTokens = checkpoint.rankTokens
@@ -341,15 +344,15 @@ final class Leader: ShardServer {
     /// The job's state as a status reply; without `detail`, without the workers and recent losses.
     func status(detail: Bool = true) -> StatusReply {
         let now = now()
-        let computeTimes = membership.live.map(\.lastStepSeconds).sorted()
-        let median = computeTimes.isEmpty ? 0 : computeTimes[computeTimes.count / 2]
-        let workers = detail ? membership.byRank.map { m in
-            // Lagging: clearly slower than the typical live worker in its last step.
-            WorkerStatus(rank: m.rank, host: m.host, pid: m.pid, state: m.state.rawValue, step: m.lastPushedStep,
+        let live = membership.live
+        let workers: [WorkerStatus] = !detail ? [] : membership.byRank.map { m in
+            let others = live.filter { $0.rank != m.rank }
+            return WorkerStatus(rank: m.rank, host: m.host, pid: m.pid, state: m.state.rawValue, step: m.lastPushedStep,
                          lastSeenMillisecondsAgo: UInt64(max(0, now - m.lastSeen) * 1000), lastStepSeconds: m.lastStepSeconds,
-                         lagging: m.isLive && m.lastStepSeconds > 2 * median && m.lastStepSeconds - median > 0.005, restarts: m.restarts,
-                         gradientNorm: m.gradientNorm, outlierSteps: m.outlierSteps)
-        } : []
+                         lagging: m.isLive && Self.lags(m, behind: others), restarts: m.restarts, gradientNorm: m.gradientNorm,
+                         outlierSteps: m.outlierSteps, samplesPerSecond: m.secondsPerSample > 0 ? 1 / m.secondsPerSample : 0,
+                         leftOutSteps: m.leftOutSteps, lastLeftOutStep: m.lastLeftOutStep)
+        }
         let last = recorder.history.last
         let elapsed = trainingStarted > 0 ? now - trainingStarted : 0
         var reply = StatusReply(
@@ -360,6 +363,18 @@ final class Leader: ShardServer {
             rejectedMessages: recorder.rejected, recentLosses: detail ? Array(recorder.recentLosses.suffix(64)) : [], message: messageWithProblems)
         reply.coordinatorShards = followers.keys.sorted().map { followers[$0]!.endpoint }
         return reply
+    }
+
+    /// Whether a worker lags behind the other live ones: its last step took over twice their median (and
+    /// 5 ms more), or its measured time per sample is over 1.5x theirs (which shows a slow worker also when
+    /// `balance: speed` has evened out the step times).
+    static func lags(_ member: Member, behind others: [Member]) -> Bool {
+        func median(_ values: [Double]) -> Double? { values.isEmpty ? nil : values.sorted()[(values.count - 1) / 2] }
+        if let typical = median(others.map(\.lastStepSeconds)), member.lastStepSeconds > 2 * typical && member.lastStepSeconds - typical > 0.005 {
+            return true
+        }
+        guard member.secondsPerSample > 0, let typical = median(others.map(\.secondsPerSample).filter { $0 > 0 }) else { return false }
+        return member.secondsPerSample > 1.5 * typical
     }
 
     // MARK: Steps
@@ -410,9 +425,11 @@ final class Leader: ShardServer {
     /// (again without non-finite contributions where needed), steps, sends the next update, and records.
     func completeStepIfReady() throws {
         let live = membership.live.map(\.rank)
-        guard live.count >= max(spec.minWorkers, 1), live.allSatisfy({ round.hasAnswered($0) && everyFollowerAnswered($0) }) else { return }
-        refuseWhatFollowersRefused(live)
-        let contributions = round.contributions(of: live)
+        let answered = live.filter { round.hasAnswered($0) && everyFollowerAnswered($0) }
+        guard live.count >= max(spec.minWorkers, 1), answered.count >= pushesNeeded(live: live.count) else { return }
+        let leftOut = live.filter { !answered.contains($0) }
+        refuseWhatFollowersRefused(answered)
+        let contributions = round.contributions(of: answered)
         if let loss = Self.divergedLoss(contributions) {
             recorder.recordDivergedLoss(loss)  // the summary, status and metrics show the loss that ended it
             return diverged("the training loss of step \(round.step) is \(loss)")
@@ -431,10 +448,12 @@ final class Leader: ShardServer {
         let seconds = now() - round.started
         recorder.recordStep(round.step, seconds: seconds, loss: loss, learningRate: shard.optimizer.learningRate, samples: samples, correct: correct,
                             workerSeconds: used.isEmpty ? [] : membership.live.map { ($0.rank, $0.lastStepSeconds) },
-                            workerSamples: round.assigned.sorted { $0.key < $1.key }.map { ($0.key, Int($0.value)) },
-                            liveWorkers: membership.liveCount, jobID: spec.jobID, now: now())
+                            workerSamples: round.assignment.keys.sorted().map { ($0, Int(round.assignedCount(of: $0) ?? 0)) },
+                            leftOut: leftOut, liveWorkers: membership.liveCount, jobID: spec.jobID, now: now())
         followerReports.removeAll(keepingCapacity: true)
+        carryOver(leftOut)
         round.begin(step: round.step + 1, attempt: 0)
+        round.leftOut = Set(leftOut)
         let step = round.step
         let more = step < totalSteps && !stopRequested
         var apply = ShardMessage(.apply)
@@ -457,6 +476,30 @@ final class Leader: ShardServer {
         } else if stopRequested {
             phase = .stopped
             message = "stopped by request after step \(step)"
+        }
+    }
+
+    /// How many of the live workers' pushes complete a step: all of them, or with `backup_workers: k` the
+    /// first all-but-k; the last step of an epoch waits for every one, so that the epoch trains all its
+    /// samples.
+    func pushesNeeded(live: Int) -> Int {
+        let lastOfEpoch = (round.step + 1) % stepsPerEpoch == 0 || round.step + 1 >= totalSteps
+        return spec.backupWorkers == 0 || lastOfEpoch ? live : max(1, live - spec.backupWorkers)
+    }
+
+    /// Records that the step completes without `ranks` (late, with backup workers) and carries their
+    /// samples into the next step's batch; with none left out, nothing is carried.
+    func carryOver(_ ranks: [Int32]) {
+        carried = ranks.flatMap { round.assignment[$0] ?? [] }.map { Int($0.start)..<Int($0.start + $0.count) }
+        for rank in ranks {
+            membership.update(rank) {
+                $0.leftOutSteps += 1
+                $0.lastLeftOutStep = UInt64(round.step)
+            }
+            let count = membership[rank]?.leftOutSteps ?? 0
+            guard count <= 3 || count.isMultiple(of: 100) else { continue }
+            log.warning("step \(round.step) completed without rank \(rank): its push was not in when the others' were (backup_workers \(spec.backupWorkers))",
+                        metadata: ["samples_carried": "\(round.assignedCount(of: rank) ?? 0)", "left_out_steps": "\(count)"])
         }
     }
 
@@ -556,7 +599,7 @@ final class Leader: ShardServer {
             return diverged("parameter '\(bad.name)' holds a value that is NaN or infinite after step \(round.step)")
         }
         recorder.writeCheckpoint(step: round.step, stepsPerEpoch: stepsPerEpoch, shard: shard, spec: spec,
-                                 model: model!.description(step: round.step, spec: spec), rankTokens: membership.rankTokens)
+                                 model: model!.description(step: round.step, spec: spec), rankTokens: membership.rankTokens, carried: carried)
         if spec.checkpointFailureLimit > 0 && recorder.failedCheckpointsInARow >= spec.checkpointFailureLimit && !phase.isFinished {
             fail("\(recorder.failedCheckpointsInARow) checkpoints in a row could not be written (last: \(recorder.lastCheckpointFailure)); "
                  + "free space and resume (checkpoint_failure_limit \(spec.checkpointFailureLimit))")
@@ -583,22 +626,19 @@ final class Leader: ShardServer {
     }
 
     /// Sends the update for the round's step to every live worker (joiners begin training with it) with
-    /// the samples it computes: the step's global batch cut into contiguous shards, one per live worker in
-    /// rank order: equal (the first `batch mod workers` take one more), or with `balance: speed` and every
-    /// live worker measured, in proportion to their samples per second.
+    /// the samples it computes: the step's global batch (after any samples carried from left-out workers)
+    /// cut into contiguous shares, one per live worker in rank order: equal (the first `batch mod workers`
+    /// take one more), or with `balance: speed` and every live worker measured, in proportion to their
+    /// samples per second.
     func broadcastUpdate(trainLoss: Float, produce: (_ send: (_ indices: [Int], _ last: Bool) -> Void) -> Void) {
         membership.startJoiners()
         let live = membership.live
-        let batch = model!.sampler.batchRange(step: round.step % stepsPerEpoch)
+        let batch = StepBatch(carried: carried, batch: model!.sampler.batchRange(step: round.step % stepsPerEpoch))
         let speeds = live.map { $0.secondsPerSample > 0 ? 1 / $0.secondsPerSample : 0 }
-        let shares = spec.balance == "speed" && !live.isEmpty && speeds.allSatisfy({ $0 > 0 })
-            ? EpochSampler.shards(batch, weights: speeds)
-            : live.indices.map { EpochSampler.shard(batch, rank: $0, worldSize: live.count) }
-        let assignments = Dictionary(uniqueKeysWithValues: zip(live, shares).map { member, positions in
-            (member.rank, positions.isEmpty ? [] : [SampleRange(start: UInt64(positions.lowerBound), count: UInt64(positions.count))])
-        })
-        round.assigned = assignments.mapValues { $0.reduce(0) { $0 + $1.count } }
-        broadcast(to: live, trainLoss: trainLoss, learningRate: shard.optimizer.learningRate, assignments: assignments, produce: produce)
+        let measured = spec.balance == "speed" && !live.isEmpty && speeds.allSatisfy { $0 > 0 }
+        let shares = batch.shares(workers: live.count, weights: measured ? speeds : nil)
+        round.assignment = Dictionary(uniqueKeysWithValues: zip(live.map(\.rank), shares))
+        broadcast(to: live, trainLoss: trainLoss, learningRate: shard.optimizer.learningRate, assignments: round.assignment, produce: produce)
     }
 
     // MARK: End

@@ -40,6 +40,18 @@ struct Member {
     /// The shared-memory segment it offered and this coordinator mapped (a worker on this host).
     var shared: SharedArea?
 
+    /// Steps completed without it (`backup_workers`: it was late), and the last of them.
+    var leftOutSteps: UInt32 = 0
+    var lastLeftOutStep: UInt64 = 0
+
+    /// Takes the compute time of its complete push: the last step's, and the moving average per sample.
+    mutating func measure(_ push: GradientPush) {
+        lastStepSeconds = push.computeSeconds
+        guard push.sampleCount > 0 && push.computeSeconds > 0 else { return }
+        let perSample = push.computeSeconds / Double(push.sampleCount)
+        secondsPerSample = secondsPerSample == 0 ? perSample : 0.7 * secondsPerSample + 0.3 * perSample
+    }
+
     var isLive: Bool { state == .training }
     /// Joining or training.
     var takesPart: Bool { state == .training || state == .joining }

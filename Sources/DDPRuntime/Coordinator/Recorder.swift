@@ -16,6 +16,8 @@ struct Recorder {
     private(set) var recentStepSeconds: [Double] = []
     private(set) var recentLosses: [Float] = []
     private var epochLoss = (sum: 0.0, correct: 0, samples: 0)
+    /// The steps of this epoch completed without each rank (backup workers).
+    private var epochLeftOut: [Int32: Int] = [:]
     private(set) var samplesTrained = 0
     private var stepLog: [String] = []
     private var lastMetricsWrite = 0.0
@@ -87,9 +89,11 @@ struct Recorder {
     }
 
     /// Records a completed step: its time, mean loss, samples and correct ones, and the workers' compute
-    /// times and assigned samples (for the step log); writes the metrics at most once a second.
+    /// times, assigned samples and the ranks it was completed without (for the step log); writes the
+    /// metrics at most once a second.
     mutating func recordStep(_ step: Int, seconds: Double, loss: Float, learningRate: Float, samples: Int, correct: Int,
-                             workerSeconds: [(Int32, Double)], workerSamples: [(Int32, Int)] = [], liveWorkers: Int, jobID: String, now: Double) {
+                             workerSeconds: [(Int32, Double)], workerSamples: [(Int32, Int)] = [], leftOut: [Int32] = [], liveWorkers: Int,
+                             jobID: String, now: Double) {
         recentStepSeconds.append(seconds)
         if recentStepSeconds.count > 50 { recentStepSeconds.removeFirst() }
         recentLosses.append(loss)
@@ -98,9 +102,10 @@ struct Recorder {
         epochLoss.correct += correct
         epochLoss.samples += samples
         samplesTrained += samples
+        for rank in leftOut { epochLeftOut[rank, default: 0] += 1 }
         let workers = workerSeconds.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",")
         let shares = workerSamples.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",")
-        stepLog.append("{\"step\":\(step),\"seconds\":\(seconds),\"loss\":\(JobJSON.number(loss)),\"learning_rate\":\(JobJSON.number(learningRate)),\"workers\":{\(workers)},\"samples\":{\(shares)}}")
+        stepLog.append("{\"step\":\(step),\"seconds\":\(seconds),\"loss\":\(JobJSON.number(loss)),\"learning_rate\":\(JobJSON.number(learningRate)),\"workers\":{\(workers)},\"samples\":{\(shares)}\(leftOut.isEmpty ? "" : ",\"left_out\":[\(leftOut.map(String.init).joined(separator: ","))]")}")
         metrics.steps = step + 1
         metrics.samples += samples
         metrics.trainLoss = loss
@@ -124,9 +129,11 @@ struct Recorder {
         let record = EpochRecord(
             epoch: epoch, step: step, trainLoss: Float(epochLoss.sum / Double(max(epochLoss.samples, 1))),
             trainAccuracy: Float(epochLoss.correct) / Float(max(epochLoss.samples, 1)), testLoss: test.loss,
-            testAccuracy: test.accuracy, elapsedSeconds: elapsed, workers: liveWorkers)
+            testAccuracy: test.accuracy, elapsedSeconds: elapsed, workers: liveWorkers,
+            leftOutSteps: epochLeftOut.isEmpty ? nil : Dictionary(uniqueKeysWithValues: epochLeftOut.map { ("\($0.key)", $0.value) }))
         history.append(record)
         epochLoss = (0, 0, 0)
+        epochLeftOut = [:]
         log.info("epoch \(epoch)/\(totalEpochs)", metadata: [
             "step": "\(step)", "train_loss": "\(record.trainLoss)", "test_loss": "\(measured.map { "\($0.loss)" } ?? "none")",
             "test_accuracy": "\(measured.map { "\($0.accuracy)" } ?? "none")", "workers": "\(liveWorkers)",
@@ -152,13 +159,14 @@ struct Recorder {
 
     /// Writes a checkpoint; a failure is logged, counted (status, summary, metrics) and the job goes on.
     mutating func writeCheckpoint(step: Int, stepsPerEpoch: Int, shard: ShardState, spec: JobSpec, model: ModelDescription,
-                                  rankTokens: [Int32: [UInt8]]) {
+                                  rankTokens: [Int32: [UInt8]], carried: [Range<Int>] = []) {
         guard let directory else { return }
         flushStepLog()  // the step log is whole up to every checkpoint, which a resume cuts it back to
         do {
             let path = try Checkpoint.save(
                 step: step, stepsPerEpoch: stepsPerEpoch, parameters: shard.parameters, optimizer: shard.optimizer, spec: spec,
-                samplesTrained: metrics.samples, rankTokens: rankTokens, model: model, in: directory, keep: spec.keepCheckpoints)
+                samplesTrained: metrics.samples, rankTokens: rankTokens, carriedSamples: carried, model: model, in: directory,
+                keep: spec.keepCheckpoints)
             failedCheckpointsInARow = 0
             log.debug("checkpoint written", metadata: ["path": "\(path)", "step": "\(step)"])
         } catch {

@@ -97,6 +97,8 @@ extension ShardServer {
         switch outcome {
         case .dropped(let why):
             reject(why, from: rank)
+        case .late(let complete):
+            if complete { membership.update(rank) { $0.measure(push) } }
         case .refused(let problem):
             reject("gradient of rank \(rank) at step \(round.step) skipped: \(problem)", from: rank)
             try? send(.error(ErrorReply(code: .pushRefused, reason: "push for step \(round.step) refused: \(problem)")), to: member.peer,
@@ -105,13 +107,7 @@ extension ShardServer {
         case .stored(let arrived, let complete):
             membership.update(rank) {
                 $0.lastPushedStep = message.step
-                if complete {
-                    $0.lastStepSeconds = push.computeSeconds
-                    if push.sampleCount > 0 && push.computeSeconds > 0 {
-                        let perSample = push.computeSeconds / Double(push.sampleCount)
-                        $0.secondsPerSample = $0.secondsPerSample == 0 ? perSample : 0.7 * $0.secondsPerSample + 0.3 * perSample
-                    }
-                }
+                if complete { $0.measure(push) }
             }
             if complete { pushAnswered(rank, refused: "") }
             let live = membership.live.map(\.rank)

@@ -44,6 +44,9 @@ enum PushOutcome {
     case stored(arrived: [Int], complete: Bool)
     /// Not for this round (stale, future, duplicate, or from a worker that does not take part): dropped.
     case dropped(String)
+    /// For the step before, from a worker it was completed without: dropped as expected (`complete` on
+    /// its last part, whose compute time still measures the worker).
+    case late(complete: Bool)
     /// Breaks a rule of the round: this worker's share counts as empty; it is told why.
     case refused(String)
 }
@@ -54,8 +57,11 @@ enum PushOutcome {
 struct StepRound {
     var step = 0
     var attempt: UInt32 = 0
-    /// The samples each worker was assigned (the leader's; a follower takes the leader's counts).
-    var assigned: [Int32: UInt64] = [:]
+    /// The samples each worker was assigned: ranges of positions in the epoch's permutation (the
+    /// leader's; a follower leaves the counts to it).
+    var assignment: [Int32: [SampleRange]] = [:]
+    /// The ranks the step before was completed without (`backup_workers`): their pushes for it are late.
+    var leftOut: Set<Int32> = []
     private(set) var contributions: [Int32: Contribution] = [:]
     private(set) var partials: [Int32: PartialPush] = [:]
     var early = EarlyAverage()
@@ -83,6 +89,9 @@ struct StepRound {
 
     func hasAnswered(_ rank: Int32) -> Bool { contributions[rank] != nil }
 
+    /// How many samples `rank` was assigned this round, if it was assigned any ranges.
+    func assignedCount(of rank: Int32) -> UInt64? { assignment[rank].map { $0.reduce(0) { $0 + $1.count } } }
+
     /// Takes one part of `rank`'s push for (`step`, `push.attempt`): `validate` checks its tensors
     /// against those already received (nil when they are fine), `parameterCount` and `owned` say what a
     /// complete push holds, `dtype` its element type.
@@ -90,11 +99,14 @@ struct StepRound {
         _ push: GradientPush, step: UInt64, rank: Int32, tensors: [WireTensor], indexOf: (String) -> Int?, nameOf: (Int) -> String,
         parameterCount: Int, owned: [Int], dtype: DType, validate: ([WireTensor], [Payload?]) -> String?
     ) -> PushOutcome {
-        guard step == UInt64(self.step) else { return .dropped("push for step \(step) while at step \(self.step)") }
+        guard step == UInt64(self.step) else {
+            if step + 1 == UInt64(self.step) && leftOut.contains(rank) { return .late(complete: !push.moreParts) }
+            return .dropped("push for step \(step) while at step \(self.step)")
+        }
         guard push.attempt == attempt else { return .dropped("push for attempt \(push.attempt) of step \(self.step), now at attempt \(attempt)") }
         guard contributions[rank] == nil else { return .dropped("duplicate push for step \(self.step)") }
         var partial = partials[rank] ?? PartialPush(sampleCount: push.sampleCount, gradients: Array(repeating: nil, count: parameterCount))
-        let assigned = assigned[rank]
+        let assigned = assignedCount(of: rank)
         let problem = assigned.map { $0 != push.sampleCount } == true
             ? "it declares \(push.sampleCount) samples, but \(assigned!) were assigned to rank \(rank) for step \(self.step)"
             : push.part != partial.nextPart ? "part \(push.part) of the push arrived where part \(partial.nextPart) was due"
