@@ -1471,7 +1471,7 @@ const ProtobufCMessageDescriptor ddp__v1__gradient_push__descriptor =
   (ProtobufCMessageInit) ddp__v1__gradient_push__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor ddp__v1__parameter_update__field_descriptors[9] =
+static const ProtobufCFieldDescriptor ddp__v1__parameter_update__field_descriptors[11] =
 {
   {
     "learning_rate",
@@ -1581,11 +1581,37 @@ static const ProtobufCFieldDescriptor ddp__v1__parameter_update__field_descripto
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "inner_steps",
+    11,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__ParameterUpdate, inner_steps),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "first_inner_step",
+    12,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__ParameterUpdate, first_inner_step),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned ddp__v1__parameter_update__field_indices_by_name[] = {
   5,   /* field[5] = attempt */
   2,   /* field[2] = epoch */
+  10,   /* field[10] = first_inner_step */
   1,   /* field[1] = full_copy */
+  9,   /* field[9] = inner_steps */
   0,   /* field[0] = learning_rate */
   7,   /* field[7] = more_parts */
   6,   /* field[6] = part */
@@ -1597,7 +1623,7 @@ static const ProtobufCIntRange ddp__v1__parameter_update__number_ranges[2 + 1] =
 {
   { 1, 0 },
   { 6, 4 },
-  { 0, 9 }
+  { 0, 11 }
 };
 const ProtobufCMessageDescriptor ddp__v1__parameter_update__descriptor =
 {
@@ -1607,7 +1633,7 @@ const ProtobufCMessageDescriptor ddp__v1__parameter_update__descriptor =
   "Ddp__V1__ParameterUpdate",
   "ddp.v1",
   sizeof(Ddp__V1__ParameterUpdate),
-  9,
+  11,
   ddp__v1__parameter_update__field_descriptors,
   ddp__v1__parameter_update__field_indices_by_name,
   2,  ddp__v1__parameter_update__number_ranges,

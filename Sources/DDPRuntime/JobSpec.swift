@@ -89,6 +89,16 @@ public struct JobSpec: Codable, Equatable, Sendable {
     /// workers' samples go into the next step's batch (an epoch's last step waits for every worker, so that
     /// each sample is still trained once an epoch). 0 waits for every worker at every step.
     public var backupWorkers = 0
+    /// Local SGD / DiLoCo: workers take this many steps of the job's optimizer on their own shares (a
+    /// round), then push their parameter change; the coordinator averages the changes and takes one step of
+    /// the outer optimizer. 1 is synchronous SGD.
+    public var syncEvery = 1
+    /// The coordinator's optimizer over the averaged parameter changes of a round (`sync_every` > 1):
+    /// `nesterov` (DiLoCo's) or `sgd`; its step size and momentum (`sgd` with `outer_lr` 1 averages the
+    /// workers' parameters, as federated averaging does).
+    public var outerOptimizer = "nesterov"
+    public var outerLR: Float = 0.7
+    public var outerMomentum: Float = 0.9
     /// The job fails when fewer workers than this remain.
     public var minWorkers = 1
     public var heartbeatIntervalMs = 1000
@@ -139,6 +149,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         case optimizer, learningRate = "learning_rate", momentum, nesterov, weightDecay = "weight_decay", schedule
         case warmupSteps = "warmup_steps", stepEvery = "step_every", gamma, minLearningRate = "min_learning_rate"
         case clipNorm = "clip_norm", seed, testFraction = "test_fraction", workers, balance, backupWorkers = "backup_workers", minWorkers = "min_workers"
+        case syncEvery = "sync_every", outerOptimizer = "outer_optimizer", outerLR = "outer_lr", outerMomentum = "outer_momentum"
         case heartbeatIntervalMs = "heartbeat_interval_ms", heartbeatTimeoutMs = "heartbeat_timeout_ms"
         case joinTimeoutSeconds = "join_timeout_seconds", stepTimeoutSeconds = "step_timeout_seconds", output
         case checkpointEvery = "checkpoint_every", keepCheckpoints = "keep_checkpoints", checkpointFailureLimit = "checkpoint_failure_limit", keysDir = "keys_dir", wireDtype = "wire_dtype", blasThreads = "blas_threads"
@@ -176,6 +187,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         try read(.stepEvery, &stepEvery); try read(.gamma, &gamma); try read(.minLearningRate, &minLearningRate)
         try read(.clipNorm, &clipNorm); try read(.seed, &seed); try read(.testFraction, &testFraction)
         try read(.workers, &workers); try read(.balance, &balance); try read(.backupWorkers, &backupWorkers)
+        try read(.syncEvery, &syncEvery); try read(.outerOptimizer, &outerOptimizer); try read(.outerLR, &outerLR); try read(.outerMomentum, &outerMomentum)
         try read(.minWorkers, &minWorkers)
         try read(.heartbeatIntervalMs, &heartbeatIntervalMs); try read(.heartbeatTimeoutMs, &heartbeatTimeoutMs)
         try read(.joinTimeoutSeconds, &joinTimeoutSeconds); try read(.stepTimeoutSeconds, &stepTimeoutSeconds)
@@ -333,6 +345,12 @@ public struct JobSpec: Codable, Equatable, Sendable {
         try check(coordinatorShards >= 1 && coordinatorShards <= 64, "coordinator_shards must be between 1 and 64, got \(coordinatorShards)")
         try check(coordinatorShards == 1 || clipNorm == 0,
                   "clip_norm needs the global gradient norm, which one coordinator sees only with coordinator_shards = 1")
+        try check(syncEvery >= 1, "sync_every must be at least 1 (1: synchronous SGD), got \(syncEvery)")
+        try check(["nesterov", "sgd"].contains(outerOptimizer), "outer_optimizer '\(outerOptimizer)' is unknown (nesterov, sgd)")
+        try check(outerLR > 0 && outerLR.isFinite, "outer_lr must be positive, got \(outerLR)")
+        try check(outerMomentum >= 0 && outerMomentum < 1, "outer_momentum must be in [0, 1), got \(outerMomentum)")
+        try check(syncEvery == 1 || backupWorkers == 0,
+                  "backup_workers needs sync_every = 1 (a round of local steps is waited for whole)")
         try check(coordinatorShards == 1 || backupWorkers == 0,
                   "backup_workers needs coordinator_shards = 1 (the leader alone decides which pushes a step uses)")
         try check(DType(rawValue: wireDtype) != nil, "wire_dtype '\(wireDtype)' is unknown (f32, bf16, f16)")

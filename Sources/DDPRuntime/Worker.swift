@@ -88,6 +88,8 @@ public final class Worker {
     /// The step whose update is complete and whose gradient is due: computed once no newer message
     /// waits (a worker left behind by backup workers skips to the newest update).
     private var dueStep: (step: Int, assignment: ParameterUpdate)?
+    /// With `sync_every` > 1: the rounds of local steps (created with the first one).
+    private var localRounds: LocalRounds?
     /// With coordinator shards: the owner of each parameter, a socket to each follower (shard j at
     /// j - 1), whether it welcomed this worker, whether it shares memory, and when to ask it again.
     private var plan = ShardPlan(elementCounts: [], shards: 1)
@@ -469,6 +471,8 @@ public final class Worker {
             }
             guard received.insert(index).inserted else { throw WorkerError.modelMismatch("'\(t.name)' came twice in one update") }
             if !adding && t.dtype == .f32 && parameters[index].tensor.isStored(in: t.payload) { continue }  // written in place
+            // After a round of local steps the changes apply to where the round began, not where it ended.
+            if adding, let localRounds, localRounds.holdsStart { localRounds.restoreStart(index, into: parameters[index].tensor) }
             parameters[index].tensor.withUnsafeMutableBufferPointer { dst in
                 scratch.withUnsafeMutableBufferPointer { scratch in  // half-precision values convert a chunk at a time
                     for start in stride(from: 0, to: dst.count, by: scratch.count) {
@@ -487,6 +491,7 @@ public final class Worker {
     /// `bucket_kb` sent from inside the backward pass as the tape completes them (last layers first), the
     /// rest in a final part; or whole.
     private func computeAndPush(step: Int, assignment: ParameterUpdate) throws {
+        if assignment.innerSteps > 0 { return try computeRound(step: step, assignment: assignment) }
         let task = task!
         let start = Coordinator.now()
         let mine = try assignedSamples(assignment)
@@ -527,14 +532,37 @@ public final class Worker {
         try pushPart(unsent.sorted(), more: false)
     }
 
+    /// Takes a round of local SGD's inner steps from this update's parameters (again from the same start
+    /// when the round is resent) and pushes the parameter change, whole.
+    private func computeRound(step: Int, assignment: ParameterUpdate) throws {
+        let start = Coordinator.now()
+        guard assignment.samples.count == Int(assignment.innerSteps) else {
+            throw WorkerError.modelMismatch("a round of \(assignment.innerSteps) inner steps came with \(assignment.samples.count) runs of samples")
+        }
+        let rounds = try localRounds ?? LocalRounds(spec: spec!, stepsPerEpoch: sampler!.stepsPerEpoch)
+        localRounds = rounds
+        try rounds.begin(step: step, tensors: parameters)
+        let runs = try assignment.samples.map { try assignedSamples(assignment, ranges: [$0]) }
+        let trained = zip(parameters, isBuffer).filter { !$1 }.map(\.0)
+        let (loss, correct) = try rounds.run(runs, firstInnerStep: Int(assignment.firstInnerStep), task: task!, trained: trained)
+        rounds.writeChange(parameters, isBuffer: isBuffer)
+        var header = GradientPush(sampleCount: UInt64(runs.reduce(0) { $0 + $1.count }), localLoss: loss, attempt: assignment.attempt)
+        header.localCorrect = UInt32(correct)
+        header.computeSeconds = Coordinator.now() - start
+        for shard in 0..<plan.shards {
+            let theirs = parameters.indices.filter { plan.owner[$0] == shard }
+            try send(.gradientPush(header), step: UInt64(step), tensors: theirs.map(gradientTensor), to: shard)
+        }
+    }
+
     /// The training samples an update assigns: its ranges of positions in its epoch's permutation. A range
     /// outside the training set is refused (a coordinator of another data set).
-    private func assignedSamples(_ update: ParameterUpdate) throws -> [Int] {
+    private func assignedSamples(_ update: ParameterUpdate, ranges: [SampleRange]? = nil) throws -> [Int] {
         let sampler = sampler!
         let epoch = Int(clamping: update.epoch)
         if permutation?.epoch != epoch { permutation = (epoch, sampler.permutation(epoch: epoch)) }
         var samples: [Int] = []
-        for range in update.samples {
+        for range in ranges ?? update.samples {
             guard range.start <= UInt64(sampler.sampleCount), range.count <= UInt64(sampler.sampleCount) - range.start else {
                 throw WorkerError.modelMismatch("samples \(range.start)..<\(range.start &+ range.count) lie outside the \(sampler.sampleCount) training samples")
             }

@@ -47,8 +47,10 @@ extension BuiltInTask {
     /// The total number of parameter elements.
     public var parameterCount: Int { module.parameterCount }
     public func zeroGrad() { module.zeroGrad() }
-    /// Steps in the whole job.
-    public var totalSteps: Int { sampler.stepsPerEpoch * spec.epochs }
+    /// How the data's steps group into the coordinator's steps (rounds of `sync_every`).
+    public var rounds: RoundPlan { RoundPlan(stepsPerEpoch: sampler.stepsPerEpoch, syncEvery: spec.syncEvery) }
+    /// The coordinator's steps in the whole job (with `sync_every` > 1, its rounds).
+    public var totalSteps: Int { rounds.roundsPerEpoch * spec.epochs }
 
     /// Loads the parameters of the model file `spec.init_from` into the model (fine-tuning): every
     /// parameter by name and shape. The coordinator does it; workers receive the values with their Welcome.

@@ -148,6 +148,8 @@ public enum WireCodec {
             m.pointee.attempt = u.attempt
             m.pointee.part = u.part
             m.pointee.more_parts = u.moreParts ? 1 : 0
+            m.pointee.inner_steps = u.innerSteps
+            m.pointee.first_inner_step = u.firstInnerStep
             m.pointee.n_samples = u.samples.count
             m.pointee.samples = arena.array(u.samples.map { range -> UnsafeMutablePointer<Ddp__V1__SampleRange>? in
                 let r = arena.make(Ddp__V1__SampleRange.self, ddp__v1__sample_range__init)
@@ -398,7 +400,8 @@ public enum WireCodec {
             let samples = (0..<m.n_samples).compactMap { i in m.samples[i].map { SampleRange(start: $0.pointee.start, count: $0.pointee.count) } }
             return .parameterUpdate(ParameterUpdate(
                 learningRate: m.learning_rate, fullCopy: m.full_copy != 0, epoch: m.epoch, worldSize: m.world_size,
-                trainLoss: m.train_loss, attempt: m.attempt, part: m.part, moreParts: m.more_parts != 0, samples: samples))
+                trainLoss: m.train_loss, attempt: m.attempt, part: m.part, moreParts: m.more_parts != 0, samples: samples,
+                innerSteps: m.inner_steps, firstInnerStep: m.first_inner_step))
         case DDP__V1__ENVELOPE__BODY_HEARTBEAT:
             guard let m = e.heartbeat?.pointee else { return nil }
             return .heartbeat(Heartbeat(sentUnixMilliseconds: m.sent_unix_ms, state: text(m.state)))

@@ -188,12 +188,18 @@ public struct ParameterUpdate: Equatable, Sendable {
     public var moreParts: Bool
     /// The samples the receiver computes: runs of positions in epoch `epoch`'s permutation.
     public var samples: [SampleRange]
+    /// A round of local SGD: `samples` holds one run per inner step; the first inner step's index in the
+    /// job (for the learning-rate schedule). 0: a synchronous step.
+    public var innerSteps: UInt32
+    public var firstInnerStep: UInt64
 
     public init(
         learningRate: Float, fullCopy: Bool, epoch: UInt64, worldSize: UInt32, trainLoss: Float, attempt: UInt32 = 0,
-        part: UInt32 = 0, moreParts: Bool = false, samples: [SampleRange] = []
+        part: UInt32 = 0, moreParts: Bool = false, samples: [SampleRange] = [], innerSteps: UInt32 = 0, firstInnerStep: UInt64 = 0
     ) {
         self.samples = samples
+        self.innerSteps = innerSteps
+        self.firstInnerStep = firstInnerStep
         self.learningRate = learningRate
         self.fullCopy = fullCopy
         self.epoch = epoch

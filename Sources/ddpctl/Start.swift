@@ -57,6 +57,12 @@ struct JobOptions: ParsableArguments {
     var balance: String?
     @Option(help: "Steps complete with the first workers-minus-this pushes; the late ones' samples go to the next step (default: \(defaults.backupWorkers)).")
     var backupWorkers: Int?
+    @Option(help: "Local SGD / DiLoCo: steps each worker takes on its own between averages; 1: synchronous (default: \(defaults.syncEvery)).")
+    var syncEvery: Int?
+    @Option(help: "With --sync-every > 1, the coordinator's optimizer over the averaged changes: nesterov or sgd (default: \(defaults.outerOptimizer)).")
+    var outerOptimizer: String?
+    @Option(parsing: .unconditional, help: "The outer optimizer's step size (default: \(defaults.outerLR)).") var outerLr: Float?
+    @Option(parsing: .unconditional, help: "The outer optimizer's momentum (default: \(defaults.outerMomentum)).") var outerMomentum: Float?
     @Option(help: "The job fails below this many live workers (default: \(defaults.minWorkers)).") var minWorkers: Int?
     @Option(help: "BLAS threads per process; 0: the CPUs shared among the workers (default: \(defaults.blasThreads)).") var blasThreads: Int?
     @Option(help: "Steps between checkpoints (0: every epoch; default: \(defaults.checkpointEvery)).") var checkpointEvery: Int?
@@ -93,7 +99,8 @@ struct JobOptions: ParsableArguments {
         o["weight_decay"] = weightDecay.map { Double($0) }; o["schedule"] = schedule; o["warmup_steps"] = warmupSteps
         o["step_every"] = stepEvery; o["gamma"] = gamma.map { Double($0) }; o["min_learning_rate"] = minLearningRate.map { Double($0) }
         o["clip_norm"] = clipNorm.map { Double($0) }; o["seed"] = seed; o["test_fraction"] = testFraction
-        o["workers"] = workers; o["balance"] = balance; o["backup_workers"] = backupWorkers; o["min_workers"] = minWorkers; o["blas_threads"] = blasThreads
+        o["workers"] = workers; o["balance"] = balance; o["backup_workers"] = backupWorkers;
+        o["sync_every"] = syncEvery; o["outer_optimizer"] = outerOptimizer; o["outer_lr"] = outerLr.map { Double($0) }; o["outer_momentum"] = outerMomentum.map { Double($0) }; o["min_workers"] = minWorkers; o["blas_threads"] = blasThreads
         o["checkpoint_every"] = checkpointEvery; o["keep_checkpoints"] = keepCheckpoints
         o["checkpoint_failure_limit"] = checkpointFailureLimit
         o["heartbeat_interval_ms"] = heartbeatIntervalMs; o["heartbeat_timeout_ms"] = heartbeatTimeoutMs

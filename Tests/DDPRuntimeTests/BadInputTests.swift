@@ -31,6 +31,18 @@ struct BadInputTests {
         #expect(throws: JobSpecError.invalid("backup_workers needs coordinator_shards = 1 (the leader alone decides which pushes a step uses)")) {
             try JobSpec.load(path: nil, overrides: ["workers": 3, "backup_workers": 1, "coordinator_shards": 2])
         }
+        #expect(throws: JobSpecError.invalid("sync_every must be at least 1 (1: synchronous SGD), got 0")) {
+            try JobSpec.load(path: nil, overrides: ["sync_every": 0])
+        }
+        #expect(throws: JobSpecError.invalid("outer_optimizer 'adam' is unknown (nesterov, sgd)")) {
+            try JobSpec.load(path: nil, overrides: ["sync_every": 8, "outer_optimizer": "adam"])
+        }
+        #expect(throws: JobSpecError.invalid("outer_lr must be positive, got -0.5")) {
+            try JobSpec.load(path: nil, overrides: ["sync_every": 8, "outer_lr": -0.5])
+        }
+        #expect(throws: JobSpecError.invalid("backup_workers needs sync_every = 1 (a round of local steps is waited for whole)")) {
+            try JobSpec.load(path: nil, overrides: ["sync_every": 8, "backup_workers": 1])
+        }
     }
 
     /// Whole tensors, largest first to the least loaded shard: every tensor owned once, loads close.

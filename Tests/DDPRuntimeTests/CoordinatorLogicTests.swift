@@ -187,6 +187,34 @@ import Testing
         #expect(h.lines.messages.contains { $0.contains("step 0 completed without rank 2") })
     }
 
+    /// `sync_every: 4`: a step is a round; each worker gets its share of each of the round's data steps,
+    /// one run per inner step, with the first inner step's index; the epoch's last round is shorter; every
+    /// position of the epoch is assigned once; the outer optimizer steps by the averaged change.
+    @Test func aRoundOfLocalStepsAssignsEachWorkersShareOfEachDataStep() throws {
+        let h = try Harness(["sync_every": 4, "epochs": 1, "outer_optimizer": "sgd", "outer_lr": 0.5, "outer_momentum": 0])
+        for peer in [a, b] { #expect(try h.join(peer) != nil) }
+        let sampler = h.leader.model!.sampler
+        #expect(sampler.stepsPerEpoch == 23 && h.leader.stepsPerEpoch == 6 && h.leader.totalSteps == 6)
+        var assigned: [UInt64] = [], innerSteps: [UInt32] = [], firsts: [UInt64] = []
+        let before = h.parameters[0].tensor.scalars
+        for round in 0..<6 {
+            for (peer, rank) in [(a, Int32(0)), (b, Int32(1))] {
+                let (s, update) = try #require(h.lastUpdate(peer, in: h.transport.take(for: peer)), "no update in round \(round)")
+                #expect(s == UInt64(round) && update.samples.count == Int(update.innerSteps))
+                if rank == 0 { innerSteps.append(update.innerSteps); firsts.append(update.firstInnerStep) }
+                for range in update.samples { assigned += Array(range.start..<range.start + range.count) }
+                h.push(from: peer, rank: rank, step: UInt64(round), samples: h.samples(update), value: rank == 0 ? 0.2 : 0.4)
+            }
+            try h.run()
+            if round == 0 {  // outer SGD at rate 0.5 on the mean change (0.3, weighted by equal shares)
+                for (x, y) in zip(before, h.parameters[0].tensor.scalars) { #expect(abs((x - 0.5 * 0.3) - y) < 1e-6) }
+            }
+        }
+        #expect(innerSteps == [4, 4, 4, 4, 4, 3] && firsts == [0, 4, 8, 12, 16, 20])
+        #expect(assigned.sorted() == (0..<UInt64(sampler.sampleCount)).map { $0 }, "every position of the epoch once")
+        #expect(h.leader.phase == .completed)
+    }
+
     @Test func proportionalSharesCoverTheBatch() {
         #expect(EpochSampler.shards(0..<64, weights: [2, 1]) == [0..<43, 43..<64])
         #expect(EpochSampler.shards(10..<20, weights: [1, 1, 1]) == [10..<14, 14..<17, 17..<20])

@@ -426,10 +426,21 @@ struct  Ddp__V1__ParameterUpdate
    */
   size_t n_samples;
   Ddp__V1__SampleRange **samples;
+  /*
+   * A round of local SGD (the job's sync_every > 1): `samples` holds exactly inner_steps runs, one per inner
+   * step (a run may be empty). The worker takes those steps with the job's optimizer, from the parameters
+   * of this update (its own optimizer state carried over from round to round; the learning rate of inner
+   * step i is the job's schedule at step first_inner_step + i of the job's inner steps), and pushes its
+   * parameter change (these parameters minus its own after the last step) as its GradientPush, with the
+   * samples of every run as its sample_count and their mean loss. A resent round (attempt > 0) starts again
+   * from the same parameters and optimizer state. 0: a synchronous step.
+   */
+  uint32_t inner_steps;
+  uint64_t first_inner_step;
 };
 #define DDP__V1__PARAMETER_UPDATE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&ddp__v1__parameter_update__descriptor) \
-    , 0, 0, 0, 0, 0, 0, 0, 0, 0,NULL }
+    , 0, 0, 0, 0, 0, 0, 0, 0, 0,NULL, 0, 0 }
 
 
 /*

@@ -36,7 +36,7 @@ final class FollowerShard: ShardServer {
     /// A SNAPSHOT that arrived while an APPLY was pending, answered after it.
     var pendingSnapshot: (command: ShardMessage, message: WireMessage)?
 
-    var stepsPerEpoch: Int { model?.sampler.stepsPerEpoch ?? 1 }
+    var stepsPerEpoch: Int { model?.rounds.roundsPerEpoch ?? 1 }
 
     init(spec: JobSpec, model: ServedModel?, index: Int, leader: String, advertise: String?, transport: any CoordinatorTransport,
          logger: Logger, clock: @escaping () -> Double = Coordinator.now) throws {
@@ -58,7 +58,7 @@ final class FollowerShard: ShardServer {
     /// Serves `model`: this shard's tensors and their optimizer.
     private func serve(_ model: ServedModel) throws {
         self.model = model
-        shardState = ShardState(parameters: model.tensors, buffers: model.buffers, optimizer: try TrainingSetup.makeOptimizer(spec),
+        shardState = ShardState(parameters: model.tensors, buffers: model.buffers, optimizer: try TrainingSetup.makeCoordinatorOptimizer(spec),
                                 shards: spec.coordinatorShards, shard: index, wireType: DType(rawValue: spec.wireDtype) ?? .f32)
     }
 

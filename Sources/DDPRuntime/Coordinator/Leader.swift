@@ -54,7 +54,8 @@ final class Leader: ShardServer {
     /// The step at which training diverged, if it did (the final model is then not written).
     var divergedAt: Int?
 
-    var stepsPerEpoch: Int { model?.sampler.stepsPerEpoch ?? 1 }
+    /// The coordinator's steps per epoch: the data's, or with `sync_every` > 1 its rounds.
+    var stepsPerEpoch: Int { model?.rounds.roundsPerEpoch ?? 1 }
     var totalSteps: Int { model?.totalSteps ?? 0 }
 
     /// A leader for `spec` on `transport`; with `resume`, the newest checkpoint in `directory` supplies
@@ -95,9 +96,10 @@ final class Leader: ShardServer {
     /// Starts serving `model`: its tensors, their optimizer, the schedule over its steps.
     private func serve(_ model: ServedModel) throws {
         self.model = model
-        shardState = ShardState(parameters: model.tensors, buffers: model.buffers, optimizer: try TrainingSetup.makeOptimizer(spec),
+        shardState = ShardState(parameters: model.tensors, buffers: model.buffers, optimizer: try TrainingSetup.makeCoordinatorOptimizer(spec),
                                 shards: spec.coordinatorShards, shard: 0, wireType: DType(rawValue: spec.wireDtype) ?? .f32)
-        schedule = TrainingSetup.schedule(spec, totalSteps: model.totalSteps)
+        // With local SGD the job's schedule is the workers' inner one; the outer step size is constant.
+        schedule = spec.syncEvery > 1 ? .constant : TrainingSetup.schedule(spec, totalSteps: model.totalSteps)
     }
 
     /// Continues from `checkpoint`: its parameters, optimizer state, step, counters and (`keepingRanks`,
@@ -365,16 +367,16 @@ final class Leader: ShardServer {
         return reply
     }
 
-    /// Whether a worker lags behind the other live ones: its last step took over twice their median (and
-    /// 5 ms more), or its measured time per sample is over 1.5x theirs (which shows a slow worker also when
-    /// `balance: speed` has evened out the step times).
+    /// Whether a worker lags behind the other live ones: its measured time per sample is over 1.5x their
+    /// median (which names a slow worker also when `balance: speed` has evened out the step times), or,
+    /// until all are measured, its last step took over twice theirs (and 5 ms more).
     static func lags(_ member: Member, behind others: [Member]) -> Bool {
         func median(_ values: [Double]) -> Double? { values.isEmpty ? nil : values.sorted()[(values.count - 1) / 2] }
-        if let typical = median(others.map(\.lastStepSeconds)), member.lastStepSeconds > 2 * typical && member.lastStepSeconds - typical > 0.005 {
-            return true
+        if member.secondsPerSample > 0 && others.allSatisfy({ $0.secondsPerSample > 0 }), let typical = median(others.map(\.secondsPerSample)) {
+            return member.secondsPerSample > 1.5 * typical
         }
-        guard member.secondsPerSample > 0, let typical = median(others.map(\.secondsPerSample).filter { $0 > 0 }) else { return false }
-        return member.secondsPerSample > 1.5 * typical
+        guard let typical = median(others.map(\.lastStepSeconds)) else { return false }
+        return member.lastStepSeconds > 2 * typical && member.lastStepSeconds - typical > 0.005
     }
 
     // MARK: Steps
@@ -439,8 +441,8 @@ final class Leader: ShardServer {
         var loss: Float = 0, correct = 0
         if samples > 0 {
             recordGradientNorms(used)
-            if spec.clipNorm > 0 { clipGradientNorm(shard.trainedParameters, maxNorm: spec.clipNorm) }
-            shard.optimizer.learningRate = schedule.rate(base: spec.learningRate, at: round.step)
+            if spec.clipNorm > 0 && spec.syncEvery == 1 { clipGradientNorm(shard.trainedParameters, maxNorm: spec.clipNorm) }  // local SGD clips inner steps
+            shard.optimizer.learningRate = schedule.rate(base: spec.syncEvery > 1 ? spec.outerLR : spec.learningRate, at: round.step)
             for c in used { loss += c.loss * Float(c.sampleCount) / Float(samples); correct += Int(c.correct) }
         } else {
             log.warning("step \(round.step) had no usable gradient; parameters unchanged")
@@ -629,16 +631,31 @@ final class Leader: ShardServer {
     /// the samples it computes: the step's global batch (after any samples carried from left-out workers)
     /// cut into contiguous shares, one per live worker in rank order: equal (the first `batch mod workers`
     /// take one more), or with `balance: speed` and every live worker measured, in proportion to their
-    /// samples per second.
+    /// samples per second. With `sync_every` > 1 the step is a round of local SGD: each worker gets its share
+    /// of each of the round's data steps, one run per inner step.
     func broadcastUpdate(trainLoss: Float, produce: (_ send: (_ indices: [Int], _ last: Bool) -> Void) -> Void) {
         membership.startJoiners()
         let live = membership.live
-        let batch = StepBatch(carried: carried, batch: model!.sampler.batchRange(step: round.step % stepsPerEpoch))
         let speeds = live.map { $0.secondsPerSample > 0 ? 1 / $0.secondsPerSample : 0 }
         let measured = spec.balance == "speed" && !live.isEmpty && speeds.allSatisfy { $0 > 0 }
-        let shares = batch.shares(workers: live.count, weights: measured ? speeds : nil)
-        round.assignment = Dictionary(uniqueKeysWithValues: zip(live.map(\.rank), shares))
-        broadcast(to: live, trainLoss: trainLoss, learningRate: shard.optimizer.learningRate, assignments: round.assignment, produce: produce)
+        let weights = measured ? speeds : nil
+        let sampler = model!.sampler, plan = model!.rounds
+        var local: LocalRound?
+        if spec.syncEvery > 1 {  // a round: each worker's share of each of its data steps, one run per inner step
+            let steps = plan.steps(ofRound: round.step % stepsPerEpoch)
+            var runs = [[SampleRange]](repeating: [], count: live.count)
+            for dataStep in steps {
+                for (worker, share) in StepBatch(carried: [], batch: sampler.batchRange(step: dataStep)).shares(workers: live.count, weights: weights).enumerated() {
+                    runs[worker].append(share.first ?? SampleRange(start: 0, count: 0))
+                }
+            }
+            round.assignment = Dictionary(uniqueKeysWithValues: zip(live.map(\.rank), runs))
+            local = LocalRound(innerSteps: UInt32(steps.count), firstInnerStep: UInt64((round.step / stepsPerEpoch) * plan.stepsPerEpoch + steps.lowerBound))
+        } else {
+            let batch = StepBatch(carried: carried, batch: sampler.batchRange(step: round.step % stepsPerEpoch))
+            round.assignment = Dictionary(uniqueKeysWithValues: zip(live.map(\.rank), batch.shares(workers: live.count, weights: weights)))
+        }
+        broadcast(to: live, trainLoss: trainLoss, learningRate: shard.optimizer.learningRate, assignments: round.assignment, local: local, produce: produce)
     }
 
     // MARK: End

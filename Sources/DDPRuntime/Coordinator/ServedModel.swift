@@ -73,6 +73,8 @@ final class ServedModel {
     let buffers: Set<String>
     let fingerprint: String
     let sampler: EpochSampler
+    /// How the data's steps group into the coordinator's steps, and how many of those the job has.
+    let rounds: RoundPlan
     let totalSteps: Int
     /// Nil for a program's model.
     let setup: (any BuiltInTask)?
@@ -86,6 +88,7 @@ final class ServedModel {
         buffers = setup.bufferNames
         fingerprint = setup.modelFingerprint
         sampler = setup.sampler
+        rounds = setup.rounds
         totalSteps = setup.totalSteps
     }
 
@@ -106,7 +109,8 @@ final class ServedModel {
         buffers = Set(program.buffers)
         fingerprint = program.fingerprint
         sampler = try EpochSampler(sampleCount: program.sampleCount, globalBatchSize: spec.batchSize, seed: spec.seed)
-        totalSteps = sampler.stepsPerEpoch * spec.epochs
+        rounds = RoundPlan(stepsPerEpoch: sampler.stepsPerEpoch, syncEvery: spec.syncEvery)
+        totalSteps = rounds.roundsPerEpoch * spec.epochs
     }
 
     /// A program's model from a Join that carries it.

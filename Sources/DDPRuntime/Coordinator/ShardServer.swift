@@ -3,6 +3,12 @@ import DDPWire
 import Foundation
 import Logging
 
+/// A round of local SGD as an update names it: its inner steps, and the first one's index in the job.
+struct LocalRound {
+    let innerSteps: UInt32
+    let firstInnerStep: UInt64
+}
+
 /// The phases of a job (or of a follower shard's part in it).
 enum Phase: String {
     case waiting, training, stopping, completed, stopped, failed
@@ -129,9 +135,10 @@ extension ShardServer {
     /// Sends the update for the round's step to `recipients` (in rank order), in the parts `produce`
     /// hands to its argument as they are ready (the parameter indices, `last` true for the final one; a
     /// resend is one part without tensors): through shared memory to the workers that share it, in frames
-    /// to the others. With `assignments` (the leader), each gets its samples.
+    /// to the others. With `assignments` (the leader), each gets its samples; with `local`, they are a round
+    /// of local SGD's inner steps.
     func broadcast(
-        to recipients: [Member], trainLoss: Float, learningRate: Float, assignments: [Int32: [SampleRange]],
+        to recipients: [Member], trainLoss: Float, learningRate: Float, assignments: [Int32: [SampleRange]], local: LocalRound? = nil,
         produce: (_ send: (_ indices: [Int], _ last: Bool) -> Void) -> Void
     ) {
         shard.updateTargets = (recipients.contains { $0.shared == nil }, recipients.compactMap(\.shared))
@@ -143,7 +150,8 @@ extension ShardServer {
                 let update = ParameterUpdate(
                     learningRate: learningRate, fullCopy: shard.replica == nil || member.shared != nil, epoch: UInt64(round.step / self.stepsPerEpoch),
                     worldSize: UInt32(recipients.count), trainLoss: trainLoss, attempt: round.attempt,
-                    part: part, moreParts: !last, samples: assignments[member.rank] ?? [])
+                    part: part, moreParts: !last, samples: assignments[member.rank] ?? [], innerSteps: local?.innerSteps ?? 0,
+                    firstInnerStep: local?.firstInnerStep ?? 0)
                 let tensors = indices.map { index in
                     guard let area = member.shared else { return shard.updateFrame(index) }
                     let p = shard.parameters[index]

@@ -1,0 +1,98 @@
+import Autodiff
+import Foundation
+
+/// How a job's steps of the data (its global batches) are grouped into rounds of coordination: with
+/// `sync_every: H` (local SGD, DiLoCo) H steps a round, the last round of an epoch shorter, no round across
+/// an epoch; with 1 every step is a round. The coordinator counts rounds as its steps.
+public struct RoundPlan: Equatable, Sendable {
+    /// The data's steps per epoch, and the steps a round holds.
+    public let stepsPerEpoch: Int
+    public let syncEvery: Int
+
+    public init(stepsPerEpoch: Int, syncEvery: Int) {
+        self.stepsPerEpoch = stepsPerEpoch
+        self.syncEvery = max(1, syncEvery)
+    }
+
+    public var roundsPerEpoch: Int { (stepsPerEpoch + syncEvery - 1) / syncEvery }
+
+    /// The data steps (0-based within the epoch) of round `round` (0-based within the epoch).
+    public func steps(ofRound round: Int) -> Range<Int> { round * syncEvery..<min((round + 1) * syncEvery, stepsPerEpoch) }
+}
+
+/// A worker's side of local SGD (`sync_every` > 1): the values and optimizer state a round starts from,
+/// the round's inner steps with the job's optimizer on the worker's own samples, and the parameter change
+/// it pushes (start minus end, DiLoCo's outer gradient). The optimizer state carries over from round to
+/// round; a resent round starts again from the same values and state, so that it computes the same.
+final class LocalRounds {
+    private let spec: JobSpec
+    private var optimizer: any Optimizer
+    private let schedule: LearningRateSchedule
+    /// The coordinator step of the round whose start is held, its values (parameters and buffers, in wire
+    /// order) and the optimizer's state and step count then.
+    private var roundStep: Int?
+    private var start: [Tensor] = []
+    private var startState: [String: Tensor] = [:]
+    private var startStepCount = 0
+
+    /// For `spec`, whose data has `stepsPerEpoch` global batches an epoch (the schedule runs over all of them).
+    init(spec: JobSpec, stepsPerEpoch: Int) throws {
+        self.spec = spec
+        optimizer = try TrainingSetup.makeOptimizer(spec)
+        schedule = TrainingSetup.schedule(spec, totalSteps: stepsPerEpoch * spec.epochs)
+    }
+
+    /// Whether a round's starting values are held (a half-precision update adds its changes to them).
+    var holdsStart: Bool { roundStep != nil }
+
+    /// Puts the held starting value of tensor `index` back into `tensor`.
+    func restoreStart(_ index: Int, into tensor: Tensor) { tensor.assign(start[index]) }
+
+    /// Begins the round of coordinator step `step` from `tensors` as they are now (its update loaded);
+    /// the same round again (resent after a worker was lost) begins from where it began before.
+    func begin(step: Int, tensors: [NamedParameter]) throws {
+        if roundStep == step {
+            for (t, held) in zip(tensors, start) { t.tensor.assign(held) }
+            if startState.isEmpty { optimizer = try TrainingSetup.makeOptimizer(spec) } else { try optimizer.restoreState(startState) }
+            optimizer.stepCount = startStepCount
+            return
+        }
+        roundStep = step
+        start = tensors.map { $0.tensor.detached() }
+        startState = Dictionary(uniqueKeysWithValues: optimizer.state.map { ($0.name, $0.tensor.detached()) })
+        startStepCount = optimizer.stepCount
+    }
+
+    /// Takes the round's inner steps: for each run of samples (none: the step is skipped) the loss, its
+    /// gradient, clipping and a step of the job's optimizer at the schedule's rate for inner step
+    /// `firstInnerStep + i`. Returns the sample-weighted mean loss and the correct ones over the round.
+    func run(_ runs: [[Int]], firstInnerStep: Int, task: any WorkerTask, trained: [NamedParameter]) throws -> (loss: Float, correct: Int) {
+        var lossSum = 0.0, correct = 0, samples = 0
+        for (i, run) in runs.enumerated() where !run.isEmpty {
+            task.zeroGrad()
+            let (loss, right) = try task.loss(run)
+            try loss.backward()
+            if spec.clipNorm > 0 { clipGradientNorm(trained, maxNorm: spec.clipNorm) }
+            optimizer.learningRate = schedule.rate(base: spec.learningRate, at: firstInnerStep + i)
+            optimizer.step(trained)
+            lossSum += Double(loss.item) * Double(run.count)
+            correct += right
+            samples += run.count
+        }
+        return (Float(lossSum / Double(max(samples, 1))), correct)
+    }
+
+    /// Writes each trained parameter's change over the round (start minus now) into its gradient, which
+    /// the push carries (a buffer's push is its value).
+    func writeChange(_ tensors: [NamedParameter], isBuffer: [Bool]) {
+        for (index, p) in tensors.enumerated() where !isBuffer[index] {
+            let change = p.tensor.grad ?? p.tensor.gradientDestination ?? Tensor.zeros(p.tensor.shape)
+            change.withUnsafeMutableBufferPointer { out in
+                start[index].withUnsafeBufferPointer { from in
+                    p.tensor.withUnsafeBufferPointer { now in for i in 0..<out.count { out[i] = from[i] - now[i] } }
+                }
+            }
+            p.tensor.grad = change
+        }
+    }
+}
