@@ -1,4 +1,6 @@
 import Autodiff
+import DDPData
+import DDPWire
 import Foundation
 
 /// How a job's steps of the data (its global batches) are grouped into rounds of coordination: with
@@ -18,6 +20,28 @@ public struct RoundPlan: Equatable, Sendable {
 
     /// The data steps (0-based within the epoch) of round `round` (0-based within the epoch).
     public func steps(ofRound round: Int) -> Range<Int> { round * syncEvery..<min((round + 1) * syncEvery, stepsPerEpoch) }
+
+    /// Round `round` of the job cut among `workers` (in rank order): each one's share of each of the
+    /// round's global batches, one run per inner step (an empty run where a share has no sample), equal or
+    /// in proportion to `weights`; and the round as its updates name it.
+    func shares(ofRound round: Int, sampler: EpochSampler, workers: Int, weights: [Double]?) -> (runs: [[SampleRange]], round: LocalRound) {
+        let steps = steps(ofRound: round % roundsPerEpoch)
+        var runs = [[SampleRange]](repeating: [], count: workers)
+        for dataStep in steps {
+            let batch = StepBatch(carried: [], batch: sampler.batchRange(step: dataStep))
+            for (worker, share) in batch.shares(workers: workers, weights: weights).enumerated() {
+                runs[worker].append(share.first ?? SampleRange(start: 0, count: 0))
+            }
+        }
+        let first = (round / roundsPerEpoch) * stepsPerEpoch + steps.lowerBound
+        return (runs, LocalRound(innerSteps: UInt32(steps.count), firstInnerStep: UInt64(first)))
+    }
+}
+
+/// A round of local SGD as an update names it: its inner steps, and the first one's index in the job.
+struct LocalRound {
+    let innerSteps: UInt32
+    let firstInnerStep: UInt64
 }
 
 /// A worker's side of local SGD (`sync_every` > 1): the values and optimizer state a round starts from,
@@ -28,12 +52,18 @@ final class LocalRounds {
     private let spec: JobSpec
     private var optimizer: any Optimizer
     private let schedule: LearningRateSchedule
-    /// The coordinator step of the round whose start is held, its values (parameters and buffers, in wire
-    /// order) and the optimizer's state and step count then.
-    private var roundStep: Int?
-    private var start: [Tensor] = []
-    private var startState: [String: Tensor] = [:]
-    private var startStepCount = 0
+    /// Where a round began: its coordinator step, the values (parameters and buffers, in wire order), and
+    /// the optimizer's state and step count then.
+    private struct Start {
+        let step: Int
+        let values: [Tensor]
+        let state: [String: Tensor]
+        let stepCount: Int
+    }
+    /// The newest round's start, and the one before: a coordinator resumed from the checkpoint written as
+    /// the newest round began, or from the one before it, sends one of them again.
+    private var current: Start?
+    private var previous: Start?
 
     /// For `spec`, whose data has `stepsPerEpoch` global batches an epoch (the schedule runs over all of them).
     init(spec: JobSpec, stepsPerEpoch: Int) throws {
@@ -43,24 +73,25 @@ final class LocalRounds {
     }
 
     /// Whether a round's starting values are held (a half-precision update adds its changes to them).
-    var holdsStart: Bool { roundStep != nil }
+    var holdsStart: Bool { current != nil }
 
-    /// Puts the held starting value of tensor `index` back into `tensor`.
-    func restoreStart(_ index: Int, into tensor: Tensor) { tensor.assign(start[index]) }
+    /// Puts the newest round's starting value of tensor `index` back into `tensor`.
+    func restoreStart(_ index: Int, into tensor: Tensor) { tensor.assign(current!.values[index]) }
 
     /// Begins the round of coordinator step `step` from `tensors` as they are now (its update loaded);
-    /// the same round again (resent after a worker was lost) begins from where it began before.
+    /// a round begun before (resent after a worker was lost, or after a coordinator's resume) begins
+    /// again from where it began then, values and optimizer state.
     func begin(step: Int, tensors: [NamedParameter]) throws {
-        if roundStep == step {
-            for (t, held) in zip(tensors, start) { t.tensor.assign(held) }
-            if startState.isEmpty { optimizer = try TrainingSetup.makeOptimizer(spec) } else { try optimizer.restoreState(startState) }
-            optimizer.stepCount = startStepCount
+        if let again = [current, previous].compactMap({ $0 }).first(where: { $0.step == step }) {
+            for (t, held) in zip(tensors, again.values) { t.tensor.assign(held) }
+            if again.state.isEmpty { optimizer = try TrainingSetup.makeOptimizer(spec) } else { try optimizer.restoreState(again.state) }
+            optimizer.stepCount = again.stepCount
+            if again.step != current?.step { (current, previous) = (again, nil) }
             return
         }
-        roundStep = step
-        start = tensors.map { $0.tensor.detached() }
-        startState = Dictionary(uniqueKeysWithValues: optimizer.state.map { ($0.name, $0.tensor.detached()) })
-        startStepCount = optimizer.stepCount
+        previous = current
+        current = Start(step: step, values: tensors.map { $0.tensor.detached() },
+                        state: Dictionary(uniqueKeysWithValues: optimizer.state.map { ($0.name, $0.tensor.detached()) }), stepCount: optimizer.stepCount)
     }
 
     /// Takes the round's inner steps: for each run of samples (none: the step is skipped) the loss, its
@@ -88,7 +119,7 @@ final class LocalRounds {
         for (index, p) in tensors.enumerated() where !isBuffer[index] {
             let change = p.tensor.grad ?? p.tensor.gradientDestination ?? Tensor.zeros(p.tensor.shape)
             change.withUnsafeMutableBufferPointer { out in
-                start[index].withUnsafeBufferPointer { from in
+                current!.values[index].withUnsafeBufferPointer { from in
                     p.tensor.withUnsafeBufferPointer { now in for i in 0..<out.count { out[i] = from[i] - now[i] } }
                 }
             }

@@ -18,7 +18,8 @@ struct DeployTests {
     }
     static var isRoot: Bool { getuid() == 0 }
     static let scripts = ["deploy/slurm/swiftddp.sbatch", "deploy/ssh/launch.sh", "scripts/netns-hosts.sh", "scripts/slurm-single-node.sh",
-                          "scripts/setup.sh", "scripts/test.sh", "scripts/demo.sh", "scripts/generate-proto.sh", "scripts/fuzz-wire.sh", ".ci/run"]
+                          "scripts/setup.sh", "scripts/test.sh", "scripts/demo.sh", "scripts/generate-proto.sh", "scripts/fuzz-wire.sh", ".ci/run",
+                          "Benchmarks/stragglers.sh"]
 
     @Test func shellScriptsParse() throws {
         for script in Self.scripts {

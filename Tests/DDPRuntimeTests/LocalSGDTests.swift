@@ -80,4 +80,27 @@ struct LocalSGDTests {
         let trained = rounds.map { ($0["samples"] as? [String: Int] ?? [:]).values.reduce(0, +) }
         #expect(stride(from: 0, to: trained.count, by: 5).map { trained[$0..<min($0 + 5, trained.count)].reduce(0, +) } == [4800, 4800, 4800, 4800])
     }
+
+    /// The coordinator killed mid-job, with a checkpoint every round: `ddpctl start` resumes it from the
+    /// newest; the workers, which live on, begin that round again from its start (their inner optimizer
+    /// state as it was then), so the job ends bitwise where an uninterrupted one does. Checkpoints hold the
+    /// outer optimizer's momentum.
+    @Test func aKilledCoordinatorResumesBitwiseWithACheckpointEveryRound() throws {
+        let jobs = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: jobs) }
+        let arguments = ["--workers", "2", "--epochs", "16", "--seed", "9", "--sync-every", "4", "--outer-momentum", "0.5",
+                         "--checkpoint-every", "1"]
+        let clean = try #require(try startJob(arguments, jobsDir: jobs).0)
+        let job = try startDetachedJob(arguments, jobsDir: jobs)
+        #expect(waitUntil(timeout: 60) { currentStep(job) >= 30 })
+        kill(try #require(job.endpoints()).pid, SIGKILL)
+        #expect(waitUntil(timeout: 120) { job.summary() != nil })
+        let summary = try #require(job.summary())
+        #expect(summary.state == "completed" && summary.steps == clean.steps && clean.steps == 16 * 3)
+        #expect(try String(contentsOfFile: job.logPath("coordinator"), encoding: .utf8).contains("resumed from checkpoint"))
+        let cleanJob = JobDirectory(path: (clean.modelPath as NSString).deletingLastPathComponent)
+        for (a, b) in zip(try finalParameters(job), try finalParameters(cleanJob)) { #expect(a.values == b.values, "\(a.name) differs") }
+        let checkpoint = try #require(Checkpoint.latest(in: job).checkpoint)
+        #expect(checkpoint.optimizerState.keys.contains { $0.hasSuffix(".momentum") }, "\(checkpoint.optimizerState.keys.sorted())")
+    }
 }

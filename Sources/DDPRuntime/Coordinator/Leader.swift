@@ -639,22 +639,14 @@ final class Leader: ShardServer {
         let speeds = live.map { $0.secondsPerSample > 0 ? 1 / $0.secondsPerSample : 0 }
         let measured = spec.balance == "speed" && !live.isEmpty && speeds.allSatisfy { $0 > 0 }
         let weights = measured ? speeds : nil
-        let sampler = model!.sampler, plan = model!.rounds
-        var local: LocalRound?
-        if spec.syncEvery > 1 {  // a round: each worker's share of each of its data steps, one run per inner step
-            let steps = plan.steps(ofRound: round.step % stepsPerEpoch)
-            var runs = [[SampleRange]](repeating: [], count: live.count)
-            for dataStep in steps {
-                for (worker, share) in StepBatch(carried: [], batch: sampler.batchRange(step: dataStep)).shares(workers: live.count, weights: weights).enumerated() {
-                    runs[worker].append(share.first ?? SampleRange(start: 0, count: 0))
-                }
-            }
-            round.assignment = Dictionary(uniqueKeysWithValues: zip(live.map(\.rank), runs))
-            local = LocalRound(innerSteps: UInt32(steps.count), firstInnerStep: UInt64((round.step / stepsPerEpoch) * plan.stepsPerEpoch + steps.lowerBound))
+        let sampler = model!.sampler
+        var local: LocalRound?, shares: [[SampleRange]]
+        if spec.syncEvery > 1 {
+            (shares, local) = model!.rounds.shares(ofRound: round.step, sampler: sampler, workers: live.count, weights: weights)
         } else {
-            let batch = StepBatch(carried: carried, batch: sampler.batchRange(step: round.step % stepsPerEpoch))
-            round.assignment = Dictionary(uniqueKeysWithValues: zip(live.map(\.rank), batch.shares(workers: live.count, weights: weights)))
+            shares = StepBatch(carried: carried, batch: sampler.batchRange(step: round.step % stepsPerEpoch)).shares(workers: live.count, weights: weights)
         }
+        round.assignment = Dictionary(uniqueKeysWithValues: zip(live.map(\.rank), shares))
         broadcast(to: live, trainLoss: trainLoss, learningRate: shard.optimizer.learningRate, assignments: round.assignment, local: local, produce: produce)
     }
 

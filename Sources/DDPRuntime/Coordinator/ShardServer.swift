@@ -3,12 +3,6 @@ import DDPWire
 import Foundation
 import Logging
 
-/// A round of local SGD as an update names it: its inner steps, and the first one's index in the job.
-struct LocalRound {
-    let innerSteps: UInt32
-    let firstInnerStep: UInt64
-}
-
 /// The phases of a job (or of a follower shard's part in it).
 enum Phase: String {
     case waiting, training, stopping, completed, stopped, failed
