@@ -93,11 +93,11 @@ public struct Checkpoint {
     /// The "START:COUNT,..." of a checkpoint's carried samples as ranges.
     private static func carried(_ text: String, path: String) throws -> [Range<Int>] {
         try text.split(separator: ",").map { item in
-            let parts = item.split(separator: ":").compactMap { Int($0) }
-            guard parts.count == 2, parts[0] >= 0, parts[1] > 0 else {
+            let parts = item.split(separator: ":", omittingEmptySubsequences: false).map { Int($0) }
+            guard parts.count == 2, let start = parts[0], let count = parts[1], start >= 0, count > 0, start <= Int.max - count else {
                 throw SafeTensorsError.invalid(path, "carried_samples entry '\(item)' is not START:COUNT")
             }
-            return parts[0]..<parts[0] + parts[1]
+            return start..<start + count
         }
     }
 }

@@ -99,6 +99,8 @@ public struct JobSpec: Codable, Equatable, Sendable {
     public var outerOptimizer = "nesterov"
     public var outerLR: Float = 0.7
     public var outerMomentum: Float = 0.9
+    /// Whether a coordinator step is a round of local steps (`sync_every` > 1).
+    public var isLocalSGD: Bool { syncEvery > 1 }
     /// The job fails when fewer workers than this remain.
     public var minWorkers = 1
     public var heartbeatIntervalMs = 1000

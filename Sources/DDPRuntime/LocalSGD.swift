@@ -72,11 +72,18 @@ final class LocalRounds {
         schedule = TrainingSetup.schedule(spec, totalSteps: stepsPerEpoch * spec.epochs)
     }
 
-    /// Whether a round's starting values are held (a half-precision update adds its changes to them).
-    var holdsStart: Bool { current != nil }
+    /// Whether the tensors have moved away from the newest round's start by its inner steps, so that a
+    /// half-precision update (changes to the round's start) must put the start back first. A Welcome's or
+    /// a whole update's values settle them.
+    private(set) var moved = false
 
-    /// Puts the newest round's starting value of tensor `index` back into `tensor`.
-    func restoreStart(_ index: Int, into tensor: Tensor) { tensor.assign(current!.values[index]) }
+    /// Puts the newest round's starting value of tensor `index` back into `tensor`, if the inner steps moved it.
+    func restoreStart(_ index: Int, into tensor: Tensor) {
+        if moved, let current { tensor.assign(current.values[index]) }
+    }
+
+    /// The tensors hold the coordinator's values again (a Welcome, or an update wholly applied).
+    func settle() { moved = false }
 
     /// Begins the round of coordinator step `step` from `tensors` as they are now (its update loaded);
     /// a round begun before (resent after a worker was lost, or after a coordinator's resume) begins
@@ -99,6 +106,7 @@ final class LocalRounds {
     /// `firstInnerStep + i`. Returns the sample-weighted mean loss and the correct ones over the round.
     func run(_ runs: [[Int]], firstInnerStep: Int, task: any WorkerTask, trained: [NamedParameter]) throws -> (loss: Float, correct: Int) {
         var lossSum = 0.0, correct = 0, samples = 0
+        moved = true
         for (i, run) in runs.enumerated() where !run.isEmpty {
             task.zeroGrad()
             let (loss, right) = try task.loss(run)

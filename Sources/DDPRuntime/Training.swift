@@ -125,7 +125,7 @@ public struct TrainingSetup {
     /// The optimizer the coordinator steps with: the job's, or with `sync_every` > 1 the outer optimizer
     /// over the averaged parameter changes of a round (SGD, with Nesterov momentum for `nesterov`).
     public static func makeCoordinatorOptimizer(_ spec: JobSpec) throws -> any Optimizer {
-        guard spec.syncEvery > 1 else { return try makeOptimizer(spec) }
+        guard spec.isLocalSGD else { return try makeOptimizer(spec) }
         return try SGD(learningRate: spec.outerLR, momentum: spec.outerMomentum, nesterov: spec.outerOptimizer == "nesterov")
     }
 

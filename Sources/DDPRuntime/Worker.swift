@@ -407,6 +407,7 @@ public final class Worker {
         }
         updateInProgress = nil
         dueStep = nil
+        localRounds?.settle()  // the Welcome's values are the coordinator's
         plan = ShardPlan(elementCounts: parameters.map(\.tensor.count), shards: welcome.shardEndpoints.count + 1)
         try joinShards(welcome.shardEndpoints)
         log.info("welcomed", metadata: ["rank": "\(rank)", "job": "\(jobID)", "step": "\(welcome.startStep)",
@@ -453,6 +454,7 @@ public final class Worker {
         guard progress.received.count == parameters.count else {
             throw WorkerError.modelMismatch("the update for step \(step) set \(progress.received.count) of \(parameters.count) parameters")
         }
+        localRounds?.settle()
         makeDue(step: Int(step), assignment: header)
     }
 
@@ -472,7 +474,7 @@ public final class Worker {
             guard received.insert(index).inserted else { throw WorkerError.modelMismatch("'\(t.name)' came twice in one update") }
             if !adding && t.dtype == .f32 && parameters[index].tensor.isStored(in: t.payload) { continue }  // written in place
             // After a round of local steps the changes apply to where the round began, not where it ended.
-            if adding, let localRounds, localRounds.holdsStart { localRounds.restoreStart(index, into: parameters[index].tensor) }
+            if adding { localRounds?.restoreStart(index, into: parameters[index].tensor) }
             parameters[index].tensor.withUnsafeMutableBufferPointer { dst in
                 scratch.withUnsafeMutableBufferPointer { scratch in  // half-precision values convert a chunk at a time
                     for start in stride(from: 0, to: dst.count, by: scratch.count) {
@@ -499,16 +501,8 @@ public final class Worker {
         var header = GradientPush(sampleCount: UInt64(mine.count), localLoss: 0, attempt: assignment.attempt)
         var unsent = Set(parameters.indices)
         var nextPart = [UInt32](repeating: 0, count: plan.shards)
-        // Each coordinator shard gets the tensors it owns, in its own numbered parts, and a last part.
         func pushPart(_ indices: [Int], more: Bool) throws {
-            header.moreParts = more
-            for shard in 0..<plan.shards {
-                let theirs = indices.filter { plan.owner[$0] == shard }
-                guard !theirs.isEmpty || !more else { continue }
-                header.part = nextPart[shard]
-                try send(.gradientPush(header), step: UInt64(step), tensors: theirs.map(gradientTensor), to: shard)
-                nextPart[shard] += 1
-            }
+            try sendPushPart(header, indices, more: more, step: step, nextPart: &nextPart)
             unsent.subtract(indices)
         }
         if !mine.isEmpty {
@@ -549,9 +543,21 @@ public final class Worker {
         var header = GradientPush(sampleCount: UInt64(runs.reduce(0) { $0 + $1.count }), localLoss: loss, attempt: assignment.attempt)
         header.localCorrect = UInt32(correct)
         header.computeSeconds = Coordinator.now() - start
+        var parts = [UInt32](repeating: 0, count: plan.shards)
+        try sendPushPart(header, Array(parameters.indices), more: false, step: step, nextPart: &parts)
+    }
+
+    /// Sends (a part of) a push: each coordinator shard the tensors of `indices` it owns, in its own
+    /// numbered parts (`nextPart`); a last part (`more` false) goes to every shard, with tensors or without.
+    private func sendPushPart(_ header: GradientPush, _ indices: [Int], more: Bool, step: Int, nextPart: inout [UInt32]) throws {
+        var header = header
+        header.moreParts = more
         for shard in 0..<plan.shards {
-            let theirs = parameters.indices.filter { plan.owner[$0] == shard }
+            let theirs = indices.filter { plan.owner[$0] == shard }
+            guard !theirs.isEmpty || !more else { continue }
+            header.part = nextPart[shard]
             try send(.gradientPush(header), step: UInt64(step), tensors: theirs.map(gradientTensor), to: shard)
+            nextPart[shard] += 1
         }
     }
 

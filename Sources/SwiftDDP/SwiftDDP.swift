@@ -61,7 +61,7 @@ public enum DataParallel {
         Worker.leaveOnTerminationSignals()
         let keys = try environment["DDP_KEYS"].flatMap { $0.isEmpty ? nil : try JobKeys.load(from: $0) }
         let worker = try Worker(endpoint: endpoint, spec: spec, task: task, keys: keys, requestedRank: Int32(environment["DDP_RANK"] ?? "") ?? -1,
-                                logger: Logger(label: "worker"))
+                                ownsProcess: true, logger: Logger(label: "worker"))
         _ = try worker.run()
     }
 }

@@ -99,8 +99,10 @@ struct JobOptions: ParsableArguments {
         o["weight_decay"] = weightDecay.map { Double($0) }; o["schedule"] = schedule; o["warmup_steps"] = warmupSteps
         o["step_every"] = stepEvery; o["gamma"] = gamma.map { Double($0) }; o["min_learning_rate"] = minLearningRate.map { Double($0) }
         o["clip_norm"] = clipNorm.map { Double($0) }; o["seed"] = seed; o["test_fraction"] = testFraction
-        o["workers"] = workers; o["balance"] = balance; o["backup_workers"] = backupWorkers;
-        o["sync_every"] = syncEvery; o["outer_optimizer"] = outerOptimizer; o["outer_lr"] = outerLr.map { Double($0) }; o["outer_momentum"] = outerMomentum.map { Double($0) }; o["min_workers"] = minWorkers; o["blas_threads"] = blasThreads
+        o["workers"] = workers; o["balance"] = balance; o["backup_workers"] = backupWorkers
+        o["sync_every"] = syncEvery; o["outer_optimizer"] = outerOptimizer
+        o["outer_lr"] = outerLr.map { Double($0) }; o["outer_momentum"] = outerMomentum.map { Double($0) }
+        o["min_workers"] = minWorkers; o["blas_threads"] = blasThreads
         o["checkpoint_every"] = checkpointEvery; o["keep_checkpoints"] = keepCheckpoints
         o["checkpoint_failure_limit"] = checkpointFailureLimit
         o["heartbeat_interval_ms"] = heartbeatIntervalMs; o["heartbeat_timeout_ms"] = heartbeatTimeoutMs

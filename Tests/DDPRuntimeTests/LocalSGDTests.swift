@@ -103,4 +103,31 @@ struct LocalSGDTests {
         let checkpoint = try #require(Checkpoint.latest(in: job).checkpoint)
         #expect(checkpoint.optimizerState.keys.contains { $0.hasSuffix(".momentum") }, "\(checkpoint.optimizerState.keys.sorted())")
     }
+
+    /// A worker's rounds in-process: a round begun again (resent) from the same start and optimizer state
+    /// ends on the same bits; the start goes back into a tensor before a half-precision update only while the
+    /// round's steps have moved it, not after a Welcome's values settled it.
+    @Test func aRoundBegunAgainEndsTheSameAndAWelcomeSettlesTheStart() throws {
+        let spec = try JobSpec.load(path: nil, overrides: ["sync_every": 4, "optimizer": "adam", "learning_rate": 0.01])
+        let setup = try TrainingSetup(spec: spec)
+        let rounds = try LocalRounds(spec: spec, stepsPerEpoch: setup.sampler.stepsPerEpoch)
+        let tensors = setup.wireTensors
+        let runs = [Array(0..<32), Array(32..<64), Array(64..<96)]
+        try rounds.begin(step: 0, tensors: tensors)
+        _ = try rounds.run(runs, firstInnerStep: 0, task: setup, trained: tensors)
+        let round0 = tensors.map(\.tensor.scalars)
+        try rounds.begin(step: 1, tensors: tensors)
+        _ = try rounds.run(runs, firstInnerStep: 3, task: setup, trained: tensors)
+        let round1 = tensors.map(\.tensor.scalars)
+        try rounds.begin(step: 1, tensors: tensors)  // resent: from round 1's start and optimizer state
+        #expect(tensors.map(\.tensor.scalars) == round0)
+        _ = try rounds.run(runs, firstInnerStep: 3, task: setup, trained: tensors)
+        #expect(tensors.map(\.tensor.scalars) == round1, "round 1 begun again ends on other bits")
+        rounds.restoreStart(0, into: tensors[0].tensor)
+        #expect(tensors[0].tensor.scalars == round0[0], "moved by the steps: the start goes back")
+        tensors[1].tensor.assign(Tensor.zeros(tensors[1].tensor.shape))  // a Welcome's values
+        rounds.settle()
+        rounds.restoreStart(1, into: tensors[1].tensor)
+        #expect(tensors[1].tensor.scalars.allSatisfy { $0 == 0 }, "settled: the Welcome's values stay")
+    }
 }

@@ -5,9 +5,10 @@ import Foundation
 import Logging
 
 /// The coordinator of a job (with coordinator shards, shard 0, the leader): admits workers, assigns
-/// each step's samples, collects every live worker's gradient, averages them by sample count in rank
-/// order, steps the optimizer, sends the update, evaluates after each epoch, answers control requests,
-/// drives the follower shards, and ends the job with a model and a summary.
+/// each step's samples, collects every live worker's gradient (with backup workers, the first all but k),
+/// averages them by sample count in rank order, steps the optimizer, sends the update, evaluates after
+/// each epoch, answers control requests, drives the follower shards, and ends the job with a model and a
+/// summary.
 ///
 /// One thread: `run` polls the transport and hands each event to one handler; every wait has a deadline
 /// whose expiry names who was waited for.
@@ -98,8 +99,7 @@ final class Leader: ShardServer {
         self.model = model
         shardState = ShardState(parameters: model.tensors, buffers: model.buffers, optimizer: try TrainingSetup.makeCoordinatorOptimizer(spec),
                                 shards: spec.coordinatorShards, shard: 0, wireType: DType(rawValue: spec.wireDtype) ?? .f32)
-        // With local SGD the job's schedule is the workers' inner one; the outer step size is constant.
-        schedule = spec.syncEvery > 1 ? .constant : TrainingSetup.schedule(spec, totalSteps: model.totalSteps)
+        schedule = TrainingSetup.schedule(spec, totalSteps: model.totalSteps)
     }
 
     /// Continues from `checkpoint`: its parameters, optimizer state, step, counters and (`keepingRanks`,
@@ -107,6 +107,9 @@ final class Leader: ShardServer {
     private func continueFrom(_ checkpoint: Checkpoint, keepingRanks: Bool) throws {
         try shard.restore(checkpoint)
         round.step = checkpoint.step
+        if let outside = checkpoint.carriedSamples.first(where: { $0.upperBound > model?.sampler.sampleCount ?? Int.max }) {
+            throw SafeTensorsError.invalid(checkpoint.path, "carried samples \(outside) lie outside the \(model!.sampler.sampleCount) training samples")
+        }
         carried = checkpoint.carriedSamples
         recorder.resume(from: checkpoint)
         if keepingRanks {
@@ -371,11 +374,11 @@ final class Leader: ShardServer {
     /// median (which names a slow worker also when `balance: speed` has evened out the step times), or,
     /// until all are measured, its last step took over twice theirs (and 5 ms more).
     static func lags(_ member: Member, behind others: [Member]) -> Bool {
-        func median(_ values: [Double]) -> Double? { values.isEmpty ? nil : values.sorted()[(values.count - 1) / 2] }
-        if member.secondsPerSample > 0 && others.allSatisfy({ $0.secondsPerSample > 0 }), let typical = median(others.map(\.secondsPerSample)) {
-            return member.secondsPerSample > 1.5 * typical
+        guard !others.isEmpty else { return false }
+        if member.secondsPerSample > 0 && others.allSatisfy({ $0.secondsPerSample > 0 }) {
+            return member.secondsPerSample > 1.5 * Measure.median(others.map(\.secondsPerSample))
         }
-        guard let typical = median(others.map(\.lastStepSeconds)) else { return false }
+        let typical = Measure.median(others.map(\.lastStepSeconds))
         return member.lastStepSeconds > 2 * typical && member.lastStepSeconds - typical > 0.005
     }
 
@@ -423,8 +426,9 @@ final class Leader: ShardServer {
         }
     }
 
-    /// Completes the step once every live worker's push is in (and every follower reported it): averages
-    /// (again without non-finite contributions where needed), steps, sends the next update, and records.
+    /// Completes the step once every live worker's push is in, or with `backup_workers` all but k (and
+    /// every follower reported them): averages (again without non-finite contributions where needed),
+    /// records, carries the left-out samples over, and advances.
     func completeStepIfReady() throws {
         let live = membership.live.map(\.rank)
         let answered = live.filter { round.hasAnswered($0) && everyFollowerAnswered($0) }
@@ -441,8 +445,11 @@ final class Leader: ShardServer {
         var loss: Float = 0, correct = 0
         if samples > 0 {
             recordGradientNorms(used)
-            if spec.clipNorm > 0 && spec.syncEvery == 1 { clipGradientNorm(shard.trainedParameters, maxNorm: spec.clipNorm) }  // local SGD clips inner steps
-            shard.optimizer.learningRate = schedule.rate(base: spec.syncEvery > 1 ? spec.outerLR : spec.learningRate, at: round.step)
+            // With local SGD the job's clipping and schedule are the workers' inner steps'; the outer step size is constant.
+            if !spec.isLocalSGD {
+                if spec.clipNorm > 0 { clipGradientNorm(shard.trainedParameters, maxNorm: spec.clipNorm) }
+                shard.optimizer.learningRate = schedule.rate(base: spec.learningRate, at: round.step)
+            }
             for c in used { loss += c.loss * Float(c.sampleCount) / Float(samples); correct += Int(c.correct) }
         } else {
             log.warning("step \(round.step) had no usable gradient; parameters unchanged")
@@ -452,22 +459,27 @@ final class Leader: ShardServer {
                             workerSeconds: used.isEmpty ? [] : membership.live.map { ($0.rank, $0.lastStepSeconds) },
                             workerSamples: round.assignment.keys.sorted().map { ($0, Int(round.assignedCount(of: $0) ?? 0)) },
                             leftOut: leftOut, liveWorkers: membership.liveCount, jobID: spec.jobID, now: now())
-        followerReports.removeAll(keepingCapacity: true)
         carryOver(leftOut)
+        advance(trainLoss: loss, applyOptimizer: samples > 0)
+    }
+
+    /// Moves on to the next step once the current one is averaged: the followers and this shard step
+    /// (when `applyOptimizer`) and send the update, then the epoch's end, a checkpoint, or the job's end.
+    func advance(trainLoss loss: Float, applyOptimizer: Bool) {
+        followerReports.removeAll(keepingCapacity: true)
         round.begin(step: round.step + 1, attempt: 0)
-        round.leftOut = Set(leftOut)
         let step = round.step
         let more = step < totalSteps && !stopRequested
         var apply = ShardMessage(.apply)
         apply.learningRate = shard.optimizer.learningRate
-        apply.applyOptimizer = samples > 0
+        apply.applyOptimizer = applyOptimizer
         apply.ranks = more ? membership.takingPart : []
         sendToFollowers(apply)
         // The update leaves bucket by bucket as it is computed; evaluation and checkpoints come after it.
         if more {
-            broadcastUpdate(trainLoss: loss) { send in shard.stepAndEncode(applyOptimizer: samples > 0, bucketKB: spec.bucketKB, emit: send) }
+            broadcastUpdate(trainLoss: loss) { send in shard.stepAndEncode(applyOptimizer: applyOptimizer, bucketKB: spec.bucketKB, emit: send) }
         } else {
-            shard.stepAndEncode(applyOptimizer: samples > 0, bucketKB: spec.bucketKB) { _, _ in }
+            shard.stepAndEncode(applyOptimizer: applyOptimizer, bucketKB: spec.bucketKB) { _, _ in }
         }
         if step % stepsPerEpoch == 0 { endEpoch() }
         let checkpointDue = spec.checkpointEvery > 0 ? step % spec.checkpointEvery == 0 : step % stepsPerEpoch == 0
@@ -490,9 +502,11 @@ final class Leader: ShardServer {
     }
 
     /// Records that the step completes without `ranks` (late, with backup workers) and carries their
-    /// samples into the next step's batch; with none left out, nothing is carried.
+    /// samples into the next step's batch (with none left out, nothing is carried); their pushes for it are
+    /// late from now on.
     func carryOver(_ ranks: [Int32]) {
         carried = ranks.flatMap { round.assignment[$0] ?? [] }.map { Int($0.start)..<Int($0.start + $0.count) }
+        round.leftOut = Set(ranks)
         for rank in ranks {
             membership.update(rank) {
                 $0.leftOutSteps += 1
@@ -525,8 +539,8 @@ final class Leader: ShardServer {
     }
 
     /// A push a follower refused is refused as a whole, as one coordinator would.
-    func refuseWhatFollowersRefused(_ live: [Int32]) {
-        for rank in live {
+    func refuseWhatFollowersRefused(_ ranks: [Int32]) {
+        for rank in ranks {
             guard let (index, why) = followerReports.sorted(by: { $0.key < $1.key }).lazy
                 .compactMap({ index, reports in reports[rank].flatMap { $0.isEmpty ? nil : (index, $0) } }).first else { continue }
             reject("gradient of rank \(rank) at step \(round.step) skipped by coordinator shard \(index): \(why)", from: rank)
@@ -641,7 +655,7 @@ final class Leader: ShardServer {
         let weights = measured ? speeds : nil
         let sampler = model!.sampler
         var local: LocalRound?, shares: [[SampleRange]]
-        if spec.syncEvery > 1 {
+        if spec.isLocalSGD {
             (shares, local) = model!.rounds.shares(ofRound: round.step, sampler: sampler, workers: live.count, weights: weights)
         } else {
             shares = StepBatch(carried: carried, batch: sampler.batchRange(step: round.step % stepsPerEpoch)).shares(workers: live.count, weights: weights)

@@ -44,8 +44,8 @@ enum PushOutcome {
     case stored(arrived: [Int], complete: Bool)
     /// Not for this round (stale, future, duplicate, or from a worker that does not take part): dropped.
     case dropped(String)
-    /// For the step before, from a worker it was completed without: dropped as expected (`complete` on
-    /// its last part, whose compute time still measures the worker).
+    /// For an earlier step, from a worker the step before was completed without: dropped as expected
+    /// (`complete` on its last part, whose compute time still measures the worker).
     case late(complete: Bool)
     /// Breaks a rule of the round: this worker's share counts as empty; it is told why.
     case refused(String)
@@ -60,7 +60,8 @@ struct StepRound {
     /// The samples each worker was assigned: ranges of positions in the epoch's permutation (the
     /// leader's; a follower leaves the counts to it).
     var assignment: [Int32: [SampleRange]] = [:]
-    /// The ranks the step before was completed without (`backup_workers`): their pushes for it are late.
+    /// The ranks the step before was completed without (`backup_workers`): their pushes for earlier steps
+    /// are late.
     var leftOut: Set<Int32> = []
     private(set) var contributions: [Int32: Contribution] = [:]
     private(set) var partials: [Int32: PartialPush] = [:]
@@ -100,7 +101,7 @@ struct StepRound {
         parameterCount: Int, owned: [Int], dtype: DType, validate: ([WireTensor], [Payload?]) -> String?
     ) -> PushOutcome {
         guard step == UInt64(self.step) else {
-            if step + 1 == UInt64(self.step) && leftOut.contains(rank) { return .late(complete: !push.moreParts) }
+            if step < UInt64(self.step) && leftOut.contains(rank) { return .late(complete: !push.moreParts) }
             return .dropped("push for step \(step) while at step \(self.step)")
         }
         guard push.attempt == attempt else { return .dropped("push for attempt \(push.attempt) of step \(self.step), now at attempt \(attempt)") }
