@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Stragglers and slow links, measured across hosts: time to a target test accuracy, bytes moved and steps
-# for synchronous SGD (f32 and bf16 on the wire), backup workers, balanced shards, DiLoCo with H = 8 and 32,
-# and PyTorch DDP on gloo, with one worker slowed to half speed, over links limited to 100 Mbit/s and 1 Gbit/s
-# (and any other --rates, e.g. 10gbit, where compute rather than the link bounds a step).
+# for synchronous SGD (f32 and bf16 on the wire), backup workers (alone and with staleness 2), balanced shards,
+# DiLoCo with H = 8 and 32, and PyTorch DDP on gloo, with one worker slowed to half speed, over links limited
+# to 100 Mbit/s and 1 Gbit/s (and any other --rates, e.g. 10gbit, where compute rather than the link bounds a
+# step).
 #
 #   sudo Benchmarks/stragglers.sh [--rates "100mbit 1gbit"] [--epochs 8] [--target 0.95] [--out DIR]
 #
@@ -158,6 +159,7 @@ for rate in $rates; do
   swift_run sync "synchronous" no
   swift_run sync-bf16 "synchronous, bf16 wire" no wire_dtype=bf16
   swift_run backup "backup_workers 1" no backup_workers=1
+  swift_run stale "backup_workers 1, staleness 2" no backup_workers=1 staleness=2
   swift_run balance "balance speed" no balance=speed
   swift_run diloco8 "DiLoCo H=8" no sync_every=8 outer_momentum=0.5
   swift_run diloco32 "DiLoCo H=32" no sync_every=32 outer_momentum=0.5

@@ -89,6 +89,10 @@ public struct JobSpec: Codable, Equatable, Sendable {
     /// workers' samples go into the next step's batch (an epoch's last step waits for every worker, so that
     /// each sample is still trained once an epoch). 0 waits for every worker at every step.
     public var backupWorkers = 0
+    /// Bounded staleness, with backup workers: a left-out worker's push is still applied when it arrives at
+    /// most this many steps late (a later step's update then holds a gradient computed on older parameters);
+    /// later, it is refused with the reason and its samples are trained again. 0: late pushes are dropped.
+    public var staleness = 0
     /// Local SGD / DiLoCo: workers take this many steps of the job's optimizer on their own shares (a
     /// round), then push their parameter change; the coordinator averages the changes and takes one step of
     /// the outer optimizer. 1 is synchronous SGD.
@@ -150,7 +154,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         case blockSize = "block_size", dropout, vocabulary, hidden, program, programArgs = "program_args", activation, epochs, batchSize = "batch_size"
         case optimizer, learningRate = "learning_rate", momentum, nesterov, weightDecay = "weight_decay", schedule
         case warmupSteps = "warmup_steps", stepEvery = "step_every", gamma, minLearningRate = "min_learning_rate"
-        case clipNorm = "clip_norm", seed, testFraction = "test_fraction", workers, balance, backupWorkers = "backup_workers", minWorkers = "min_workers"
+        case clipNorm = "clip_norm", seed, testFraction = "test_fraction", workers, balance, backupWorkers = "backup_workers", staleness, minWorkers = "min_workers"
         case syncEvery = "sync_every", outerOptimizer = "outer_optimizer", outerLR = "outer_lr", outerMomentum = "outer_momentum"
         case heartbeatIntervalMs = "heartbeat_interval_ms", heartbeatTimeoutMs = "heartbeat_timeout_ms"
         case joinTimeoutSeconds = "join_timeout_seconds", stepTimeoutSeconds = "step_timeout_seconds", output
@@ -188,7 +192,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         try read(.weightDecay, &weightDecay); try read(.schedule, &schedule); try read(.warmupSteps, &warmupSteps)
         try read(.stepEvery, &stepEvery); try read(.gamma, &gamma); try read(.minLearningRate, &minLearningRate)
         try read(.clipNorm, &clipNorm); try read(.seed, &seed); try read(.testFraction, &testFraction)
-        try read(.workers, &workers); try read(.balance, &balance); try read(.backupWorkers, &backupWorkers)
+        try read(.workers, &workers); try read(.balance, &balance); try read(.backupWorkers, &backupWorkers); try read(.staleness, &staleness)
         try read(.syncEvery, &syncEvery); try read(.outerOptimizer, &outerOptimizer); try read(.outerLR, &outerLR); try read(.outerMomentum, &outerMomentum)
         try read(.minWorkers, &minWorkers)
         try read(.heartbeatIntervalMs, &heartbeatIntervalMs); try read(.heartbeatTimeoutMs, &heartbeatTimeoutMs)
@@ -351,6 +355,12 @@ public struct JobSpec: Codable, Equatable, Sendable {
         try check(["nesterov", "sgd"].contains(outerOptimizer), "outer_optimizer '\(outerOptimizer)' is unknown (nesterov, sgd)")
         try check(outerLR > 0 && outerLR.isFinite, "outer_lr must be positive, got \(outerLR)")
         try check(outerMomentum >= 0 && outerMomentum < 1, "outer_momentum must be in [0, 1), got \(outerMomentum)")
+        try check(staleness >= 0, "staleness must be >= 0, got \(staleness)")
+        try check(staleness == 0 || coordinatorShards == 1,
+                  "staleness needs coordinator_shards = 1 (a late push is applied by the leader alone)")
+        try check(staleness == 0 || syncEvery == 1, "staleness needs sync_every = 1 (a round of local steps is waited for whole)")
+        try check(staleness == 0 || backupWorkers > 0,
+                  "staleness needs backup_workers >= 1 (only a step completed without a worker leaves a push to come late)")
         try check(syncEvery == 1 || backupWorkers == 0,
                   "backup_workers needs sync_every = 1 (a round of local steps is waited for whole)")
         try check(coordinatorShards == 1 || backupWorkers == 0,

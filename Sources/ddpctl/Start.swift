@@ -57,6 +57,8 @@ struct JobOptions: ParsableArguments {
     var balance: String?
     @Option(help: "Steps complete with the first workers-minus-this pushes; the late ones' samples go to the next step (default: \(defaults.backupWorkers)).")
     var backupWorkers: Int?
+    @Option(help: "With backup workers: apply a left-out worker's push up to this many steps late (default: \(defaults.staleness)).")
+    var staleness: Int?
     @Option(help: "Local SGD / DiLoCo: steps each worker takes on its own between averages; 1: synchronous (default: \(defaults.syncEvery)).")
     var syncEvery: Int?
     @Option(help: "With --sync-every > 1, the coordinator's optimizer over the averaged changes: nesterov or sgd (default: \(defaults.outerOptimizer)).")
@@ -99,7 +101,7 @@ struct JobOptions: ParsableArguments {
         o["weight_decay"] = weightDecay.map { Double($0) }; o["schedule"] = schedule; o["warmup_steps"] = warmupSteps
         o["step_every"] = stepEvery; o["gamma"] = gamma.map { Double($0) }; o["min_learning_rate"] = minLearningRate.map { Double($0) }
         o["clip_norm"] = clipNorm.map { Double($0) }; o["seed"] = seed; o["test_fraction"] = testFraction
-        o["workers"] = workers; o["balance"] = balance; o["backup_workers"] = backupWorkers
+        o["workers"] = workers; o["balance"] = balance; o["backup_workers"] = backupWorkers; o["staleness"] = staleness
         o["sync_every"] = syncEvery; o["outer_optimizer"] = outerOptimizer
         o["outer_lr"] = outerLr.map { Double($0) }; o["outer_momentum"] = outerMomentum.map { Double($0) }
         o["min_workers"] = minWorkers; o["blas_threads"] = blasThreads

@@ -31,6 +31,12 @@ struct BadInputTests {
         #expect(throws: JobSpecError.invalid("backup_workers needs coordinator_shards = 1 (the leader alone decides which pushes a step uses)")) {
             try JobSpec.load(path: nil, overrides: ["workers": 3, "backup_workers": 1, "coordinator_shards": 2])
         }
+        #expect(throws: JobSpecError.invalid("staleness needs coordinator_shards = 1 (a late push is applied by the leader alone)")) {
+            try JobSpec.load(path: nil, overrides: ["workers": 3, "backup_workers": 1, "staleness": 2, "coordinator_shards": 2])
+        }
+        #expect(throws: JobSpecError.invalid("staleness needs backup_workers >= 1 (only a step completed without a worker leaves a push to come late)")) {
+            try JobSpec.load(path: nil, overrides: ["staleness": 2])
+        }
         #expect(throws: JobSpecError.invalid("sync_every must be at least 1 (1: synchronous SGD), got 0")) {
             try JobSpec.load(path: nil, overrides: ["sync_every": 0])
         }

@@ -187,6 +187,54 @@ import Testing
         #expect(h.lines.messages.contains { $0.contains("step 0 completed without rank 2") })
     }
 
+    /// Bounded staleness (`staleness: 1` with a backup worker): the late worker's push for the step before
+    /// is applied in the current step (its samples are not carried); a push two steps late is refused with
+    /// the reason; before the epoch's last step the samples still waiting are carried into it; every position
+    /// of the epoch is trained exactly once.
+    @Test func latePushesWithinTheStalenessAreAppliedAndOlderOnesRefused() throws {
+        let h = try Harness(["workers": 3, "backup_workers": 1, "staleness": 1, "epochs": 1])
+        for peer in [a, b, c] { #expect(try h.join(peer) != nil) }
+        let sampler = h.leader.model!.sampler
+        var trained: [UInt64] = [], batchSizes: [UInt64] = [], shareOfC: [UInt64: ParameterUpdate] = [:]
+        func train(_ update: ParameterUpdate) { for r in update.samples { trained += Array(r.start..<r.start + r.count) } }
+        let last = UInt64(sampler.stepsPerEpoch - 1)
+        for step in 0...last {
+            var shares: [Int32: ParameterUpdate] = [:]
+            for (peer, rank) in [(a, Int32(0)), (b, Int32(1)), (c, Int32(2))] {
+                let (s, update) = try #require(h.lastUpdate(peer, in: h.transport.take(for: peer)), "no update for rank \(rank) at step \(step)")
+                #expect(s == step)
+                shares[rank] = update
+            }
+            batchSizes.append(shares.values.reduce(0) { $0 + h.samples($1) })
+            shareOfC[step] = shares[2]!
+            for (peer, rank) in [(a, Int32(0)), (b, Int32(1))] {
+                h.push(from: peer, rank: rank, step: step, samples: h.samples(shares[rank]!), value: 0.01)
+                train(shares[rank]!)
+            }
+            if step >= 1 && step + 2 <= last {  // c's push for the step before, one step late: applied in this step
+                h.push(from: c, rank: 2, step: step - 1, samples: h.samples(shareOfC[step - 1]!), value: 0.01)
+                train(shareOfC[step - 1]!)
+            }
+            if step == last {  // c's push for step last-2 comes two steps late: refused, its samples were carried
+                h.push(from: c, rank: 2, step: last - 2, samples: h.samples(shareOfC[last - 2]!), value: 0.01)
+            }
+            try h.run()
+            if step == last {
+                #expect(h.transport.take(for: c).contains { if case .error(let e) = $0.body { e.code == .pushRefused && e.reason.contains("more than staleness 1") } else { false } })
+                #expect(h.leader.round.step == Int(step), "the epoch's last step waits for every worker")
+                h.push(from: c, rank: 2, step: step, samples: h.samples(shares[2]!), value: 0.01)
+                train(shares[2]!)
+                try h.run()
+            }
+            #expect(h.leader.round.step == Int(step) + 1)
+        }
+        #expect(trained.sorted() == (0..<UInt64(sampler.sampleCount)).map { $0 }, "every position of the epoch once")
+        #expect(batchSizes[1] == 64 && batchSizes[2] == 64, "a late push's samples are not carried while it may come")
+        #expect(batchSizes[Int(last)] == UInt64(sampler.sampleCount) - 64 * last + 2 * 21,
+                "before the last step the samples still waiting (c's shares of the two steps before) are carried into it")
+        #expect(h.leader.status().rejectedMessages == 0)
+    }
+
     /// `sync_every: 4`: a step is a round; each worker gets its share of each of the round's data steps,
     /// one run per inner step, with the first inner step's index; the epoch's last round is shorter; every
     /// position of the epoch is assigned once; the outer optimizer steps by the averaged change.

@@ -70,6 +70,7 @@ final class Leader: ShardServer {
         now = clock
         started = clock()
         membership = Membership(workers: spec.workers)
+        round.staleness = spec.staleness
         recorder = Recorder(directory: directory, log: logger)
         if let model { try serve(model) }
         recorder.metrics.regression = spec.task == "regression"
@@ -435,7 +436,7 @@ final class Leader: ShardServer {
         guard live.count >= max(spec.minWorkers, 1), answered.count >= pushesNeeded(live: live.count) else { return }
         let leftOut = live.filter { !answered.contains($0) }
         refuseWhatFollowersRefused(answered)
-        let contributions = round.contributions(of: answered)
+        let contributions = round.contributions(of: answered) + round.latePushes
         if let loss = Self.divergedLoss(contributions) {
             recorder.recordDivergedLoss(loss)  // the summary, status and metrics show the loss that ended it
             return diverged("the training loss of step \(round.step) is \(loss)")
@@ -458,7 +459,8 @@ final class Leader: ShardServer {
         recorder.recordStep(round.step, seconds: seconds, loss: loss, learningRate: shard.optimizer.learningRate, samples: samples, correct: correct,
                             workerSeconds: used.isEmpty ? [] : membership.live.map { ($0.rank, $0.lastStepSeconds) },
                             workerSamples: round.assignment.keys.sorted().map { ($0, Int(round.assignedCount(of: $0) ?? 0)) },
-                            leftOut: leftOut, liveWorkers: membership.liveCount, jobID: spec.jobID, now: now())
+                            leftOut: leftOut, late: used.compactMap { c in c.lateStep.map { (c.rank, $0, Int(c.sampleCount)) } },
+                            liveWorkers: membership.liveCount, jobID: spec.jobID, now: now())
         carryOver(leftOut)
         advance(trainLoss: loss, applyOptimizer: samples > 0)
     }
@@ -503,9 +505,19 @@ final class Leader: ShardServer {
 
     /// Records that the step completes without `ranks` (late, with backup workers) and carries their
     /// samples into the next step's batch (with none left out, nothing is carried); their pushes for it are
-    /// late from now on.
+    /// late from now on. With `staleness` their samples wait for those pushes instead, and only the samples
+    /// of pushes that can no longer come in time (or, before an epoch's last step, all) are carried.
     func carryOver(_ ranks: [Int32]) {
-        carried = ranks.flatMap { round.assignment[$0] ?? [] }.map { Int($0.start)..<Int($0.start + $0.count) }
+        let next = round.step + 1
+        var again: [SampleRange]
+        if spec.staleness > 0 {  // their pushes may still come: their samples wait, up to the staleness or the epoch's end
+            for rank in ranks { round.awaiting[rank, default: [:]][round.step] = round.assignment[rank] ?? [] }
+            let nextIsLastOfEpoch = (next + 1) % stepsPerEpoch == 0 || next + 1 >= totalSteps
+            again = round.expireAwaiting(before: nextIsLastOfEpoch ? next : next - spec.staleness)
+        } else {
+            again = ranks.flatMap { round.assignment[$0] ?? [] }
+        }
+        carried = again.map { Int($0.start)..<Int($0.start + $0.count) }
         round.leftOut = Set(ranks)
         for rank in ranks {
             membership.update(rank) {
@@ -615,7 +627,8 @@ final class Leader: ShardServer {
             return diverged("parameter '\(bad.name)' holds a value that is NaN or infinite after step \(round.step)")
         }
         recorder.writeCheckpoint(step: round.step, stepsPerEpoch: stepsPerEpoch, shard: shard, spec: spec,
-                                 model: model!.description(step: round.step, spec: spec), rankTokens: membership.rankTokens, carried: carried)
+                                 model: model!.description(step: round.step, spec: spec), rankTokens: membership.rankTokens,
+                                 carried: carried + round.awaitedSamples.map { Int($0.start)..<Int($0.start + $0.count) })
         if spec.checkpointFailureLimit > 0 && recorder.failedCheckpointsInARow >= spec.checkpointFailureLimit && !phase.isFinished {
             fail("\(recorder.failedCheckpointsInARow) checkpoints in a row could not be written (last: \(recorder.lastCheckpointFailure)); "
                  + "free space and resume (checkpoint_failure_limit \(spec.checkpointFailureLimit))")

@@ -92,7 +92,8 @@ struct Recorder {
     /// times, assigned samples and the ranks it was completed without (for the step log); writes the
     /// metrics at most once a second.
     mutating func recordStep(_ step: Int, seconds: Double, loss: Float, learningRate: Float, samples: Int, correct: Int,
-                             workerSeconds: [(Int32, Double)], workerSamples: [(Int32, Int)] = [], leftOut: [Int32] = [], liveWorkers: Int,
+                             workerSeconds: [(Int32, Double)], workerSamples: [(Int32, Int)] = [], leftOut: [Int32] = [],
+                             late: [(rank: Int32, step: Int, samples: Int)] = [], liveWorkers: Int,
                              jobID: String, now: Double) {
         recentStepSeconds.append(seconds)
         if recentStepSeconds.count > 50 { recentStepSeconds.removeFirst() }
@@ -105,7 +106,7 @@ struct Recorder {
         for rank in leftOut { epochLeftOut[rank, default: 0] += 1 }
         let workers = workerSeconds.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",")
         let shares = workerSamples.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",")
-        stepLog.append("{\"step\":\(step),\"seconds\":\(seconds),\"loss\":\(JobJSON.number(loss)),\"learning_rate\":\(JobJSON.number(learningRate)),\"workers\":{\(workers)},\"samples\":{\(shares)}\(leftOut.isEmpty ? "" : ",\"left_out\":[\(leftOut.map(String.init).joined(separator: ","))]")}")
+        stepLog.append("{\"step\":\(step),\"seconds\":\(seconds),\"loss\":\(JobJSON.number(loss)),\"learning_rate\":\(JobJSON.number(learningRate)),\"workers\":{\(workers)},\"samples\":{\(shares)}\(leftOut.isEmpty ? "" : ",\"left_out\":[\(leftOut.map(String.init).joined(separator: ","))]")\(late.isEmpty ? "" : ",\"late\":[\(late.map { "{\"rank\":\($0.rank),\"step\":\($0.step),\"samples\":\($0.samples)}" }.joined(separator: ","))]")}")
         metrics.steps = step + 1
         metrics.samples += samples
         metrics.trainLoss = loss

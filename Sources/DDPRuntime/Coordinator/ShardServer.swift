@@ -97,8 +97,11 @@ extension ShardServer {
         switch outcome {
         case .dropped(let why):
             reject(why, from: rank)
-        case .late(let complete):
+        case .late(let complete), .storedLate(let complete):
             if complete { membership.update(rank) { $0.measure(push) } }
+        case .lateRefused(let reason):
+            log.info("rank \(rank): \(reason)")
+            try? send(.error(ErrorReply(code: .pushRefused, reason: reason)), to: member.peer, step: message.step, rank: rank)
         case .refused(let problem):
             reject("gradient of rank \(rank) at step \(round.step) skipped: \(problem)", from: rank)
             try? send(.error(ErrorReply(code: .pushRefused, reason: "push for step \(round.step) refused: \(problem)")), to: member.peer,

@@ -9,6 +9,8 @@ struct Contribution {
     /// In parameter order, the tensors of this coordinator shard set; empty when the push was refused.
     let gradients: [Payload?]
     var dtype: DType = .f32
+    /// For a late push applied within the staleness: the earlier step it was computed for.
+    var lateStep: Int?
 
     /// A push that was refused: it counts as answered, with no samples.
     static func refused(rank: Int32) -> Contribution { Contribution(rank: rank, sampleCount: 0, loss: 0, correct: 0, gradients: []) }
@@ -47,6 +49,11 @@ enum PushOutcome {
     /// For an earlier step, from a worker the step before was completed without: dropped as expected
     /// (`complete` on its last part, whose compute time still measures the worker).
     case late(complete: Bool)
+    /// A late push within the staleness, stored for this round to apply (`complete` on its last part).
+    case storedLate(complete: Bool)
+    /// A late push that cannot be applied (older than the staleness, or wrong): the worker is told why;
+    /// the step in progress is not affected.
+    case lateRefused(String)
     /// Breaks a rule of the round: this worker's share counts as empty; it is told why.
     case refused(String)
 }
@@ -57,12 +64,22 @@ enum PushOutcome {
 struct StepRound {
     var step = 0
     var attempt: UInt32 = 0
+    /// The job's `staleness`: how many steps late a left-out worker's push may still be applied.
+    var staleness = 0
     /// The samples each worker was assigned: ranges of positions in the epoch's permutation (the
     /// leader's; a follower leaves the counts to it).
     var assignment: [Int32: [SampleRange]] = [:]
     /// The ranks the step before was completed without (`backup_workers`): their pushes for earlier steps
     /// are late.
     var leftOut: Set<Int32> = []
+    /// With `staleness`: the earlier steps each left-out rank's push may still be applied for, and the
+    /// samples it was assigned; late pushes complete for this round to apply, and those still in parts;
+    /// the samples of late pushes refused for being wrong (to be trained again).
+    var awaiting: [Int32: [Int: [SampleRange]]] = [:]
+    private(set) var latePushes: [Contribution] = []
+    private var latePartials: [LatePush: PartialPush] = [:]
+    var returned: [SampleRange] = []
+    private struct LatePush: Hashable { let rank: Int32; let step: Int }
     private(set) var contributions: [Int32: Contribution] = [:]
     private(set) var partials: [Int32: PartialPush] = [:]
     var early = EarlyAverage()
@@ -71,8 +88,10 @@ struct StepRound {
     /// A worker was lost before the round completed: it must be sent again, re-divided.
     var mustRedo = false
 
-    /// Begins attempt `attempt` of `step`: every push so far is dropped.
+    /// Begins attempt `attempt` of `step`: every push so far is dropped (late pushes for earlier steps
+    /// are kept for the step's next attempt, and forgotten with a new step, which applied them).
     mutating func begin(step: Int, attempt: UInt32) {
+        if step != self.step { latePushes.removeAll() }
         self.step = step
         self.attempt = attempt
         contributions.removeAll(keepingCapacity: true)
@@ -101,7 +120,14 @@ struct StepRound {
         parameterCount: Int, owned: [Int], dtype: DType, validate: ([WireTensor], [Payload?]) -> String?
     ) -> PushOutcome {
         guard step == UInt64(self.step) else {
-            if step < UInt64(self.step) && leftOut.contains(rank) { return .late(complete: !push.moreParts) }
+            if step < UInt64(self.step), let ranges = awaiting[rank]?[Int(step)] {
+                return receiveLate(push, step: Int(step), rank: rank, ranges: ranges, tensors: tensors, indexOf: indexOf, nameOf: nameOf,
+                                   parameterCount: parameterCount, owned: owned, dtype: dtype, validate: validate)
+            }
+            if step < UInt64(self.step) && leftOut.contains(rank) {
+                return staleness > 0 ? .lateRefused("push for step \(step) came at step \(self.step), more than staleness \(staleness) steps late; its samples went to a later step")
+                    : .late(complete: !push.moreParts)
+            }
             return .dropped("push for step \(step) while at step \(self.step)")
         }
         guard push.attempt == attempt else { return .dropped("push for attempt \(push.attempt) of step \(self.step), now at attempt \(attempt)") }
@@ -132,6 +158,60 @@ struct StepRound {
         contributions[rank] = Contribution(rank: rank, sampleCount: push.sampleCount, loss: push.localLoss, correct: push.localCorrect,
                                            gradients: partial.gradients, dtype: dtype)
         return .stored(arrived: arrived, complete: true)
+    }
+
+    /// Takes a part of a late push for `step` whose samples (`ranges`) still wait for it: stored whole for
+    /// this round to apply, or refused (its samples returned for training again) when it breaks a rule.
+    private mutating func receiveLate(
+        _ push: GradientPush, step: Int, rank: Int32, ranges: [SampleRange], tensors: [WireTensor], indexOf: (String) -> Int?,
+        nameOf: (Int) -> String, parameterCount: Int, owned: [Int], dtype: DType, validate: ([WireTensor], [Payload?]) -> String?
+    ) -> PushOutcome {
+        let key = LatePush(rank: rank, step: step)
+        var partial = latePartials[key] ?? PartialPush(sampleCount: push.sampleCount, gradients: Array(repeating: nil, count: parameterCount))
+        let expected = ranges.reduce(0) { $0 + $1.count }
+        var problem = push.sampleCount != expected ? "it declares \(push.sampleCount) samples, but \(expected) were assigned to rank \(rank) for step \(step)"
+            : push.part != partial.nextPart ? "part \(push.part) of the late push arrived where part \(partial.nextPart) was due"
+            : validate(tensors, partial.gradients)
+        if problem == nil {
+            for tensor in tensors { partial.gradients[indexOf(tensor.name)!] = tensor.payload }
+            if push.moreParts {
+                partial.nextPart += 1
+                latePartials[key] = partial
+                return .storedLate(complete: false)
+            }
+            if let missing = owned.first(where: { partial.gradients[$0] == nil }) { problem = "'\(nameOf(missing))' and others missing" }
+        }
+        latePartials[key] = nil
+        awaiting[rank]?[step] = nil
+        if let problem {
+            returned += ranges
+            return .lateRefused("late push for step \(step) refused: \(problem); its samples go to a later step")
+        }
+        var late = Contribution(rank: rank, sampleCount: push.sampleCount, loss: push.localLoss, correct: push.localCorrect,
+                                gradients: partial.gradients, dtype: dtype)
+        late.lateStep = step
+        latePushes.append(late)
+        return .storedLate(complete: true)
+    }
+
+    /// Ends the wait for late pushes of steps before `step` (older than the staleness allows, or all of
+    /// them at an epoch's end): returns their samples, with those of refused late pushes, to be trained again.
+    mutating func expireAwaiting(before step: Int) -> [SampleRange] {
+        var expired = returned
+        returned = []
+        for rank in awaiting.keys.sorted() {
+            for (late, ranges) in awaiting[rank]!.sorted(by: { $0.key < $1.key }) where late < step {
+                expired += ranges
+                awaiting[rank]![late] = nil
+                latePartials[LatePush(rank: rank, step: late)] = nil
+            }
+        }
+        return expired
+    }
+
+    /// The samples still waiting for a late push, in rank and step order (a checkpoint carries them).
+    var awaitedSamples: [SampleRange] {
+        awaiting.keys.sorted().flatMap { rank in awaiting[rank]!.sorted { $0.key < $1.key }.flatMap(\.value) }
     }
 
     /// `rank`'s push this round counts as answered with no samples.
