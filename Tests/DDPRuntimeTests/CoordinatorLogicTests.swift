@@ -66,6 +66,17 @@ import Testing
         }
 
         func samples(_ update: ParameterUpdate) -> UInt64 { update.samples.reduce(0) { $0 + $1.count } }
+
+        /// The update each of `peers` (ranks 0, 1, ... in order) got last, which must be for `step`.
+        func updates(step: UInt64, peers: [PeerID]) throws -> [Int32: ParameterUpdate] {
+            var updates: [Int32: ParameterUpdate] = [:]
+            for (rank, peer) in peers.enumerated() {
+                let (s, update) = try #require(lastUpdate(peer, in: transport.take(for: peer)), "no update for rank \(rank) at step \(step)")
+                #expect(s == step)
+                updates[Int32(rank)] = update
+            }
+            return updates
+        }
     }
 
     let a: PeerID = [1], b: PeerID = [2], c: PeerID = [3]
@@ -155,12 +166,7 @@ import Testing
         let sampler = h.leader.model!.sampler
         var trained: [UInt64] = [], batchSizes: [UInt64] = [], lateShare: (step: UInt64, samples: UInt64)?
         for step in 0..<UInt64(sampler.stepsPerEpoch) {
-            var shares: [Int32: ParameterUpdate] = [:]
-            for (peer, rank) in [(a, Int32(0)), (b, Int32(1)), (c, Int32(2))] {
-                let (s, update) = try #require(h.lastUpdate(peer, in: h.transport.take(for: peer)), "no update for rank \(rank) at step \(step)")
-                #expect(s == step)
-                shares[rank] = update
-            }
+            let shares = try h.updates(step: step, peers: [a, b, c])
             batchSizes.append(shares.values.reduce(0) { $0 + h.samples($1) })
             for rank in [Int32(0), 1] {
                 h.push(from: rank == 0 ? a : b, rank: rank, step: step, samples: h.samples(shares[rank]!), value: 0.01)
@@ -199,12 +205,7 @@ import Testing
         func train(_ update: ParameterUpdate) { for r in update.samples { trained += Array(r.start..<r.start + r.count) } }
         let last = UInt64(sampler.stepsPerEpoch - 1)
         for step in 0...last {
-            var shares: [Int32: ParameterUpdate] = [:]
-            for (peer, rank) in [(a, Int32(0)), (b, Int32(1)), (c, Int32(2))] {
-                let (s, update) = try #require(h.lastUpdate(peer, in: h.transport.take(for: peer)), "no update for rank \(rank) at step \(step)")
-                #expect(s == step)
-                shares[rank] = update
-            }
+            let shares = try h.updates(step: step, peers: [a, b, c])
             batchSizes.append(shares.values.reduce(0) { $0 + h.samples($1) })
             shareOfC[step] = shares[2]!
             for (peer, rank) in [(a, Int32(0)), (b, Int32(1))] {
