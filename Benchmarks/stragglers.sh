@@ -112,7 +112,8 @@ swift_run() {
   local data_steps; data_steps=$(python3 -c "
 import json
 rows = [json.loads(l) for l in open('$dir/job/steps.jsonl')]
-trained = sum(sum(v for k, v in r['samples'].items() if int(k) not in r.get('left_out', [])) for r in rows)
+trained = sum(sum(v for k, v in r['samples'].items() if int(k) not in r.get('left_out', []))
+              + sum(late['samples'] for late in r.get('late', [])) for r in rows)
 print(f'{1000 * sum(r[\"seconds\"] for r in rows) / max(1, trained) * 64:.1f}')")
   local scaled="-"
   [ "$seconds" != "-" ] && scaled=$(python3 -c "print(f'{$moved * $hit_epochs / max($ran, 1) / 1e6:.1f}')")
