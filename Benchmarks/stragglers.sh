@@ -5,30 +5,41 @@
 # to 100 Mbit/s and 1 Gbit/s (and any other --rates, e.g. 10gbit, where compute rather than the link bounds a
 # step).
 #
-#   sudo Benchmarks/stragglers.sh [--rates "100mbit 1gbit"] [--epochs 8] [--target 0.95] [--out DIR]
+#   sudo Benchmarks/stragglers.sh [--rates "100mbit 1gbit"] [--epochs 8] [--target 0.95]
+#                                 [--layout colocated|dedicated] [--modes "sync backup torch ..."] [--out DIR]
 #
 # The hosts are network namespaces (scripts/netns-hosts.sh: a bridge, 1 ms delay, each host's egress limited
-# to the rate): the coordinator on host 0, workers on hosts 1 and 2 (PyTorch's two ranks on hosts 1 and 2,
-# rank 0's host being their rendezvous). The job: the bundled digits, MLP 64-512-512-10, SGD lr 0.1 momentum
-# 0.9, global batch 64, at most --epochs epochs (each run stops when it ends; PyTorch stops at the target).
-# The slowed worker (rank 1 on host 2) is stopped 10 ms of every 20 (SIGSTOP/SIGCONT) from the start; the
-# "all fast" row is the synchronous job without it. Bytes are the host's interface counters (received +
-# sent) over the run, scaled to the epochs that reached the target: the coordinator's host for SwiftDDP (a
-# star), PyTorch's rank 0 for gloo (a ring of two).
+# to the rate): workers on hosts 1 and 2, as PyTorch's two ranks (rank 0's host being their rendezvous); the
+# coordinator beside worker 0 on host 1 (--layout colocated, the default: the two hosts PyTorch has) or on a
+# host of its own, host 0 (--layout dedicated: a star through host 0's link). --modes picks rows by their
+# labels (all-fast sync sync-bf16 backup stale balance diloco8 diloco32 torch; default all). The job: the
+# bundled digits, MLP 64-512-512-10, SGD lr 0.1 momentum 0.9, global batch 64, at most --epochs epochs (each
+# run stops when it ends; PyTorch stops at the target). The slowed worker (rank 1 on host 2) is stopped 10 ms
+# of every 20 (SIGSTOP/SIGCONT) from the start; the "all fast" row is the synchronous job without it. Bytes
+# are the interface counters (received + sent) over the run, scaled to the epochs that reached the target, of
+# the coordinator's host for SwiftDDP and of PyTorch's rank 0 (a ring of two) for gloo.
 # Needs root, iproute2, a release build (swift build -c release) and, for the PyTorch row, the peer
 # environment (scripts/setup-peer.sh; PEER_PYTHON, default ~/peer/bin/python). Prints a Markdown table.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-rates="100mbit 1gbit"; epochs=8; target=0.95; out=""
+rates="100mbit 1gbit"; epochs=8; target=0.95; out=""; layout=colocated
+modes="all-fast sync sync-bf16 backup stale balance diloco8 diloco32 torch"
 while [ $# -gt 0 ]; do
   case "$1" in
     --rates) rates="$2"; shift 2 ;;
     --epochs) epochs="$2"; shift 2 ;;
     --target) target="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
-    *) echo "usage: stragglers.sh [--rates \"100mbit 1gbit\"] [--epochs N] [--target ACC] [--out DIR]" >&2; exit 64 ;;
+    --layout) layout="$2"; shift 2 ;;
+    --modes) modes="$2"; shift 2 ;;
+    *) echo "usage: stragglers.sh [--rates \"100mbit 1gbit\"] [--epochs N] [--target ACC] [--layout colocated|dedicated] [--modes \"sync torch ...\"] [--out DIR]" >&2; exit 64 ;;
   esac
 done
+case "$layout" in
+  colocated) coordinator_host=1 ;;
+  dedicated) coordinator_host=0 ;;
+  *) echo "stragglers.sh: --layout is colocated or dedicated, not '$layout'" >&2; exit 64 ;;
+esac
 [ "$(id -u)" -eq 0 ] || { echo "stragglers.sh needs root (network namespaces)" >&2; exit 1; }
 bin="$root/.build/release"
 [ -x "$bin/ddpd" ] || { echo "no release build: run swift build -c release first" >&2; exit 1; }
@@ -80,13 +91,15 @@ EOF
 # Runs SwiftDDP's job with extra keys "$@" as run "$label" (slowed unless $fast), prints a table row.
 swift_run() {
   local label="$1" mode="$2" fast="$3"; shift 3
+  case " $modes " in *" $label "*) ;; *) return 0 ;; esac
   local dir="$out/$rate-$label" id="stragglers-$rate-$label"
   rm -rf "$dir"; mkdir -p "$dir"
   local keys=(--set job_id="$id" --set workers=2 --set dataset=digits --set 'hidden=[512,512]' --set batch_size=64
               --set epochs="$epochs" --set blas_threads=1 --set shared_memory=false --set checkpoint_every=0)
   for k in "$@"; do keys+=(--set "$k"); done
-  local before; before=$(bytes "${prefix}0")
-  ip netns exec "${prefix}0" "$bin/ddpd" coordinator "${keys[@]}" --bind "tcp://$subnet.10:0" --insecure --job-dir "$dir/job" \
+  local host="$prefix$coordinator_host"
+  local before; before=$(bytes "$host")
+  ip netns exec "$host" "$bin/ddpd" coordinator "${keys[@]}" --bind "tcp://$subnet.$((10 + coordinator_host)):0" --insecure --job-dir "$dir/job" \
     > "$dir/coordinator.out" 2> "$dir/coordinator.err" &
   local coordinator=$!
   local endpoint=""
@@ -105,7 +118,7 @@ swift_run() {
   wait "$coordinator" || true
   wait 2>/dev/null || true
   slow_pid=""
-  local moved=$(( $(bytes "${prefix}0") - before ))
+  local moved=$(( $(bytes "$host") - before ))
   read -r seconds steps hit_epochs < <(to_target "$dir/job/history.jsonl")
   local ran; ran=$(wc -l < "$dir/job/history.jsonl")
   local wall; wall=$(python3 -c "import json; print(round(json.load(open('$dir/job/summary.json'))['wall_seconds'], 1))")
@@ -122,6 +135,7 @@ print(f'{1000 * sum(r[\"seconds\"] for r in rows) / max(1, trained) * 64:.1f}')"
 
 # PyTorch DDP on gloo, rank 0 on host 1 and rank 1 (slowed) on host 2.
 torch_run() {
+  case " $modes " in *" torch "*) ;; *) return 0 ;; esac
   local dir="$out/$rate-torch"
   rm -rf "$dir"; mkdir -p "$dir"
   [ -x "$peer" ] || { echo "| $rate | PyTorch DDP gloo | (no peer environment: scripts/setup-peer.sh) | | | | |"; return 0; }
