@@ -59,6 +59,13 @@ public struct JobDirectory: Sendable {
         return data.split(separator: UInt8(ascii: "\n")).compactMap { try? decoder.decode(EpochRecord.self, from: Data($0)) }
     }
 
+    /// The steps logged so far (a line that does not decode, e.g. cut by a crash, is skipped).
+    func loggedSteps() -> [LoggedStep] {
+        guard let data = FileManager.default.contents(atPath: stepLogPath) else { return [] }
+        let decoder = JobJSON.decoder()
+        return data.split(separator: UInt8(ascii: "\n")).compactMap { try? decoder.decode(LoggedStep.self, from: Data($0)) }
+    }
+
     /// Cuts the history and the step log back to what a checkpoint at `step` had seen (a resumed job
     /// computes the later steps again); returns the history kept.
     func cutBack(toStep step: Int) throws -> [EpochRecord] {
@@ -137,6 +144,20 @@ public struct Endpoints: Codable, Sendable, Equatable {
 }
 
 /// One finished epoch.
+/// A line of `steps.jsonl`, as far as the totals of a resumed epoch need it.
+struct LoggedStep: Decodable {
+    let step: Int
+    let loss: Float
+    /// The samples whose gradients the step used, and how many of them were classified right (absent
+    /// from lines written before the log had them).
+    let trained: Int?
+    let correct: Int?
+    /// The ranks the step was completed without (backup workers).
+    let leftOut: [Int32]?
+
+    enum CodingKeys: String, CodingKey { case step, loss, trained, correct, leftOut = "left_out" }
+}
+
 public struct EpochRecord: Codable, Sendable, Equatable {
     public var epoch: Int
     public var step: Int

@@ -80,7 +80,8 @@ struct FaultTests {
         let clean = try finalParameters(JobDirectory(path: (cleanSummary.modelPath as NSString).deletingLastPathComponent))
 
         let job = try startDetachedJob(arguments, jobsDir: jobs)
-        #expect(waitUntil(timeout: 60) { currentStep(job) >= 70 })
+        // 12 steps an epoch and a checkpoint every 20: killed past step 90, it resumes inside an epoch (at 80 or 100).
+        #expect(waitUntil(timeout: 60) { currentStep(job) >= 90 })
         let coordinator = try #require(job.endpoints()).pid
         kill(coordinator, SIGKILL)
         #expect(waitUntil(timeout: 120) { job.summary() != nil })
@@ -99,6 +100,9 @@ struct FaultTests {
             .compactMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }.compactMap { $0["step"] as? Int }
         #expect(steps == Array(0..<cleanSummary.steps), "each step once, in order")
         #expect(job.history().map(\.epoch) == Array(1...25))
+        // The epoch it resumed in counts its steps from before the kill too.
+        #expect(job.history().map(\.trainLoss) == cleanJob.history().map(\.trainLoss))
+        #expect(job.history().map(\.trainAccuracy) == cleanJob.history().map(\.trainAccuracy))
         let resumed = try finalParameters(job)
         #expect(resumed.map(\.name) == clean.map(\.name))
         for (a, b) in zip(resumed, clean) { #expect(a.values == b.values, "\(a.name) differs from the uninterrupted run") }

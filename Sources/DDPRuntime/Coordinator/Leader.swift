@@ -112,7 +112,7 @@ final class Leader: ShardServer {
             throw SafeTensorsError.invalid(checkpoint.path, "carried samples \(outside) lie outside the \(model!.sampler.sampleCount) training samples")
         }
         carried = checkpoint.carriedSamples
-        recorder.resume(from: checkpoint)
+        recorder.resume(from: checkpoint, stepsPerEpoch: stepsPerEpoch)
         if keepingRanks {
             membership.rankTokens = checkpoint.rankTokens
             membership.reservedUntil = now() + 3 * Double(spec.heartbeatTimeoutMs) / 1000

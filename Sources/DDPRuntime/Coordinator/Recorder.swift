@@ -61,15 +61,24 @@ struct Recorder {
         self.log = log
     }
 
-    /// Takes up a resumed job's record: the counters of its checkpoint, and the history and step log cut
-    /// back to its step.
-    mutating func resume(from checkpoint: Checkpoint) {
+    /// Takes up a resumed job's record: the counters of its checkpoint, the history and step log cut back
+    /// to its step, and the totals of the epoch it resumes in from the steps of that epoch already logged
+    /// (so that the epoch's train loss, accuracy and left-out steps cover all its steps).
+    mutating func resume(from checkpoint: Checkpoint, stepsPerEpoch: Int) {
         metrics.steps = checkpoint.step
         metrics.samples = checkpoint.samplesTrained
         guard let directory else { return }
         do { history = try directory.cutBack(toStep: checkpoint.step) } catch {
             history = directory.history().filter { $0.step <= checkpoint.step }
             log.error("could not cut the history and step log back to step \(checkpoint.step): \(error)")
+        }
+        let epochStart = checkpoint.step - checkpoint.step % max(stepsPerEpoch, 1)
+        for logged in directory.loggedSteps() where logged.step >= epochStart && logged.step < checkpoint.step {
+            guard let trained = logged.trained else { continue }  // a line from before the step log counted them
+            epochLoss.sum += Double(logged.loss) * Double(trained)
+            epochLoss.correct += logged.correct ?? 0
+            epochLoss.samples += trained
+            for rank in logged.leftOut ?? [] { epochLeftOut[rank, default: 0] += 1 }
         }
     }
 
@@ -106,7 +115,7 @@ struct Recorder {
         for rank in leftOut { epochLeftOut[rank, default: 0] += 1 }
         let workers = workerSeconds.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",")
         let shares = workerSamples.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",")
-        stepLog.append("{\"step\":\(step),\"seconds\":\(seconds),\"loss\":\(JobJSON.number(loss)),\"learning_rate\":\(JobJSON.number(learningRate)),\"workers\":{\(workers)},\"samples\":{\(shares)}\(leftOut.isEmpty ? "" : ",\"left_out\":[\(leftOut.map(String.init).joined(separator: ","))]")\(late.isEmpty ? "" : ",\"late\":[\(late.map { "{\"rank\":\($0.rank),\"step\":\($0.step),\"samples\":\($0.samples)}" }.joined(separator: ","))]")}")
+        stepLog.append("{\"step\":\(step),\"seconds\":\(seconds),\"loss\":\(JobJSON.number(loss)),\"learning_rate\":\(JobJSON.number(learningRate)),\"workers\":{\(workers)},\"samples\":{\(shares)},\"trained\":\(samples),\"correct\":\(correct)\(leftOut.isEmpty ? "" : ",\"left_out\":[\(leftOut.map(String.init).joined(separator: ","))]")\(late.isEmpty ? "" : ",\"late\":[\(late.map { "{\"rank\":\($0.rank),\"step\":\($0.step),\"samples\":\($0.samples)}" }.joined(separator: ","))]")}")
         metrics.steps = step + 1
         metrics.samples += samples
         metrics.trainLoss = loss
