@@ -13,7 +13,7 @@ public struct ChaosRun {
         case pauseWorker = "SIGSTOP/SIGCONT worker (past the step deadline)"
         case killCoordinator = "SIGKILL coordinator"
         case pauseCoordinator = "SIGSTOP/SIGCONT coordinator (under the heartbeat timeout)"
-        case corruptCheckpoint = "corrupt the newest checkpoint, then SIGKILL coordinator"
+        case corruptCheckpoint = "corrupt the newest checkpoint (when an older one remains), then SIGKILL coordinator"
         case pauseSupervisor = "SIGSTOP/SIGCONT supervisor"
         case killSupervisor = "SIGKILL supervisor (the round's last fault: nothing restarts after it)"
         case fullDisk = "a full disk under the job (a round of its own; needs root)"
@@ -43,22 +43,46 @@ public struct ChaosRun {
     public let seed: UInt64
     public let workers: Int
     public let epochs: Int
+    /// More job keys, `KEY=VALUE` as `ddpctl start --set` takes them (e.g. backup_workers=1, sync_every=4).
+    public let keys: [String]
+    /// Whether two runs of the job end bitwise alike (not with backup workers or `balance: speed`, whose
+    /// steps depend on timing): only then is a round that disturbed only the coordinator held to the clean
+    /// run's parameters bit for bit.
+    public let repeatsBitwise: Bool
+    /// The job as every run has it (the keys over the chaos job's own).
+    private let spec: JobSpec
     /// The fault schedule (the seed is printed, so a run can be repeated).
     private var generator: SeededGenerator
 
-    public init(ddpctl: String, jobsDir: String, seed: UInt64, workers: Int = 3, epochs: Int = 60) {
+    /// Fails when `keys` do not make a valid job.
+    public init(ddpctl: String, jobsDir: String, seed: UInt64, workers: Int = 3, epochs: Int = 60, keys: [String] = []) throws {
         self.ddpctl = ddpctl
         self.jobsDir = jobsDir
         self.seed = seed
         self.workers = workers
         self.epochs = epochs
+        self.keys = keys
+        let defaults: [String: Any] = ["workers": workers, "epochs": epochs, "checkpoint_every": Self.checkpointEvery]
+        spec = try JobSpec.load(path: nil, overrides: defaults.merging(try JobSpec.overrides(keys)) { $1 })
+        repeatsBitwise = spec.backupWorkers == 0 && spec.balance != "speed"
         generator = SeededGenerator(seed: seed)
     }
 
     /// The job's arguments (the same for the clean run and every round).
     private var arguments: [String] {
         ["--config", jobsDir + "/chaos-job.yaml", "--workers", "\(workers)", "--epochs", "\(epochs)", "--seed", "7",
-         "--checkpoint-every", "50", "--max-restarts", "5", "--jobs-dir", jobsDir]
+         "--checkpoint-every", "\(Self.checkpointEvery)", "--max-restarts", "5", "--jobs-dir", jobsDir] + keys.flatMap { ["--set", $0] }
+    }
+    private static let checkpointEvery = 50
+
+    /// Whether a round with `faults` must end bitwise like the clean run: the job's runs repeat bitwise and
+    /// no fault disturbed a worker; with local SGD, also no resume from a checkpoint older than the last
+    /// round (the workers' inner optimizer state has moved on: README, "Training semantics"), so a killed coordinator
+    /// counts only with a checkpoint every round, and a corrupted checkpoint never.
+    func holdsBitwise(_ faults: [Fault]) -> Bool {
+        guard repeatsBitwise && faults.allSatisfy(\.keepsBitwise) else { return false }
+        guard spec.isLocalSGD else { return true }
+        return !faults.contains(.corruptCheckpoint) && (spec.checkpointEvery == 1 || !faults.contains(.killCoordinator))
     }
 
     /// Runs rounds until `rounds` are done or `seconds` have passed (whichever first), calling `report`
@@ -123,7 +147,7 @@ public struct ChaosRun {
             if summary.steps != totalSteps { failures.append("\(summary.steps) steps, the clean run \(totalSteps)") }
             let samples = Self.metric("ddp_samples_total", in: job)
             if samples != clean.samples { failures.append("ddp_samples_total \(samples), the clean run \(clean.samples): a sample lost or seen twice") }
-            if faults.allSatisfy(\.keepsBitwise) {
+            if holdsBitwise(faults) {
                 if (try? Self.parameters(job)) != clean.parameters { failures.append("final parameters differ from the clean run's") }
             } else if abs(summary.testAccuracy - clean.summary.testAccuracy) > 0.01 {
                 failures.append("test accuracy \(summary.testAccuracy), the clean run \(clean.summary.testAccuracy)")
@@ -191,7 +215,9 @@ public struct ChaosRun {
             usleep(500_000)
             kill(coordinator, SIGCONT)
         case .corruptCheckpoint:
-            if let newest = Checkpoint.list(in: job).last, var bytes = FileManager.default.contents(atPath: newest), bytes.count > 8192 {
+            // With a single checkpoint nothing could be resumed: that the job then fails, naming it, is all it could do.
+            let checkpoints = Checkpoint.list(in: job)
+            if checkpoints.count >= 2, let newest = checkpoints.last, var bytes = FileManager.default.contents(atPath: newest), bytes.count > 8192 {
                 for i in (bytes.count - 4096)..<bytes.count { bytes[i] ^= 0x5A }
                 try? bytes.write(to: URL(fileURLWithPath: newest))
             }

@@ -11,8 +11,10 @@ struct Chaos: ParsableCommand {
             or the coordinator, a corrupt newest checkpoint then a coordinator kill), and checks that the job completes,
             counts every sample exactly once (the clean run's ddp_samples_total), ends bitwise like the clean run when
             only the coordinator was disturbed (else within 1 point of accuracy), leaves no process behind and that no
-            process crashed. The seed is printed; the same seed gives the same fault schedule.
-            Examples: ddpctl chaos --rounds 3; ddpctl chaos --minutes 10 --seed 42
+            process crashed. The seed is printed; the same seed gives the same fault schedule. --set adds job keys
+            (with backup_workers or balance: speed, whose steps depend on timing, no round is held to bitwise equality;
+            with sync_every > 1, none that resumed from a checkpoint older than the last round).
+            Examples: ddpctl chaos --rounds 3; ddpctl chaos --minutes 10 --seed 42; ddpctl chaos --set sync_every=4
             Exit status: 0 every round passed, 1 one failed (its job directory is kept).
             """)
     @Option(help: "Rounds to run (with --minutes: at most).") var rounds: Int?
@@ -21,12 +23,20 @@ struct Chaos: ParsableCommand {
     @Option(help: "Worker processes per job.") var workers = 3
     @Option(help: "Epochs per job.") var epochs = 60
     @Option(help: "Where the jobs go (default: a new temporary folder).") var jobsDir: String?
+    @Option(help: "A job key for every run: KEY=VALUE, as for ddpctl start (repeatable).") var set: [String] = []
 
     func run() throws {
         let seed = seed ?? UInt64.random(in: 0...UInt64(UInt32.max))
         let dir = jobsDir ?? NSTemporaryDirectory() + "ddp-chaos-\(seed)"
-        print("chaos: seed \(seed), jobs in \(dir)")
-        var chaos = ChaosRun(ddpctl: currentExecutable(), jobsDir: dir, seed: seed, workers: workers, epochs: epochs)
+        var chaos: ChaosRun
+        do {
+            chaos = try ChaosRun(ddpctl: currentExecutable(), jobsDir: dir, seed: seed, workers: workers, epochs: epochs, keys: set)
+        } catch {
+            SafeOutput.print("Error: invalid job: \((error as? JobSpecError)?.reason ?? Readable.message(error))\n", to: 2)
+            throw ExitCode(64)
+        }
+        print("chaos: seed \(seed), jobs in \(dir)" + (set.isEmpty ? "" : ", keys \(set.joined(separator: " "))")
+              + (chaos.repeatsBitwise ? "" : " (steps depend on timing: no round is held to bitwise equality)"))
         let limit = rounds ?? (minutes == nil ? 3 : Int.max)
         let done = try chaos.run(rounds: limit, seconds: (minutes ?? 1e9) * 60) { index, round in
             let faults = round.faults.map(\.rawValue).joined(separator: ", ")

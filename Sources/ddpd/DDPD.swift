@@ -65,9 +65,17 @@ struct CoordinatorCommand: ParsableCommand {
         let directory = spec.output.isEmpty || role != .leader ? nil : JobDirectory(path: spec.output)
         try directory?.create()
         TrainingSetup.useBLASThreads(of: spec)
-        let coordinator = try Coordinator(
-            spec: spec, workerEndpoint: bind, controlEndpoint: control, directory: directory,
-            resume: resume ? (newWorkers ? .withNewWorkers : .afterRestart) : nil, allowPlainText: insecure, role: role, logger: Logger(label: shard.map { "coordinator-shard-\($0)" } ?? "coordinator"))
+        let coordinator: Coordinator
+        do {
+            coordinator = try Coordinator(
+                spec: spec, workerEndpoint: bind, controlEndpoint: control, directory: directory,
+                resume: resume ? (newWorkers ? .withNewWorkers : .afterRestart) : nil, allowPlainText: insecure, role: role,
+                logger: Logger(label: shard.map { "coordinator-shard-\($0)" } ?? "coordinator"))
+        } catch {
+            // The job ends here (e.g. no checkpoint to resume verifies): its summary says why.
+            directory?.writeFailedSummary(spec: spec, message: "the coordinator could not start: \(Readable.message(error))")
+            throw error
+        }
         SafeOutput.print("workers=\(coordinator.workerEndpoint)\ncontrol=\(coordinator.controlEndpoint)\n")
         let summary = try coordinator.run()
         if role == .leader { SafeOutput.print(summary.jsonLine + "\n") }

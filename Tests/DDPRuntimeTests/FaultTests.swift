@@ -70,6 +70,28 @@ struct FaultTests {
         #expect(summary.message.contains("pid \(victim)"))
     }
 
+    /// A coordinator that cannot resume (every checkpoint fails to verify) ends the job with a summary that
+    /// says why, instead of leaving the supervisor to guess.
+    @Test func aCoordinatorThatCannotResumeSaysWhyInTheSummary() throws {
+        let jobs = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: jobs) }
+        let done = try #require(try startJob(["--workers", "1", "--epochs", "2", "--checkpoint-every", "5"], jobsDir: jobs).0)
+        let job = JobDirectory(path: (done.modelPath as NSString).deletingLastPathComponent)
+        let checkpoints = Checkpoint.list(in: job)
+        #expect(!checkpoints.isEmpty)
+        for path in checkpoints {
+            var bytes = try #require(FileManager.default.contents(atPath: path))
+            for i in (bytes.count - 64)..<bytes.count { bytes[i] ^= 0x5A }
+            try bytes.write(to: URL(fileURLWithPath: path))
+        }
+        try FileManager.default.removeItem(atPath: job.summaryPath)
+        let result = try runCommand(Binaries.ddpd, ["coordinator", "--config", job.specPath, "--job-dir", job.path, "--resume",
+                                                    "--bind", "ipc://\(jobs)/workers.sock", "--control", "ipc://\(jobs)/control.sock"])
+        #expect(result.status == 1)
+        let summary = try #require(job.summary(), "no summary written: \(result.stderr)")
+        #expect(summary.state == "failed" && summary.message.contains("no checkpoint verifies"), "\(summary.message)")
+    }
+
     /// With two coordinator shards the leader is killed: its follower is assigned again from the checkpoint.
     @Test(arguments: [1, 2])
     func killedCoordinatorResumesToTheSameParameters(shards: Int) throws {
@@ -179,12 +201,23 @@ struct FaultTests {
     }
 
     /// The chaos run's short form: two rounds of random faults on real jobs, each checked (complete, every
-    /// sample once, bitwise or within a point of the clean run, nothing left behind, no crash).
-    @Test func chaosRoundsPassTheirChecks() throws {
+    /// sample once, bitwise or within a point of the clean run, nothing left behind, no crash); synchronous,
+    /// with a backup worker, and local SGD.
+    @Test(arguments: [[String](), ["--set", "backup_workers=1"], ["--set", "sync_every=4", "--set", "outer_momentum=0.5"]])
+    func chaosRoundsPassTheirChecks(keys: [String]) throws {
         let dir = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let result = try runCommand(Binaries.ddpctl, ["chaos", "--rounds", "2", "--seed", "5", "--jobs-dir", dir + "/chaos"], timeout: 400)
+        let result = try runCommand(Binaries.ddpctl, ["chaos", "--rounds", "2", "--seed", "5", "--jobs-dir", dir + "/chaos"] + keys, timeout: 400)
         #expect(result.status == 0 && result.stdout.contains("2/2 rounds passed"), "\(result.stdout)\n\(result.stderr.suffix(500))")
+    }
+
+    /// Keys that make no valid job stop a chaos run before any job starts, naming the key.
+    @Test func chaosRefusesAnInvalidJob() throws {
+        let dir = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let result = try runCommand(Binaries.ddpctl, ["chaos", "--rounds", "1", "--jobs-dir", dir + "/chaos", "--set", "backup_workers=3"])
+        #expect(result.status == 64 && result.stderr.contains("backup_workers"), "\(result.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: dir + "/chaos"))
     }
 
     /// A worker sent SIGTERM leaves cleanly: it says Leave, its rank is `left` at once (no deadline
