@@ -23,7 +23,8 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 rates="100mbit 1gbit"; epochs=8; target=0.95; out=""; layout=colocated
-modes="all-fast sync sync-bf16 backup stale balance diloco8 diloco32 torch"
+all_modes="all-fast sync sync-bf16 backup stale balance diloco8 diloco32 torch"
+modes="$all_modes"
 while [ $# -gt 0 ]; do
   case "$1" in
     --rates) rates="$2"; shift 2 ;;
@@ -33,6 +34,12 @@ while [ $# -gt 0 ]; do
     --layout) layout="$2"; shift 2 ;;
     --modes) modes="$2"; shift 2 ;;
     *) echo "usage: stragglers.sh [--rates \"100mbit 1gbit\"] [--epochs N] [--target ACC] [--layout colocated|dedicated] [--modes \"sync torch ...\"] [--out DIR]" >&2; exit 64 ;;
+  esac
+done
+for mode in $modes; do
+  case " $all_modes " in
+    *" $mode "*) ;;
+    *) echo "stragglers.sh: unknown mode '$mode' ($all_modes)" >&2; exit 64 ;;
   esac
 done
 case "$layout" in
