@@ -31,8 +31,8 @@ while [ $# -gt 0 ]; do
     --epochs) epochs="$2"; shift 2 ;;
     --target) target="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
-    --layout) layout="$2"; shift 2 ;;
-    --modes) modes="$2"; shift 2 ;;
+    --layout) layout="${2:?--layout needs colocated or dedicated}"; shift 2 ;;
+    --modes) modes="${2:?--modes needs a list of labels}"; shift 2 ;;
     *) echo "usage: stragglers.sh [--rates \"100mbit 1gbit\"] [--epochs N] [--target ACC] [--layout colocated|dedicated] [--modes \"sync torch ...\"] [--out DIR]" >&2; exit 64 ;;
   esac
 done

@@ -59,11 +59,11 @@ public struct ChaosRun {
         self.ddpctl = ddpctl
         self.jobsDir = jobsDir
         self.seed = seed
-        self.workers = workers
-        self.epochs = epochs
         self.keys = keys
-        let defaults: [String: Any] = ["workers": workers, "epochs": epochs, "checkpoint_every": Self.checkpointEvery]
-        spec = try JobSpec.load(path: nil, overrides: defaults.merging(try JobSpec.overrides(keys)) { $1 })
+        let base: [String: Any] = ["workers": workers, "epochs": epochs, "checkpoint_every": Self.checkpointEvery]
+        spec = try JobSpec.load(path: nil, overrides: (Self.jobFileKeys as [String: Any]).merging(base) { $1 }.merging(try JobSpec.overrides(keys)) { $1 })
+        self.workers = spec.workers  // a --set workers= or epochs= wins, as in the runs
+        self.epochs = spec.epochs
         repeatsBitwise = spec.backupWorkers == 0 && spec.balance != "speed"
         generator = SeededGenerator(seed: seed)
     }
@@ -74,6 +74,9 @@ public struct ChaosRun {
          "--checkpoint-every", "\(Self.checkpointEvery)", "--max-restarts", "5", "--jobs-dir", jobsDir] + keys.flatMap { ["--set", $0] }
     }
     private static let checkpointEvery = 50
+    /// The chaos job file's keys: small batches, and deadlines short enough for faults to bite quickly.
+    private static let jobFileKeys: [String: Int] = ["batch_size": 32, "step_timeout_seconds": 1, "heartbeat_interval_ms": 200,
+                                                     "heartbeat_timeout_ms": 1500]
 
     /// Whether a round with `faults` must end bitwise like the clean run: the job's runs repeat bitwise and
     /// no fault disturbed a worker; with local SGD, also no resume from a checkpoint older than the last
@@ -89,7 +92,7 @@ public struct ChaosRun {
     /// after each; returns them.
     public mutating func run(rounds: Int, seconds: Double, report: (Int, Round) -> Void) throws -> [Round] {
         try FileManager.default.createDirectory(atPath: jobsDir, withIntermediateDirectories: true)
-        try "batch_size: 32\nstep_timeout_seconds: 1\nheartbeat_interval_ms: 200\nheartbeat_timeout_ms: 1500\n"
+        try Self.jobFileKeys.sorted { $0.key < $1.key }.map { "\($0.key): \($0.value)\n" }.joined()
             .write(toFile: jobsDir + "/chaos-job.yaml", atomically: true, encoding: .utf8)
         let clean = try runClean()
         var done: [Round] = []
@@ -180,7 +183,7 @@ public struct ChaosRun {
         defer { _ = try? Self.run("/bin/umount", ["-l", disk], timeout: 30) }
         var failures: [String] = []
         let args = ["start", "--json", "--config", jobsDir + "/chaos-job.yaml", "--workers", "\(workers)", "--epochs", "\(epochs)",
-                    "--jobs-dir", disk + "/j"]
+                    "--jobs-dir", disk + "/j"] + keys.flatMap { ["--set", $0] }
         let result = try Self.run(ddpctl, args, timeout: 240)
         let summary = try? JobJSON.decoder().decode(JobSummary.self, from: Data((result.output.split(separator: "\n").last ?? "").utf8))
         if ![0, 1].contains(result.status) { failures.append("ddpctl start exited with \(result.status) (a crash?)") }

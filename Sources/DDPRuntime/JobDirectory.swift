@@ -143,14 +143,13 @@ public struct Endpoints: Codable, Sendable, Equatable {
     public var metrics: String? = nil
 }
 
-/// One finished epoch.
 /// A line of `steps.jsonl`, as far as the totals of a resumed epoch need it.
 struct LoggedStep: Decodable {
     let step: Int
     let loss: Float
-    /// The samples whose gradients the step used, and how many of them were classified right (absent
-    /// from lines written before the log had them).
+    /// The samples whose gradients the step used (absent from lines written before the log had them).
     let trained: Int?
+    /// How many of them were classified right (absent likewise).
     let correct: Int?
     /// The ranks the step was completed without (backup workers).
     let leftOut: [Int32]?
@@ -158,6 +157,7 @@ struct LoggedStep: Decodable {
     enum CodingKeys: String, CodingKey { case step, loss, trained, correct, leftOut = "left_out" }
 }
 
+/// One finished epoch.
 public struct EpochRecord: Codable, Sendable, Equatable {
     public var epoch: Int
     public var step: Int

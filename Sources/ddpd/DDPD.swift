@@ -72,8 +72,12 @@ struct CoordinatorCommand: ParsableCommand {
                 resume: resume ? (newWorkers ? .withNewWorkers : .afterRestart) : nil, allowPlainText: insecure, role: role,
                 logger: Logger(label: shard.map { "coordinator-shard-\($0)" } ?? "coordinator"))
         } catch {
-            // The job ends here (e.g. no checkpoint to resume verifies): its summary says why.
-            directory?.writeFailedSummary(spec: spec, message: "the coordinator could not start: \(Readable.message(error))")
+            // The job ends here (e.g. no checkpoint to resume verifies): its summary says why, unless the
+            // directory's job already ended or another coordinator of it is alive (this one was started by mistake).
+            if let directory, directory.summary() == nil,
+               !(directory.endpoints().map { $0.pid != getpid() && JobLookup.isAlive($0.pid) } ?? false) {
+                directory.writeFailedSummary(spec: spec, message: "the coordinator could not start: \(Readable.message(error))")
+            }
             throw error
         }
         SafeOutput.print("workers=\(coordinator.workerEndpoint)\ncontrol=\(coordinator.controlEndpoint)\n")

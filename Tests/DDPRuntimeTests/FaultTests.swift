@@ -111,6 +111,9 @@ struct FaultTests {
         #expect(summary.state == "completed" && summary.steps == cleanSummary.steps)
         let log = try String(contentsOfFile: job.logPath("coordinator"), encoding: .utf8)
         #expect(log.contains("resumed from checkpoint"))
+        let resumedAt = log.split(separator: "\n").first { $0.contains("resumed from checkpoint") }
+            .flatMap { $0.components(separatedBy: "step=").last }.flatMap { Int($0.prefix { $0.isNumber }) }
+        #expect(resumedAt.map { $0 % 12 != 0 } == true, "resumed at step \(resumedAt.map(String.init) ?? "?"): not inside an epoch")
         // The counters carry on from the checkpoint and the step log holds each step once.
         func samples(_ dir: JobDirectory) throws -> String? {
             try String(contentsOfFile: dir.metricsPath, encoding: .utf8).split(separator: "\n").first { $0.hasPrefix("ddp_samples_total") }

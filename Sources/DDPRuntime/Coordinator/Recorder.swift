@@ -73,7 +73,9 @@ struct Recorder {
             log.error("could not cut the history and step log back to step \(checkpoint.step): \(error)")
         }
         let epochStart = checkpoint.step - checkpoint.step % max(stepsPerEpoch, 1)
-        for logged in directory.loggedSteps() where logged.step >= epochStart && logged.step < checkpoint.step {
+        // The last line of each step counts (a step log that could not be cut back may hold a step twice).
+        let steps = Dictionary(directory.loggedSteps().map { ($0.step, $0) }) { _, last in last }
+        for logged in steps.values.sorted(by: { $0.step < $1.step }) where logged.step >= epochStart && logged.step < checkpoint.step {
             guard let trained = logged.trained else { continue }  // a line from before the step log counted them
             epochLoss.sum += Double(logged.loss) * Double(trained)
             epochLoss.correct += logged.correct ?? 0
