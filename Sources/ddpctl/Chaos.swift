@@ -32,8 +32,7 @@ struct Chaos: ParsableCommand {
         do {
             chaos = try ChaosRun(ddpctl: currentExecutable(), jobsDir: dir, seed: seed, workers: workers, epochs: epochs, keys: set)
         } catch {
-            SafeOutput.print("Error: invalid job: \((error as? JobSpecError)?.reason ?? Readable.message(error))\n", to: 2)
-            throw ExitCode(64)
+            throw invalidJob(error)
         }
         print("chaos: seed \(seed), jobs in \(dir)" + (set.isEmpty ? "" : ", keys \(set.joined(separator: " "))")
               + (chaos.repeatsBitwise ? "" : " (steps depend on timing: no round is held to bitwise equality)"))

@@ -153,9 +153,14 @@ func checkBeforeStarting(_ spec: JobSpec) throws {
         let setup = try BuiltInTasks.make(spec)
         try setup.loadInitialParameters()
     } catch {
-        SafeOutput.print("Error: invalid job: \((error as? JobSpecError)?.reason ?? Readable.message(error))\n", to: 2)
-        throw ExitCode(64)
+        throw invalidJob(error)
     }
+}
+
+/// Reports a job that cannot run in one line ("Error: invalid job: ...") and gives exit status 64.
+func invalidJob(_ error: any Error) -> ExitCode {
+    SafeOutput.print("Error: invalid job: \((error as? JobSpecError)?.reason ?? Readable.message(error))\n", to: 2)
+    return ExitCode(64)
 }
 
 struct Start: ParsableCommand {
