@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stragglers and slow links, measured across hosts: time to a target test accuracy, bytes moved and steps
-# for synchronous SGD (f32 and bf16 on the wire), backup workers (alone and with staleness 2), balanced shards,
+# for synchronous SGD (f32 and bf16 on the wire, one coordinator or a coordinator shard per host), backup workers (alone and with staleness 2), balanced shards,
 # DiLoCo with H = 8 and 32, and PyTorch DDP on gloo, with one worker slowed to half speed, over links limited
 # to 100 Mbit/s and 1 Gbit/s (and any other --rates, e.g. 10gbit, where compute rather than the link bounds a
 # step).
@@ -11,8 +11,11 @@
 # The hosts are network namespaces (scripts/netns-hosts.sh: a bridge, 1 ms delay, each host's egress limited
 # to the rate): workers on hosts 1 and 2, as PyTorch's two ranks (rank 0's host being their rendezvous); the
 # coordinator beside worker 0 on host 1 (--layout colocated, the default: the two hosts PyTorch has) or on a
-# host of its own, host 0 (--layout dedicated: a star through host 0's link). --modes picks rows by their
-# labels (all-fast sync sync-bf16 backup stale balance diloco8 diloco32 torch; default all). The job: the
+# host of its own, host 0 (--layout dedicated: a star through host 0's link). The "sharded" rows run
+# coordinator_shards 2: the leader there and a follower on host 2 (colocated; beside the leader on host 0
+# when dedicated), each owning half the model's elements, as BytePS places a server on every worker's host.
+# --modes picks rows by their labels (all-fast sync sync-bf16 sync-sharded backup stale balance
+# balance-sharded diloco8 diloco32 torch; default all). The job: the
 # bundled digits, MLP 64-512-512-10, SGD lr 0.1 momentum 0.9, global batch 64, at most --epochs epochs (each
 # run stops when it ends; PyTorch stops at the target). The slowed worker (rank 1 on host 2) is stopped 10 ms
 # of every 20 (SIGSTOP/SIGCONT) from the start; the "all fast" row is the synchronous job without it. Bytes
@@ -23,7 +26,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 rates="100mbit 1gbit"; epochs=8; target=0.95; out=""; layout=colocated
-all_modes="all-fast sync sync-bf16 backup stale balance diloco8 diloco32 torch"
+all_modes="all-fast sync sync-bf16 sync-sharded backup stale balance balance-sharded diloco8 diloco32 torch"
 modes="$all_modes"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -117,6 +120,14 @@ swift_run() {
     sleep 0.05
   done
   [ -n "$endpoint" ] || { echo "coordinator of $label did not start: $(tail -3 "$dir/coordinator.err")" >&2; return 1; }
+  case " $* " in
+    *" coordinator_shards=2 "*)
+      local follower_host=0
+      [ "$coordinator_host" = 1 ] && follower_host=2
+      ip netns exec "$prefix$follower_host" "$bin/ddpd" coordinator "${keys[@]}" --shard 1 --leader "$endpoint" \
+        --bind "tcp://$subnet.$((10 + follower_host)):0" --insecure > "$dir/follower.out" 2> "$dir/follower.err" &
+      ;;
+  esac
   for i in 1 2; do
     ip netns exec "$prefix$i" "$bin/ddpd" worker --connect "$endpoint" --rank $((i - 1)) \
       > "$dir/worker-$i.out" 2> "$dir/worker-$i.err" &
@@ -180,9 +191,11 @@ for rate in $rates; do
   swift_run all-fast "synchronous, all fast" yes
   swift_run sync "synchronous" no
   swift_run sync-bf16 "synchronous, bf16 wire" no wire_dtype=bf16
+  swift_run sync-sharded "synchronous, a coordinator shard per host" no coordinator_shards=2
   swift_run backup "backup_workers 1" no backup_workers=1
   swift_run stale "backup_workers 1, staleness 2" no backup_workers=1 staleness=2
   swift_run balance "balance speed" no balance=speed
+  swift_run balance-sharded "balance speed, a coordinator shard per host" no balance=speed coordinator_shards=2
   swift_run diloco8 "DiLoCo H=8" no sync_every=8 outer_momentum=0.5
   swift_run diloco32 "DiLoCo H=32" no sync_every=32 outer_momentum=0.5
   torch_run

@@ -156,6 +156,12 @@ import Glibc
 import Darwin
 #endif
 
+/// The factor that brings gradients of global L2 norm `norm` down to `maxNorm`, or nil when they are
+/// within it (as `clipGradientNorm` scales).
+public func clipScale(norm: Float, maxNorm: Float) -> Float? {
+    norm > maxNorm && norm > 0 ? maxNorm / (norm + 1e-6) : nil
+}
+
 /// Scales all gradients down together so that their global L2 norm is at most `maxNorm`; returns
 /// the norm before clipping.
 @discardableResult
@@ -166,8 +172,7 @@ public func clipGradientNorm(_ parameters: [NamedParameter], maxNorm: Float) -> 
         g.withUnsafeBufferPointer { for x in $0 { total += Double(x) * Double(x) } }
     }
     let norm = Float(total.squareRoot())
-    if norm > maxNorm, norm > 0 {
-        let scale = maxNorm / (norm + 1e-6)
+    if let scale = clipScale(norm: norm, maxNorm: maxNorm) {
         for p in parameters { p.tensor.grad?.withUnsafeMutableBufferPointer { for i in $0.indices { $0[i] *= scale } } }
     }
     return norm

@@ -682,7 +682,7 @@ void   ddp__v1__error_reply__free_unpacked
   assert(message->base.descriptor == &ddp__v1__error_reply__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
-static const ProtobufCFieldDescriptor ddp__v1__tensor_descriptor__field_descriptors[6] =
+static const ProtobufCFieldDescriptor ddp__v1__tensor_descriptor__field_descriptors[8] =
 {
   {
     "name",
@@ -756,6 +756,30 @@ static const ProtobufCFieldDescriptor ddp__v1__tensor_descriptor__field_descript
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "slice_offset",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__TensorDescriptor, slice_offset),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "slice_count",
+    8,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__TensorDescriptor, slice_count),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned ddp__v1__tensor_descriptor__field_indices_by_name[] = {
   3,   /* field[3] = byte_length */
@@ -764,11 +788,13 @@ static const unsigned ddp__v1__tensor_descriptor__field_indices_by_name[] = {
   1,   /* field[1] = shape */
   4,   /* field[4] = shared */
   5,   /* field[5] = shared_offset */
+  7,   /* field[7] = slice_count */
+  6,   /* field[6] = slice_offset */
 };
 static const ProtobufCIntRange ddp__v1__tensor_descriptor__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 6 }
+  { 0, 8 }
 };
 const ProtobufCMessageDescriptor ddp__v1__tensor_descriptor__descriptor =
 {
@@ -778,7 +804,7 @@ const ProtobufCMessageDescriptor ddp__v1__tensor_descriptor__descriptor =
   "Ddp__V1__TensorDescriptor",
   "ddp.v1",
   sizeof(Ddp__V1__TensorDescriptor),
-  6,
+  8,
   ddp__v1__tensor_descriptor__field_descriptors,
   ddp__v1__tensor_descriptor__field_indices_by_name,
   1,  ddp__v1__tensor_descriptor__number_ranges,
@@ -2291,7 +2317,7 @@ const ProtobufCEnumDescriptor ddp__v1__shard_message__kind__descriptor =
   ddp__v1__shard_message__kind__value_ranges,
   NULL,NULL,NULL,NULL   /* reserved[1234] */
 };
-static const ProtobufCFieldDescriptor ddp__v1__shard_message__field_descriptors[15] =
+static const ProtobufCFieldDescriptor ddp__v1__shard_message__field_descriptors[17] =
 {
   {
     "kind",
@@ -2473,10 +2499,35 @@ static const ProtobufCFieldDescriptor ddp__v1__shard_message__field_descriptors[
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "sum_of_squares",
+    16,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_DOUBLE,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__ShardMessage, sum_of_squares),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "clip_scale",
+    17,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_FLOAT,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__ShardMessage, clip_scale),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned ddp__v1__shard_message__field_indices_by_name[] = {
   10,   /* field[10] = apply_optimizer */
   4,   /* field[4] = attempt */
+  16,   /* field[16] = clip_scale */
   2,   /* field[2] = endpoint */
   13,   /* field[13] = finite */
   3,   /* field[3] = job_spec_json */
@@ -2488,13 +2539,14 @@ static const unsigned ddp__v1__shard_message__field_indices_by_name[] = {
   8,   /* field[8] = refused */
   7,   /* field[7] = sample_counts */
   1,   /* field[1] = shard */
+  15,   /* field[15] = sum_of_squares */
   12,   /* field[12] = with_state */
   6,   /* field[6] = worker_ids */
 };
 static const ProtobufCIntRange ddp__v1__shard_message__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 15 }
+  { 0, 17 }
 };
 const ProtobufCMessageDescriptor ddp__v1__shard_message__descriptor =
 {
@@ -2504,7 +2556,7 @@ const ProtobufCMessageDescriptor ddp__v1__shard_message__descriptor =
   "Ddp__V1__ShardMessage",
   "ddp.v1",
   sizeof(Ddp__V1__ShardMessage),
-  15,
+  17,
   ddp__v1__shard_message__field_descriptors,
   ddp__v1__shard_message__field_indices_by_name,
   1,  ddp__v1__shard_message__number_ranges,

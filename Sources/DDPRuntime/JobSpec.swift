@@ -36,7 +36,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
     /// `mlp`, `cnn` (LeNet-style, for image data), `logistic` (softmax regression), `linear` (linear
     /// regression), `gpt` (a GPT-2-style language model on `dataset: text`), or a list of layers (`LayerSpec`).
     /// Left unset by the job, `model: gpt` trains with nanoGPT's kind of settings: adamw at 1e-3, weight
-    /// decay 0.1, batch 32, 5 epochs, cosine decay after 20 warm-up steps, clip_norm 1 (0 with coordinator shards), test_fraction 0.1.
+    /// decay 0.1, batch 32, 5 epochs, cosine decay after 20 warm-up steps, clip_norm 1, test_fraction 0.1.
     public var model: ModelChoice = "mlp"
     /// GPT: transformer blocks.
     public var nLayer = 4
@@ -136,7 +136,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
     /// messages describing them go through ZeroMQ); false sends every tensor in frames.
     public var sharedMemory = true
     /// Coordinator processes: the leader and K-1 followers, each averaging and stepping the parameters
-    /// `ShardPlan` gives it (whole tensors, balanced by size); results are identical to one coordinator.
+    /// `ShardPlan` gives it (an equal span of the model's elements); results are identical to one coordinator.
     public var coordinatorShards = 1
     /// Where the coordinator serves its Prometheus metrics over HTTP (`HOST:PORT`, port 0: any free one;
     /// the URL is in `endpoints.json` and `status`); empty: not served.
@@ -213,7 +213,7 @@ public struct JobSpec: Codable, Equatable, Sendable {
         fill(.dataset, &dataset, "text"); fill(.task, &task, "language_model"); fill(.optimizer, &optimizer, "adamw")
         fill(.learningRate, &learningRate, 1e-3); fill(.weightDecay, &weightDecay, 0.1); fill(.batchSize, &batchSize, 32)
         fill(.epochs, &epochs, 5); fill(.schedule, &schedule, "cosine"); fill(.warmupSteps, &warmupSteps, 20)
-        fill(.clipNorm, &clipNorm, coordinatorShards == 1 ? 1 : 0)  // shards cannot see the global norm
+        fill(.clipNorm, &clipNorm, 1)
         fill(.testFraction, &testFraction, 0.1)
     }
 
@@ -349,8 +349,6 @@ public struct JobSpec: Codable, Equatable, Sendable {
         try check(blasThreads >= 0 && blasThreads <= 256, "blas_threads must be between 0 (automatic) and 256, got \(blasThreads)")
         try check(bucketKB >= 0, "bucket_kb must be >= 0, got \(bucketKB)")
         try check(coordinatorShards >= 1 && coordinatorShards <= 64, "coordinator_shards must be between 1 and 64, got \(coordinatorShards)")
-        try check(coordinatorShards == 1 || clipNorm == 0,
-                  "clip_norm needs the global gradient norm, which one coordinator sees only with coordinator_shards = 1")
         try check(syncEvery >= 1, "sync_every must be at least 1 (1: synchronous SGD), got \(syncEvery)")
         try check(["nesterov", "sgd"].contains(outerOptimizer), "outer_optimizer '\(outerOptimizer)' is unknown (nesterov, sgd)")
         try check(outerLR > 0 && outerLR.isFinite, "outer_lr must be positive, got \(outerLR)")

@@ -77,9 +77,13 @@ final class LocalRounds {
     /// a whole update's values settle them.
     private(set) var moved = false
 
-    /// Puts the newest round's starting value of tensor `index` back into `tensor`, if the inner steps moved it.
-    func restoreStart(_ index: Int, into tensor: Tensor) {
-        if moved, let current { tensor.assign(current.values[index]) }
+    /// Puts the newest round's starting values `elements` of tensor `index` back into `tensor`, if the
+    /// inner steps moved it.
+    func restoreStart(_ index: Int, elements: Range<Int>, into tensor: Tensor) {
+        guard moved, let current else { return }
+        current.values[index].withUnsafeBufferPointer { start in
+            tensor.withUnsafeMutableBufferPointer { dst in (dst.baseAddress! + elements.lowerBound).update(from: start.baseAddress! + elements.lowerBound, count: elements.count) }
+        }
     }
 
     /// The tensors hold the coordinator's values again (a Welcome, or an update wholly applied).

@@ -70,7 +70,8 @@ public final class Worker {
     /// The model's parameters, then its buffers (which are pushed as their values: see `Buffer`).
     private var parameters: [NamedParameter] = []
     private var isBuffer: [Bool] = []
-    private var gradientPayloads: [Payload] = []
+    /// Half-precision pushes' payloads: of each parameter, one per owning coordinator shard.
+    private var gradientPayloads: [[Payload]] = []
     private var indexOfParameter: [ObjectIdentifier: Int] = [:]
     private var indexOfName: [String: Int] = [:]
     private let scratch = Tensor.zeros([WeightedMean.chunk])
@@ -81,7 +82,7 @@ public final class Worker {
         var step: UInt64
         var nextPart: [UInt32]
         var done: [Bool]
-        var received: Set<Int> = []
+        var received: [Int] = []  // elements set of each parameter
         var header: ParameterUpdate?
     }
     private var updateInProgress: UpdateProgress?
@@ -390,7 +391,6 @@ public final class Worker {
         indexOfParameter = Dictionary(uniqueKeysWithValues: parameters.enumerated().map { (ObjectIdentifier($1.tensor), $0) })
         indexOfName = Dictionary(uniqueKeysWithValues: parameters.enumerated().map { ($1.name, $0) })
         wireType = DType(rawValue: spec.wireDtype) ?? .f32
-        gradientPayloads = parameters.map { Payload(byteCount: $0.tensor.count * wireType.size) }
         sharing = welcome.sharedMemory && sharedSegment != nil && pushLayout?.offsets.count == parameters.count
         if welcome.sharedMemory && !sharing { throw WorkerError.modelMismatch("the coordinator took a shared-memory segment this worker did not offer") }
         // A coordinator on another host (without shards that might share it) does not need the segment: its
@@ -400,15 +400,18 @@ public final class Worker {
         // Welcome, and may since have written the next update there: the tensors take what is there and
         // nothing is copied over it. In frames the Welcome's values are copied in.
         placeTensorsInSharedMemory()
-        var received = Set<Int>()
-        try load(message.tensors, into: &received)
-        guard received.count == parameters.count else {
-            throw WorkerError.modelMismatch("the welcome holds \(received.count) of the model's \(parameters.count) parameters")
+        var received = [Int](repeating: 0, count: parameters.count)
+        try load(message.tensors, from: nil, into: &received)
+        guard wholly(received) == parameters.count else {
+            throw WorkerError.modelMismatch("the welcome holds \(wholly(received)) of the model's \(parameters.count) parameters")
         }
         updateInProgress = nil
         dueStep = nil
         localRounds?.settle()  // the Welcome's values are the coordinator's
         plan = ShardPlan(elementCounts: parameters.map(\.tensor.count), shards: welcome.shardEndpoints.count + 1)
+        gradientPayloads = parameters.indices.map { index in
+            plan.owners(of: index).map { Payload(byteCount: plan.range(of: index, in: $0).count * wireType.size) }
+        }
         try joinShards(welcome.shardEndpoints)
         log.info("welcomed", metadata: ["rank": "\(rank)", "job": "\(jobID)", "step": "\(welcome.startStep)",
                                         "tensors_via": "\(sharing ? "shared memory" : "frames")"])
@@ -437,22 +440,23 @@ public final class Worker {
     private func receiveUpdatePart(_ update: ParameterUpdate, step: UInt64, tensors: [WireTensor], from source: Int) throws {
         let sources = shardSockets.count + 1
         if update.part == 0 && updateInProgress?.step != step {
-            updateInProgress = UpdateProgress(step: step, nextPart: Array(repeating: 0, count: sources), done: Array(repeating: false, count: sources))
+            updateInProgress = UpdateProgress(step: step, nextPart: Array(repeating: 0, count: sources), done: Array(repeating: false, count: sources),
+                                              received: Array(repeating: 0, count: parameters.count))
         }
         guard var progress = updateInProgress, progress.step == step, progress.nextPart[source] == update.part, !progress.done[source] else {
             let due = updateInProgress.map { "part \($0.nextPart[source]) of step \($0.step)" } ?? "a first part"
             let from = source == 0 ? "" : " from coordinator shard \(source)"
             throw WorkerError.modelMismatch("part \(update.part) of the update for step \(step)\(from) arrived where \(due) was due")
         }
-        try load(tensors, adding: !update.fullCopy, into: &progress.received)
+        try load(tensors, adding: !update.fullCopy, from: source, into: &progress.received)
         progress.nextPart[source] += 1
         progress.done[source] = !update.moreParts
         if source == 0 && !update.moreParts { progress.header = update }
         updateInProgress = progress
         guard !progress.done.contains(false), let header = progress.header else { return }
         updateInProgress = nil
-        guard progress.received.count == parameters.count else {
-            throw WorkerError.modelMismatch("the update for step \(step) set \(progress.received.count) of \(parameters.count) parameters")
+        guard wholly(progress.received) == parameters.count else {
+            throw WorkerError.modelMismatch("the update for step \(step) set \(wholly(progress.received)) of \(parameters.count) parameters")
         }
         localRounds?.settle()
         makeDue(step: Int(step), assignment: header)
@@ -464,23 +468,30 @@ public final class Worker {
         dueStep = (step, assignment)
     }
 
-    /// Replaces parameters of the replica with the coordinator's, or adds the changes it sent, adding
-    /// their indices to `received` (a parameter already received is an error).
-    private func load(_ tensors: [WireTensor], adding: Bool = false, into received: inout Set<Int>) throws {
+    /// Replaces parameters of the replica with the coordinator's, or adds the changes it sent: whole
+    /// tensors from a Welcome (`source` nil), or from coordinator shard `source` the slice of each it owns.
+    /// Adds the elements set to `received` (a part already received is an error).
+    private func load(_ tensors: [WireTensor], adding: Bool = false, from source: Int?, into received: inout [Int]) throws {
         for t in tensors {
             guard let index = indexOfName[t.name], parameters[index].tensor.shape == t.shape else {
                 throw WorkerError.modelMismatch("got '\(t.name)' \(t.shape), which is not a parameter of this model")
             }
-            guard received.insert(index).inserted else { throw WorkerError.modelMismatch("'\(t.name)' came twice in one update") }
-            if !adding && t.dtype == .f32 && parameters[index].tensor.isStored(in: t.payload) { continue }  // written in place
+            let elements = t.elements, tensor = parameters[index].tensor
+            let expected = source.map { plan.range(of: index, in: $0) } ?? 0..<tensor.count
+            guard elements == expected else {
+                throw WorkerError.modelMismatch("got elements \(elements) of '\(t.name)', where \(expected) were due from coordinator shard \(source ?? 0)")
+            }
+            guard received[index] + elements.count <= tensor.count else { throw WorkerError.modelMismatch("'\(t.name)' came twice in one update") }
+            received[index] += elements.count
+            if !adding && t.dtype == .f32 && tensor.isStored(in: t.payload, at: elements) { continue }  // written in place
             // After a round of local steps the changes apply to where the round began, not where it ended.
-            if adding { localRounds?.restoreStart(index, into: parameters[index].tensor) }
-            parameters[index].tensor.withUnsafeMutableBufferPointer { dst in
+            if adding { localRounds?.restoreStart(index, elements: elements, into: tensor) }
+            tensor.withUnsafeMutableBufferPointer { dst in
                 scratch.withUnsafeMutableBufferPointer { scratch in  // half-precision values convert a chunk at a time
-                    for start in stride(from: 0, to: dst.count, by: scratch.count) {
-                        let range = start..<min(start + scratch.count, dst.count)
+                    for start in stride(from: 0, to: elements.count, by: scratch.count) {
+                        let range = start..<min(start + scratch.count, elements.count)
                         TensorEncoding.withFloats(t.payload, dtype: t.dtype, range: range, scratch: scratch) { src in
-                            let out = dst.baseAddress! + start
+                            let out = dst.baseAddress! + elements.lowerBound + start
                             if adding { for i in 0..<src.count { out[i] += src[i] } } else { out.update(from: src.baseAddress!, count: src.count) }
                         }
                     }
@@ -488,6 +499,9 @@ public final class Worker {
             }
         }
     }
+
+    /// How many parameters `received` (elements set of each) sets wholly.
+    private func wholly(_ received: [Int]) -> Int { zip(received, parameters).filter { $0 == $1.tensor.count }.count }
 
     /// Computes the gradient of this worker's shard of `step`'s batch and pushes it: in buckets of about
     /// `bucket_kb` sent from inside the backward pass as the tape completes them (last layers first), the
@@ -553,10 +567,10 @@ public final class Worker {
         var header = header
         header.moreParts = more
         for shard in 0..<plan.shards {
-            let theirs = indices.filter { plan.owner[$0] == shard }
+            let theirs = indices.filter { !plan.range(of: $0, in: shard).isEmpty }
             guard !theirs.isEmpty || !more else { continue }
             header.part = nextPart[shard]
-            try send(.gradientPush(header), step: UInt64(step), tensors: theirs.map(gradientTensor), to: shard)
+            try send(.gradientPush(header), step: UInt64(step), tensors: theirs.map { gradientTensor($0, for: shard) }, to: shard)
             nextPart[shard] += 1
         }
     }
@@ -577,31 +591,35 @@ public final class Worker {
         return samples
     }
 
-    /// The wire tensor of parameter `index`'s gradient: written into its region of the shared segment;
-    /// or an f32 gradient goes out from its own storage (the next step's backward writes a new one), a
-    /// half-precision one converted into a reused payload.
-    private func gradientTensor(_ index: Int) -> WireTensor {
+    /// The wire tensor of parameter `index`'s gradient, or of the slice coordinator shard `shard` owns:
+    /// written into its region of the shared segment; or an f32 gradient goes out from its own storage
+    /// (the next step's backward writes a new one), a half-precision one converted into a reused payload.
+    private func gradientTensor(_ index: Int, for shard: Int) -> WireTensor {
         let p = parameters[index]
-        let shared = plan.owner[index] == 0 ? sharing : shardSharing[plan.owner[index] - 1]
+        let elements = plan.range(of: index, in: shard)
+        let slice = elements.count == p.tensor.count ? nil : elements
+        let shared = shard == 0 ? sharing : shardSharing[shard - 1]
         let pushed = isBuffer[index] ? p.tensor : p.tensor.grad  // a buffer's contribution is its value
-        if shared, let region = sharedSegment?.region(offset: pushLayout!.offsets[index], count: p.tensor.count * 4) {
-            if isBuffer[index] { write(pushed, as: .f32, into: region); return WireTensor(name: p.name, shape: p.tensor.shape, dtype: .f32, payload: region) }
-            if p.tensor.grad == nil || p.tensor.grad !== p.tensor.gradientDestination { write(p.tensor.grad, as: .f32, into: region) }
-            return WireTensor(name: p.name, shape: p.tensor.shape, dtype: .f32, payload: region)
+        if shared, let region = sharedSegment?.region(offset: pushLayout!.offsets[index] + elements.lowerBound * 4, count: elements.count * 4) {
+            if isBuffer[index] || p.tensor.grad == nil || p.tensor.grad !== p.tensor.gradientDestination { write(pushed, elements, as: .f32, into: region) }
+            return WireTensor(name: p.name, shape: p.tensor.shape, dtype: .f32, payload: region, slice: slice)
         }
         if wireType == .f32, let grad = pushed {
-            let payload = grad.withUnsafeBufferPointer { Payload(borrowing: UnsafeRawBufferPointer($0), owner: grad) }
-            return WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: payload)
+            let payload = grad.withUnsafeBufferPointer {
+                Payload(borrowing: UnsafeRawBufferPointer(rebasing: UnsafeRawBufferPointer($0)[elements.lowerBound * 4..<elements.upperBound * 4]), owner: grad)
+            }
+            return WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: payload, slice: slice)
         }
-        if gradientPayloads[index].isInFlight { gradientPayloads[index] = Payload(byteCount: p.tensor.count * wireType.size) }
-        write(pushed, as: wireType, into: gradientPayloads[index])
-        return WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: gradientPayloads[index])
+        let part = plan.owners(of: index).firstIndex(of: shard)!
+        if gradientPayloads[index][part].isInFlight { gradientPayloads[index][part] = Payload(byteCount: elements.count * wireType.size) }
+        write(pushed, elements, as: wireType, into: gradientPayloads[index][part])
+        return WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: gradientPayloads[index][part], slice: slice)
     }
 
-    /// Encodes a gradient (zeros for a parameter the loss does not reach) as `dtype`.
-    private func write(_ gradient: Tensor?, as dtype: DType, into payload: Payload) {
+    /// Encodes elements `elements` of a gradient (zeros for a parameter the loss does not reach) as `dtype`.
+    private func write(_ gradient: Tensor?, _ elements: Range<Int>, as dtype: DType, into payload: Payload) {
         if let gradient {
-            gradient.withUnsafeBufferPointer { TensorEncoding.write($0, as: dtype, into: payload) }
+            gradient.withUnsafeBufferPointer { TensorEncoding.write(UnsafeBufferPointer(rebasing: $0[elements]), as: dtype, into: payload) }
         } else {
             payload.withUnsafeMutableBytes { _ = $0.initializeMemory(as: UInt8.self, repeating: 0) }
         }
@@ -626,8 +644,9 @@ public enum WorkerError: Error, CustomStringConvertible, Equatable {
 }
 
 extension Tensor {
-    /// Whether this tensor's values are the bytes of `payload` (a parameter updated in place).
-    func isStored(in payload: Payload) -> Bool {
-        payload.byteCount == count * 4 && withUnsafeBufferPointer { mine in payload.withUnsafeBytes { $0.baseAddress == UnsafeRawPointer(mine.baseAddress) } }
+    /// Whether this tensor's values `elements` are the bytes of `payload` (a parameter updated in place).
+    func isStored(in payload: Payload, at elements: Range<Int>) -> Bool {
+        payload.byteCount == elements.count * 4
+            && withUnsafeBufferPointer { mine in payload.withUnsafeBytes { $0.baseAddress == UnsafeRawPointer(mine.baseAddress! + elements.lowerBound) } }
     }
 }

@@ -77,6 +77,10 @@ public enum WireCodec {
             d.pointee.shape = arena.array(tensor.shape.map { UInt64($0) })
             d.pointee.dtype = tensor.dtype.c
             d.pointee.byte_length = UInt64(tensor.payload.byteCount)
+            if let slice = tensor.slice {
+                d.pointee.slice_offset = UInt64(slice.lowerBound)
+                d.pointee.slice_count = UInt64(slice.count)
+            }
             if let offset = tensor.payload.sharedOffset {
                 d.pointee.shared = 1
                 d.pointee.shared_offset = UInt64(offset)
@@ -241,6 +245,8 @@ public enum WireCodec {
             m.pointee.with_state = x.withState ? 1 : 0
             m.pointee.finite = x.finite ? 1 : 0
             m.pointee.model_json = arena.string(x.modelJSON)
+            m.pointee.sum_of_squares = x.sumOfSquares
+            m.pointee.clip_scale = x.clipScale
             e.body_case = DDP__V1__ENVELOPE__BODY_SHARD
             e.shard = m
         case .error(let r):
@@ -313,12 +319,20 @@ public enum WireCodec {
                 elements = product
                 shape.append(Int(dim))
             }
-            let expected = elements * dtype.size
+            var slice: Range<Int>?
+            if d.slice_offset != 0 || d.slice_count != 0 {
+                guard d.slice_count > 0, d.slice_offset < UInt64(elements), d.slice_count <= UInt64(elements) - d.slice_offset else {
+                    throw .badDescriptor(index: index, reason: "'\(name)' slice of \(d.slice_count) elements from \(d.slice_offset) is not inside shape \(shape)")
+                }
+                slice = Int(d.slice_offset)..<Int(d.slice_offset + d.slice_count)
+            }
+            let expected = (slice?.count ?? elements) * dtype.size
             guard expected <= limits.maximumTensorBytes else {
                 throw .tooLarge(what: "tensor '\(name)'", bytes: expected, limit: limits.maximumTensorBytes)
             }
             guard d.byte_length == UInt64(expected) else {
-                throw .badDescriptor(index: index, reason: "'\(name)' declares \(d.byte_length) bytes, shape \(shape) of \(dtype) needs \(expected)")
+                let what = slice.map { "\($0.count) elements of shape \(shape)" } ?? "shape \(shape)"
+                throw .badDescriptor(index: index, reason: "'\(name)' declares \(d.byte_length) bytes, \(what) of \(dtype) needs \(expected)")
             }
             let frame: Payload
             if d.shared != 0 {
@@ -338,9 +352,9 @@ public enum WireCodec {
                 throw .byteLengthMismatch(tensor: name, expected: expected, got: frame.byteCount)
             }
             if limits.requireFinite, let bad = TensorEncoding.firstNonFinite(frame, dtype: dtype) {
-                throw .nonFinite(tensor: name, element: bad)
+                throw .nonFinite(tensor: name, element: bad + (slice?.lowerBound ?? 0))
             }
-            tensors.append(WireTensor(name: name, shape: shape, dtype: dtype, payload: frame))
+            tensors.append(WireTensor(name: name, shape: shape, dtype: dtype, payload: frame, slice: slice))
         }
         return WireMessage(jobID: jobID, step: e.step, rank: e.rank, body: body, tensors: tensors)
     }
@@ -389,6 +403,8 @@ public enum WireCodec {
             x.withState = m.with_state != 0
             x.finite = m.finite != 0
             x.modelJSON = text(m.model_json)
+            x.sumOfSquares = m.sum_of_squares
+            x.clipScale = m.clip_scale
             return .shard(x)
         case DDP__V1__ENVELOPE__BODY_GRADIENT_PUSH:
             guard let m = e.gradient_push?.pointee else { return nil }

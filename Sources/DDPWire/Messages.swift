@@ -15,16 +15,22 @@ public struct WireTensor {
     public var shape: [Int]
     public var dtype: DType
     public var payload: Payload
+    /// The elements of the tensor (row-major) the payload holds when it is a slice of one (a tensor
+    /// split between coordinator shards); nil when it holds the whole tensor.
+    public var slice: Range<Int>?
 
-    public init(name: String, shape: [Int], dtype: DType = .f32, payload: Payload) {
+    public init(name: String, shape: [Int], dtype: DType = .f32, payload: Payload, slice: Range<Int>? = nil) {
         self.name = name
         self.shape = shape
         self.dtype = dtype
         self.payload = payload
+        self.slice = slice
     }
 
     /// Elements in the tensor.
     public var elementCount: Int { shape.reduce(1, *) }
+    /// The elements the payload holds: the slice, or all of them.
+    public var elements: Range<Int> { slice ?? 0..<elementCount }
 }
 
 /// One protocol message: envelope fields, the kind-specific body, and the tensors that follow.
@@ -367,6 +373,10 @@ public struct ShardMessage: Equatable, Sendable {
     public var finite = true
     /// ASSIGN of a program's job: the model's description (see `Join.modelJSON`).
     public var modelJSON = ""
+    /// AVERAGED with clipping: the sum of squares of the follower's averaged gradients.
+    public var sumOfSquares: Double = 0
+    /// APPLY with clipping: the factor to scale the gradients by before stepping (0: none).
+    public var clipScale: Float = 0
 
     public init(_ kind: Kind) { self.kind = kind }
 }

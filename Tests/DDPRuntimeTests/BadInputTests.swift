@@ -22,9 +22,7 @@ struct BadInputTests {
         #expect(throws: JobSpecError.invalid("coordinator_shards must be between 1 and 64, got 0")) {
             try JobSpec.load(path: nil, overrides: ["coordinator_shards": 0])
         }
-        #expect(throws: JobSpecError.invalid("clip_norm needs the global gradient norm, which one coordinator sees only with coordinator_shards = 1")) {
-            try JobSpec.load(path: nil, overrides: ["coordinator_shards": 2, "clip_norm": 1.0])
-        }
+        #expect(try JobSpec.load(path: nil, overrides: ["coordinator_shards": 2, "clip_norm": 1.0]).clipNorm == 1)  // the shards share the norm
         #expect(throws: JobSpecError.invalid("backup_workers must be at least 0 and below workers (2), got 2")) {
             try JobSpec.load(path: nil, overrides: ["backup_workers": 2])
         }
@@ -51,13 +49,22 @@ struct BadInputTests {
         }
     }
 
-    /// Whole tensors, largest first to the least loaded shard: every tensor owned once, loads close.
-    @Test func shardPlansBalanceWholeTensors() {
-        let plan = ShardPlan(elementCounts: [8192, 128, 1280, 10, 100_352, 512], shards: 3)
-        #expect(plan.owner == [1, 2, 2, 2, 0, 2])
-        #expect(plan.indices(of: 0) == [4] && plan.indices(of: 1) == [0] && plan.indices(of: 2) == [1, 2, 3, 5])
-        #expect(ShardPlan(elementCounts: [5, 5, 5], shards: 1).owner == [0, 0, 0])
-        #expect(ShardPlan(elementCounts: [5], shards: 3).indices(of: 2).isEmpty)  // more shards than tensors: some own none
+    /// Equal spans of the model's elements in parameter order: every element owned exactly once, one
+    /// contiguous slice per shard and tensor, loads within the alignment, cuts aligned.
+    @Test func shardPlansSplitTheModelIntoEqualSpans() {
+        let counts = [8192, 128, 1280, 10, 100_352, 512]
+        let plan = ShardPlan(elementCounts: counts, shards: 3)
+        for (index, count) in counts.enumerated() {
+            let parts = plan.owners(of: index).map { plan.range(of: index, in: $0) }
+            #expect(parts.first?.lowerBound == 0 && parts.last?.upperBound == count)
+            #expect(zip(parts, parts.dropFirst()).allSatisfy { $0.upperBound == $1.lowerBound })
+        }
+        let loads = (0..<3).map { s in counts.indices.reduce(0) { $0 + plan.range(of: $1, in: s).count } }
+        #expect(loads.reduce(0, +) == counts.reduce(0, +) && loads.max()! - loads.min()! <= ShardPlan.alignment)
+        #expect(plan.indices(of: 0) == [0, 1, 2, 3, 4] && plan.indices(of: 1) == [4] && plan.indices(of: 2) == [4, 5])
+        #expect(plan.range(of: 4, in: 1).lowerBound % ShardPlan.alignment == 0)  // the big tensor is cut in three
+        #expect(ShardPlan(elementCounts: [5, 5, 5], shards: 1).indices(of: 0) == [0, 1, 2])
+        #expect(ShardPlan(elementCounts: [5], shards: 3).owners(of: 0).count == 1)  // smaller than a span: one owner
     }
 
     @Test func yamlAndJSONJobFiles() throws {

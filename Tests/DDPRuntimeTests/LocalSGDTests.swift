@@ -123,11 +123,14 @@ struct LocalSGDTests {
         #expect(tensors.map(\.tensor.scalars) == round0)
         _ = try rounds.run(runs, firstInnerStep: 3, task: setup, trained: tensors)
         #expect(tensors.map(\.tensor.scalars) == round1, "round 1 begun again ends on other bits")
-        rounds.restoreStart(0, into: tensors[0].tensor)
+        let moved = tensors[0].tensor.scalars
+        rounds.restoreStart(0, elements: 2..<5, into: tensors[0].tensor)  // a slice (a tensor split between coordinator shards)
+        #expect(tensors[0].tensor.scalars == Array(moved[0..<2] + round0[0][2..<5] + moved[5...]), "only the slice goes back")
+        rounds.restoreStart(0, elements: 0..<tensors[0].tensor.count, into: tensors[0].tensor)
         #expect(tensors[0].tensor.scalars == round0[0], "moved by the steps: the start goes back")
         tensors[1].tensor.assign(Tensor.zeros(tensors[1].tensor.shape))  // a Welcome's values
         rounds.settle()
-        rounds.restoreStart(1, into: tensors[1].tensor)
+        rounds.restoreStart(1, elements: 0..<tensors[1].tensor.count, into: tensors[1].tensor)
         #expect(tensors[1].tensor.scalars.allSatisfy { $0 == 0 }, "settled: the Welcome's values stay")
     }
 }

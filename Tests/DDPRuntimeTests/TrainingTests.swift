@@ -107,13 +107,16 @@ struct TrainingTests {
         for (a, b) in zip(shared, framed) { #expect(a.tensor.scalars == b.tensor.scalars, "\(a.name)") }
     }
 
-    /// K coordinator shards, each averaging and stepping its tensors, train bit for bit what one
-    /// coordinator trains: f32 in shared memory, and bf16 with Adam in frames.
-    @Test(arguments: [["--wire-dtype", "f32"], ["--wire-dtype", "bf16", "--no-shared-memory", "--optimizer", "adam", "--lr", "0.01"]])
+    /// K coordinator shards, each averaging and stepping its span of the model (tensors split between
+    /// shards included), train bit for bit what one coordinator trains: f32 in shared memory, and bf16
+    /// with Adam in frames, and with every step clipped by the global norm; the newest checkpoint's
+    /// optimizer state, gathered from the shards' slices, too.
+    @Test(arguments: [["--wire-dtype", "f32"], ["--wire-dtype", "bf16", "--no-shared-memory", "--optimizer", "adam", "--lr", "0.01"],
+                      ["--clip-norm", "0.02", "--no-shared-memory", "--momentum", "0.9"]])
     func coordinatorShardsTrainBitwiseLikeOne(options: [String]) throws {
         let jobs = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: jobs) }
-        var runs: [Int: [(name: String, tensor: Tensor)]] = [:]
+        var runs: [Int: [(name: String, tensor: Tensor)]] = [:], states: [Int: [String: Tensor]] = [:]
         for shards in [1, 2, 3] {
             let (summary, result) = try startJob(Self.shortJob + ["--workers", "3", "--coordinator-shards", "\(shards)"] + options, jobsDir: jobs)
             let s = try #require(summary, "no summary: \(result.stderr)")
@@ -124,9 +127,14 @@ struct TrainingTests {
                 #expect(log.contains("assigned by the leader") && log.contains("follower shard completed"), "\(log)")
             }
             runs[shards] = try parameters(s)
+            states[shards] = try #require(Checkpoint.latest(in: job).checkpoint).optimizerState
         }
+        let counts = runs[1]!.map(\.tensor.count)
+        #expect((0..<counts.count).contains { ShardPlan(elementCounts: counts, shards: 3).owners(of: $0).count > 1 }, "no tensor is split")
         for shards in [2, 3] {
             for (a, b) in zip(runs[1]!, runs[shards]!) { #expect(a.tensor.scalars == b.tensor.scalars, "\(a.name) with \(shards) shards") }
+            #expect(states[shards]!.keys.sorted() == states[1]!.keys.sorted())
+            for (name, state) in states[1]! { #expect(states[shards]![name]?.scalars == state.scalars, "optimizer state \(name) with \(shards) shards") }
         }
     }
 

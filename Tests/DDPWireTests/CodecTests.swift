@@ -37,7 +37,7 @@ struct CodecTests {
             var m = ShardMessage(.average)
             m.shard = 2; m.endpoint = "tcp://h:1"; m.jobSpecJSON = "{}"; m.attempt = 3; m.ranks = [0, 2, -1]; m.workerIDs = ["a", "b"]
             m.sampleCounts = [64, 0, 7]; m.refused = "why"; m.learningRate = 0.5; m.applyOptimizer = true; m.optimizerSteps = 9
-            m.withState = true; m.finite = false; m.modelJSON = "{\"program\":\"p\"}"
+            m.withState = true; m.finite = false; m.modelJSON = "{\"program\":\"p\"}"; m.sumOfSquares = 12.5; m.clipScale = 0.25
             return m
         }()),
         .shard(ShardMessage(.snapshotReply)),
@@ -173,6 +173,29 @@ struct CodecTests {
             WireTensor(name: "w", shape: [1], payload: Payload(floats: [1])),
         ])
         #expect(throws: WireError.badDescriptor(index: 1, reason: "duplicate name 'w'")) { try roundTrip(duplicate) }
+    }
+
+    /// A slice of a tensor (a coordinator shard's part) keeps its place in the tensor; a slice that does
+    /// not lie inside the shape, or whose frame does not hold its elements, is refused, naming the tensor.
+    @Test func slicesTravelWithTheirPlaceInTheTensor() throws {
+        let slice = WireMessage(jobID: "j", body: .leave(reason: ""),
+                                tensors: [WireTensor(name: "w", shape: [4, 8], payload: Payload(floats: [1, 2, 3]), slice: 16..<19)])
+        let decoded = try roundTrip(slice).tensors[0]
+        #expect(decoded.slice == 16..<19 && decoded.elements == 16..<19 && decoded.shape == [4, 8])
+        #expect(TensorEncoding.floats(decoded.payload) == [1, 2, 3])
+        #expect(try roundTrip(WireMessage(jobID: "j", body: .leave(reason: ""),
+                                          tensors: [WireTensor(name: "w", shape: [2], payload: Payload(floats: [1, 2]))])).tensors[0].slice == nil)
+        let outside = WireMessage(jobID: "j", body: .leave(reason: ""),
+                                  tensors: [WireTensor(name: "w", shape: [4], payload: Payload(floats: [1, 2]), slice: 3..<5)])
+        #expect(throws: WireError.badDescriptor(index: 0, reason: "'w' slice of 2 elements from 3 is not inside shape [4]")) { try roundTrip(outside) }
+        let short = WireMessage(jobID: "j", body: .leave(reason: ""),
+                                tensors: [WireTensor(name: "w", shape: [4], payload: Payload(floats: [1]), slice: 0..<2)])
+        #expect(throws: WireError.badDescriptor(index: 0, reason: "'w' declares 4 bytes, 2 elements of shape [4] of f32 needs 8")) { try roundTrip(short) }
+        var limits = DecodeLimits()
+        limits.requireFinite = true
+        let bad = WireMessage(jobID: "j", body: .leave(reason: ""),
+                              tensors: [WireTensor(name: "g", shape: [10], payload: Payload(floats: [1, .nan]), slice: 6..<8)])
+        #expect(throws: WireError.nonFinite(tensor: "g", element: 7)) { try WireCodec.decode(received(WireCodec.encode(bad)), limits: limits) }
     }
 
     @Test func nonFiniteValuesAreRejectedWhenAsked() throws {

@@ -57,11 +57,11 @@ typedef enum _Ddp__V1__ShardMessage__Kind {
    */
   DDP__V1__SHARD_MESSAGE__KIND__AVERAGE = 5,
   /*
-   * follower -> leader: the ranks whose values were not finite (none: all finite)
+   * follower -> leader: the ranks whose values were not finite (none: all finite); sum of squares
    */
   DDP__V1__SHARD_MESSAGE__KIND__AVERAGED = 6,
   /*
-   * leader -> follower: step with this rate and send updates to these ranks
+   * leader -> follower: step with this rate (and clip scale) and send updates to these ranks
    */
   DDP__V1__SHARD_MESSAGE__KIND__APPLY = 7,
   /*
@@ -166,10 +166,17 @@ struct  Ddp__V1__TensorDescriptor
    * where in that segment (a multiple of 4); with shared = true only
    */
   uint64_t shared_offset;
+  /*
+   * A slice: the frame holds elements slice_offset..<slice_offset+slice_count of the tensor `shape`
+   * describes, in row-major order (a tensor split between coordinator shards); byte_length is then
+   * slice_count * size(dtype). Both 0: the whole tensor.
+   */
+  uint64_t slice_offset;
+  uint64_t slice_count;
 };
 #define DDP__V1__TENSOR_DESCRIPTOR__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&ddp__v1__tensor_descriptor__descriptor) \
-    , (char *)protobuf_c_empty_string, 0,NULL, DDP__V1__DTYPE__DTYPE_UNSPECIFIED, 0, 0, 0 }
+    , (char *)protobuf_c_empty_string, 0,NULL, DDP__V1__DTYPE__DTYPE_UNSPECIFIED, 0, 0, 0, 0, 0 }
 
 
 typedef enum {
@@ -600,16 +607,18 @@ struct  Ddp__V1__StatusReply
  * COORDINATOR SHARDS
  *   With K > 1 coordinator processes, shard 0 (the leader) runs the job as a single coordinator does
  *   (membership, steps, evaluation, checkpoints, control) and shards 1..K-1 (followers) each own the
- *   parameters `ShardPlan` gives them (whole tensors, balanced by size). A follower connects to the
- *   leader's worker endpoint and says HELLO; the leader ASSIGNs it the job and its tensors' values and
- *   optimizer state, and keeps it told of the live workers (ROSTER). Workers learn the followers' endpoints
- *   from their Welcome, Join each, and push each tensor's gradient to its owner; each owner sends the
- *   tensor's update. A follower reports every complete (or refused) push to the leader (RECEIVED); when
- *   every live worker has answered every shard, the leader names the contributions to average (AVERAGE)
- *   and the followers answer with the ranks whose values were not finite (AVERAGED); after those are
- *   dropped everywhere the leader says APPLY, and every shard steps its tensors and sends their updates.
- *   ABORT starts an attempt again (a worker was lost); SNAPSHOT asks for the followers' current values
- *   (and optimizer state) for evaluation, checkpoints and the final model. A lost follower fails the job.
+ *   parameters `ShardPlan` gives them: an equal share of the model's elements, laid end to end in parameter
+ *   order, so that a tensor may be split between shards (its frames then carry a slice). A follower connects
+ *   to the leader's worker endpoint and says HELLO; the leader ASSIGNs it the job and its tensors' values
+ *   and optimizer state, and keeps it told of the live workers (ROSTER). Workers learn the followers'
+ *   endpoints from their Welcome, Join each, and push each tensor's gradient (or slice) to its owner; each
+ *   owner sends that part's update. A follower reports every complete (or refused) push to the leader
+ *   (RECEIVED); when every live worker has answered every shard, the leader names the contributions to
+ *   average (AVERAGE) and the followers answer with the ranks whose values were not finite (AVERAGED); after
+ *   those are dropped everywhere the leader says APPLY, and every shard steps its tensors and sends their
+ *   updates. ABORT starts an attempt again (a worker was lost); SNAPSHOT asks for the followers' current
+ *   values (and optimizer state) for evaluation, checkpoints and the final model. A lost follower fails the
+ *   job.
  */
 struct  Ddp__V1__ShardMessage
 {
@@ -639,10 +648,17 @@ struct  Ddp__V1__ShardMessage
    * so that the follower knows every tensor's name and shape.
    */
   char *model_json;
+  /*
+   * With clip_norm: AVERAGED carries the sum of squares of the follower's averaged gradients (its trained
+   * elements), and APPLY the factor every shard scales its gradients by before stepping (0: none), so
+   * that clipping uses the global norm as one coordinator's does.
+   */
+  double sum_of_squares;
+  float clip_scale;
 };
 #define DDP__V1__SHARD_MESSAGE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&ddp__v1__shard_message__descriptor) \
-    , DDP__V1__SHARD_MESSAGE__KIND__KIND_UNSPECIFIED, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0,NULL, 0,NULL, 0,NULL, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string }
+    , DDP__V1__SHARD_MESSAGE__KIND__KIND_UNSPECIFIED, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0,NULL, 0,NULL, 0,NULL, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string, 0, 0 }
 
 
 /*

@@ -3,10 +3,10 @@ import DDPWire
 import Foundation
 import Logging
 
-/// Follower coordinator shard `index` (1..K-1) of a job with `coordinator_shards` K: owns whole tensors
-/// (`ShardPlan`), takes the workers' pushes for them, and averages, steps and sends their updates when
-/// the leader says so (see COORDINATOR SHARDS in proto/ddp.proto). Runs until the leader stops it, or
-/// fails when the leader stays silent.
+/// Follower coordinator shard `index` (1..K-1) of a job with `coordinator_shards` K: owns its span of
+/// the model's elements (`ShardPlan`: whole tensors and slices), takes the workers' pushes for them,
+/// and averages, steps and sends their updates when the leader says so (see COORDINATOR SHARDS in
+/// proto/ddp.proto). Runs until the leader stops it, or fails when the leader stays silent.
 final class FollowerShard: ShardServer {
     private(set) var spec: JobSpec
     let index: Int
@@ -210,8 +210,8 @@ final class FollowerShard: ShardServer {
                 let zeros = Dictionary(uniqueKeysWithValues: program.tensors.map { ($0.name, Tensor.zeros($0.shape)) })
                 try serve(ServedModel(program: program, values: zeros, spec: spec))
             }
-            let (state, foreign) = shard.load(shardTensors: message.tensors, of: index)
-            if let foreign {
+            var state: [String: Tensor] = [:]
+            if let foreign = shard.load(shardTensors: message.tensors, of: index, state: &state) {
                 fail("the leader assigned '\(foreign.name)' \(foreign.shape), which is not a tensor of this shard")
                 return
             }
@@ -243,7 +243,7 @@ final class FollowerShard: ShardServer {
             }
             var answer = ShardMessage(.snapshotReply)
             answer.optimizerSteps = UInt64(shard.optimizer.stepCount)
-            try toLeader(.shard(answer), step: message.step, tensors: shard.shardTensors(shard.owned, withState: command.withState))
+            try toLeader(.shard(answer), step: message.step, tensors: shard.shardTensors(shard.owned, withState: command.withState, sliced: true))
         case .hello, .received, .averaged, .snapshotReply:
             log.debug("a follower's message \(command.kind) from the leader ignored")
         }
@@ -262,6 +262,7 @@ final class FollowerShard: ShardServer {
         answer.attempt = round.attempt
         answer.finite = samples == 0 || (early.covers(used, owned: shard.owned) ? early.finite : shard.average(used, samples: samples))
         if !answer.finite { answer.ranks = shard.nonFinite(used).keys.sorted() }
+        if answer.finite && samples > 0 && spec.clipNorm > 0 && !spec.isLocalSGD { answer.sumOfSquares = shard.sumOfSquares() }
         try toLeader(.shard(answer), step: UInt64(round.step))
     }
 
@@ -276,6 +277,7 @@ final class FollowerShard: ShardServer {
         pendingApply = nil
         if !missing.isEmpty { log.warning("ranks \(missing) did not join this coordinator shard in time; their update leaves without them") }
         shard.optimizer.learningRate = command.learningRate
+        if command.applyOptimizer && command.clipScale > 0 { shard.scaleGradients(by: command.clipScale) }
         round.begin(step: newStep, attempt: 0)
         let recipients = command.ranks.compactMap { membership[$0] }
         broadcast(to: recipients, trainLoss: 0, learningRate: command.learningRate, assignments: [:]) { send in

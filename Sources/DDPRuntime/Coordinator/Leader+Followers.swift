@@ -98,8 +98,10 @@ extension Leader {
         sendToFollowers(request)
         guard let answers = awaitFollowers(.snapshotReply) else { return false }
         var state: [String: Tensor] = [:]
-        for (index, answer) in answers {  // a tensor not of that shard is skipped
-            state.merge(shard.load(shardTensors: answer.tensors, of: index).state) { $1 }
+        for (index, answer) in answers.sorted(by: { $0.key < $1.key }) {
+            if let foreign = shard.load(shardTensors: answer.tensors, of: index, state: &state) {
+                log.warning("coordinator shard \(index) sent '\(foreign.name)' \(foreign.shape) (elements \(foreign.elements)), which is not its part; skipped")
+            }
         }
         if withState {
             do { try shard.optimizer.restoreState(state) } catch { log.error("optimizer state from the coordinator shards: \(error)") }
@@ -150,6 +152,6 @@ extension Leader {
         command.jobSpecJSON = spec.json()
         command.optimizerSteps = UInt64(shard.optimizer.stepCount)
         command.modelJSON = model?.program?.json() ?? ""
-        sendToFollower(index, body: .shard(command), tensors: shard.shardTensors(shard.plan.indices(of: index), withState: true))
+        sendToFollower(index, body: .shard(command), tensors: shard.shardTensors(shard.plan.indices(of: index), withState: true, sliced: false))
     }
 }

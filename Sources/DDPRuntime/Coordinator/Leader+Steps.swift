@@ -63,14 +63,19 @@ extension Leader {
             recorder.recordDivergedLoss(loss)  // the summary, status and metrics show the loss that ended it
             return diverged("the training loss of step \(round.step) is \(loss)")
         }
-        guard let used = averageContributions(contributions) else { return }  // a follower failed
+        guard let (used, followerSquares) = averageContributions(contributions) else { return }  // a follower failed
         let samples = used.reduce(0) { $0 + Int($1.sampleCount) }
-        var loss: Float = 0, correct = 0
+        var loss: Float = 0, correct = 0, clip: Float = 0
         if samples > 0 {
             recordGradientNorms(used)
             // With local SGD the job's clipping and schedule are the workers' inner steps'; the outer step size is constant.
             if !spec.isLocalSGD {
-                if spec.clipNorm > 0 { clipGradientNorm(shard.trainedParameters, maxNorm: spec.clipNorm) }
+                // The global norm: this shard's sum of squares, then each follower's in shard order.
+                let squares = ([shard.sumOfSquares()] + followerSquares).reduce(0, +)
+                if spec.clipNorm > 0, let scale = clipScale(norm: Float(squares.squareRoot()), maxNorm: spec.clipNorm) {
+                    shard.scaleGradients(by: scale)
+                    clip = scale
+                }
                 shard.optimizer.learningRate = schedule.rate(base: spec.learningRate, at: round.step)
             }
             for c in used { loss += c.loss * Float(c.sampleCount) / Float(samples); correct += Int(c.correct) }
@@ -84,12 +89,13 @@ extension Leader {
                             leftOut: leftOut, late: used.compactMap { c in c.lateStep.map { (c.rank, $0, Int(c.sampleCount)) } },
                             liveWorkers: membership.liveCount, jobID: spec.jobID, now: now())
         carryOver(leftOut)
-        advance(trainLoss: loss, applyOptimizer: samples > 0)
+        advance(trainLoss: loss, applyOptimizer: samples > 0, clipScale: clip)
     }
 
     /// Moves on to the next step once the current one is averaged: the followers and this shard step
-    /// (when `applyOptimizer`) and send the update, then the epoch's end, a checkpoint, or the job's end.
-    func advance(trainLoss loss: Float, applyOptimizer: Bool) {
+    /// (when `applyOptimizer`; the followers scale their gradients by `clipScale` first, 0: none) and send
+    /// the update, then the epoch's end, a checkpoint, or the job's end.
+    func advance(trainLoss loss: Float, applyOptimizer: Bool, clipScale: Float = 0) {
         followerReports.removeAll(keepingCapacity: true)
         round.begin(step: round.step + 1, attempt: 0)
         let step = round.step
@@ -97,6 +103,7 @@ extension Leader {
         var apply = ShardMessage(.apply)
         apply.learningRate = shard.optimizer.learningRate
         apply.applyOptimizer = applyOptimizer
+        apply.clipScale = clipScale
         apply.ranks = more ? membership.takingPart : []
         sendToFollowers(apply)
         // The update leaves bucket by bucket as it is computed; evaluation and checkpoints come after it.
@@ -184,17 +191,21 @@ extension Leader {
 
     /// Every shard averages its tensors (reusing the early average where it covers the contributions);
     /// contributions with a value that is not finite anywhere are dropped everywhere and the rest averaged
-    /// again. Returns the contributions used, or nil when a follower did not answer (the job failed).
-    func averageContributions(_ contributions: [Contribution]) -> [Contribution]? {
+    /// again. Returns the contributions used with the followers' sums of squares of their averages (in
+    /// shard order, with clipping), or nil when a follower did not answer (the job failed).
+    func averageContributions(_ contributions: [Contribution]) -> (used: [Contribution], followerSquares: [Double])? {
         var used = contributions
         let samples = used.reduce(0) { $0 + Int($1.sampleCount) }
-        guard samples > 0 else { return used }
+        guard samples > 0 else { return (used, []) }
         let early = round.early
         round.early = EarlyAverage()
         sendToFollowers(averageCommand(used))
         let finite = early.covers(used, owned: shard.owned) ? early.finite : shard.average(used, samples: samples)
         guard let answers = awaitFollowers(.averaged) else { return nil }
-        guard !finite || answers.values.contains(where: { !$0.message.finite }) else { return used }
+        func squares(_ answers: [Int: (message: ShardMessage, tensors: [WireTensor])]) -> [Double] {
+            answers.sorted { $0.key < $1.key }.map(\.value.message.sumOfSquares)
+        }
+        guard !finite || answers.values.contains(where: { !$0.message.finite }) else { return (used, squares(answers)) }
         var skipped = Set<Int32>()
         for (rank, bad) in shard.nonFinite(used).sorted(by: { $0.key < $1.key }) {
             reject("gradient of rank \(rank) at step \(round.step) skipped: tensor '\(bad.tensor)' element \(bad.element) is NaN or infinite", from: rank)
@@ -207,12 +218,11 @@ extension Leader {
         }
         used = used.filter { !skipped.contains($0.rank) }
         let remaining = used.reduce(0) { $0 + Int($1.sampleCount) }
-        if remaining > 0 {
-            sendToFollowers(averageCommand(used))
-            _ = shard.average(used, samples: remaining)
-            guard awaitFollowers(.averaged) != nil else { return nil }
-        }
-        return used
+        guard remaining > 0 else { return (used, []) }
+        sendToFollowers(averageCommand(used))
+        _ = shard.average(used, samples: remaining)
+        guard let again = awaitFollowers(.averaged) else { return nil }
+        return (used, squares(again))
     }
 
     /// Estimates each used contribution's gradient norm over this shard's tensors and counts a step at

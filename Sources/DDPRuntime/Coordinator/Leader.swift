@@ -298,7 +298,7 @@ final class Leader: ShardServer {
         let tensors = shard.parameterTensors()
         guard let shared else { return tensors }
         return tensors.enumerated().map { index, t in
-            let region = shared.update(index, byteCount: t.payload.byteCount)
+            let region = shared.update(index, elements: t.elements)
             region.withUnsafeMutableBytes { target in t.payload.withUnsafeBytes { target.copyMemory(from: $0) } }
             return WireTensor(name: t.name, shape: t.shape, dtype: .f32, payload: region)
         }

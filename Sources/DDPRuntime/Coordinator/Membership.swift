@@ -63,8 +63,10 @@ struct SharedArea {
     /// Where each parameter's update goes (room for f32 values).
     let updates: SharedLayout
 
-    /// The region for parameter `index`'s update of `byteCount` bytes.
-    func update(_ index: Int, byteCount: Int) -> Payload { segment.region(offset: updates.offsets[index], count: byteCount)! }
+    /// The region for the f32 values `elements` of parameter `index`'s update.
+    func update(_ index: Int, elements: Range<Int>) -> Payload {
+        segment.region(offset: updates.offsets[index] + elements.lowerBound * 4, count: elements.count * 4)!
+    }
 }
 
 /// The workers of a job by rank, by peer, and the rules of who may take which rank: a free rank (or

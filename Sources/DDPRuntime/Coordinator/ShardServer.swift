@@ -152,7 +152,8 @@ extension ShardServer {
                 let tensors = indices.map { index in
                     guard let area = member.shared else { return shard.updateFrame(index) }
                     let p = shard.parameters[index]
-                    return WireTensor(name: p.name, shape: p.tensor.shape, dtype: .f32, payload: area.update(index, byteCount: p.tensor.count * 4))
+                    return WireTensor(name: p.name, shape: p.tensor.shape, dtype: .f32, payload: area.update(index, elements: shard.ownedRange[index]),
+                                      slice: shard.slice(index))
                 }
                 do {
                     try send(.parameterUpdate(update), to: member.peer, step: UInt64(round.step), rank: member.rank, tensors: tensors)

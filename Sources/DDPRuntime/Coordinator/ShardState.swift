@@ -10,16 +10,15 @@ final class ShardState {
     let parameters: [NamedParameter]
     let gradients: [Tensor]
     let optimizer: any Optimizer
-    /// Which shard owns each parameter, and the ones this shard averages and steps.
+    /// Which shard owns which elements of each parameter; the parameters this shard averages and steps a
+    /// part of, and that part of each (empty where it owns none).
     let plan: ShardPlan
     let owned: [Int]
-    let isOwned: [Bool]
+    let ownedRange: [Range<Int>]
     let indexOfParameter: [String: Int]
     /// Which tensors are buffers (batch norm's running statistics): their "gradient" is each worker's
     /// value, and the step sets them to the sample-weighted mean instead of optimizing them.
     let isBuffer: [Bool]
-    /// The trained parameters (not the buffers), for the optimizer and gradient clipping.
-    var trainedParameters: [NamedParameter] { zip(parameters, isBuffer).filter { !$1 }.map(\.0) }
     /// How tensors travel, and with a half-precision type the parameters every worker holds (the sum of
     /// the rounded changes sent so far), from which the next change is measured.
     let wireType: DType
@@ -39,15 +38,17 @@ final class ShardState {
         self.parameters = parameters
         isBuffer = parameters.map { buffers.contains($0.name) }
         self.optimizer = optimizer
-        plan = ShardPlan(elementCounts: parameters.map(\.tensor.count), shards: shards)
+        let plan = ShardPlan(elementCounts: parameters.map(\.tensor.count), shards: shards)
+        self.plan = plan
         owned = plan.indices(of: shard)
-        isOwned = plan.owner.map { $0 == shard }
+        let ownedRange = parameters.indices.map { plan.range(of: $0, in: shard) }
+        self.ownedRange = ownedRange
         gradients = parameters.map { Tensor.zeros($0.tensor.shape) }
         for (p, g) in zip(parameters, gradients) { p.tensor.grad = g }
-        parameterPayloads = parameters.map { Payload(byteCount: $0.tensor.count * 4) }
+        parameterPayloads = ownedRange.map { Payload(byteCount: $0.count * 4) }
         self.wireType = wireType
         replica = wireType == .f32 ? nil : parameters.map { $0.tensor.detached() }
-        deltaPayloads = wireType == .f32 ? [] : parameters.map { Payload(byteCount: $0.tensor.count * wireType.size) }
+        deltaPayloads = wireType == .f32 ? [] : ownedRange.map { Payload(byteCount: $0.count * wireType.size) }
         indexOfParameter = Dictionary(uniqueKeysWithValues: parameters.enumerated().map { ($1.name, $0) })
     }
 
@@ -65,15 +66,17 @@ final class ShardState {
     }
 
     /// Why (a part of) a gradient cannot be used, or nil: known parameters of this shard not sent before,
-    /// the right shape, element type `dtype`. (Completeness is checked on the last part; finite values on
+    /// the right shape and slice (this shard's elements of it), element type `dtype`. (Completeness is checked on the last part; finite values on
     /// the average, and only a non-finite average is traced to its senders.)
     func validate(_ tensors: [WireTensor], alreadyReceived: [Payload?], dtype: DType) -> String? {
         for tensor in tensors {
             guard let index = indexOfParameter[tensor.name] else { return "unknown tensor '\(tensor.name)'" }
-            guard isOwned[index] else { return "tensor '\(tensor.name)' belongs to coordinator shard \(plan.owner[index])" }
+            let mine = ownedRange[index]
+            guard !mine.isEmpty else { return "tensor '\(tensor.name)' belongs to coordinator shard \(plan.owners(of: index).map(String.init).joined(separator: ", "))" }
             guard alreadyReceived[index] == nil else { return "tensor '\(tensor.name)' sent twice" }
             let expected = parameters[index].tensor.shape
             guard tensor.shape == expected else { return "tensor '\(tensor.name)' has shape \(tensor.shape), expected \(expected)" }
+            guard tensor.elements == mine else { return "tensor '\(tensor.name)' holds elements \(tensor.elements), this coordinator shard owns \(mine)" }
             guard tensor.dtype == dtype else { return "tensor '\(tensor.name)' is \(tensor.dtype.rawValue), this worker's pushes are \(dtype.rawValue)" }
         }
         return nil
@@ -107,7 +110,10 @@ final class ShardState {
                     guard let payload = round.sent(by: rank, index) else { continue nextTensor }  // not every worker sent it yet
                     terms.append((Float(count) / Float(samples), payload, dtype(rank)))
                 }
-                let finite = gradients[index].withUnsafeMutableBufferPointer { WeightedMean.write(terms, wire: wireType, into: $0, scratch: scratch) }
+                let range = ownedRange[index]
+                let finite = gradients[index].withUnsafeMutableBufferPointer {
+                    WeightedMean.write(terms, wire: wireType, into: UnsafeMutableBufferPointer(rebasing: $0[range]), scratch: scratch)
+                }
                 round.early.averaged[index] = true
                 round.early.finite = round.early.finite && finite
             }
@@ -122,10 +128,26 @@ final class ShardState {
         return scratch.withUnsafeMutableBufferPointer { scratch in
             owned.reduce(true) { finite, index in
                 let terms = weighted.map { (weight: Float($0.sampleCount) / Float(samples), payload: $0.gradients[index]!, dtype: $0.dtype) }
+                let range = ownedRange[index]
                 return gradients[index].withUnsafeMutableBufferPointer { mean in
-                    WeightedMean.writeInParallel(terms, wire: wireType, into: mean, scratch: scratch)
+                    WeightedMean.writeInParallel(terms, wire: wireType, into: UnsafeMutableBufferPointer(rebasing: mean[range]), scratch: scratch)
                 } && finite
             }
+        }
+    }
+
+    /// The sum of squares (in Double, element by element in parameter order, as `clipGradientNorm` sums)
+    /// of this shard's averaged gradients of trained parameters: its part of the global norm for clipping.
+    func sumOfSquares() -> Double {
+        owned.filter { !isBuffer[$0] }.reduce(0.0) { total, index in
+            gradients[index].withUnsafeBufferPointer { UnsafeBufferPointer(rebasing: $0[ownedRange[index]]).reduce(total) { $0 + Double($1) * Double($1) } }
+        }
+    }
+
+    /// Scales this shard's averaged gradients of trained parameters by `scale` (clipping by the global norm).
+    func scaleGradients(by scale: Float) {
+        for index in owned where !isBuffer[index] {
+            gradients[index].withUnsafeMutableBufferPointer { g in for i in ownedRange[index] { g[i] *= scale } }
         }
     }
 
@@ -135,7 +157,7 @@ final class ShardState {
         for c in used where !c.wasRefused {
             for index in owned {
                 if let element = TensorEncoding.firstNonFinite(c.gradients[index]!, dtype: c.dtype, roundedTo: wireType) {
-                    bad[c.rank] = (parameters[index].name, element)
+                    bad[c.rank] = (parameters[index].name, ownedRange[index].lowerBound + element)
                     break
                 }
             }
@@ -164,14 +186,14 @@ final class ShardState {
         var bucket: [Int] = [], bucketBytes = 0
         for index in owned {
             let p = parameters[index]
-            let count = p.tensor.count
-            let shared = updateTargets.shared.map { $0.update(index, byteCount: count * 4) }
-            let frame = updateTargets.frames || shared.isEmpty ? reusablePayload(index, byteCount: count * wireType.size) : nil
+            let mine = ownedRange[index], first = mine.lowerBound
+            let shared = updateTargets.shared.map { $0.update(index, elements: 0..<p.tensor.count) }
+            let frame = updateTargets.frames || shared.isEmpty ? reusablePayload(index, byteCount: mine.count * wireType.size) : nil
             let isBuffer = isBuffer[index]
             if applyOptimizer && !isBuffer { optimizer.update(p, range: 0..<0) }  // creates its state before threads share it
             p.tensor.withUnsafeBufferPointer { master in withReplica(index) { held in
-                ParallelChunks.forEach(count: count, chunk: Self.chunk) { range, _ in
-                    let start = range.lowerBound
+                ParallelChunks.forEach(count: mine.count, chunk: Self.chunk) { chunk, _ in
+                    let range = (first + chunk.lowerBound)..<(first + chunk.upperBound), start = range.lowerBound
                     if applyOptimizer && isBuffer {  // a buffer takes the workers' mean value
                         p.tensor.grad!.withUnsafeBufferPointer { mean in
                             UnsafeMutablePointer(mutating: master.baseAddress! + start).update(from: mean.baseAddress! + start, count: range.count)
@@ -180,17 +202,17 @@ final class ShardState {
                     let values: UnsafeBufferPointer<Float>  // what the workers hold from now on
                     if let held {  // the replica moves by the rounded change, as a worker decoding it does
                         TensorEncoding.advance(held.baseAddress! + start, toward: master.baseAddress! + start, count: range.count,
-                                               dtype: wireType, encodingInto: frame, at: start)
+                                               dtype: wireType, encodingInto: frame, at: start - first)
                         values = UnsafeBufferPointer(rebasing: held[range])
                     } else {
                         values = UnsafeBufferPointer(rebasing: master[range])
-                        if let frame { TensorEncoding.write(values, as: .f32, into: frame, at: start) }
+                        if let frame { TensorEncoding.write(values, as: .f32, into: frame, at: start - first) }
                     }
                     for target in shared { TensorEncoding.write(values, as: .f32, into: target, at: start) }  // in cache
                 }
             } }
             bucket.append(index)
-            bucketBytes += count * wireType.size
+            bucketBytes += mine.count * wireType.size
             let last = index == owned.last
             if last || (bucketKB > 0 && bucketBytes >= bucketKB * 1024) {
                 emit(bucket, last)
@@ -206,20 +228,24 @@ final class ShardState {
         return replica[index].withUnsafeMutableBufferPointer { body($0) }
     }
 
-    /// The tensor of parameter `index` for an update in frames: the f32 values, or the half-precision
-    /// change (as `stepAndEncode` last wrote them).
+    /// The tensor (or this shard's slice of it) of parameter `index` for an update in frames: the f32
+    /// values, or the half-precision change (as `stepAndEncode` last wrote them).
     func updateFrame(_ index: Int) -> WireTensor {
         let p = parameters[index]
-        return WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: (replica == nil ? parameterPayloads : deltaPayloads)[index])
+        return WireTensor(name: p.name, shape: p.tensor.shape, dtype: wireType, payload: (replica == nil ? parameterPayloads : deltaPayloads)[index],
+                          slice: slice(index))
     }
 
-    /// The parameters the workers should hold (the replica with a half-precision wire) as f32 wire
-    /// tensors; payloads still being sent are replaced, not overwritten.
+    /// This shard's elements of parameter `index` as a wire slice: nil when it owns the whole tensor.
+    func slice(_ index: Int) -> Range<Int>? {
+        ownedRange[index].count == parameters[index].tensor.count ? nil : ownedRange[index]
+    }
+
+    /// The parameters the workers should hold (the replica with a half-precision wire), whole, as f32
+    /// wire tensors (for a Welcome).
     func parameterTensors() -> [WireTensor] {
         parameters.enumerated().map { index, p in
-            if parameterPayloads[index].isInFlight { parameterPayloads[index] = Payload(byteCount: p.tensor.count * 4) }
-            (replica?[index] ?? p.tensor).withUnsafeBufferPointer { TensorEncoding.write($0, as: .f32, into: parameterPayloads[index]) }
-            return WireTensor(name: p.name, shape: p.tensor.shape, payload: parameterPayloads[index])
+            WireTensor(name: p.name, shape: p.tensor.shape, payload: Payload(floats: (replica?[index] ?? p.tensor).scalars))
         }
     }
 
@@ -238,41 +264,57 @@ final class ShardState {
 
     /// The values of parameters `indices`, their replica with a half-precision wire and, with
     /// `withState`, their optimizer state, as ASSIGN and SNAPSHOT_REPLY carry them: "NAME",
-    /// "replica/NAME" and "optimizer/PARAMETER.SLOT".
-    func shardTensors(_ indices: [Int], withState: Bool) -> [WireTensor] {
-        func tensor(_ name: String, _ t: Tensor) -> WireTensor { WireTensor(name: name, shape: t.shape, payload: Payload(floats: t.scalars)) }
+    /// "replica/NAME" and "optimizer/PARAMETER.SLOT". With `sliced` (a follower's SNAPSHOT_REPLY) each is
+    /// this shard's slice of the tensor; otherwise whole (the leader's ASSIGN).
+    func shardTensors(_ indices: [Int], withState: Bool, sliced: Bool) -> [WireTensor] {
+        func tensor(_ name: String, _ t: Tensor, of index: Int) -> WireTensor {
+            let part = sliced && t.count == parameters[index].tensor.count ? slice(index) : nil
+            return WireTensor(name: name, shape: t.shape, payload: Payload(floats: part.map { Array(t.scalars[$0]) } ?? t.scalars), slice: part)
+        }
         var tensors: [WireTensor] = []
         for i in indices {
-            tensors.append(tensor(parameters[i].name, parameters[i].tensor))
-            if let held = replica?[i] { tensors.append(tensor("replica/" + parameters[i].name, held)) }
+            tensors.append(tensor(parameters[i].name, parameters[i].tensor, of: i))
+            if let held = replica?[i] { tensors.append(tensor("replica/" + parameters[i].name, held, of: i)) }
         }
         guard withState else { return tensors }
-        let names = Set(indices.map { parameters[$0].name })
-        for slot in optimizer.state where names.contains(where: { slot.name.hasPrefix($0 + ".") }) {
-            tensors.append(tensor("optimizer/" + slot.name, slot.tensor))
+        for slot in optimizer.state {
+            guard let i = indices.first(where: { slot.name.hasPrefix(parameters[$0].name + ".") }) else { continue }
+            tensors.append(tensor("optimizer/" + slot.name, slot.tensor, of: i))
         }
         return tensors
     }
 
-    /// Loads tensors named as `shardTensors` names them into the parameters (and replica) of `shard`;
-    /// returns the optimizer state they carry, and the first tensor that is not one of that shard's (with
-    /// its shape), which is left alone.
-    func load(shardTensors tensors: [WireTensor], of shard: Int) -> (state: [String: Tensor], foreign: WireTensor?) {
-        var state: [String: Tensor] = [:], foreign: WireTensor?
+    /// Loads tensors named as `shardTensors` names them (whole, or `shard`'s slice) into the parameters
+    /// (and replica) of `shard`, and the optimizer state they carry into `state` (a slice over what
+    /// `state` or the optimizer holds of it so far); returns the first tensor that is not one of that
+    /// shard's (with its shape), which is left alone.
+    func load(shardTensors tensors: [WireTensor], of shard: Int, state: inout [String: Tensor]) -> WireTensor? {
+        var foreign: WireTensor?
+        func write(_ tensor: WireTensor, into target: Tensor) {
+            let values = TensorEncoding.floats(tensor.payload)
+            target.withUnsafeMutableBufferPointer { dst in (dst.baseAddress! + tensor.elements.lowerBound).update(from: values, count: values.count) }
+        }
         for tensor in tensors {
-            let values = Tensor(shape: tensor.shape, values: TensorEncoding.floats(tensor.payload))
             if tensor.name.hasPrefix("optimizer/") {
-                state[String(tensor.name.dropFirst("optimizer/".count))] = values
+                let name = String(tensor.name.dropFirst("optimizer/".count))
+                let whole = state[name] ?? optimizer.state.first { $0.name == name }?.tensor.detached() ?? Tensor.zeros(tensor.shape)
+                guard whole.shape == tensor.shape else {
+                    foreign = foreign ?? tensor
+                    continue
+                }
+                write(tensor, into: whole)
+                state[name] = whole
                 continue
             }
             let isReplica = tensor.name.hasPrefix("replica/")
             guard let i = indexOfParameter[isReplica ? String(tensor.name.dropFirst("replica/".count)) : tensor.name],
-                  plan.owner[i] == shard, parameters[i].tensor.shape == tensor.shape else {
+                  parameters[i].tensor.shape == tensor.shape, tensor.slice == nil || tensor.elements == plan.range(of: i, in: shard),
+                  !plan.range(of: i, in: shard).isEmpty else {
                 foreign = foreign ?? tensor
                 continue
             }
-            (isReplica ? replica?[i] : parameters[i].tensor)?.assign(values)
+            if let target = isReplica ? replica?[i] : parameters[i].tensor { write(tensor, into: target) }
         }
-        return (state, foreign)
+        return foreign
     }
 }
