@@ -93,6 +93,7 @@ extension Leader {
     /// failed to answer (the job has failed then).
     func refreshFromFollowers(withState: Bool) -> Bool {
         guard !followers.isEmpty else { return true }
+        if let copied = followersCopied, copied.step == round.step, copied.withState || !withState { return true }
         var request = ShardMessage(.snapshot)
         request.withState = withState
         sendToFollowers(request)
@@ -106,6 +107,7 @@ extension Leader {
         if withState {
             do { try shard.optimizer.restoreState(state) } catch { log.error("optimizer state from the coordinator shards: \(error)") }
         }
+        followersCopied = (round.step, withState)
         return true
     }
 

@@ -112,8 +112,12 @@ extension Leader {
         } else {
             shard.stepAndEncode(applyOptimizer: applyOptimizer, bucketKB: spec.bucketKB) { _, _ in }
         }
-        if step % stepsPerEpoch == 0 { endEpoch() }
         let checkpointDue = spec.checkpointEvery > 0 ? step % spec.checkpointEvery == 0 : step % stepsPerEpoch == 0
+        if step % stepsPerEpoch == 0 {
+            // With follower shards, one snapshot (with optimizer state) serves the evaluation and the checkpoint.
+            if checkpointDue && more && directory != nil { _ = refreshFromFollowers(withState: true) }
+            endEpoch()
+        }
         if checkpointDue && more { writeCheckpoint() }
         if step >= totalSteps {
             phase = .completed

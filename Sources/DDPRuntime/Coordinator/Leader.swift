@@ -52,6 +52,9 @@ final class Leader: ShardServer {
     var followerReports: [Int: [Int32: String]] = [:]
     /// A follower was lost (the job has failed; nothing more is asked of them).
     var followersLost = false
+    /// The step whose follower values (and with `withState` optimizer state) this process holds: their
+    /// values change only when a step is applied, so one snapshot serves every need of that step.
+    var followersCopied: (step: Int, withState: Bool)?
     /// The step at which training diverged, if it did (the final model is then not written).
     var divergedAt: Int?
 
