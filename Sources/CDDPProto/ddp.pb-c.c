@@ -2317,7 +2317,7 @@ const ProtobufCEnumDescriptor ddp__v1__shard_message__kind__descriptor =
   ddp__v1__shard_message__kind__value_ranges,
   NULL,NULL,NULL,NULL   /* reserved[1234] */
 };
-static const ProtobufCFieldDescriptor ddp__v1__shard_message__field_descriptors[17] =
+static const ProtobufCFieldDescriptor ddp__v1__shard_message__field_descriptors[18] =
 {
   {
     "kind",
@@ -2523,10 +2523,23 @@ static const ProtobufCFieldDescriptor ddp__v1__shard_message__field_descriptors[
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "clip",
+    18,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__ShardMessage, clip),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned ddp__v1__shard_message__field_indices_by_name[] = {
   10,   /* field[10] = apply_optimizer */
   4,   /* field[4] = attempt */
+  17,   /* field[17] = clip */
   16,   /* field[16] = clip_scale */
   2,   /* field[2] = endpoint */
   13,   /* field[13] = finite */
@@ -2546,7 +2559,7 @@ static const unsigned ddp__v1__shard_message__field_indices_by_name[] = {
 static const ProtobufCIntRange ddp__v1__shard_message__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 17 }
+  { 0, 18 }
 };
 const ProtobufCMessageDescriptor ddp__v1__shard_message__descriptor =
 {
@@ -2556,7 +2569,7 @@ const ProtobufCMessageDescriptor ddp__v1__shard_message__descriptor =
   "Ddp__V1__ShardMessage",
   "ddp.v1",
   sizeof(Ddp__V1__ShardMessage),
-  17,
+  18,
   ddp__v1__shard_message__field_descriptors,
   ddp__v1__shard_message__field_indices_by_name,
   1,  ddp__v1__shard_message__number_ranges,

@@ -82,7 +82,7 @@ public final class Worker {
         var step: UInt64
         var nextPart: [UInt32]
         var done: [Bool]
-        var received: [Int] = []  // elements set of each parameter
+        var received: [Set<Int>] = []  // the shards that set their part of each parameter
         var header: ParameterUpdate?
     }
     private var updateInProgress: UpdateProgress?
@@ -91,8 +91,9 @@ public final class Worker {
     private var dueStep: (step: Int, assignment: ParameterUpdate)?
     /// With `sync_every` > 1: the rounds of local steps (created with the first one).
     private var localRounds: LocalRounds?
-    /// With coordinator shards: the owner of each parameter, a socket to each follower (shard j at
-    /// j - 1), whether it welcomed this worker, whether it shares memory, and when to ask it again.
+    /// With coordinator shards: which elements of each parameter each shard owns, a socket to each
+    /// follower (shard j at j - 1), whether it welcomed this worker, whether it shares memory, and when to
+    /// ask it again.
     private var plan = ShardPlan(elementCounts: [], shards: 1)
     private var shardSockets: [ZMQSocket] = []
     private var shardEndpoints: [String] = []
@@ -400,7 +401,8 @@ public final class Worker {
         // Welcome, and may since have written the next update there: the tensors take what is there and
         // nothing is copied over it. In frames the Welcome's values are copied in.
         placeTensorsInSharedMemory()
-        var received = [Int](repeating: 0, count: parameters.count)
+        plan = ShardPlan(elementCounts: parameters.map(\.tensor.count), shards: welcome.shardEndpoints.count + 1)
+        var received = [Set<Int>](repeating: [], count: parameters.count)
         try load(message.tensors, from: nil, into: &received)
         guard wholly(received) == parameters.count else {
             throw WorkerError.modelMismatch("the welcome holds \(wholly(received)) of the model's \(parameters.count) parameters")
@@ -408,7 +410,6 @@ public final class Worker {
         updateInProgress = nil
         dueStep = nil
         localRounds?.settle()  // the Welcome's values are the coordinator's
-        plan = ShardPlan(elementCounts: parameters.map(\.tensor.count), shards: welcome.shardEndpoints.count + 1)
         gradientPayloads = parameters.indices.map { index in
             plan.owners(of: index).map { Payload(byteCount: plan.range(of: index, in: $0).count * wireType.size) }
         }
@@ -441,7 +442,7 @@ public final class Worker {
         let sources = shardSockets.count + 1
         if update.part == 0 && updateInProgress?.step != step {
             updateInProgress = UpdateProgress(step: step, nextPart: Array(repeating: 0, count: sources), done: Array(repeating: false, count: sources),
-                                              received: Array(repeating: 0, count: parameters.count))
+                                              received: Array(repeating: [], count: parameters.count))
         }
         guard var progress = updateInProgress, progress.step == step, progress.nextPart[source] == update.part, !progress.done[source] else {
             let due = updateInProgress.map { "part \($0.nextPart[source]) of step \($0.step)" } ?? "a first part"
@@ -470,8 +471,8 @@ public final class Worker {
 
     /// Replaces parameters of the replica with the coordinator's, or adds the changes it sent: whole
     /// tensors from a Welcome (`source` nil), or from coordinator shard `source` the slice of each it owns.
-    /// Adds the elements set to `received` (a part already received is an error).
-    private func load(_ tensors: [WireTensor], adding: Bool = false, from source: Int?, into received: inout [Int]) throws {
+    /// Adds to `received` the shards whose part was set (a part already received is an error).
+    private func load(_ tensors: [WireTensor], adding: Bool = false, from source: Int?, into received: inout [Set<Int>]) throws {
         for t in tensors {
             guard let index = indexOfName[t.name], parameters[index].tensor.shape == t.shape else {
                 throw WorkerError.modelMismatch("got '\(t.name)' \(t.shape), which is not a parameter of this model")
@@ -479,10 +480,12 @@ public final class Worker {
             let elements = t.elements, tensor = parameters[index].tensor
             let expected = source.map { plan.range(of: index, in: $0) } ?? 0..<tensor.count
             guard elements == expected else {
-                throw WorkerError.modelMismatch("got elements \(elements) of '\(t.name)', where \(expected) were due from coordinator shard \(source ?? 0)")
+                let from = source.map { "from coordinator shard \($0)" } ?? "in the Welcome"
+                throw WorkerError.modelMismatch("got elements \(elements) of '\(t.name)', where \(expected) were due \(from)")
             }
-            guard received[index] + elements.count <= tensor.count else { throw WorkerError.modelMismatch("'\(t.name)' came twice in one update") }
-            received[index] += elements.count
+            let parts = source.map { [$0] } ?? plan.owners(of: index)
+            guard received[index].isDisjoint(with: parts) else { throw WorkerError.modelMismatch("'\(t.name)' came twice in one update") }
+            received[index].formUnion(parts)
             if !adding && t.dtype == .f32 && tensor.isStored(in: t.payload, at: elements) { continue }  // written in place
             // After a round of local steps the changes apply to where the round began, not where it ended.
             if adding { localRounds?.restoreStart(index, elements: elements, into: tensor) }
@@ -500,8 +503,8 @@ public final class Worker {
         }
     }
 
-    /// How many parameters `received` (elements set of each) sets wholly.
-    private func wholly(_ received: [Int]) -> Int { zip(received, parameters).filter { $0 == $1.tensor.count }.count }
+    /// How many parameters `received` (the shards that set their part of each) sets wholly.
+    private func wholly(_ received: [Set<Int>]) -> Int { received.indices.filter { received[$0].count == plan.owners(of: $0).count }.count }
 
     /// Computes the gradient of this worker's shard of `step`'s batch and pushes it: in buckets of about
     /// `bucket_kb` sent from inside the backward pass as the tape completes them (last layers first), the

@@ -247,6 +247,7 @@ public enum WireCodec {
             m.pointee.model_json = arena.string(x.modelJSON)
             m.pointee.sum_of_squares = x.sumOfSquares
             m.pointee.clip_scale = x.clipScale
+            m.pointee.clip = x.clip ? 1 : 0
             e.body_case = DDP__V1__ENVELOPE__BODY_SHARD
             e.shard = m
         case .error(let r):
@@ -405,6 +406,7 @@ public enum WireCodec {
             x.modelJSON = text(m.model_json)
             x.sumOfSquares = m.sum_of_squares
             x.clipScale = m.clip_scale
+            x.clip = m.clip != 0
             return .shard(x)
         case DDP__V1__ENVELOPE__BODY_GRADIENT_PUSH:
             guard let m = e.gradient_push?.pointee else { return nil }

@@ -375,8 +375,9 @@ public struct ShardMessage: Equatable, Sendable {
     public var modelJSON = ""
     /// AVERAGED with clipping: the sum of squares of the follower's averaged gradients.
     public var sumOfSquares: Double = 0
-    /// APPLY with clipping: the factor to scale the gradients by before stepping (0: none).
-    public var clipScale: Float = 0
+    /// APPLY: whether to scale the gradients by `clipScale` before stepping (the global norm was over clip_norm).
+    public var clip = false
+    public var clipScale: Float = 1
 
     public init(_ kind: Kind) { self.kind = kind }
 }

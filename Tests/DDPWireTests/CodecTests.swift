@@ -37,7 +37,7 @@ struct CodecTests {
             var m = ShardMessage(.average)
             m.shard = 2; m.endpoint = "tcp://h:1"; m.jobSpecJSON = "{}"; m.attempt = 3; m.ranks = [0, 2, -1]; m.workerIDs = ["a", "b"]
             m.sampleCounts = [64, 0, 7]; m.refused = "why"; m.learningRate = 0.5; m.applyOptimizer = true; m.optimizerSteps = 9
-            m.withState = true; m.finite = false; m.modelJSON = "{\"program\":\"p\"}"; m.sumOfSquares = 12.5; m.clipScale = 0.25
+            m.withState = true; m.finite = false; m.modelJSON = "{\"program\":\"p\"}"; m.sumOfSquares = 12.5; m.clipScale = 0.25; m.clip = true
             return m
         }()),
         .shard(ShardMessage(.snapshotReply)),

@@ -650,15 +650,16 @@ struct  Ddp__V1__ShardMessage
   char *model_json;
   /*
    * With clip_norm: AVERAGED carries the sum of squares of the follower's averaged gradients (its trained
-   * elements), and APPLY the factor every shard scales its gradients by before stepping (0: none), so
-   * that clipping uses the global norm as one coordinator's does.
+   * elements), and APPLY with clip = true the factor every shard scales its gradients by before stepping,
+   * so that clipping uses the global norm as one coordinator's does.
    */
   double sum_of_squares;
   float clip_scale;
+  protobuf_c_boolean clip;
 };
 #define DDP__V1__SHARD_MESSAGE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&ddp__v1__shard_message__descriptor) \
-    , DDP__V1__SHARD_MESSAGE__KIND__KIND_UNSPECIFIED, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0,NULL, 0,NULL, 0,NULL, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string, 0, 0 }
+    , DDP__V1__SHARD_MESSAGE__KIND__KIND_UNSPECIFIED, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0,NULL, 0,NULL, 0,NULL, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string, 0, 0, 0 }
 
 
 /*

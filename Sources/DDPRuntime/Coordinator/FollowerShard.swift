@@ -211,7 +211,7 @@ final class FollowerShard: ShardServer {
                 try serve(ServedModel(program: program, values: zeros, spec: spec))
             }
             var state: [String: Tensor] = [:]
-            if let foreign = shard.load(shardTensors: message.tensors, of: index, state: &state) {
+            if let foreign = shard.load(shardTensors: message.tensors, of: index, sliced: false, state: &state) {
                 fail("the leader assigned '\(foreign.name)' \(foreign.shape), which is not a tensor of this shard")
                 return
             }
@@ -262,7 +262,7 @@ final class FollowerShard: ShardServer {
         answer.attempt = round.attempt
         answer.finite = samples == 0 || (early.covers(used, owned: shard.owned) ? early.finite : shard.average(used, samples: samples))
         if !answer.finite { answer.ranks = shard.nonFinite(used).keys.sorted() }
-        if answer.finite && samples > 0 && spec.clipNorm > 0 && !spec.isLocalSGD { answer.sumOfSquares = shard.sumOfSquares() }
+        if samples > 0 && spec.clipNorm > 0 && !spec.isLocalSGD { answer.sumOfSquares = shard.sumOfSquares() }
         try toLeader(.shard(answer), step: UInt64(round.step))
     }
 
@@ -277,7 +277,7 @@ final class FollowerShard: ShardServer {
         pendingApply = nil
         if !missing.isEmpty { log.warning("ranks \(missing) did not join this coordinator shard in time; their update leaves without them") }
         shard.optimizer.learningRate = command.learningRate
-        if command.applyOptimizer && command.clipScale > 0 { shard.scaleGradients(by: command.clipScale) }
+        if command.applyOptimizer && command.clip { shard.scaleGradients(by: command.clipScale) }
         round.begin(step: newStep, attempt: 0)
         let recipients = command.ranks.compactMap { membership[$0] }
         broadcast(to: recipients, trainLoss: 0, learningRate: command.learningRate, assignments: [:]) { send in

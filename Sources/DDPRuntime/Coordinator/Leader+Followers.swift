@@ -100,7 +100,7 @@ extension Leader {
         guard let answers = awaitFollowers(.snapshotReply) else { return false }
         var state: [String: Tensor] = [:]
         for (index, answer) in answers.sorted(by: { $0.key < $1.key }) {
-            if let foreign = shard.load(shardTensors: answer.tensors, of: index, state: &state) {
+            if let foreign = shard.load(shardTensors: answer.tensors, of: index, sliced: true, state: &state) {
                 log.warning("coordinator shard \(index) sent '\(foreign.name)' \(foreign.shape) (elements \(foreign.elements)), which is not its part; skipped")
             }
         }

@@ -65,14 +65,14 @@ extension Leader {
         }
         guard let (used, followerSquares) = averageContributions(contributions) else { return }  // a follower failed
         let samples = used.reduce(0) { $0 + Int($1.sampleCount) }
-        var loss: Float = 0, correct = 0, clip: Float = 0
+        var loss: Float = 0, correct = 0, clip: Float?
         if samples > 0 {
             recordGradientNorms(used)
             // With local SGD the job's clipping and schedule are the workers' inner steps'; the outer step size is constant.
             if !spec.isLocalSGD {
                 // The global norm: this shard's sum of squares, then each follower's in shard order.
-                let squares = ([shard.sumOfSquares()] + followerSquares).reduce(0, +)
-                if spec.clipNorm > 0, let scale = clipScale(norm: Float(squares.squareRoot()), maxNorm: spec.clipNorm) {
+                if spec.clipNorm > 0,
+                   let scale = clipScale(norm: Float(([shard.sumOfSquares()] + followerSquares).reduce(0, +).squareRoot()), maxNorm: spec.clipNorm) {
                     shard.scaleGradients(by: scale)
                     clip = scale
                 }
@@ -93,9 +93,9 @@ extension Leader {
     }
 
     /// Moves on to the next step once the current one is averaged: the followers and this shard step
-    /// (when `applyOptimizer`; the followers scale their gradients by `clipScale` first, 0: none) and send
-    /// the update, then the epoch's end, a checkpoint, or the job's end.
-    func advance(trainLoss loss: Float, applyOptimizer: Bool, clipScale: Float = 0) {
+    /// (when `applyOptimizer`; the followers scale their gradients by `clipScale` first, when clipped) and
+    /// send the update, then the epoch's end, a checkpoint, or the job's end.
+    func advance(trainLoss loss: Float, applyOptimizer: Bool, clipScale: Float?) {
         followerReports.removeAll(keepingCapacity: true)
         round.begin(step: round.step + 1, attempt: 0)
         let step = round.step
@@ -103,7 +103,8 @@ extension Leader {
         var apply = ShardMessage(.apply)
         apply.learningRate = shard.optimizer.learningRate
         apply.applyOptimizer = applyOptimizer
-        apply.clipScale = clipScale
+        apply.clip = clipScale != nil
+        apply.clipScale = clipScale ?? 1
         apply.ranks = more ? membership.takingPart : []
         sendToFollowers(apply)
         // The update leaves bucket by bucket as it is computed; evaluation and checkpoints come after it.
@@ -114,8 +115,9 @@ extension Leader {
         }
         let checkpointDue = spec.checkpointEvery > 0 ? step % spec.checkpointEvery == 0 : step % stepsPerEpoch == 0
         if step % stepsPerEpoch == 0 {
-            // With follower shards, one snapshot (with optimizer state) serves the evaluation and the checkpoint.
-            if checkpointDue && more && directory != nil { _ = refreshFromFollowers(withState: true) }
+            // With follower shards, one snapshot (with optimizer state) serves the evaluation and the checkpoint
+            // (the job's last one too, written when it ends).
+            if (checkpointDue || !more) && directory != nil { _ = refreshFromFollowers(withState: true) }
             endEpoch()
         }
         if checkpointDue && more { writeCheckpoint() }

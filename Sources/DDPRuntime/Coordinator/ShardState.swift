@@ -269,7 +269,8 @@ final class ShardState {
     func shardTensors(_ indices: [Int], withState: Bool, sliced: Bool) -> [WireTensor] {
         func tensor(_ name: String, _ t: Tensor, of index: Int) -> WireTensor {
             let part = sliced && t.count == parameters[index].tensor.count ? slice(index) : nil
-            return WireTensor(name: name, shape: t.shape, payload: Payload(floats: part.map { Array(t.scalars[$0]) } ?? t.scalars), slice: part)
+            let values = t.withUnsafeBufferPointer { Array($0[part ?? 0..<t.count]) }
+            return WireTensor(name: name, shape: t.shape, payload: Payload(floats: values), slice: part)
         }
         var tensors: [WireTensor] = []
         for i in indices {
@@ -284,21 +285,28 @@ final class ShardState {
         return tensors
     }
 
-    /// Loads tensors named as `shardTensors` names them (whole, or `shard`'s slice) into the parameters
-    /// (and replica) of `shard`, and the optimizer state they carry into `state` (a slice over what
-    /// `state` or the optimizer holds of it so far); returns the first tensor that is not one of that
-    /// shard's (with its shape), which is left alone.
-    func load(shardTensors tensors: [WireTensor], of shard: Int, state: inout [String: Tensor]) -> WireTensor? {
+    /// Loads tensors named as `shardTensors` names them into the parameters (and replica) of `shard`, and
+    /// the optimizer state they carry into `state` (a slice over what `state` or the optimizer holds of it
+    /// so far): with `sliced` (a follower's SNAPSHOT_REPLY) each must be exactly `shard`'s elements of
+    /// its tensor, otherwise (an ASSIGN) whole. Returns the first tensor that is not (with its shape),
+    /// which is left alone.
+    func load(shardTensors tensors: [WireTensor], of shard: Int, sliced: Bool, state: inout [String: Tensor]) -> WireTensor? {
         var foreign: WireTensor?
         func write(_ tensor: WireTensor, into target: Tensor) {
             let values = TensorEncoding.floats(tensor.payload)
             target.withUnsafeMutableBufferPointer { dst in (dst.baseAddress! + tensor.elements.lowerBound).update(from: values, count: values.count) }
         }
+        /// Whether `tensor` holds the elements of parameter `index` that this load takes.
+        func expected(_ tensor: WireTensor, of index: Int) -> Bool {
+            let mine = plan.range(of: index, in: shard)
+            return !mine.isEmpty && (sliced ? tensor.elements == mine : tensor.slice == nil)
+        }
         for tensor in tensors {
             if tensor.name.hasPrefix("optimizer/") {
                 let name = String(tensor.name.dropFirst("optimizer/".count))
                 let whole = state[name] ?? optimizer.state.first { $0.name == name }?.tensor.detached() ?? Tensor.zeros(tensor.shape)
-                guard whole.shape == tensor.shape else {
+                let owner = parameters.indices.first { name.hasPrefix(parameters[$0].name + ".") }
+                guard whole.shape == tensor.shape, let owner, tensor.elementCount != parameters[owner].tensor.count || expected(tensor, of: owner) else {
                     foreign = foreign ?? tensor
                     continue
                 }
@@ -308,8 +316,7 @@ final class ShardState {
             }
             let isReplica = tensor.name.hasPrefix("replica/")
             guard let i = indexOfParameter[isReplica ? String(tensor.name.dropFirst("replica/".count)) : tensor.name],
-                  parameters[i].tensor.shape == tensor.shape, tensor.slice == nil || tensor.elements == plan.range(of: i, in: shard),
-                  !plan.range(of: i, in: shard).isEmpty else {
+                  parameters[i].tensor.shape == tensor.shape, expected(tensor, of: i) else {
                 foreign = foreign ?? tensor
                 continue
             }
