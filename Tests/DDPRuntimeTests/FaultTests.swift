@@ -126,11 +126,13 @@ struct FaultTests {
         #expect(steps == Array(0..<cleanSummary.steps), "each step once, in order")
         #expect(job.history().map(\.epoch) == Array(1...25))
         // The epoch it resumed in counts its steps from before the kill too.
-        #expect(job.history().map(\.trainLoss) == cleanJob.history().map(\.trainLoss))
+        // Bitwise equality holds for a fixed membership: a worker declared lost (a starved machine) regroups the sums.
+        let membership = "lost workers: clean run \(cleanSummary.lostWorkers), resumed run \(summary.lostWorkers)"
+        #expect(job.history().map(\.trainLoss) == cleanJob.history().map(\.trainLoss), "\(membership)")
         #expect(job.history().map(\.trainAccuracy) == cleanJob.history().map(\.trainAccuracy))
         let resumed = try finalParameters(job)
         #expect(resumed.map(\.name) == clean.map(\.name))
-        for (a, b) in zip(resumed, clean) { #expect(a.values == b.values, "\(a.name) differs from the uninterrupted run") }
+        for (a, b) in zip(resumed, clean) { #expect(a.values == b.values, "\(a.name) differs from the uninterrupted run; \(membership)") }
         if shards > 1 {
             let follower = try String(contentsOfFile: job.logPath("coordinator-shard-1"), encoding: .utf8)
             #expect(follower.components(separatedBy: "assigned by the leader").count == 3, "\(follower)")
