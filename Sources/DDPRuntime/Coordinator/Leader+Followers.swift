@@ -89,11 +89,12 @@ extension Leader {
     }
 
     /// Copies the followers' current values (and with `withState` their optimizer state) into this
-    /// process, for evaluation, checkpoints, the final model and welcoming a worker. False when a follower
-    /// failed to answer (the job has failed then).
+    /// process, for evaluation, checkpoints, the final model and welcoming a worker (once per step: the copy
+    /// serves the step's later needs). False when a follower is lost or failed to answer (the job has
+    /// failed then).
     func refreshFromFollowers(withState: Bool) -> Bool {
         guard !followers.isEmpty else { return true }
-        if let copied = followersCopied, copied.step == round.step, copied.withState || !withState { return true }
+        if !followersLost, let copied = followersCopied, copied.step == round.step, copied.withState || !withState { return true }
         var request = ShardMessage(.snapshot)
         request.withState = withState
         sendToFollowers(request)

@@ -331,8 +331,8 @@ final class Leader: ShardServer {
         var modelPath = ""
         recorder.flushRejections()
         recorder.writeMetrics(liveWorkers: membership.liveCount, jobID: spec.jobID, now: now())
-        // With followers, the model is whole only when their tensors of this step are here (copied for the
-        // last evaluation or checkpoint, or sent now).
+        // With followers, the model is written only when none was lost and their tensors of this step are
+        // here (copied for the last evaluation or checkpoint, or sent now).
         let whole = followers.isEmpty || refreshFromFollowers(withState: false)
         for index in followers.keys.sorted() { sendToFollower(index, body: .stop(reason: message, graceful: phase != .failed)) }
         if let directory, whole, divergedAt == nil, model != nil {  // no model: a program's job no worker joined
