@@ -38,6 +38,9 @@ public struct ShardPlan: Equatable, Sendable {
     /// The elements of parameter `index` that shard `shard` owns (empty when none).
     public func range(of index: Int, in shard: Int) -> Range<Int> { ranges[shard][index] }
 
+    /// Shard `shard`'s elements of parameter `index` as a wire slice: nil when it owns the whole tensor.
+    public func slice(of index: Int, in shard: Int) -> Range<Int>? { owners(of: index).count == 1 ? nil : ranges[shard][index] }
+
     /// The shards that own a part of parameter `index`, in shard order.
     public func owners(of index: Int) -> [Int] { (0..<shards).filter { !ranges[$0][index].isEmpty } }
 

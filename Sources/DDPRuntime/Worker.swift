@@ -600,7 +600,7 @@ public final class Worker {
     private func gradientTensor(_ index: Int, for shard: Int) -> WireTensor {
         let p = parameters[index]
         let elements = plan.range(of: index, in: shard)
-        let slice = elements.count == p.tensor.count ? nil : elements
+        let slice = plan.slice(of: index, in: shard)
         let shared = shard == 0 ? sharing : shardSharing[shard - 1]
         let pushed = isBuffer[index] ? p.tensor : p.tensor.grad  // a buffer's contribution is its value
         if shared, let region = sharedSegment?.region(offset: pushLayout!.offsets[index] + elements.lowerBound * 4, count: elements.count * 4) {

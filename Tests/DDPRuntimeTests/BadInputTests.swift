@@ -63,6 +63,7 @@ struct BadInputTests {
         #expect(loads.reduce(0, +) == counts.reduce(0, +) && loads.max()! - loads.min()! <= ShardPlan.alignment)
         #expect(plan.indices(of: 0) == [0, 1, 2, 3, 4] && plan.indices(of: 1) == [4] && plan.indices(of: 2) == [4, 5])
         #expect(plan.range(of: 4, in: 1).lowerBound % ShardPlan.alignment == 0)  // the big tensor is cut in three
+        #expect(plan.slice(of: 0, in: 0) == nil && plan.slice(of: 4, in: 1) == plan.range(of: 4, in: 1))  // whole tensors travel unsliced
         #expect(ShardPlan(elementCounts: [5, 5, 5], shards: 1).indices(of: 0) == [0, 1, 2])
         #expect(ShardPlan(elementCounts: [5], shards: 3).owners(of: 0).count == 1)  // smaller than a span: one owner
     }

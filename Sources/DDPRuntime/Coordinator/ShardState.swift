@@ -13,6 +13,7 @@ final class ShardState {
     /// Which shard owns which elements of each parameter; the parameters this shard averages and steps a
     /// part of, and that part of each (empty where it owns none).
     let plan: ShardPlan
+    let shard: Int
     let owned: [Int]
     let ownedRange: [Range<Int>]
     let indexOfParameter: [String: Int]
@@ -40,6 +41,7 @@ final class ShardState {
         self.optimizer = optimizer
         let plan = ShardPlan(elementCounts: parameters.map(\.tensor.count), shards: shards)
         self.plan = plan
+        self.shard = shard
         owned = plan.indices(of: shard)
         let ownedRange = parameters.indices.map { plan.range(of: $0, in: shard) }
         self.ownedRange = ownedRange
@@ -66,8 +68,9 @@ final class ShardState {
     }
 
     /// Why (a part of) a gradient cannot be used, or nil: known parameters of this shard not sent before,
-    /// the right shape and slice (this shard's elements of it), element type `dtype`. (Completeness is checked on the last part; finite values on
-    /// the average, and only a non-finite average is traced to its senders.)
+    /// the right shape and slice (this shard's elements of it), element type `dtype`. (Completeness is
+    /// checked on the last part; finite values on the average, and only a non-finite average is traced to
+    /// its senders.)
     func validate(_ tensors: [WireTensor], alreadyReceived: [Payload?], dtype: DType) -> String? {
         for tensor in tensors {
             guard let index = indexOfParameter[tensor.name] else { return "unknown tensor '\(tensor.name)'" }
@@ -237,9 +240,7 @@ final class ShardState {
     }
 
     /// This shard's elements of parameter `index` as a wire slice: nil when it owns the whole tensor.
-    func slice(_ index: Int) -> Range<Int>? {
-        ownedRange[index].count == parameters[index].tensor.count ? nil : ownedRange[index]
-    }
+    func slice(_ index: Int) -> Range<Int>? { plan.slice(of: index, in: shard) }
 
     /// The parameters the workers should hold (the replica with a half-precision wire), whole, as f32
     /// wire tensors (for a Welcome).
