@@ -80,23 +80,24 @@ struct BalanceTests {
     }
 
     /// Runs a 2-worker job (3 epochs of 6,000 synthetic samples, batch 128) with `options` while worker 1
-    /// runs 5 ms of every 20; returns the job, its summary and the statuses asked for about once a second.
+    /// runs 3 ms of every 12 (a cycle shorter than its share of a step with these layers, so that every
+    /// step of it is slowed; with a cycle longer than its step, a share could fit in one running window); returns the job, its summary and the statuses asked for about once a second.
     func runWithWorkerOneSlowed(_ options: [String], in dir: String) throws -> (JobDirectory, JobSummary, [JobStatus]) {
         let job = try startDetachedJob(["--workers", "2", "--dataset", "synthetic", "--synthetic-samples", "6000",
-                                        "--hidden", "512,512", "--epochs", "3", "--blas-threads", "1"] + options, jobsDir: "\(dir)/jobs")
+                                        "--hidden", "1024,1024", "--epochs", "3", "--blas-threads", "1"] + options, jobsDir: "\(dir)/jobs")
         #expect(waitUntil(timeout: 60) { currentStep(job) >= 1 }, "the job did not start training")
         let pids = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: job.processesPath))) as? [String: Int])
         let slowed = pid_t(try #require(pids["worker-1"]))
-        // Worker 1 runs 5 ms of every 20 until the job ends (or 120 s pass).
+        // Worker 1 runs 3 ms of every 12 until the job ends (or 120 s pass).
         let deadline = Date().addingTimeInterval(120)
         var statuses: [JobStatus] = [], cycles = 0
         while job.summary() == nil && Date() < deadline {
             kill(slowed, SIGSTOP)
-            usleep(15_000)
+            usleep(9_000)
             kill(slowed, SIGCONT)
-            usleep(5_000)
+            usleep(3_000)
             cycles += 1
-            if cycles % 50 == 0, let status = try? job.status(timeoutSeconds: 1) { statuses.append(status) }
+            if cycles % 80 == 0, let status = try? job.status(timeoutSeconds: 1) { statuses.append(status) }
         }
         kill(slowed, SIGCONT)
         let summary = try #require(job.summary(), "the job did not end within 120 s")
