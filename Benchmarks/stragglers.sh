@@ -17,9 +17,12 @@
 # --modes picks rows by their labels (all-fast sync sync-bf16 sync-sharded backup stale balance
 # balance-sharded diloco8 diloco32 torch; default all). The job: the
 # bundled digits, MLP 64-512-512-10, SGD lr 0.1 momentum 0.9, global batch 64, at most --epochs epochs (each
-# run stops when it ends; PyTorch stops at the target). The slowed worker (rank 1 on host 2) is stopped 10 ms
-# of every 20 (SIGSTOP/SIGCONT) from the start; the "all fast" row is the synchronous job without it. Bytes
-# are the interface counters (received + sent) over the run, scaled to the epochs that reached the target, of
+# run stops when it ends; PyTorch stops at the target), no checkpoint during the run (checkpoint_every beyond
+# its steps, as the PyTorch peer writes none; the job's model and last checkpoint are written when it ends).
+# Both clocks start once the workers are ready: SwiftDDP's once they hold their Welcome's values, PyTorch's
+# after a barrier behind DDP's constructor. The slowed worker (rank 1 on host 2) is stopped 10 ms of every 20
+# (SIGSTOP/SIGCONT) from the start; the "all fast" row is the synchronous job without it. Bytes are the
+# interface counters (received + sent) over the run, scaled to the epochs that reached the target, of
 # the coordinator's host for SwiftDDP and of PyTorch's rank 0 (a ring of two) for gloo.
 # Needs root, iproute2, a release build (swift build -c release) and, for the PyTorch row, the peer
 # environment (scripts/setup-peer.sh; PEER_PYTHON, default ~/peer/bin/python). Prints a Markdown table.
@@ -105,7 +108,7 @@ swift_run() {
   local dir="$out/$rate-$label" id="stragglers-$rate-$label"
   rm -rf "$dir"; mkdir -p "$dir"
   local keys=(--set job_id="$id" --set workers=2 --set dataset=digits --set 'hidden=[512,512]' --set batch_size=64
-              --set epochs="$epochs" --set blas_threads=1 --set shared_memory=false --set checkpoint_every=0)
+              --set epochs="$epochs" --set blas_threads=1 --set shared_memory=false --set checkpoint_every=100000)
   for k in "$@"; do keys+=(--set "$k"); done
   local host="$prefix$coordinator_host"
   local before; before=$(bytes "$host")

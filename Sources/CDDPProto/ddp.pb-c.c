@@ -1497,7 +1497,7 @@ const ProtobufCMessageDescriptor ddp__v1__gradient_push__descriptor =
   (ProtobufCMessageInit) ddp__v1__gradient_push__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor ddp__v1__parameter_update__field_descriptors[11] =
+static const ProtobufCFieldDescriptor ddp__v1__parameter_update__field_descriptors[12] =
 {
   {
     "learning_rate",
@@ -1631,6 +1631,18 @@ static const ProtobufCFieldDescriptor ddp__v1__parameter_update__field_descripto
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "keeps_parameters",
+    13,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__ParameterUpdate, keeps_parameters),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned ddp__v1__parameter_update__field_indices_by_name[] = {
   5,   /* field[5] = attempt */
@@ -1638,6 +1650,7 @@ static const unsigned ddp__v1__parameter_update__field_indices_by_name[] = {
   10,   /* field[10] = first_inner_step */
   1,   /* field[1] = full_copy */
   9,   /* field[9] = inner_steps */
+  11,   /* field[11] = keeps_parameters */
   0,   /* field[0] = learning_rate */
   7,   /* field[7] = more_parts */
   6,   /* field[6] = part */
@@ -1649,7 +1662,7 @@ static const ProtobufCIntRange ddp__v1__parameter_update__number_ranges[2 + 1] =
 {
   { 1, 0 },
   { 6, 4 },
-  { 0, 11 }
+  { 0, 12 }
 };
 const ProtobufCMessageDescriptor ddp__v1__parameter_update__descriptor =
 {
@@ -1659,7 +1672,7 @@ const ProtobufCMessageDescriptor ddp__v1__parameter_update__descriptor =
   "Ddp__V1__ParameterUpdate",
   "ddp.v1",
   sizeof(Ddp__V1__ParameterUpdate),
-  11,
+  12,
   ddp__v1__parameter_update__field_descriptors,
   ddp__v1__parameter_update__field_indices_by_name,
   2,  ddp__v1__parameter_update__number_ranges,
@@ -2317,7 +2330,7 @@ const ProtobufCEnumDescriptor ddp__v1__shard_message__kind__descriptor =
   ddp__v1__shard_message__kind__value_ranges,
   NULL,NULL,NULL,NULL   /* reserved[1234] */
 };
-static const ProtobufCFieldDescriptor ddp__v1__shard_message__field_descriptors[18] =
+static const ProtobufCFieldDescriptor ddp__v1__shard_message__field_descriptors[19] =
 {
   {
     "kind",
@@ -2535,6 +2548,18 @@ static const ProtobufCFieldDescriptor ddp__v1__shard_message__field_descriptors[
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "keeps_parameters",
+    19,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Ddp__V1__ShardMessage, keeps_parameters),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned ddp__v1__shard_message__field_indices_by_name[] = {
   10,   /* field[10] = apply_optimizer */
@@ -2544,6 +2569,7 @@ static const unsigned ddp__v1__shard_message__field_indices_by_name[] = {
   2,   /* field[2] = endpoint */
   13,   /* field[13] = finite */
   3,   /* field[3] = job_spec_json */
+  18,   /* field[18] = keeps_parameters */
   0,   /* field[0] = kind */
   9,   /* field[9] = learning_rate */
   14,   /* field[14] = model_json */
@@ -2559,7 +2585,7 @@ static const unsigned ddp__v1__shard_message__field_indices_by_name[] = {
 static const ProtobufCIntRange ddp__v1__shard_message__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 18 }
+  { 0, 19 }
 };
 const ProtobufCMessageDescriptor ddp__v1__shard_message__descriptor =
 {
@@ -2569,7 +2595,7 @@ const ProtobufCMessageDescriptor ddp__v1__shard_message__descriptor =
   "Ddp__V1__ShardMessage",
   "ddp.v1",
   sizeof(Ddp__V1__ShardMessage),
-  18,
+  19,
   ddp__v1__shard_message__field_descriptors,
   ddp__v1__shard_message__field_indices_by_name,
   1,  ddp__v1__shard_message__number_ranges,

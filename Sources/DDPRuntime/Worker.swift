@@ -83,6 +83,7 @@ public final class Worker {
         var nextPart: [UInt32]
         var done: [Bool]
         var received: [Set<Int>] = []  // the shards that set their part of each parameter
+        var kept: [Bool] = []  // the sources whose part kept the parameters (keeps_parameters)
         var header: ParameterUpdate?
     }
     private var updateInProgress: UpdateProgress?
@@ -98,6 +99,8 @@ public final class Worker {
     private var shardSockets: [ZMQSocket] = []
     private var shardEndpoints: [String] = []
     private var shardWelcomed: [Bool] = []
+    /// Whether this worker told the leader, since its last Welcome, that it is ready to compute.
+    private var announcedReady = false
     private var shardSharing: [Bool] = []
     private var shardJoinRetry: [Double] = []
     private let keys: JobKeys?
@@ -251,6 +254,7 @@ public final class Worker {
             shardWelcomed[shard - 1] = true
             shardSharing[shard - 1] = welcome.sharedMemory && sharedSegment != nil
             log.info("joined coordinator shard", metadata: ["shard": "\(shard)", "tensors_via": "\(shardSharing[shard - 1] ? "shared memory" : "frames")"])
+            try announceReadyOnceJoined()
         case .error(let error) where error.code == .notReady || error.code == .notJoined:
             shardWelcomed[shard - 1] = false
             shardJoinRetry[shard - 1] = Coordinator.now() + 0.1
@@ -416,6 +420,16 @@ public final class Worker {
         try joinShards(welcome.shardEndpoints)
         log.info("welcomed", metadata: ["rank": "\(rank)", "job": "\(jobID)", "step": "\(welcome.startStep)",
                                         "tensors_via": "\(sharing ? "shared memory" : "frames")"])
+        announcedReady = false
+        try announceReadyOnceJoined()
+    }
+
+    /// Tells the leader (a Heartbeat with state "ready") that this worker holds its Welcome's values and
+    /// every coordinator shard has welcomed it: a job starts training once its workers are ready.
+    private func announceReadyOnceJoined() throws {
+        guard !announcedReady, spec != nil, !shardWelcomed.contains(false) else { return }
+        announcedReady = true
+        try send(.heartbeat(Heartbeat(sentUnixMilliseconds: Coordinator.unixMilliseconds(), state: Heartbeat.ready)))
     }
 
     /// Through shared memory the parameters live where the coordinator writes them (as f32, whatever the
@@ -442,12 +456,18 @@ public final class Worker {
         let sources = shardSockets.count + 1
         if update.part == 0 && updateInProgress?.step != step {
             updateInProgress = UpdateProgress(step: step, nextPart: Array(repeating: 0, count: sources), done: Array(repeating: false, count: sources),
-                                              received: Array(repeating: [], count: parameters.count))
+                                              received: Array(repeating: [], count: parameters.count), kept: Array(repeating: false, count: sources))
         }
         guard var progress = updateInProgress, progress.step == step, progress.nextPart[source] == update.part, !progress.done[source] else {
             let due = updateInProgress.map { "part \($0.nextPart[source]) of step \($0.step)" } ?? "a first part"
             let from = source == 0 ? "" : " from coordinator shard \(source)"
             throw WorkerError.modelMismatch("part \(update.part) of the update for step \(step)\(from) arrived where \(due) was due")
+        }
+        if update.keepsParameters {
+            guard tensors.isEmpty && update.part == 0 && !update.moreParts else {
+                throw WorkerError.modelMismatch("an update for step \(step) that keeps the parameters came with \(tensors.count) tensors, as part \(update.part)")
+            }
+            progress.kept[source] = true
         }
         try load(tensors, adding: !update.fullCopy, from: source, into: &progress.received)
         progress.nextPart[source] += 1
@@ -456,7 +476,8 @@ public final class Worker {
         updateInProgress = progress
         guard !progress.done.contains(false), let header = progress.header else { return }
         updateInProgress = nil
-        guard wholly(progress.received) == parameters.count else {
+        // Every source kept the parameters (the first step: the Welcome's values), or together they set all.
+        guard !progress.kept.contains(false) || wholly(progress.received) == parameters.count else {
             throw WorkerError.modelMismatch("the update for step \(step) set \(wholly(progress.received)) of \(parameters.count) parameters")
         }
         localRounds?.settle()

@@ -154,6 +154,7 @@ public enum WireCodec {
             m.pointee.more_parts = u.moreParts ? 1 : 0
             m.pointee.inner_steps = u.innerSteps
             m.pointee.first_inner_step = u.firstInnerStep
+            m.pointee.keeps_parameters = u.keepsParameters ? 1 : 0
             m.pointee.n_samples = u.samples.count
             m.pointee.samples = arena.array(u.samples.map { range -> UnsafeMutablePointer<Ddp__V1__SampleRange>? in
                 let r = arena.make(Ddp__V1__SampleRange.self, ddp__v1__sample_range__init)
@@ -248,6 +249,7 @@ public enum WireCodec {
             m.pointee.sum_of_squares = x.sumOfSquares
             m.pointee.clip_scale = x.clipScale
             m.pointee.clip = x.clip ? 1 : 0
+            m.pointee.keeps_parameters = x.keepsParameters ? 1 : 0
             e.body_case = DDP__V1__ENVELOPE__BODY_SHARD
             e.shard = m
         case .error(let r):
@@ -407,6 +409,7 @@ public enum WireCodec {
             x.sumOfSquares = m.sum_of_squares
             x.clipScale = m.clip_scale
             x.clip = m.clip != 0
+            x.keepsParameters = m.keeps_parameters != 0
             return .shard(x)
         case DDP__V1__ENVELOPE__BODY_GRADIENT_PUSH:
             guard let m = e.gradient_push?.pointee else { return nil }
@@ -419,7 +422,7 @@ public enum WireCodec {
             return .parameterUpdate(ParameterUpdate(
                 learningRate: m.learning_rate, fullCopy: m.full_copy != 0, epoch: m.epoch, worldSize: m.world_size,
                 trainLoss: m.train_loss, attempt: m.attempt, part: m.part, moreParts: m.more_parts != 0, samples: samples,
-                innerSteps: m.inner_steps, firstInnerStep: m.first_inner_step))
+                innerSteps: m.inner_steps, firstInnerStep: m.first_inner_step, keepsParameters: m.keeps_parameters != 0))
         case DDP__V1__ENVELOPE__BODY_HEARTBEAT:
             guard let m = e.heartbeat?.pointee else { return nil }
             return .heartbeat(Heartbeat(sentUnixMilliseconds: m.sent_unix_ms, state: text(m.state)))

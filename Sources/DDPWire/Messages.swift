@@ -198,11 +198,16 @@ public struct ParameterUpdate: Equatable, Sendable {
     /// job (for the learning-rate schedule). 0: a synchronous step.
     public var innerSteps: UInt32
     public var firstInnerStep: UInt64
+    /// This part carries no tensors: the parameters stay as the worker holds them (the first step after
+    /// the Welcomes, from every coordinator shard).
+    public var keepsParameters: Bool
 
     public init(
         learningRate: Float, fullCopy: Bool, epoch: UInt64, worldSize: UInt32, trainLoss: Float, attempt: UInt32 = 0,
-        part: UInt32 = 0, moreParts: Bool = false, samples: [SampleRange] = [], innerSteps: UInt32 = 0, firstInnerStep: UInt64 = 0
+        part: UInt32 = 0, moreParts: Bool = false, samples: [SampleRange] = [], innerSteps: UInt32 = 0, firstInnerStep: UInt64 = 0,
+        keepsParameters: Bool = false
     ) {
+        self.keepsParameters = keepsParameters
         self.samples = samples
         self.innerSteps = innerSteps
         self.firstInnerStep = firstInnerStep
@@ -230,6 +235,9 @@ public struct SampleRange: Equatable, Sendable {
 public struct Heartbeat: Equatable, Sendable {
     public var sentUnixMilliseconds: UInt64
     public var state: String
+    /// The state of a worker's Heartbeat once it holds its Welcome's values and every coordinator shard
+    /// welcomed it: training starts once the workers are ready.
+    public static let ready = "ready"
     public init(sentUnixMilliseconds: UInt64, state: String) {
         self.sentUnixMilliseconds = sentUnixMilliseconds
         self.state = state
@@ -378,6 +386,8 @@ public struct ShardMessage: Equatable, Sendable {
     /// APPLY: whether to scale the gradients by `clipScale` before stepping (the global norm was over clip_norm).
     public var clip = false
     public var clipScale: Float = 1
+    /// APPLY of the first step: the update keeps the values the Welcomes carried (no tensors).
+    public var keepsParameters = false
 
     public init(_ kind: Kind) { self.kind = kind }
 }

@@ -135,30 +135,50 @@ struct BadInputTests {
         #expect(summary.state == "completed" && summary.rejectedMessages >= 3)
     }
 
-    @Test func workerRefusesAnUpdateWhosePartsComeOutOfOrder() throws {
-        let dir = try temporaryDirectory()
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        let spec = try JobSpec.load(path: nil, overrides: ["job_id": "parts-job", "workers": 1])
+    /// A real worker joined to a fake coordinator (a ROUTER the test drives) of job `jobID` and welcomed
+    /// with the job's values; with it the process, its identity, the tensors and the log's path.
+    func welcomedWorker(jobID: String, in dir: String) throws -> (router: ZMQSocket, identity: [UInt8], tensors: [WireTensor], worker: ChildProcess, log: String) {
+        let spec = try JobSpec.load(path: nil, overrides: ["job_id": jobID, "workers": 1])
         let parameters = try TrainingSetup(spec: spec).model.parameters
-        let context = ZMQContext()
-        let router = try ZMQSocket(context: context, kind: .router)  // a coordinator that breaks the protocol
+        let router = try ZMQSocket(context: ZMQContext(), kind: .router)  // a coordinator that breaks the protocol
         let endpoint = try router.bind("ipc://\(dir)/workers.sock")
         let worker = try ChildProcess(Binaries.ddpd, ["worker", "--connect", endpoint, "--join-timeout", "10"], standardError: dir + "/worker.log")
-        defer { worker.terminate() }
         var identity: [UInt8] = []
         while identity.isEmpty, let frames = try router.receive(timeoutMilliseconds: 10_000) {
             if case .join = try WireCodec.decode(Array(frames.dropFirst())).body { identity = frames[0].bytes }
         }
+        if identity.isEmpty { worker.terminate() }
         try #require(!identity.isEmpty, "the worker never asked to join")
         let tensors = parameters.map { WireTensor(name: $0.name, shape: $0.tensor.shape, payload: Payload(floats: $0.tensor.scalars)) }
         let welcome = Welcome(rank: 0, worldSize: 1, jobSpecJSON: spec.json(), startStep: 0, epoch: 0)
-        try router.send([.bytes(identity)] + WireCodec.encode(WireMessage(jobID: "parts-job", rank: 0, body: .welcome(welcome), tensors: tensors)))
+        try router.send([.bytes(identity)] + WireCodec.encode(WireMessage(jobID: jobID, rank: 0, body: .welcome(welcome), tensors: tensors)))
+        return (router, identity, tensors, worker, dir + "/worker.log")
+    }
+
+    @Test func workerRefusesAnUpdateWhosePartsComeOutOfOrder() throws {
+        let dir = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let (router, identity, tensors, worker, logPath) = try welcomedWorker(jobID: "parts-job", in: dir)
+        defer { worker.terminate() }
         let secondPart = ParameterUpdate(learningRate: 0.1, fullCopy: true, epoch: 0, worldSize: 1, trainLoss: 0, part: 1, moreParts: true)
         try router.send([.bytes(identity)] + WireCodec.encode(WireMessage(jobID: "parts-job", step: 0, rank: 0, body: .parameterUpdate(secondPart),
                                                                           tensors: Array(tensors.prefix(1)))))
         #expect(worker.wait(timeout: 30) != 0)
-        let log = (try? String(contentsOfFile: dir + "/worker.log", encoding: .utf8)) ?? ""
+        let log = (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? ""
         #expect(log.contains("part 1 of the update for step 0 arrived where a first part was due"), "\(log)")
+    }
+
+    @Test func workerRefusesAnUpdateThatKeepsTheParametersButCarriesTensors() throws {
+        let dir = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let (router, identity, tensors, worker, logPath) = try welcomedWorker(jobID: "keeps-job", in: dir)
+        defer { worker.terminate() }
+        let keeping = ParameterUpdate(learningRate: 0.1, fullCopy: true, epoch: 0, worldSize: 1, trainLoss: 0, keepsParameters: true)
+        try router.send([.bytes(identity)] + WireCodec.encode(WireMessage(jobID: "keeps-job", step: 0, rank: 0, body: .parameterUpdate(keeping),
+                                                                          tensors: Array(tensors.prefix(1)))))
+        #expect(worker.wait(timeout: 30) != 0)
+        let log = (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? ""
+        #expect(log.contains("an update for step 0 that keeps the parameters came with 1 tensors"), "\(log)")
     }
 
     @Test func coordinatorFailsClearlyWhenWorkersNeverCome() throws {

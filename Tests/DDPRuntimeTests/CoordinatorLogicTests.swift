@@ -44,7 +44,15 @@ import Testing
             join.rankToken = token
             send(.join(join), from: peer)
             try run()
-            return transport.sent.filter { $0.peer == peer }.reversed().lazy.compactMap { if case .welcome(let w) = $0.message.body { w } else { nil } }.first
+            let welcome = transport.sent.filter { $0.peer == peer }.reversed().lazy.compactMap { if case .welcome(let w) = $0.message.body { w } else { nil } }.first
+            if let welcome { try ready(peer, rank: welcome.rank) }
+            return welcome
+        }
+
+        /// What a worker sends once it holds its Welcome's values: training starts once the workers are ready.
+        func ready(_ peer: PeerID, rank: Int32) throws {
+            send(.heartbeat(Heartbeat(sentUnixMilliseconds: 0, state: Heartbeat.ready)), from: peer, rank: rank)
+            try run()
         }
 
         /// The last update part `peer` got, with its step.
@@ -92,7 +100,9 @@ import Testing
             join.modelJSON = model.json()
             h.send(.join(join), from: peer, tensors: tensors.map { WireTensor(name: $0.name, shape: $0.tensor.shape, payload: Payload(floats: $0.tensor.scalars)) })
             try h.run()
-            return h.transport.take(for: peer)
+            let messages = h.transport.take(for: peer)
+            for m in messages { if case .welcome(let w) = m.body { try h.ready(peer, rank: w.rank) } }
+            return messages
         }
         // A Join without a model cannot start a program's job.
         #expect(try h.join(c) == nil)
@@ -115,6 +125,28 @@ import Testing
         try h.run()
         #expect(h.leader.round.step == 1)
         #expect(h.parameters[0].tensor.scalars == [0, 1] && h.parameters[1].tensor.scalars == [3, 6], "\(h.parameters.map(\.tensor.scalars))")
+    }
+
+    /// The model crosses the wire once at the start: the Welcome carries every parameter, the first step's
+    /// update none (it keeps them); the next step's update carries the new values.
+    @Test func theFirstStepKeepsTheWelcomesValues() throws {
+        let h = try Harness()
+        for peer in [a, b] { #expect(try h.join(peer) != nil) }
+        #expect(h.leader.phase == .training)
+        for peer in [a, b] {
+            let messages = h.transport.take(for: peer)
+            let welcome = try #require(messages.first { if case .welcome = $0.body { true } else { false } })
+            #expect(welcome.tensors.count == h.parameters.count)
+            let first = try #require(messages.first { if case .parameterUpdate = $0.body { true } else { false } })
+            guard case .parameterUpdate(let update) = first.body else { continue }
+            #expect(first.step == 0 && update.keepsParameters && !update.moreParts && first.tensors.isEmpty)
+        }
+        h.push(from: a, rank: 0, step: 0, samples: 32, value: 0.1)
+        h.push(from: b, rank: 1, step: 0, samples: 32, value: 0.1)
+        try h.run()
+        let next = h.transport.take(for: a).filter { if case .parameterUpdate = $0.body { true } else { false } }
+        #expect(next.allSatisfy { $0.step == 1 } && next.reduce(0) { $0 + $1.tensors.count } == h.parameters.count)
+        #expect(next.allSatisfy { if case .parameterUpdate(let u) = $0.body { !u.keepsParameters } else { false } })
     }
 
     @Test func joinedWorkersGetDisjointSamplesThatCoverTheBatch() throws {
@@ -483,6 +515,7 @@ import Testing
         let frames = h.transport.sent.filter { $0.peer == a }.map(\.message)
         guard case .welcome(let welcome) = try #require(frames.first).body else { Issue.record("no welcome"); return }
         #expect(welcome.sharedMemory)
+        try h.ready(a, rank: welcome.rank)
         for (index, p) in h.parameters.enumerated() {
             let region = try #require(segment.region(offset: updates.offsets[index], count: counts[index]))
             #expect(TensorEncoding.floats(region) == p.tensor.scalars, "\(p.name) is in the segment before the Welcome is read")

@@ -353,7 +353,10 @@ struct FaultTests {
         let setup = try TrainingSetup(spec: spec)
         while pushes < 5, let frames = try fake.receive(timeoutMilliseconds: 10_000) {
             let message = try WireCodec.decode(frames)
-            if case .welcome(let w) = message.body { rank = w.rank }
+            if case .welcome(let w) = message.body {
+                rank = w.rank
+                try fake.send(WireCodec.encode(WireMessage(jobID: "nan-job", rank: rank, body: .heartbeat(Heartbeat(sentUnixMilliseconds: 0, state: Heartbeat.ready)))))
+            }
             guard case .parameterUpdate = message.body else { continue }
             let shapes = setup.model.parameters
             let tensors: [WireTensor] = shapes.map { p in

@@ -63,12 +63,14 @@ struct SecurityTests {
             let welcome = try #require(try peer.await { if case .welcome = $0.body { true } else { false } })
             guard case .welcome(let w) = welcome.body else { return }
             #expect(!w.sharedMemory, "the coordinator must not map \(path)")
+            #expect(!welcome.tensors.isEmpty && welcome.tensors.allSatisfy { $0.payload.byteCount > 0 }, "the Welcome's values come in frames")
+            try peer.send(WireMessage(jobID: "victim-job", rank: w.rank, body: .heartbeat(Heartbeat(sentUnixMilliseconds: 0, state: Heartbeat.ready))))
             peers.append(peer)
         }
-        // Both joined: training starts and the first update goes out, in frames.
+        // Both joined and ready: training starts and the first update goes out (keeping the Welcome's values).
         for peer in peers {
             let update = try #require(try peer.await { if case .parameterUpdate = $0.body { true } else { false } })
-            #expect(update.tensors.allSatisfy { $0.payload.byteCount > 0 })
+            #expect(update.tensors.isEmpty)
         }
         #expect(try Data(contentsOf: URL(fileURLWithPath: victim)) == Data(original))
         let log = try String(contentsOfFile: dir + "/coordinator.log", encoding: .utf8)
@@ -89,6 +91,7 @@ struct SecurityTests {
         try liar.send(WireMessage(jobID: "weights-job", body: .join(Join(workerID: "liar", host: "h", pid: 1, modelFingerprint: "", requestedRank: 1))))
         let welcome = try #require(try liar.await { if case .welcome = $0.body { true } else { false } })
         #expect(welcome.rank == 1)
+        try liar.send(WireMessage(jobID: "weights-job", rank: 1, body: .heartbeat(Heartbeat(sentUnixMilliseconds: 0, state: Heartbeat.ready))))
         let honest = try ChildProcess(Binaries.ddpd, ["worker", "--connect", endpoints.workers, "--config", dir + "/spec.json"],
                                       standardError: dir + "/worker.log")
         defer { honest.terminate() }

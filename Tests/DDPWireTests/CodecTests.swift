@@ -38,6 +38,7 @@ struct CodecTests {
             m.shard = 2; m.endpoint = "tcp://h:1"; m.jobSpecJSON = "{}"; m.attempt = 3; m.ranks = [0, 2, -1]; m.workerIDs = ["a", "b"]
             m.sampleCounts = [64, 0, 7]; m.refused = "why"; m.learningRate = 0.5; m.applyOptimizer = true; m.optimizerSteps = 9
             m.withState = true; m.finite = false; m.modelJSON = "{\"program\":\"p\"}"; m.sumOfSquares = 12.5; m.clipScale = 0.25; m.clip = true
+            m.keepsParameters = true
             return m
         }()),
         .shard(ShardMessage(.snapshotReply)),
@@ -45,6 +46,7 @@ struct CodecTests {
         .gradientPush(GradientPush(sampleCount: 64, localLoss: 0.25, attempt: 1, part: 2, moreParts: true)),
         .parameterUpdate(ParameterUpdate(learningRate: 0.1, fullCopy: true, epoch: 1, worldSize: 3, trainLoss: 0.5, samples: [SampleRange(start: 64, count: 32), SampleRange(start: 0, count: 3)])),
         .parameterUpdate(ParameterUpdate(learningRate: 0.1, fullCopy: false, epoch: 1, worldSize: 3, trainLoss: 0.5, part: 3, moreParts: true)),
+        .parameterUpdate(ParameterUpdate(learningRate: 0.1, fullCopy: true, epoch: 0, worldSize: 2, trainLoss: 0, keepsParameters: true)),
         .heartbeat(Heartbeat(sentUnixMilliseconds: 123_456, state: "computing")),
         .leave(reason: "done"),
         .statusRequest(detail: true),

@@ -444,10 +444,16 @@ struct  Ddp__V1__ParameterUpdate
    */
   uint32_t inner_steps;
   uint64_t first_inner_step;
+  /*
+   * true: this part carries no tensors and the parameters stay as the worker holds them. The first step
+   * of training is sent so, by every coordinator shard (one part each), since the Welcomes carried the
+   * values it starts from: the model crosses the wire once.
+   */
+  protobuf_c_boolean keeps_parameters;
 };
 #define DDP__V1__PARAMETER_UPDATE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&ddp__v1__parameter_update__descriptor) \
-    , 0, 0, 0, 0, 0, 0, 0, 0, 0,NULL, 0, 0 }
+    , 0, 0, 0, 0, 0, 0, 0, 0, 0,NULL, 0, 0, 0 }
 
 
 /*
@@ -465,14 +471,16 @@ struct  Ddp__V1__SampleRange
 
 
 /*
- * Liveness in both directions.
+ * Liveness in both directions. A worker sends one with state "ready" once it holds its Welcome's values
+ * and every coordinator shard has welcomed it (again after every Welcome): a job starts training once its
+ * workers are ready, so that its clock and first step do not include their start-up.
  */
 struct  Ddp__V1__Heartbeat
 {
   ProtobufCMessage base;
   uint64_t sent_unix_ms;
   /*
-   * the sender's state, e.g. "computing", "waiting"
+   * the sender's state, e.g. "computing", "waiting", "ready"
    */
   char *state;
 };
@@ -656,10 +664,15 @@ struct  Ddp__V1__ShardMessage
   double sum_of_squares;
   float clip_scale;
   protobuf_c_boolean clip;
+  /*
+   * APPLY of the first step: the workers hold this shard's values from their Welcomes; its update keeps
+   * them (ParameterUpdate.keeps_parameters), no tensors.
+   */
+  protobuf_c_boolean keeps_parameters;
 };
 #define DDP__V1__SHARD_MESSAGE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&ddp__v1__shard_message__descriptor) \
-    , DDP__V1__SHARD_MESSAGE__KIND__KIND_UNSPECIFIED, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0,NULL, 0,NULL, 0,NULL, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string, 0, 0, 0 }
+    , DDP__V1__SHARD_MESSAGE__KIND__KIND_UNSPECIFIED, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0,NULL, 0,NULL, 0,NULL, (char *)protobuf_c_empty_string, 0, 0, 0, 0, 0, (char *)protobuf_c_empty_string, 0, 0, 0, 0 }
 
 
 /*

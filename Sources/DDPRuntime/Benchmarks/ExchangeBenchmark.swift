@@ -158,20 +158,24 @@ public struct ExchangeBenchmark {
             let message = try WireCodec.decode(frames, sharedMemory: sharing ? segment : nil)
             switch message.body {
             case .welcome(let welcome):
+                try socket.send(WireCodec.encode(WireMessage(jobID: "", rank: welcome.rank, body: .heartbeat(
+                    Heartbeat(sentUnixMilliseconds: Coordinator.unixMilliseconds(), state: Heartbeat.ready)))))
                 sharing = welcome.sharedMemory
                 if sharing, let gradientRegion {  // as if backward had written it there
                     gradient.values.withUnsafeBufferPointer { TensorEncoding.write($0, as: .f32, into: gradientRegion) }
                 }
             case .parameterUpdate(let header):
-                guard let update = message.tensors.first, update.elementCount == elements else { throw WireBenchmarkError.invalid("bad update") }
-                let inPlace = sharing && update.payload.withUnsafeBytes { $0.baseAddress } == parameterRegion?.withUnsafeBytes { $0.baseAddress }
-                if !inPlace {
-                    parameters.withUnsafeMutableBufferPointer { dst in
-                        scratch.withUnsafeMutableBufferPointer { scratch in
-                            for start in stride(from: 0, to: elements, by: scratch.count) {
-                                TensorEncoding.withFloats(update.payload, dtype: update.dtype, range: start..<min(start + scratch.count, elements), scratch: scratch) {
-                                    let out = dst.baseAddress! + start
-                                    if header.fullCopy { out.update(from: $0.baseAddress!, count: $0.count) } else { for i in 0..<$0.count { out[i] += $0[i] } }
+                if !header.keepsParameters {  // the first step keeps the Welcome's values
+                    guard let update = message.tensors.first, update.elementCount == elements else { throw WireBenchmarkError.invalid("bad update") }
+                    let inPlace = sharing && update.payload.withUnsafeBytes { $0.baseAddress } == parameterRegion?.withUnsafeBytes { $0.baseAddress }
+                    if !inPlace {
+                        parameters.withUnsafeMutableBufferPointer { dst in
+                            scratch.withUnsafeMutableBufferPointer { scratch in
+                                for start in stride(from: 0, to: elements, by: scratch.count) {
+                                    TensorEncoding.withFloats(update.payload, dtype: update.dtype, range: start..<min(start + scratch.count, elements), scratch: scratch) {
+                                        let out = dst.baseAddress! + start
+                                        if header.fullCopy { out.update(from: $0.baseAddress!, count: $0.count) } else { for i in 0..<$0.count { out[i] += $0[i] } }
+                                    }
                                 }
                             }
                         }
@@ -189,6 +193,8 @@ public struct ExchangeBenchmark {
                 }
                 try socket.send(WireCodec.encode(WireMessage(
                     jobID: "", step: message.step, body: .gradientPush(GradientPush(sampleCount: 1, localLoss: 0)), tensors: [tensor])))
+            case .heartbeat:
+                continue  // the answer to its "ready"
             default:
                 return
             }

@@ -280,8 +280,8 @@ final class FollowerShard: ShardServer {
         if command.applyOptimizer && command.clip { shard.scaleGradients(by: command.clipScale) }
         round.begin(step: newStep, attempt: 0)
         let recipients = command.ranks.compactMap { membership[$0] }
-        broadcast(to: recipients, trainLoss: 0, learningRate: command.learningRate, assignments: [:]) { send in
-            shard.stepAndEncode(applyOptimizer: command.applyOptimizer, bucketKB: spec.bucketKB, emit: send)
+        broadcast(to: recipients, trainLoss: 0, learningRate: command.learningRate, assignments: [:], keepsParameters: command.keepsParameters) { send in
+            if command.keepsParameters { send([], true) } else { shard.stepAndEncode(applyOptimizer: command.applyOptimizer, bucketKB: spec.bucketKB, emit: send) }
         }
         if let (snapshot, message) = pendingSnapshot {
             pendingSnapshot = nil

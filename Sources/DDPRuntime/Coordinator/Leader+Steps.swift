@@ -13,10 +13,13 @@ extension Leader {
         trainingStarted = now()
         log.info("training started", metadata: ["workers": "\(membership.liveCount + membership.joiningCount)", "steps": "\(totalSteps)",
                                                  "steps_per_epoch": "\(stepsPerEpoch)"])
-        var apply = ShardMessage(.apply)  // the followers send their tensors' current values
+        // The Welcomes carried the values training starts from: the first step's update keeps them, from
+        // every shard (each follower sends its part once the workers have joined it).
+        var apply = ShardMessage(.apply)
         apply.ranks = membership.takingPart
+        apply.keepsParameters = true
         sendToFollowers(apply)
-        broadcastUpdate(trainLoss: 0) { send in shard.stepAndEncode(applyOptimizer: false, bucketKB: spec.bucketKB, emit: send) }
+        broadcastUpdate(trainLoss: 0, keepsParameters: true) { send in send([], true) }
     }
 
     var stepTimeout: Double { recorder.stepTimeout(configured: spec.stepTimeoutSeconds) }
@@ -298,7 +301,7 @@ extension Leader {
     /// take one more), or with `balance: speed` and every live worker measured, in proportion to their
     /// samples per second. With `sync_every` > 1 the step is a round of local SGD: each worker gets its share
     /// of each of the round's data steps, one run per inner step.
-    func broadcastUpdate(trainLoss: Float, produce: (_ send: (_ indices: [Int], _ last: Bool) -> Void) -> Void) {
+    func broadcastUpdate(trainLoss: Float, keepsParameters: Bool = false, produce: (_ send: (_ indices: [Int], _ last: Bool) -> Void) -> Void) {
         membership.startJoiners()
         let live = membership.live
         let speeds = live.map { $0.secondsPerSample > 0 ? 1 / $0.secondsPerSample : 0 }
@@ -312,6 +315,7 @@ extension Leader {
             shares = StepBatch(carried: carried, batch: sampler.batchRange(step: round.step % stepsPerEpoch)).shares(workers: live.count, weights: weights)
         }
         round.assignment = Dictionary(uniqueKeysWithValues: zip(live.map(\.rank), shares))
-        broadcast(to: live, trainLoss: trainLoss, learningRate: shard.optimizer.learningRate, assignments: round.assignment, local: local, produce: produce)
+        broadcast(to: live, trainLoss: trainLoss, learningRate: shard.optimizer.learningRate, assignments: round.assignment, local: local,
+                  keepsParameters: keepsParameters, produce: produce)
     }
 }

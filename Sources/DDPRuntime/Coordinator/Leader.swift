@@ -162,11 +162,14 @@ final class Leader: ShardServer {
                 fail("only \(followers.count) of \(spec.coordinatorShards - 1) coordinator shards said hello within \(spec.joinTimeoutSeconds) s")
             }
         case .waiting:
-            let present = membership.liveCount + membership.joiningCount
-            if present >= spec.workers || (present >= spec.minWorkers && firstJoin > 0 && now - firstJoin > joinGrace) {
+            // Training starts once the workers are ready (they hold their Welcome's values and joined every
+            // shard), or after the grace period once min_workers are.
+            let present = membership.liveCount + membership.joiningCount, ready = membership.readyCount
+            if ready >= spec.workers || (ready >= spec.minWorkers && firstJoin > 0 && now - firstJoin > joinGrace) {
                 startTraining()
             } else if now > started + spec.joinTimeoutSeconds {
-                fail("only \(present) of \(spec.workers) workers joined within \(spec.joinTimeoutSeconds) s")
+                let readiness = present > ready ? " (\(ready) of them ready)" : ""
+                fail("only \(present) of \(spec.workers) workers joined\(readiness) within \(spec.joinTimeoutSeconds) s")
             } else if stopRequested {
                 phase = .stopped
                 message = "stopped before training started"
@@ -198,8 +201,9 @@ final class Leader: ShardServer {
             if !membership.isMember(rank) {
                 try? send(.error(ErrorReply(code: .notJoined, reason: "push refused" + notJoinedReason(rank))), to: peer)
             }
-        case .heartbeat:
+        case .heartbeat(let heartbeat):
             guard follower == nil else { break }
+            if let rank, heartbeat.state == Heartbeat.ready { membership.update(rank) { $0.ready = true } }
             let answer: WireMessage.Body = membership.isMember(rank)
                 ? .heartbeat(Heartbeat(sentUnixMilliseconds: Coordinator.unixMilliseconds(), state: phase.rawValue))
                 : .error(ErrorReply(code: .notJoined, reason: "heartbeat" + notJoinedReason(rank)))

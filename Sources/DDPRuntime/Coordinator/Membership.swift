@@ -40,6 +40,9 @@ struct Member {
     /// The shared-memory segment it offered and this coordinator mapped (a worker on this host).
     var shared: SharedArea?
 
+    /// It said it is ready to compute (a Heartbeat "ready" after its Welcome): training starts once the
+    /// workers are.
+    var ready = false
     /// Steps completed without it (`backup_workers`: it was late), and the last of them.
     var leftOutSteps: UInt32 = 0
     var lastLeftOutStep: UInt64 = 0
@@ -96,6 +99,8 @@ struct Membership {
     var live: [Member] { byRank.filter(\.isLive) }
     var liveCount: Int { members.values.filter(\.isLive).count }
     var joiningCount: Int { members.values.filter { $0.state == .joining }.count }
+    /// Workers joining or training that said they are ready.
+    var readyCount: Int { members.values.filter { $0.takesPart && $0.ready }.count }
     /// The ranks the next update goes to: training and joining, in order.
     var takingPart: [Int32] { byRank.filter(\.takesPart).map(\.rank) }
 
