@@ -97,12 +97,13 @@ struct FaultTests {
     func killedCoordinatorResumesToTheSameParameters(shards: Int) throws {
         let jobs = try temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: jobs) }
-        let arguments = ["--workers", "2", "--epochs", "25", "--seed", "9", "--checkpoint-every", "20", "--coordinator-shards", "\(shards)"]
+        let arguments = ["--workers", "2", "--epochs", "25", "--seed", "9", "--checkpoint-every", "25", "--coordinator-shards", "\(shards)"]
         let cleanSummary = try #require(try startJob(arguments, jobsDir: jobs).0)
         let clean = try finalParameters(JobDirectory(path: (cleanSummary.modelPath as NSString).deletingLastPathComponent))
 
         let job = try startDetachedJob(arguments, jobsDir: jobs)
-        // 12 steps an epoch and a checkpoint every 20: killed past step 90, it resumes inside an epoch (at 80 or 100).
+        // 12 steps an epoch and a checkpoint every 25: killed past step 90 (however late the kill lands), it
+        // resumes inside an epoch (75, 100, 125, ...: none of them a multiple of 12 before the job's 300th step).
         #expect(waitUntil(timeout: 60) { currentStep(job) >= 90 })
         let coordinator = try #require(job.endpoints()).pid
         kill(coordinator, SIGKILL)
