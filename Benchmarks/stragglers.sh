@@ -26,6 +26,7 @@
 # the coordinator's host for SwiftDDP and of PyTorch's rank 0 (a ring of two) for gloo.
 # Needs root, iproute2, a release build (swift build -c release) and, for the PyTorch row, the peer
 # environment (scripts/setup-peer.sh; PEER_PYTHON, default ~/peer/bin/python). Prints a Markdown table.
+# DDP_BIN names another directory holding ddpd and ddpctl (a build to compare against; default the release build).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 rates="100mbit 1gbit"; epochs=8; target=0.95; out=""; layout=colocated
@@ -54,8 +55,8 @@ case "$layout" in
   *) echo "stragglers.sh: --layout is colocated or dedicated, not '$layout'" >&2; exit 64 ;;
 esac
 [ "$(id -u)" -eq 0 ] || { echo "stragglers.sh needs root (network namespaces)" >&2; exit 1; }
-bin="$root/.build/release"
-[ -x "$bin/ddpd" ] || { echo "no release build: run swift build -c release first" >&2; exit 1; }
+bin="${DDP_BIN:-$root/.build/release}"
+[ -x "$bin/ddpd" ] || { echo "no ddpd in $bin: run swift build -c release first" >&2; exit 1; }
 peer="${PEER_PYTHON:-$HOME/peer/bin/python}"
 out="${out:-$(mktemp -d /tmp/stragglers.XXXXXX)}"
 mkdir -p "$out"

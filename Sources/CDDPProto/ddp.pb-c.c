@@ -277,6 +277,51 @@ void   ddp__v1__parameter_update__free_unpacked
   assert(message->base.descriptor == &ddp__v1__parameter_update__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+void   ddp__v1__held_out_scores__init
+                     (Ddp__V1__HeldOutScores         *message)
+{
+  static const Ddp__V1__HeldOutScores init_value = DDP__V1__HELD_OUT_SCORES__INIT;
+  *message = init_value;
+}
+size_t ddp__v1__held_out_scores__get_packed_size
+                     (const Ddp__V1__HeldOutScores *message)
+{
+  assert(message->base.descriptor == &ddp__v1__held_out_scores__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t ddp__v1__held_out_scores__pack
+                     (const Ddp__V1__HeldOutScores *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &ddp__v1__held_out_scores__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t ddp__v1__held_out_scores__pack_to_buffer
+                     (const Ddp__V1__HeldOutScores *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &ddp__v1__held_out_scores__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Ddp__V1__HeldOutScores *
+       ddp__v1__held_out_scores__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Ddp__V1__HeldOutScores *)
+     protobuf_c_message_unpack (&ddp__v1__held_out_scores__descriptor,
+                                allocator, len, data);
+}
+void   ddp__v1__held_out_scores__free_unpacked
+                     (Ddp__V1__HeldOutScores *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &ddp__v1__held_out_scores__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 void   ddp__v1__sample_range__init
                      (Ddp__V1__SampleRange         *message)
 {
@@ -811,7 +856,7 @@ const ProtobufCMessageDescriptor ddp__v1__tensor_descriptor__descriptor =
   (ProtobufCMessageInit) ddp__v1__tensor_descriptor__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor ddp__v1__envelope__field_descriptors[16] =
+static const ProtobufCFieldDescriptor ddp__v1__envelope__field_descriptors[17] =
 {
   {
     "protocol_version",
@@ -1005,11 +1050,24 @@ static const ProtobufCFieldDescriptor ddp__v1__envelope__field_descriptors[16] =
     0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "held_out_scores",
+    21,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Ddp__V1__Envelope, body_case),
+    offsetof(Ddp__V1__Envelope, held_out_scores),
+    &ddp__v1__held_out_scores__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned ddp__v1__envelope__field_indices_by_name[] = {
   14,   /* field[14] = error */
   7,   /* field[7] = gradient_push */
   9,   /* field[9] = heartbeat */
+  16,   /* field[16] = held_out_scores */
   1,   /* field[1] = job_id */
   5,   /* field[5] = join */
   10,   /* field[10] = leave */
@@ -1028,7 +1086,7 @@ static const ProtobufCIntRange ddp__v1__envelope__number_ranges[2 + 1] =
 {
   { 1, 0 },
   { 10, 5 },
-  { 0, 16 }
+  { 0, 17 }
 };
 const ProtobufCMessageDescriptor ddp__v1__envelope__descriptor =
 {
@@ -1038,7 +1096,7 @@ const ProtobufCMessageDescriptor ddp__v1__envelope__descriptor =
   "Ddp__V1__Envelope",
   "ddp.v1",
   sizeof(Ddp__V1__Envelope),
-  16,
+  17,
   ddp__v1__envelope__field_descriptors,
   ddp__v1__envelope__field_indices_by_name,
   2,  ddp__v1__envelope__number_ranges,
@@ -1497,7 +1555,7 @@ const ProtobufCMessageDescriptor ddp__v1__gradient_push__descriptor =
   (ProtobufCMessageInit) ddp__v1__gradient_push__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor ddp__v1__parameter_update__field_descriptors[12] =
+static const ProtobufCFieldDescriptor ddp__v1__parameter_update__field_descriptors[13] =
 {
   {
     "learning_rate",
@@ -1643,10 +1701,23 @@ static const ProtobufCFieldDescriptor ddp__v1__parameter_update__field_descripto
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "evaluate",
+    14,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Ddp__V1__ParameterUpdate, n_evaluate),
+    offsetof(Ddp__V1__ParameterUpdate, evaluate),
+    &ddp__v1__sample_range__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned ddp__v1__parameter_update__field_indices_by_name[] = {
   5,   /* field[5] = attempt */
   2,   /* field[2] = epoch */
+  12,   /* field[12] = evaluate */
   10,   /* field[10] = first_inner_step */
   1,   /* field[1] = full_copy */
   9,   /* field[9] = inner_steps */
@@ -1662,7 +1733,7 @@ static const ProtobufCIntRange ddp__v1__parameter_update__number_ranges[2 + 1] =
 {
   { 1, 0 },
   { 6, 4 },
-  { 0, 12 }
+  { 0, 13 }
 };
 const ProtobufCMessageDescriptor ddp__v1__parameter_update__descriptor =
 {
@@ -1672,11 +1743,75 @@ const ProtobufCMessageDescriptor ddp__v1__parameter_update__descriptor =
   "Ddp__V1__ParameterUpdate",
   "ddp.v1",
   sizeof(Ddp__V1__ParameterUpdate),
-  12,
+  13,
   ddp__v1__parameter_update__field_descriptors,
   ddp__v1__parameter_update__field_indices_by_name,
   2,  ddp__v1__parameter_update__number_ranges,
   (ProtobufCMessageInit) ddp__v1__parameter_update__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor ddp__v1__held_out_scores__field_descriptors[3] =
+{
+  {
+    "batches",
+    1,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Ddp__V1__HeldOutScores, n_batches),
+    offsetof(Ddp__V1__HeldOutScores, batches),
+    &ddp__v1__sample_range__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "loss_sums",
+    2,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_DOUBLE,
+    offsetof(Ddp__V1__HeldOutScores, n_loss_sums),
+    offsetof(Ddp__V1__HeldOutScores, loss_sums),
+    NULL,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_PACKED,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "correct",
+    3,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_UINT64,
+    offsetof(Ddp__V1__HeldOutScores, n_correct),
+    offsetof(Ddp__V1__HeldOutScores, correct),
+    NULL,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_PACKED,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned ddp__v1__held_out_scores__field_indices_by_name[] = {
+  0,   /* field[0] = batches */
+  2,   /* field[2] = correct */
+  1,   /* field[1] = loss_sums */
+};
+static const ProtobufCIntRange ddp__v1__held_out_scores__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 3 }
+};
+const ProtobufCMessageDescriptor ddp__v1__held_out_scores__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "ddp.v1.HeldOutScores",
+  "HeldOutScores",
+  "Ddp__V1__HeldOutScores",
+  "ddp.v1",
+  sizeof(Ddp__V1__HeldOutScores),
+  3,
+  ddp__v1__held_out_scores__field_descriptors,
+  ddp__v1__held_out_scores__field_indices_by_name,
+  1,  ddp__v1__held_out_scores__number_ranges,
+  (ProtobufCMessageInit) ddp__v1__held_out_scores__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
 static const ProtobufCFieldDescriptor ddp__v1__sample_range__field_descriptors[2] =

@@ -46,7 +46,7 @@ public final class ControlClient {
             switch reply.body {
             case .statusReply(let status): return status
             case .error(let error): throw ControlError.refused(error.reason)
-            case .heartbeat, .join, .welcome, .gradientPush, .parameterUpdate, .leave, .statusRequest, .stop, .shard: continue
+            case .heartbeat, .join, .welcome, .gradientPush, .parameterUpdate, .leave, .statusRequest, .stop, .shard, .heldOutScores: continue
             }
         }
     }

@@ -44,23 +44,32 @@ extension LanguageModelSetup: BuiltInTask {
         return (loss, (hits + corpus.blockSize / 2) / corpus.blockSize)
     }
 
-    /// Mean next-token cross-entropy and token accuracy over the held-out windows.
-    public func evaluateHeldOut() -> (loss: Float, accuracy: Float) {
+    /// Held-out windows per evaluation batch.
+    static let evaluationBatch = 32
+
+    public var heldOutBatches: Int { (corpus.validationWindows + Self.evaluationBatch - 1) / Self.evaluationBatch }
+
+    /// Per held-out batch of windows: its summed next-token cross-entropy and its hits.
+    public func scoreHeldOut(_ batches: Range<Int>) -> [HeldOutScore] {
         model.setTraining(false)
         defer { model.setTraining(true) }
-        let windows = Array(corpus.trainingWindows..<corpus.trainingWindows + corpus.validationWindows)
-        var totalLoss: Double = 0, correct = 0
-        GradMode.withoutGradients {
-            for start in stride(from: 0, to: windows.count, by: 32) {
-                let chunk = Array(windows[start..<min(start + 32, windows.count)])
+        let end = corpus.trainingWindows + corpus.validationWindows
+        return GradMode.withoutGradients {
+            batches.map { batch in
+                let first = corpus.trainingWindows + batch * Self.evaluationBatch
+                let chunk = Array(first..<min(first + Self.evaluationBatch, end))
                 let (inputs, targets) = corpus.batch(chunk)
                 let logits = model(inputs, batch: chunk.count, time: corpus.blockSize)
-                totalLoss += Double(Loss.softmaxCrossEntropy(logits, labels: targets).item) * Double(targets.count)
-                correct += TrainingSetup.correctCount(logits.reshaped([-1, logits.shape[2]]), targets)
+                return HeldOutScore(lossSum: Double(Loss.softmaxCrossEntropy(logits, labels: targets).item) * Double(targets.count),
+                                    correct: TrainingSetup.correctCount(logits.reshaped([-1, logits.shape[2]]), targets))
             }
         }
-        let tokens = Double(windows.count * corpus.blockSize)
-        return (Float(totalLoss / tokens), Float(Double(correct) / tokens))
+    }
+
+    /// Mean next-token cross-entropy and token accuracy over the held-out windows.
+    public func heldOutMetrics(_ scores: [HeldOutScore]) -> (loss: Float, accuracy: Float) {
+        let tokens = Double(corpus.validationWindows * corpus.blockSize)
+        return (Float(scores.reduce(0.0) { $0 + $1.lossSum } / tokens), Float(Double(scores.reduce(0) { $0 + $1.correct }) / tokens))
     }
 
     public func modelDescription(step: Int) -> ModelDescription {

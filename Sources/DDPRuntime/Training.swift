@@ -163,36 +163,50 @@ public struct TrainingSetup {
         return (loss, GradMode.withoutGradients { Self.correctCount(output, labels) })
     }
 
+    /// Samples per evaluation batch: the unit held-out data is scored in, by the coordinator or shared out
+    /// to the workers (`ParameterUpdate.evaluate`), so that the sums come out the same either way.
+    public static let evaluationBatch = 1024
+
     /// Loss and accuracy of the model on `data`, in evaluation mode; for regression the mean squared
     /// error and R² (1 - residual / total sum of squares).
     public func evaluate(on data: Dataset) -> (loss: Float, accuracy: Float) {
-        if let targets = data.targets { return evaluateRegression(on: data, targets: targets) }
-        model.setTraining(false)
-        defer { model.setTraining(true) }
-        var totalLoss: Double = 0, correct = 0
-        let chunk = 1024
-        GradMode.withoutGradients {
-            for start in stride(from: 0, to: data.count, by: chunk) {
-                let (x, labels) = data.batch(start..<min(start + chunk, data.count))
-                let logits = model(x)
-                totalLoss += Double(Loss.softmaxCrossEntropy(logits, labels: labels).item) * Double(labels.count)
-                correct += Self.correctCount(logits, labels)
-            }
-        }
-        return (Float(totalLoss / Double(data.count)), Float(correct) / Float(data.count))
+        metrics(score(0..<evaluationBatches(of: data), of: data), of: data)
     }
 
-    private func evaluateRegression(on data: Dataset, targets: [Float]) -> (loss: Float, accuracy: Float) {
+    /// How many evaluation batches `data` has.
+    public func evaluationBatches(of data: Dataset) -> Int { (data.count + Self.evaluationBatch - 1) / Self.evaluationBatch }
+
+    /// The scores of evaluation batches `batches` of `data`, in evaluation mode: per batch its summed loss
+    /// (squared error for regression) and its hits.
+    public func score(_ batches: Range<Int>, of data: Dataset) -> [HeldOutScore] {
         model.setTraining(false)
         defer { model.setTraining(true) }
-        let predictions = GradMode.withoutGradients { model(data.batch(0..<data.count).inputs) }.scalars
-        let mean = targets.reduce(0, +) / Float(targets.count)
-        var residual: Double = 0, total: Double = 0
-        for (p, y) in zip(predictions, targets) {
-            residual += Double((p - y) * (p - y))
-            total += Double((y - mean) * (y - mean))
+        return GradMode.withoutGradients {
+            batches.map { batch in
+                let samples = (batch * Self.evaluationBatch)..<min((batch + 1) * Self.evaluationBatch, data.count)
+                let (x, labels) = data.batch(samples)
+                let output = model(x)
+                if let targets = data.targets {
+                    var residual: Double = 0
+                    for (p, y) in zip(output.scalars, targets[samples]) { residual += Double((p - y) * (p - y)) }
+                    return HeldOutScore(lossSum: residual, correct: 0)
+                }
+                return HeldOutScore(lossSum: Double(Loss.softmaxCrossEntropy(output, labels: labels).item) * Double(labels.count),
+                                    correct: Self.correctCount(output, labels))
+            }
         }
-        return (Float(residual / Double(targets.count)), total > 0 ? Float(1 - residual / total) : 0)
+    }
+
+    /// Loss and accuracy (for regression the mean squared error and R²) from the scores of every
+    /// evaluation batch of `data`, summed in batch order.
+    public func metrics(_ scores: [HeldOutScore], of data: Dataset) -> (loss: Float, accuracy: Float) {
+        let lossSum = scores.reduce(0.0) { $0 + $1.lossSum }
+        if let targets = data.targets {
+            let mean = targets.reduce(0, +) / Float(targets.count)
+            let total = targets.reduce(0.0) { $0 + Double(($1 - mean) * ($1 - mean)) }
+            return (Float(lossSum / Double(targets.count)), total > 0 ? Float(1 - lossSum / total) : 0)
+        }
+        return (Float(lossSum / Double(data.count)), Float(scores.reduce(0) { $0 + $1.correct }) / Float(data.count))
     }
 
     /// How many rows of `logits` have their largest value at the label.

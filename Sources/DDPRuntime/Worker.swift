@@ -208,6 +208,7 @@ public final class Worker {
             case .parameterUpdate(let update):
                 let resent = update.attempt > 0 && message.tensors.isEmpty && !update.moreParts  // keeps the parameters
                 if resent {
+                    try evaluateIfAsked(update, step: message.step)
                     makeDue(step: Int(message.step), assignment: update)
                 } else {
                     try receiveUpdatePart(update, step: message.step, tensors: message.tensors, from: 0)
@@ -229,7 +230,7 @@ public final class Worker {
                 try accept(welcome, message: message)
             case .heartbeat:
                 break
-            case .join, .gradientPush, .leave, .statusRequest, .statusReply, .shard:
+            case .join, .gradientPush, .leave, .statusRequest, .statusReply, .shard, .heldOutScores:
                 log.warning("unexpected \(message.body.kind) from the coordinator")
             }
         }
@@ -266,7 +267,7 @@ public final class Worker {
             try receiveUpdatePart(update, step: message.step, tensors: message.tensors, from: shard)
         case .stop, .heartbeat:
             break  // the leader's Stop ends the job
-        case .join, .gradientPush, .leave, .statusRequest, .statusReply, .shard:
+        case .join, .gradientPush, .leave, .statusRequest, .statusReply, .shard, .heldOutScores:
             log.warning("unexpected \(message.body.kind) from coordinator shard \(shard)")
         }
     }
@@ -370,7 +371,7 @@ public final class Worker {
                 throw WorkerError.refused(error.reason)
             case .heartbeat, .parameterUpdate, .stop:
                 continue  // before its Welcome a worker takes no part
-            case .join, .gradientPush, .leave, .statusRequest, .statusReply, .shard:
+            case .join, .gradientPush, .leave, .statusRequest, .statusReply, .shard, .heldOutScores:
                 log.warning("unexpected \(message.body.kind) from the coordinator while joining")
             }
         }
@@ -481,7 +482,27 @@ public final class Worker {
             throw WorkerError.modelMismatch("the update for step \(step) set \(wholly(progress.received)) of \(parameters.count) parameters")
         }
         localRounds?.settle()
+        try evaluateIfAsked(header, step: step)
         makeDue(step: Int(step), assignment: header)
+    }
+
+    /// Scores the held-out batches `update` names on its parameters (before they change) and sends the
+    /// scores to the leader, ahead of this step's push (see EVALUATION in the proto).
+    private func evaluateIfAsked(_ update: ParameterUpdate, step: UInt64) throws {
+        guard !update.evaluate.isEmpty else { return }
+        guard let task = task as? any BuiltInTask else {
+            throw WorkerError.modelMismatch("asked to score held-out batches, but this worker's model is a program's")
+        }
+        var batches: [Int] = []
+        for range in update.evaluate {
+            guard range.start + range.count <= UInt64(task.heldOutBatches) else {
+                throw WorkerError.modelMismatch("asked to score held-out batches \(range.start)..<\(range.start + range.count) of \(task.heldOutBatches)")
+            }
+            batches += Int(range.start)..<Int(range.start + range.count)
+        }
+        let scores = batches.flatMap { task.scoreHeldOut($0..<$0 + 1) }
+        log.info("scored held-out batches", metadata: ["step": "\(step)", "batches": "\(batches.count) of \(task.heldOutBatches)"])
+        try send(.heldOutScores(HeldOutScores(batches: update.evaluate, lossSums: scores.map(\.lossSum), correct: scores.map { UInt64($0.correct) })), step: step)
     }
 
     /// Makes `step` the one to compute next, in place of any older one not begun.

@@ -32,13 +32,29 @@ public protocol BuiltInTask: WorkerTask {
     var module: Module { get }
     /// The order of the training samples in every epoch.
     var sampler: EpochSampler { get }
-    /// Loss and accuracy on the held-out split, in evaluation mode (for a language model: per token).
-    func evaluateHeldOut() -> (loss: Float, accuracy: Float)
+    /// The held-out split's evaluation batches (the unit its scoring is shared out in).
+    var heldOutBatches: Int { get }
+    /// The scores of held-out batches `batches`, in evaluation mode, one per batch in order.
+    func scoreHeldOut(_ batches: Range<Int>) -> [HeldOutScore]
+    /// Loss and accuracy (for a language model: per token) from the scores of every held-out batch.
+    func heldOutMetrics(_ scores: [HeldOutScore]) -> (loss: Float, accuracy: Float)
     /// The model's description at `step`, for the metadata of model files and checkpoints.
     func modelDescription(step: Int) -> ModelDescription
 }
 
+/// What one held-out batch scored: its summed loss (squared error for regression) and its hits.
+public struct HeldOutScore: Equatable, Sendable {
+    public var lossSum: Double
+    public var correct: Int
+    public init(lossSum: Double, correct: Int) {
+        self.lossSum = lossSum
+        self.correct = correct
+    }
+}
+
 extension BuiltInTask {
+    /// Loss and accuracy on the whole held-out split.
+    public func evaluateHeldOut() -> (loss: Float, accuracy: Float) { heldOutMetrics(scoreHeldOut(0..<heldOutBatches)) }
     public var programModel: ProgramModel? { nil }
     public var wireTensors: [NamedParameter] { module.parameters + module.buffers }
     public var bufferNames: Set<String> { Set(module.buffers.map(\.name)) }
@@ -75,7 +91,9 @@ extension TrainingSetup: BuiltInTask {
     public var module: Module { model }
     public var trainingSampleCount: Int { train.count }
     public func loss(_ samples: [Int]) throws -> (loss: Tensor, correct: Int) { loss(samples, in: train) }
-    public func evaluateHeldOut() -> (loss: Float, accuracy: Float) { evaluate(on: test) }
+    public var heldOutBatches: Int { evaluationBatches(of: test) }
+    public func scoreHeldOut(_ batches: Range<Int>) -> [HeldOutScore] { score(batches, of: test) }
+    public func heldOutMetrics(_ scores: [HeldOutScore]) -> (loss: Float, accuracy: Float) { metrics(scores, of: test) }
 }
 
 /// The samples of a user's data set, by index: what a program hands SwiftDDP.

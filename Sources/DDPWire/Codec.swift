@@ -156,14 +156,21 @@ public enum WireCodec {
             m.pointee.first_inner_step = u.firstInnerStep
             m.pointee.keeps_parameters = u.keepsParameters ? 1 : 0
             m.pointee.n_samples = u.samples.count
-            m.pointee.samples = arena.array(u.samples.map { range -> UnsafeMutablePointer<Ddp__V1__SampleRange>? in
-                let r = arena.make(Ddp__V1__SampleRange.self, ddp__v1__sample_range__init)
-                r.pointee.start = range.start
-                r.pointee.count = range.count
-                return r
-            })
+            m.pointee.samples = arena.sampleRanges(u.samples)
+            m.pointee.n_evaluate = u.evaluate.count
+            m.pointee.evaluate = arena.sampleRanges(u.evaluate)
             e.body_case = DDP__V1__ENVELOPE__BODY_PARAMETER_UPDATE
             e.parameter_update = m
+        case .heldOutScores(let x):
+            let m = arena.make(Ddp__V1__HeldOutScores.self, ddp__v1__held_out_scores__init)
+            m.pointee.n_batches = x.batches.count
+            m.pointee.batches = arena.sampleRanges(x.batches)
+            m.pointee.n_loss_sums = x.lossSums.count
+            m.pointee.loss_sums = arena.array(x.lossSums)
+            m.pointee.n_correct = x.correct.count
+            m.pointee.correct = arena.array(x.correct)
+            e.body_case = DDP__V1__ENVELOPE__BODY_HELD_OUT_SCORES
+            e.held_out_scores = m
         case .heartbeat(let h):
             let m = arena.make(Ddp__V1__Heartbeat.self, ddp__v1__heartbeat__init)
             m.pointee.sent_unix_ms = h.sentUnixMilliseconds
@@ -286,7 +293,7 @@ public enum WireCodec {
             let anonymousAllowed: Bool
             switch body {
             case .join, .statusRequest, .stop, .heartbeat: anonymousAllowed = jobID.isEmpty
-            case .welcome, .gradientPush, .parameterUpdate, .leave, .statusReply, .error, .shard: anonymousAllowed = false
+            case .welcome, .gradientPush, .parameterUpdate, .leave, .statusReply, .error, .shard, .heldOutScores: anonymousAllowed = false
             }
             if !anonymousAllowed { throw .wrongJob(expected: expectedJobID, got: jobID) }
         }
@@ -418,11 +425,18 @@ public enum WireCodec {
                 computeSeconds: m.compute_seconds, attempt: m.attempt, part: m.part, moreParts: m.more_parts != 0))
         case DDP__V1__ENVELOPE__BODY_PARAMETER_UPDATE:
             guard let m = e.parameter_update?.pointee else { return nil }
-            let samples = (0..<m.n_samples).compactMap { i in m.samples[i].map { SampleRange(start: $0.pointee.start, count: $0.pointee.count) } }
-            return .parameterUpdate(ParameterUpdate(
+            let samples = sampleRanges(m.samples, m.n_samples)
+            var update = ParameterUpdate(
                 learningRate: m.learning_rate, fullCopy: m.full_copy != 0, epoch: m.epoch, worldSize: m.world_size,
                 trainLoss: m.train_loss, attempt: m.attempt, part: m.part, moreParts: m.more_parts != 0, samples: samples,
-                innerSteps: m.inner_steps, firstInnerStep: m.first_inner_step, keepsParameters: m.keeps_parameters != 0))
+                innerSteps: m.inner_steps, firstInnerStep: m.first_inner_step, keepsParameters: m.keeps_parameters != 0)
+            update.evaluate = sampleRanges(m.evaluate, m.n_evaluate)
+            return .parameterUpdate(update)
+        case DDP__V1__ENVELOPE__BODY_HELD_OUT_SCORES:
+            guard let m = e.held_out_scores?.pointee else { return nil }
+            return .heldOutScores(HeldOutScores(batches: sampleRanges(m.batches, m.n_batches),
+                                          lossSums: Array(UnsafeBufferPointer(start: m.loss_sums, count: m.n_loss_sums)),
+                                          correct: Array(UnsafeBufferPointer(start: m.correct, count: m.n_correct))))
         case DDP__V1__ENVELOPE__BODY_HEARTBEAT:
             guard let m = e.heartbeat?.pointee else { return nil }
             return .heartbeat(Heartbeat(sentUnixMilliseconds: m.sent_unix_ms, state: text(m.state)))
@@ -468,6 +482,10 @@ public enum WireCodec {
         guard let p else { return "" }
         return String(decoding: UnsafeRawBufferPointer(start: p, count: strlen(p)), as: UTF8.self)
     }
+
+    private static func sampleRanges(_ ranges: UnsafeMutablePointer<UnsafeMutablePointer<Ddp__V1__SampleRange>?>?, _ count: Int) -> [SampleRange] {
+        (0..<count).compactMap { i in ranges?[i].map { SampleRange(start: $0.pointee.start, count: $0.pointee.count) } }
+    }
 }
 
 extension DType {
@@ -504,6 +522,15 @@ private final class CArena {
         p.initialize(from: values, count: values.count)
         allocations.append(UnsafeMutableRawPointer(p))
         return p
+    }
+
+    func sampleRanges(_ ranges: [SampleRange]) -> UnsafeMutablePointer<UnsafeMutablePointer<Ddp__V1__SampleRange>?> {
+        array(ranges.map { range -> UnsafeMutablePointer<Ddp__V1__SampleRange>? in
+            let r = make(Ddp__V1__SampleRange.self, ddp__v1__sample_range__init)
+            r.pointee.start = range.start
+            r.pointee.count = range.count
+            return r
+        })
     }
 
     func make<T>(_ type: T.Type, _ initialize: (UnsafeMutablePointer<T>?) -> Void) -> UnsafeMutablePointer<T> {

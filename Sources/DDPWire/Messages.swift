@@ -63,6 +63,7 @@ public struct WireMessage {
         case stop(reason: String, graceful: Bool)
         case error(ErrorReply)
         case shard(ShardMessage)
+        case heldOutScores(HeldOutScores)
 
         /// The kind's name, for logs.
         public var kind: String {
@@ -78,6 +79,7 @@ public struct WireMessage {
             case .stop: "stop"
             case .error: "error"
             case .shard(let m): "shard \(m.kind)"
+            case .heldOutScores: "held_out_scores"
             }
         }
     }
@@ -201,6 +203,8 @@ public struct ParameterUpdate: Equatable, Sendable {
     /// This part carries no tensors: the parameters stay as the worker holds them (the first step after
     /// the Welcomes, from every coordinator shard).
     public var keepsParameters: Bool
+    /// Held-out batches to score on this update's parameters before computing (answered with HeldOutScores).
+    public var evaluate: [SampleRange] = []
 
     public init(
         learningRate: Float, fullCopy: Bool, epoch: UInt64, worldSize: UInt32, trainLoss: Float, attempt: UInt32 = 0,
@@ -229,6 +233,19 @@ public struct SampleRange: Equatable, Sendable {
     public init(start: UInt64, count: UInt64) {
         self.start = start
         self.count = count
+    }
+}
+
+/// A worker's scores of the held-out batches an update named (`ParameterUpdate.evaluate`): per batch, in
+/// order, its summed loss and its hits.
+public struct HeldOutScores: Equatable, Sendable {
+    public var batches: [SampleRange]
+    public var lossSums: [Double]
+    public var correct: [UInt64]
+    public init(batches: [SampleRange], lossSums: [Double], correct: [UInt64]) {
+        self.batches = batches
+        self.lossSums = lossSums
+        self.correct = correct
     }
 }
 

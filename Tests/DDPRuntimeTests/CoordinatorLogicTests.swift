@@ -63,7 +63,10 @@ import Testing
         /// A push of `value` everywhere for `samples` samples, in `parts` parts (tensor order split evenly).
         func push(from peer: PeerID, rank: Int32, step: UInt64, attempt: UInt32 = 0, samples: UInt64, value: Float, parts: Int = 1,
                   computeSeconds: Double = 0) {
-            let tensors = parameters.map { WireTensor(name: $0.name, shape: $0.tensor.shape, payload: Payload(floats: [Float](repeating: value, count: $0.tensor.count))) }
+            // The leader's part of the model (all of it without coordinator shards).
+            let tensors = leader.shard.shardTensors(leader.shard.owned, withState: false, sliced: true).map {
+                WireTensor(name: $0.name, shape: $0.shape, payload: Payload(floats: [Float](repeating: value, count: $0.elements.count)), slice: $0.slice)
+            }
             let size = (tensors.count + parts - 1) / parts
             for part in 0..<parts {
                 let mine = Array(tensors[min(part * size, tensors.count)..<min((part + 1) * size, tensors.count)])
@@ -412,6 +415,78 @@ import Testing
         h.transport.inbox.append(.disconnected([follower]))
         try h.run()
         #expect(h.leader.phase == .failed && h.leader.message.contains("coordinator shard 1 (inmemory://shard-1) lost its connection"))
+    }
+
+    /// With coordinator shards the leader holds only its part of the model, so the workers score the held-out
+    /// split after an epoch: the update after its last step names each worker's batches, the step waits for
+    /// their scores, wrong scores are refused and named, a worker lost owing them has its batches re-divided
+    /// among the others, and the epoch is recorded with every batch's score, summed in batch order.
+    @Test func workersScoreTheHeldOutSplitAndALostWorkersShareGoesToTheOthers() throws {
+        let h = try Harness(["coordinator_shards": 2, "min_workers": 1, "test_fraction": 0.7, "checkpoint_every": 1000])
+        let follower: PeerID = [77]
+        // Shard 1: hello, then every average is finite; each push's arrival is reported below.
+        h.transport.onSend = { [weak h] peer, message in
+            guard let h, peer == follower, case .shard(let command) = message.body, command.kind == .average else { return }
+            var answer = ShardMessage(.averaged)
+            answer.attempt = command.attempt
+            answer.finite = true
+            h.send(.shard(answer), from: follower, step: message.step)
+        }
+        var hello = ShardMessage(.hello)
+        hello.shard = 1
+        hello.endpoint = "inmemory://shard-1"
+        h.send(.shard(hello), from: follower)
+        try h.run()
+        for peer in [a, b] { #expect(try h.join(peer) != nil) }
+        func push(_ peer: PeerID, rank: Int32, step: UInt64, _ update: ParameterUpdate) {
+            h.push(from: peer, rank: rank, step: step, attempt: update.attempt, samples: h.samples(update), value: 0.01)
+            var received = ShardMessage(.received)
+            received.ranks = [rank]
+            received.attempt = update.attempt
+            h.send(.shard(received), from: follower, step: step)
+        }
+        let batches = try #require(h.leader.model?.setup?.heldOutBatches)
+        let epoch = UInt64(h.leader.stepsPerEpoch)
+        #expect(batches == 2)
+        for step in 0..<epoch {
+            let updates = try h.updates(step: step, peers: [a, b])
+            #expect(updates.values.allSatisfy { $0.evaluate.isEmpty }, "step \(step) asks for scores")
+            for (rank, peer) in [a, b].enumerated() { push(peer, rank: Int32(rank), step: step, updates[Int32(rank)]!) }
+            try h.run()
+        }
+        // The epoch's first step: rank 0 scores batch 0, rank 1 batch 1; nothing is recorded before the scores.
+        let updates = try h.updates(step: epoch, peers: [a, b])
+        #expect(updates[0]?.evaluate == [SampleRange(start: 0, count: 1)] && updates[1]?.evaluate == [SampleRange(start: 1, count: 1)])
+        #expect(h.leader.recorder.history.isEmpty)
+        let score = { (batch: UInt64) in HeldOutScores(batches: [SampleRange(start: batch, count: 1)], lossSums: [100 + Double(batch)], correct: [400 + batch]) }
+        h.send(.heldOutScores(score(0)), from: b, step: epoch, rank: 1)  // not its batch
+        var wrongCount = score(1)
+        wrongCount.correct = []
+        h.send(.heldOutScores(wrongCount), from: b, step: epoch, rank: 1)
+        h.send(.heldOutScores(score(1)), from: b, step: epoch, rank: 1)
+        push(b, rank: 1, step: epoch, updates[1]!)
+        push(a, rank: 0, step: epoch, updates[0]!)  // pushed, but owes batch 0's score
+        try h.run()
+        #expect(h.lines.messages.contains { $0.contains("it scored batches 0..<1 where 1..<2 were asked") }, "\(h.lines.messages)")
+        #expect(h.lines.messages.contains { $0.contains("1 losses and 0 hit counts for 1 batches") })
+        #expect(h.leader.round.step == Int(epoch), "the step completed without rank 0's scores")
+        h.transport.inbox.append(.disconnected([a]))
+        try h.run()
+        #expect(h.leader.membership[0]?.state == .lost)
+        let (step, resent) = try #require(h.lastUpdate(b, in: h.transport.take(for: b)))
+        #expect(step == epoch && resent.attempt == 1 && resent.evaluate == [SampleRange(start: 0, count: 1)], "\(resent)")
+        h.send(.heldOutScores(score(0)), from: b, step: epoch, rank: 1)
+        push(b, rank: 1, step: epoch, resent)
+        try h.run()
+        #expect(h.leader.round.step == Int(epoch) + 1)
+        let record = try #require(h.leader.recorder.history.first)
+        let heldOut = try TrainingSetup(spec: h.leader.spec).test.count
+        #expect(record.epoch == 1 && record.step == Int(epoch) && h.leader.recorder.history.count == 1)
+        #expect(record.testLoss == Float((100.0 + 101.0) / Double(heldOut)) && record.testAccuracy == Float(400 + 401) / Float(heldOut))
+        // Scores nobody asked for are refused.
+        h.send(.heldOutScores(score(0)), from: b, step: epoch + 1, rank: 1)
+        try h.run()
+        #expect(h.lines.messages.contains { $0.contains("none are owed for that step") })
     }
 
     /// A contribution whose gradient norm stands far above the others' is counted against its worker and

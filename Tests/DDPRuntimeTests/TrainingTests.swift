@@ -138,6 +138,33 @@ struct TrainingTests {
         }
     }
 
+    /// Between checkpoints a job with coordinator shards has its workers score the held-out split (the leader
+    /// holds only its part of the model): the history holds bit for bit what one coordinator scores itself,
+    /// the last epoch (scored by the leader on the final model) included.
+    @Test func workersScoreTheHeldOutSplitAsOneCoordinatorDoes() throws {
+        let jobs = try temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: jobs) }
+        var histories: [Int: [EpochRecord]] = [:]
+        for shards in [1, 2] {
+            let (summary, result) = try startJob(Self.shortJob + ["--workers", "3", "--coordinator-shards", "\(shards)", "--checkpoint-every", "1000",
+                                                                  "--set", "test_fraction=0.7"], jobsDir: jobs)
+            let s = try #require(summary, "no summary: \(result.stderr)")
+            #expect(s.state == "completed" && s.rejectedMessages == 0, "\(s.message)")
+            let job = JobDirectory(path: (s.modelPath as NSString).deletingLastPathComponent)
+            histories[shards] = job.history()
+            // Two held-out batches among three workers: ranks 0 and 1 score one each after epochs 1 and 2.
+            for rank in 0..<3 {
+                let log = try String(contentsOfFile: job.logPath("worker-\(rank)"), encoding: .utf8)
+                let scored = log.components(separatedBy: "scored held-out batches").count - 1
+                #expect(scored == (shards == 1 || rank == 2 ? 0 : 2), "worker \(rank) with \(shards) shards scored \(scored) times")
+            }
+        }
+        let one = try #require(histories[1]), sharded = try #require(histories[2])
+        #expect(one.count == 3 && sharded.count == 3 && one.allSatisfy { $0.testAccuracy > 0.2 }, "\(one)")
+        #expect(one.map(\.testLoss) == sharded.map(\.testLoss) && one.map(\.testAccuracy) == sharded.map(\.testAccuracy), "\(one) against \(sharded)")
+        #expect(one.map(\.trainLoss) == sharded.map(\.trainLoss))
+    }
+
     /// A learning rate that blows the parameters up ends the job as failed, "diverged", at the same step
     /// with one coordinator and with three shards: exit status 1, no model written over with NaN, the
     /// newest checkpoint finite and the same in both, metrics that Prometheus parses.

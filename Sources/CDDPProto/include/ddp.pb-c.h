@@ -21,6 +21,7 @@ typedef struct Ddp__V1__Join Ddp__V1__Join;
 typedef struct Ddp__V1__Welcome Ddp__V1__Welcome;
 typedef struct Ddp__V1__GradientPush Ddp__V1__GradientPush;
 typedef struct Ddp__V1__ParameterUpdate Ddp__V1__ParameterUpdate;
+typedef struct Ddp__V1__HeldOutScores Ddp__V1__HeldOutScores;
 typedef struct Ddp__V1__SampleRange Ddp__V1__SampleRange;
 typedef struct Ddp__V1__Heartbeat Ddp__V1__Heartbeat;
 typedef struct Ddp__V1__Leave Ddp__V1__Leave;
@@ -191,7 +192,8 @@ typedef enum {
   DDP__V1__ENVELOPE__BODY_STATUS_REPLY = 17,
   DDP__V1__ENVELOPE__BODY_STOP = 18,
   DDP__V1__ENVELOPE__BODY_ERROR = 19,
-  DDP__V1__ENVELOPE__BODY_SHARD = 20
+  DDP__V1__ENVELOPE__BODY_SHARD = 20,
+  DDP__V1__ENVELOPE__BODY_HELD_OUT_SCORES = 21
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(DDP__V1__ENVELOPE__BODY__CASE)
 } Ddp__V1__Envelope__BodyCase;
 
@@ -235,6 +237,7 @@ struct  Ddp__V1__Envelope
     Ddp__V1__Stop *stop;
     Ddp__V1__ErrorReply *error;
     Ddp__V1__ShardMessage *shard;
+    Ddp__V1__HeldOutScores *held_out_scores;
   };
 };
 #define DDP__V1__ENVELOPE__INIT \
@@ -450,10 +453,50 @@ struct  Ddp__V1__ParameterUpdate
    * values it starts from: the model crosses the wire once.
    */
   protobuf_c_boolean keeps_parameters;
+  /*
+   * Held-out batches to score on this update's parameters before computing the step, answered with
+   * HeldOutScores (see EVALUATION). Empty: none. Only from the leader.
+   */
+  size_t n_evaluate;
+  Ddp__V1__SampleRange **evaluate;
 };
 #define DDP__V1__PARAMETER_UPDATE__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&ddp__v1__parameter_update__descriptor) \
-    , 0, 0, 0, 0, 0, 0, 0, 0, 0,NULL, 0, 0, 0 }
+    , 0, 0, 0, 0, 0, 0, 0, 0, 0,NULL, 0, 0, 0, 0,NULL }
+
+
+/*
+ * EVALUATION. With coordinator shards the leader does not hold the parameters between checkpoints: after an
+ * epoch's last step (when no checkpoint is due, so no snapshot is taken) it names in the next step's
+ * ParameterUpdate (`evaluate`) each worker's share of the held-out split, in evaluation batches (1024
+ * samples; 32 windows of a language model), to score on that update's parameters. The worker answers before
+ * its push, with HeldOutScores for the same step (Envelope.step): the batches, and for each in order its
+ * summed loss (squared error for regression) and its hits. The step completes only once every share is in
+ * (a worker lost before answering: the step is sent again with the unanswered batches re-divided among the
+ * others); the leader sums the batches in order, as it does scoring them itself, and records the epoch.
+ */
+struct  Ddp__V1__HeldOutScores
+{
+  ProtobufCMessage base;
+  /*
+   * as ParameterUpdate.evaluate named them
+   */
+  size_t n_batches;
+  Ddp__V1__SampleRange **batches;
+  /*
+   * one per batch, in order
+   */
+  size_t n_loss_sums;
+  double *loss_sums;
+  /*
+   * one per batch, in order
+   */
+  size_t n_correct;
+  uint64_t *correct;
+};
+#define DDP__V1__HELD_OUT_SCORES__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&ddp__v1__held_out_scores__descriptor) \
+    , 0,NULL, 0,NULL, 0,NULL }
 
 
 /*
@@ -822,6 +865,25 @@ Ddp__V1__ParameterUpdate *
 void   ddp__v1__parameter_update__free_unpacked
                      (Ddp__V1__ParameterUpdate *message,
                       ProtobufCAllocator *allocator);
+/* Ddp__V1__HeldOutScores methods */
+void   ddp__v1__held_out_scores__init
+                     (Ddp__V1__HeldOutScores         *message);
+size_t ddp__v1__held_out_scores__get_packed_size
+                     (const Ddp__V1__HeldOutScores   *message);
+size_t ddp__v1__held_out_scores__pack
+                     (const Ddp__V1__HeldOutScores   *message,
+                      uint8_t             *out);
+size_t ddp__v1__held_out_scores__pack_to_buffer
+                     (const Ddp__V1__HeldOutScores   *message,
+                      ProtobufCBuffer     *buffer);
+Ddp__V1__HeldOutScores *
+       ddp__v1__held_out_scores__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   ddp__v1__held_out_scores__free_unpacked
+                     (Ddp__V1__HeldOutScores *message,
+                      ProtobufCAllocator *allocator);
 /* Ddp__V1__SampleRange methods */
 void   ddp__v1__sample_range__init
                      (Ddp__V1__SampleRange         *message);
@@ -1013,6 +1075,9 @@ typedef void (*Ddp__V1__GradientPush_Closure)
 typedef void (*Ddp__V1__ParameterUpdate_Closure)
                  (const Ddp__V1__ParameterUpdate *message,
                   void *closure_data);
+typedef void (*Ddp__V1__HeldOutScores_Closure)
+                 (const Ddp__V1__HeldOutScores *message,
+                  void *closure_data);
 typedef void (*Ddp__V1__SampleRange_Closure)
                  (const Ddp__V1__SampleRange *message,
                   void *closure_data);
@@ -1053,6 +1118,7 @@ extern const ProtobufCMessageDescriptor ddp__v1__join__descriptor;
 extern const ProtobufCMessageDescriptor ddp__v1__welcome__descriptor;
 extern const ProtobufCMessageDescriptor ddp__v1__gradient_push__descriptor;
 extern const ProtobufCMessageDescriptor ddp__v1__parameter_update__descriptor;
+extern const ProtobufCMessageDescriptor ddp__v1__held_out_scores__descriptor;
 extern const ProtobufCMessageDescriptor ddp__v1__sample_range__descriptor;
 extern const ProtobufCMessageDescriptor ddp__v1__heartbeat__descriptor;
 extern const ProtobufCMessageDescriptor ddp__v1__leave__descriptor;

@@ -150,7 +150,7 @@ final class FollowerShard: ShardServer {
             intake(push, message: message, rank: rank)
         case .heartbeat, .leave:
             break  // liveness is the leader's
-        case .welcome, .parameterUpdate, .statusRequest, .statusReply, .stop, .error, .shard:
+        case .welcome, .parameterUpdate, .statusRequest, .statusReply, .stop, .error, .shard, .heldOutScores:
             reject("unexpected \(message.body.kind) on a coordinator shard's worker socket", from: rank)
         }
     }
@@ -192,7 +192,7 @@ final class FollowerShard: ShardServer {
             fail("the leader refused this coordinator shard: \(error.reason)")
         case .heartbeat:
             break
-        case .join, .welcome, .gradientPush, .parameterUpdate, .leave, .statusRequest, .statusReply:
+        case .join, .welcome, .gradientPush, .parameterUpdate, .leave, .statusRequest, .statusReply, .heldOutScores:
             log.warning("unexpected \(message.body.kind) from the leader")
         }
     }

@@ -32,7 +32,7 @@ extension Leader {
                 message = "stopped at once by request at step \(round.step) (the step in progress was dropped)"
             }
             answer(.statusReply(status(detail: true)))
-        case .join, .welcome, .gradientPush, .parameterUpdate, .leave, .statusReply, .error, .shard:
+        case .join, .welcome, .gradientPush, .parameterUpdate, .leave, .statusReply, .error, .shard, .heldOutScores:
             answer(.error(ErrorReply(code: .malformed, reason: "unexpected \(request.body.kind) on the control socket")))
         }
     }

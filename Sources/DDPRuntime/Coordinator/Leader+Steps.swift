@@ -32,7 +32,7 @@ extension Leader {
             return
         }
         let overdue = membership.overdue(now: now, step: round.step, stepStarted: round.started, stepTimeout: stepTimeout, heartbeatTimeout: heartbeatTimeout) {
-            !self.round.hasAnswered($0) || !self.everyFollowerAnswered($0)
+            !self.round.hasAnswered($0) || !self.everyFollowerAnswered($0) || self.owesScores($0)
         }
         for (rank, reason) in overdue { markGone(rank, as: .lost, reason: reason) }
         // Below min_workers the job pauses (no step completes) and waits a grace period for workers to
@@ -57,7 +57,7 @@ extension Leader {
     /// records, carries the left-out samples over, and advances.
     func completeStepIfReady() throws {
         let live = membership.live.map(\.rank)
-        let answered = live.filter { round.hasAnswered($0) && everyFollowerAnswered($0) }
+        let answered = live.filter { round.hasAnswered($0) && everyFollowerAnswered($0) && !owesScores($0) }
         guard live.count >= max(spec.minWorkers, 1), answered.count >= pushesNeeded(live: live.count) else { return }
         let leftOut = live.filter { !answered.contains($0) }
         refuseWhatFollowersRefused(answered)
@@ -100,9 +100,18 @@ extension Leader {
     /// send the update, then the epoch's end, a checkpoint, or the job's end.
     func advance(trainLoss loss: Float, applyOptimizer: Bool, clipScale: Float?) {
         followerReports.removeAll(keepingCapacity: true)
+        if let pending = heldOut {  // cannot be: the step waited for every score
+            log.warning("epoch \(pending.record.epoch)'s held-out scores did not all come; recorded without them")
+            publishHeldOut(test: nil)
+        }
         round.begin(step: round.step + 1, attempt: 0)
         let step = round.step
         let more = step < totalSteps && !stopRequested
+        let checkpointDue = spec.checkpointEvery > 0 ? step % spec.checkpointEvery == 0 : step % stepsPerEpoch == 0
+        // With follower shards the workers score the held-out split on the update that leaves now, unless a
+        // checkpoint's snapshot brings the parameters here anyway.
+        let workersScore = workersScore(epochEndingAt: step, more: more, checkpointDue: checkpointDue)
+        if workersScore { shareOutEvaluation() }
         var apply = ShardMessage(.apply)
         apply.learningRate = shard.optimizer.learningRate
         apply.applyOptimizer = applyOptimizer
@@ -116,8 +125,7 @@ extension Leader {
         } else {
             shard.stepAndEncode(applyOptimizer: applyOptimizer, bucketKB: spec.bucketKB) { _, _ in }
         }
-        let checkpointDue = spec.checkpointEvery > 0 ? step % spec.checkpointEvery == 0 : step % stepsPerEpoch == 0
-        if step % stepsPerEpoch == 0 {
+        if step % stepsPerEpoch == 0 && !workersScore {
             // With follower shards, one snapshot (with optimizer state) serves the evaluation and the checkpoint
             // (the job's last one too, written when it ends).
             if (checkpointDue || !more) && directory != nil { _ = refreshFromFollowers(withState: true) }
@@ -138,7 +146,8 @@ extension Leader {
     /// samples.
     func pushesNeeded(live: Int) -> Int {
         let lastOfEpoch = (round.step + 1) % stepsPerEpoch == 0 || round.step + 1 >= totalSteps
-        return spec.backupWorkers == 0 || lastOfEpoch ? live : max(1, live - spec.backupWorkers)
+        let scoring = heldOut?.step == round.step  // every worker scores its held-out batches
+        return spec.backupWorkers == 0 || lastOfEpoch || scoring ? live : max(1, live - spec.backupWorkers)
     }
 
     /// Records that the step completes without `ranks` (late, with backup workers) and carries their
@@ -316,6 +325,6 @@ extension Leader {
         }
         round.assignment = Dictionary(uniqueKeysWithValues: zip(live.map(\.rank), shares))
         broadcast(to: live, trainLoss: trainLoss, learningRate: shard.optimizer.learningRate, assignments: round.assignment, local: local,
-                  keepsParameters: keepsParameters, produce: produce)
+                  keepsParameters: keepsParameters, evaluations: evaluationShares(for: live.map(\.rank)), produce: produce)
     }
 }

@@ -57,6 +57,8 @@ final class Leader: ShardServer {
     var followersCopied: (step: Int, withState: Bool)?
     /// The step at which training diverged, if it did (the final model is then not written).
     var divergedAt: Int?
+    /// The epoch being scored by the workers, until every held-out batch is in.
+    var heldOut: HeldOutRound?
 
     /// The coordinator's steps per epoch: the data's, or with `sync_every` > 1 its rounds.
     var stepsPerEpoch: Int { model?.rounds.roundsPerEpoch ?? 1 }
@@ -201,6 +203,8 @@ final class Leader: ShardServer {
             if !membership.isMember(rank) {
                 try? send(.error(ErrorReply(code: .notJoined, reason: "push refused" + notJoinedReason(rank))), to: peer)
             }
+        case .heldOutScores(let scores):
+            heldOutScoresArrived(scores, step: message.step, rank: rank)
         case .heartbeat(let heartbeat):
             guard follower == nil else { break }
             if let rank, heartbeat.state == Heartbeat.ready { membership.update(rank) { $0.ready = true } }
@@ -325,6 +329,12 @@ final class Leader: ShardServer {
         // The final checkpoint before the workers are let go: a coordinator killed after that is resumed
         // at the end and finishes without them.
         if round.step > 0 && phase != .failed { writeCheckpoint() }
+        // An epoch the workers were scoring when the job ended (its step dropped): scored here on the
+        // parameters it ended with, which are the last completed step's.
+        if heldOut != nil {
+            let scorable = phase != .failed && !followersLost && refreshFromFollowers(withState: false)
+            publishHeldOut(test: scorable ? model?.evaluate() : nil)
+        }
         // Every worker ever admitted is told, those declared lost too: one that was only paused (its
         // connection alive) gets it when it wakes, instead of trying to rejoin a coordinator that is gone.
         for member in membership.byRank where member.state != .left {

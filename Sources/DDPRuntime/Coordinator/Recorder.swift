@@ -135,17 +135,34 @@ struct Recorder {
 
     /// Closes epoch `epoch` at `step` with its held-out loss and accuracy: a history record (written to
     /// the directory), logged, and the metrics.
-    mutating func endEpoch(_ epoch: Int, step: Int, test measured: (loss: Float, accuracy: Float)?, elapsed: Double, liveWorkers: Int,
+    mutating func endEpoch(_ epoch: Int, step: Int, test: (loss: Float, accuracy: Float)?, elapsed: Double, liveWorkers: Int,
                            totalEpochs: Int, jobID: String, now: Double) {
-        let test = measured ?? (0, 0)  // a program's job: its data, and so its held-out split, stay with its workers
+        publishEpoch(closeEpoch(epoch, step: step, elapsed: elapsed, liveWorkers: liveWorkers), test: test, totalEpochs: totalEpochs,
+                     jobID: jobID, now: now)
+    }
+
+    /// The training side of epoch `epoch`'s record, which starts the next epoch's sums; its held-out
+    /// side follows with `publishEpoch` (at once, or once the workers scored it).
+    mutating func closeEpoch(_ epoch: Int, step: Int, elapsed: Double, liveWorkers: Int) -> EpochRecord {
         let record = EpochRecord(
             epoch: epoch, step: step, trainLoss: Float(epochLoss.sum / Double(max(epochLoss.samples, 1))),
-            trainAccuracy: Float(epochLoss.correct) / Float(max(epochLoss.samples, 1)), testLoss: test.loss,
-            testAccuracy: test.accuracy, elapsedSeconds: elapsed, workers: liveWorkers,
+            trainAccuracy: Float(epochLoss.correct) / Float(max(epochLoss.samples, 1)), testLoss: 0,
+            testAccuracy: 0, elapsedSeconds: elapsed, workers: liveWorkers,
             leftOutSteps: epochLeftOut.isEmpty ? nil : Dictionary(uniqueKeysWithValues: epochLeftOut.map { ("\($0.key)", $0.value) }))
-        history.append(record)
         epochLoss = (0, 0, 0)
         epochLeftOut = [:]
+        return record
+    }
+
+    /// Records a closed epoch with its held-out loss and accuracy (nil: none, as for a program's job, whose
+    /// data and so its held-out split stay with its workers): history, log, metrics, TensorBoard.
+    mutating func publishEpoch(_ closed: EpochRecord, test measured: (loss: Float, accuracy: Float)?, totalEpochs: Int, jobID: String, now: Double) {
+        let test = measured ?? (0, 0)
+        var record = closed
+        record.testLoss = test.loss
+        record.testAccuracy = test.accuracy
+        let (epoch, step, liveWorkers) = (record.epoch, record.step, record.workers)
+        history.append(record)
         log.info("epoch \(epoch)/\(totalEpochs)", metadata: [
             "step": "\(step)", "train_loss": "\(record.trainLoss)", "test_loss": "\(measured.map { "\($0.loss)" } ?? "none")",
             "test_accuracy": "\(measured.map { "\($0.accuracy)" } ?? "none")", "workers": "\(liveWorkers)",

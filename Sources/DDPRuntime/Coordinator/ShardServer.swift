@@ -134,10 +134,10 @@ extension ShardServer {
     /// resend is one part without tensors): through shared memory to the workers that share it, in frames
     /// to the others. With `assignments` (the leader), each gets its samples; with `local`, they are a round
     /// of local SGD's inner steps. `keepsParameters`: one part without tensors, the workers keep the values
-    /// their Welcomes carried (the first step of training).
+    /// their Welcomes carried (the first step of training). `evaluations`: held-out batches to score.
     func broadcast(
         to recipients: [Member], trainLoss: Float, learningRate: Float, assignments: [Int32: [SampleRange]], local: LocalRound? = nil,
-        keepsParameters: Bool = false, produce: (_ send: (_ indices: [Int], _ last: Bool) -> Void) -> Void
+        keepsParameters: Bool = false, evaluations: [Int32: [SampleRange]] = [:], produce: (_ send: (_ indices: [Int], _ last: Bool) -> Void) -> Void
     ) {
         shard.updateTargets = (recipients.contains { $0.shared == nil }, recipients.compactMap(\.shared))
         defer { shard.updateTargets = (true, []) }
@@ -145,11 +145,12 @@ extension ShardServer {
         var part: UInt32 = 0
         produce { indices, last in
             for member in recipients where membership[member.rank]?.isLive == true {
-                let update = ParameterUpdate(
+                var update = ParameterUpdate(
                     learningRate: learningRate, fullCopy: shard.replica == nil || member.shared != nil, epoch: UInt64(round.step / self.stepsPerEpoch),
                     worldSize: UInt32(recipients.count), trainLoss: trainLoss, attempt: round.attempt,
                     part: part, moreParts: !last, samples: assignments[member.rank] ?? [], innerSteps: local?.innerSteps ?? 0,
                     firstInnerStep: local?.firstInnerStep ?? 0, keepsParameters: keepsParameters)
+                update.evaluate = evaluations[member.rank] ?? []
                 let tensors = indices.map { index in
                     guard let area = member.shared else { return shard.updateFrame(index) }
                     let p = shard.parameters[index]

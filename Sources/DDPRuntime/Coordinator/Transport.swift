@@ -195,6 +195,9 @@ final class InMemoryTransport: CoordinatorTransport {
     private(set) var toLeader: [WireMessage] = []
     /// The shared-memory segment of a peer (a test's worker on this host), to decode what is sent to it.
     var segments: [PeerID: SharedSegment] = [:]
+    /// Called with each message the coordinator sends a peer (a test's follower shard answering the leader's
+    /// commands while the leader waits for them).
+    var onSend: ((PeerID, WireMessage) -> Void)?
 
     /// Queues `message` as sent by `peer` to the worker socket.
     func deliver(_ message: WireMessage, from peer: PeerID) { inbox.append(.fromPeer(peer, Self.frames(WireCodec.encode(message)))) }
@@ -215,7 +218,9 @@ final class InMemoryTransport: CoordinatorTransport {
     }
 
     func send(_ frames: [OutgoingFrame], to peer: PeerID) throws {
-        sent.append((peer, try WireCodec.decode(Self.frames(frames), sharedMemory: segments[peer])))
+        let message = try WireCodec.decode(Self.frames(frames), sharedMemory: segments[peer])
+        sent.append((peer, message))
+        onSend?(peer, message)
     }
 
     func answerControl(_ frames: [OutgoingFrame], to peer: PeerID) {
